@@ -1,0 +1,1 @@
+"""torch.fx graph passes: model/graph -> sites -> plan -> rewritten graph. Nothing here knows about Triton."""

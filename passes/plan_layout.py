@@ -1,0 +1,153 @@
+"""Plan the global layout: memory size, per-site hash tile, alignment, window, hash constants.
+
+This is the default planner: fixed rules that keep every tile valid and the
+collision load spread. The hash constants come from the plan's seed through a
+counter-based private generator (SHA-256 of seed, site name and field), so the
+mapping is bit-identical on any machine and never touches a global RNG.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from roastfx.codegen.hashing import PRIME, TileHash
+from roastfx.plan import SCHEMES, Plan, Site
+
+from .capture_sites import SiteSpec
+
+MIN_POSITIONS = 64  # distinct aligned start positions a tile must have in its window
+DEFAULT_TILE = (32, 32)
+DEFAULT_CHUNK = 32  # ROBE-Z chunk for embeddings
+
+
+def seeded_int(seed: int, *key, modulus: int) -> int:
+    """Deterministic integer in [0, modulus) for (seed, key): the plan's private generator."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(key)).encode()).digest()
+    return int.from_bytes(digest[:16], "little") % modulus
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def view_shape(spec: SiteSpec) -> tuple[int, int]:
+    rows = spec.shape[0]
+    cols = 1
+    for s in spec.shape[1:]:
+        cols *= s
+    return (cols, rows) if spec.transposed else (rows, cols)
+
+
+def choose_tile(rows: int, cols: int, op: str, window: int, cache_line: int, tile=None, alignment=None, chunk=None):
+    """(tile_rows, tile_cols, alignment) for one site in a window of ``window`` slots."""
+    if tile is not None:
+        tk, tn = tile
+    elif op in ("embedding", "embedding_bag"):
+        tk, tn = 1, min(chunk or DEFAULT_CHUNK, _pow2_at_least(cols))
+    else:
+        tk, tn = min(DEFAULT_TILE[0], _pow2_at_least(rows)), min(DEFAULT_TILE[1], _pow2_at_least(cols))
+    align = alignment if alignment is not None else cache_line
+    if tile is None:
+        # shrink until the window holds enough distinct positions: first alignment, then the tile
+        while (window - tk * tn) // align + 1 < MIN_POSITIONS:
+            if alignment is None and align > 1:
+                align //= 2
+            elif tk * tn > 1:
+                if tk >= tn and tk > 1:
+                    tk //= 2
+                else:
+                    tn //= 2
+            else:
+                break
+    if alignment is None:
+        align = min(align, _pow2_at_least(tk * tn))
+    return tk, tn, align
+
+
+def _validate_tile(name: str, tile, alignment, chunk):
+    if tile is not None:
+        if not (isinstance(tile, (tuple, list)) and len(tile) == 2 and all(isinstance(t, int) and t >= 1 for t in tile)):
+            raise ValueError(f"{name} tile must be two positive ints (tile_rows, tile_cols), got {tile!r}")
+    if alignment is not None and (not isinstance(alignment, int) or alignment < 1):
+        raise ValueError(f"alignment must be a positive int (memory elements), got {alignment!r}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int (elements per embedding chunk), got {chunk!r}")
+
+
+def plan_layout(
+    specs: list[SiteSpec],
+    memory_size: int,
+    scales: dict[str, float],
+    *,
+    seed: int = 0,
+    scheme: str = "roast",
+    target: str = "cpu-avx2",
+    cache_line: int = 16,
+    memory_dtype: str = "float32",
+    tile=None,
+    alignment=None,
+    chunk=None,
+    notes=(),
+) -> Plan:
+    """Lay out every site in one memory of ``memory_size`` slots."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; accepted: {', '.join(SCHEMES)}")
+    _validate_tile("hash", tile, alignment, chunk)
+    if not specs:
+        raise ValueError("nothing to plan: the model has no weight that feeds a matmul-like op")
+    if scheme == "hashednet":
+        tile, alignment = (1, 1), 1
+
+    windows = _windows(specs, memory_size, scheme, alignment or cache_line)
+    sites = []
+    for spec, (start, size) in zip(specs, windows):
+        rows, cols = view_shape(spec)
+        tk, tn, align = choose_tile(rows, cols, spec.op, size, cache_line, tile, alignment, chunk)
+        if tk * tn > size:
+            raise ValueError(
+                f"memory too small: site {spec.name!r} needs a hash tile of {tk}x{tn} = {tk * tn} slots but its "
+                f"window has {size} (memory_size={memory_size}); raise the compression budget or pass a smaller tile"
+            )
+        if start % align:
+            raise ValueError(f"site {spec.name!r}: window start {start} not aligned to {align}")
+        const = [seeded_int(seed, spec.name, f, modulus=PRIME - 1) + 1 for f in ("a_row", "a_col", "c_row", "c_col")]
+        mapping = TileHash(
+            rows=rows, cols=cols, tile_rows=tk, tile_cols=tn, alignment=align,
+            window_start=start, window_size=size,
+            a_row=const[0], a_col=const[1], b=seeded_int(seed, spec.name, "b", modulus=PRIME),
+            c_row=const[2], c_col=const[3], d=seeded_int(seed, spec.name, "d", modulus=PRIME),
+        )
+        sites.append(Site(spec.name, spec.bindings, spec.shape, spec.op, spec.transposed, spec.dtype,
+                          float(scales[spec.name]), mapping))
+    return Plan(seed=int(seed), memory_size=int(memory_size), memory_dtype=memory_dtype, scheme=scheme,
+                target=target, sites=tuple(sites), notes=tuple(notes))
+
+
+def _windows(specs, memory_size: int, scheme: str, align: int) -> list[tuple[int, int]]:
+    """(start, size) of the memory region each site's tiles may land in."""
+    if scheme == "roast":
+        return [(0, memory_size)] * len(specs)
+    # local sharing: each site its own region, sized by its share of the dense weights
+    total = sum(_numel(s) for s in specs)
+    align = 1 if scheme == "hashednet" else align
+    starts, sizes, used = [], [], 0
+    for i, spec in enumerate(specs):
+        if i == len(specs) - 1:
+            size = memory_size - used
+        else:
+            size = max(align, memory_size * _numel(spec) // total // align * align)
+        starts.append(used)
+        sizes.append(size)
+        used += size
+    if used > memory_size or min(sizes) < 1:
+        raise ValueError(f"memory of {memory_size} slots cannot give {len(specs)} sites a region each")
+    return list(zip(starts, sizes))
+
+
+def _numel(spec: SiteSpec) -> int:
+    n = 1
+    for s in spec.shape:
+        n *= s
+    return n
