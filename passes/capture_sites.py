@@ -71,6 +71,10 @@ _CONSUMERS = {
 }
 
 
+_WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution"}
+_BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
+
+
 def _op_name(node: torch.fx.Node) -> str:
     target = node.target
     name = getattr(target, "__name__", str(target))
@@ -85,6 +89,9 @@ def _trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> lis
             continue
         name = _op_name(user)
         if name in _CONSUMERS:
+            position = next((i for i, a in enumerate(user.args) if a is node), None)
+            if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1:
+                continue  # the tensor is a bias here, not a matmul operand
             op, transposed = _CONSUMERS[name]
             uses.append((op, transposed ^ bool(transposes % 2)))
         elif name in _VIEW_OPS:
@@ -131,7 +138,7 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         extra = 0
         for pname, kind in traced.items():
             pid = name_to_id.get(pname)
-            if pid is not None and pid not in kinds:
+            if pid is not None and pid not in kinds and params[pid].dim() >= 2:
                 kinds[pid] = kind
                 extra += 1
         notes.append(f"traced the model: {len(traced)} weights feed matmul-like ops ({extra} used functionally)")

@@ -77,6 +77,16 @@ def _roast_property(attr: str):
     return property(get, set_)
 
 
+def _guarded_setattr(self, name, value):
+    sites = self.__dict__.get("_roast_sites", {})
+    if name in sites:
+        raise AttributeError(
+            f"{type(self).__name__}.{name} is ROAST-compressed (site {sites[name]!r}); "
+            "its values live in the root model's roast_memory and cannot be assigned"
+        )
+    type(self)._roast_base_class.__setattr__(self, name, value)
+
+
 def _rnn_flat_weights(self):
     return [getattr(self, n) if hasattr(self, n) else None for n in self._flat_weights_names]
 
@@ -86,6 +96,7 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
     key = (cls, attrs, root)
     if key not in _SUBCLASSES:
         namespace = {a: _roast_property(a) for a in attrs}
+        namespace["__setattr__"] = _guarded_setattr
         if root:
             namespace["get_extra_state"] = _root_get_extra_state
             namespace["set_extra_state"] = _root_set_extra_state

@@ -1,0 +1,86 @@
+"""Block sizes for the ROAST kernels.
+
+The mapping never depends on a kernel's blocks (each element is hashed on its
+own), so any candidate here is safe to pick, autotune or change between runs: only
+speed and the summation order of floating-point reductions change.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+MIN_BLOCK = 32  # tl.dot needs >= 16; the interpreter needs big blocks to be fast
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def shared_memory(self, element_size: int) -> int:
+        """Bytes of shared memory the pipelined A and B tiles take."""
+        return self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * element_size
+
+
+CANDIDATES: tuple[BlockConfig, ...] = (
+    BlockConfig(128, 128, 64, num_warps=8, num_stages=3),
+    BlockConfig(128, 128, 32, num_warps=8, num_stages=4),
+    BlockConfig(128, 64, 64, num_warps=4, num_stages=4),
+    BlockConfig(64, 128, 64, num_warps=4, num_stages=4),
+    BlockConfig(64, 64, 64, num_warps=4, num_stages=3),
+    BlockConfig(64, 64, 32, num_warps=4, num_stages=4),
+    BlockConfig(32, 64, 64, num_warps=4, num_stages=4),
+    BlockConfig(32, 128, 64, num_warps=4, num_stages=4),
+    BlockConfig(32, 32, 32, num_warps=2, num_stages=2),
+)
+
+INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
+
+
+def candidates(shared_memory_limit: int, element_size: int = 2) -> list[BlockConfig]:
+    """Every candidate whose pipelined tiles fit in ``shared_memory_limit`` bytes."""
+    if shared_memory_limit <= 0:
+        raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {shared_memory_limit}")
+    fitting = [c for c in CANDIDATES if c.shared_memory(element_size) <= shared_memory_limit]
+    if not fitting:
+        smallest = min(c.shared_memory(element_size) for c in CANDIDATES)
+        raise ValueError(
+            f"no block config fits in {shared_memory_limit} bytes of shared memory "
+            f"(the smallest needs {smallest} at {element_size}-byte elements)"
+        )
+    return fitting
+
+
+def pick(m: int, n: int, k: int, shared_memory_limit: int, element_size: int = 2) -> BlockConfig:
+    """A good config without timing: the largest tile that still gives the GPU enough programs."""
+    if interpreting():
+        return INTERPRETER_CONFIG
+    fitting = candidates(shared_memory_limit, element_size)
+
+    def score(c: BlockConfig):
+        programs = -(-m // c.block_m) * -(-n // c.block_n)
+        waste = (-(-m // c.block_m) * c.block_m) * (-(-n // c.block_n) * c.block_n) / max(m * n, 1)
+        return (programs >= 64, -waste, c.block_m * c.block_n, c.block_k)
+
+    return max(fitting, key=score)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (a CUDA device)."""
+    import torch
+
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+    if not limit:
+        import triton
+
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(limit)

@@ -1,0 +1,175 @@
+"""roastfx.compress: sites found, budget kept, dense weights gone, projection and random init."""
+import gc
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import roastfx
+from roastfx.codegen.reference import weight_to_view
+from helpers import MLP, Mixed, mixed_inputs
+
+
+def reachable_tensors(model):
+    """Every tensor the model references: parameters, buffers, state_dict, module __dict__ values."""
+    out = list(model.parameters()) + list(model.buffers())
+    out += [v for v in model.state_dict().values() if isinstance(v, torch.Tensor)]
+    for m in model.modules():
+        out.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor))
+    return out
+
+
+@pytest.mark.parametrize("compression,expected", [("100x", 1), (0.05, 0.05), ("10x", 0.1)])
+def test_trainable_count_matches_budget(compression, expected):
+    model = MLP()
+    dense = sum(p.numel() for p in (model.fc1.weight, model.fc2.weight, model.out.weight))
+    small = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    roastfx.compress(model, compression)
+    ratio = 0.01 if compression == "100x" else expected
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable - small == math.ceil(dense * ratio)
+    assert model.roast_memory.numel() == roastfx.roast_state(model).plan.memory_size
+
+
+def test_byte_budget():
+    model = MLP()
+    roastfx.compress(model, "2KB")
+    assert model.roast_memory.numel() * 4 <= 2000 and model.roast_memory.numel() == 500
+
+
+def test_no_dense_copy_remains():
+    model = MLP()
+    shapes = {tuple(model.fc1.weight.shape), tuple(model.fc2.weight.shape), tuple(model.out.weight.shape)}
+    weak = [torch.utils.weak.WeakIdRef(m.weight) for m in (model.fc1, model.fc2, model.out)]
+    roastfx.compress(model, "20x")
+    gc.collect()
+    assert all(ref() is None for ref in weak), "a dense weight tensor is still alive"
+    assert not any(tuple(t.shape) in shapes for t in reachable_tensors(model))
+    assert {n for n, _ in model.named_parameters()} == {"roast_memory", "fc1.bias", "fc2.bias", "out.bias"}
+
+
+def test_every_site_kind_found_and_tied_weight_is_one_site():
+    model = Mixed()
+    roastfx.compress(model, "4x", example_inputs=mixed_inputs())
+    plan = roastfx.roast_state(model).plan
+    ops = {s.name: s.op for s in plan.sites}
+    assert ops == {"emb.weight": "embedding", "bag.weight": "embedding_bag", "conv.weight": "conv",
+                   "w": "matmul", "head.weight": "linear"}
+    assert not any(isinstance(p, nn.Parameter) and p.dim() > 1 for p in model.parameters() if p is not model.roast_memory)
+
+
+def test_without_example_inputs_functional_weights_stay_dense_and_it_says_so(caplog):
+    model = Mixed()
+    with caplog.at_level("INFO", logger="roastfx"):
+        roastfx.compress(model, "4x")
+    assert "w" not in [s.name for s in roastfx.roast_state(model).plan.sites]
+    assert "module type only" in caplog.text
+    assert isinstance(model.w, nn.Parameter)
+
+
+def test_tied_weights_share_one_region():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97, n_positions=16))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 97, (2, 9))
+    roastfx.compress(model, "10x", init="random")
+    plan = roastfx.roast_state(model).plan
+    wte = plan.site("transformer.wte.weight")
+    assert "lm_head.weight" in wte.bindings
+    assert not any(s.name == "lm_head.weight" for s in plan.sites)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    assert any(s.op == "matmul" for s in plan.sites)  # GPT-2's Conv1D
+    logits = model(ids).logits
+    assert logits.shape == (2, 9, 97) and torch.isfinite(logits).all()
+
+
+def test_exclude_keeps_weights_dense():
+    model = MLP()
+    out_weight = model.out.weight
+    roastfx.compress(model, "10x", exclude=["out"])
+    assert model.out.weight is out_weight
+    assert [s.name for s in roastfx.roast_state(model).plan.sites] == ["fc1.weight", "fc2.weight"]
+
+
+def test_projection_is_sign_corrected_slot_mean():
+    model = MLP(16, 24, 8)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    roastfx.compress(model, "3x")
+    state = roastfx.roast_state(model)
+    total = torch.zeros(state.plan.memory_size, dtype=torch.float64)
+    count = torch.zeros_like(total)
+    for s in state.plan.sites:
+        index, sign = s.mapping.full_index()
+        vals = weight_to_view(dense[s.name], s.transposed).double() * sign / s.scale
+        for i, v in zip(index.reshape(-1).tolist(), vals.reshape(-1).tolist()):
+            total[i] += v
+            count[i] += 1
+    expected = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+    assert torch.allclose(state.memory.double(), expected, atol=1e-6)
+
+
+def test_projection_is_least_squares_optimum():
+    """The projected memory minimizes sum_sites ||W_recovered - W_dense||^2 / scale^2: zero gradient,
+    and any perturbation is worse; it also beats a random memory at reproducing the dense outputs."""
+    torch.manual_seed(0)
+    model = MLP()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(32, 64)
+    y = model(x).detach()
+    roastfx.compress(model, 0.5)
+    state = roastfx.roast_state(model)
+
+    def objective():
+        return sum(((getattr(model.get_submodule(s.name.rsplit(".", 1)[0]), "weight") - dense[s.name]) ** 2).sum()
+                   / s.scale**2 for s in state.plan.sites)
+
+    loss = objective()
+    (grad,) = torch.autograd.grad(loss, state.memory)
+    assert grad.abs().max() < 1e-3 * loss.detach()
+    with torch.no_grad():
+        state.memory.add_(torch.randn_like(state.memory) * 0.01)
+    assert objective() > loss
+    projected_err = (model(x) - y).norm()
+    roastfx.compress(random_model := MLP(), 0.5, init="random")
+    random_model.load_state_dict({k: v for k, v in dense.items() if k.endswith("bias")}
+                                 | {"roast_memory": random_model.roast_memory.detach(),
+                                    "_extra_state": random_model.state_dict()["_extra_state"]})
+    assert projected_err < (random_model(x) - y).norm()
+
+
+def test_random_init_keeps_initial_magnitude():
+    model = nn.Linear(256, 512)
+    std = float(model.weight.std())
+    roastfx.compress(model, "50x", init="random")
+    assert abs(float(model.weight.std()) / std - 1) < 0.1
+
+
+def test_bias_and_norm_left_alone():
+    model = Mixed()
+    norm_w = model.norm.weight
+    roastfx.compress(model, "4x", example_inputs=mixed_inputs())
+    assert model.norm.weight is norm_w and model.conv.bias is not None
+
+
+def test_rnn_and_attention_weights_compress():
+    lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+    roastfx.compress(lstm, "4x", init="random")
+    assert len(roastfx.roast_state(lstm).plan.sites) == 4
+    out, _ = lstm(torch.randn(2, 5, 8))
+    out.sum().backward()
+    assert lstm.roast_memory.grad is not None and lstm.roast_memory.grad.abs().sum() > 0
+
+    mha = nn.MultiheadAttention(32, 4)
+    roastfx.compress(mha, "8x", init="random")
+    assert {s.op for s in roastfx.roast_state(mha).plan.sites} == {"attention", "linear"}
+    q = torch.randn(5, 2, 32)
+    assert mha(q, q, q)[0].shape == (5, 2, 32)
+
+
+def test_compressed_weight_cannot_be_assigned():
+    model = MLP()
+    roastfx.compress(model, "10x")
+    with pytest.raises(AttributeError, match="ROAST-compressed"):
+        model.fc1.weight = nn.Parameter(torch.zeros(128, 64))
