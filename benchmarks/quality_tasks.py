@@ -300,7 +300,7 @@ def train(task: Task, model: nn.Module, seed: int, memory_lr_scale: bool = True,
             loss.backward()
             opt.step()
             sched.step()
-            epoch_loss += float(loss) * len(idx)
+            epoch_loss += loss.item() * len(idx)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         losses.append(epoch_loss / n)

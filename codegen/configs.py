@@ -84,3 +84,23 @@ def shared_memory_limit(device) -> int:
 
         limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return int(limit)
+
+
+_limits: dict[int, int] = {}
+
+
+def choose(device, m: int, n: int, k: int, element_size: int) -> BlockConfig:
+    """The config a launch on ``device`` uses for an (m x k) @ (k x n) product."""
+    if interpreting() or torch_device(device).type != "cuda":
+        return INTERPRETER_CONFIG
+    dev = torch_device(device)
+    index = dev.index if dev.index is not None else 0
+    if index not in _limits:
+        _limits[index] = shared_memory_limit(dev)
+    return pick(m, n, k, _limits[index], element_size)
+
+
+def torch_device(device):
+    import torch
+
+    return torch.device(device)

@@ -13,27 +13,39 @@ import triton.language as tl
 from .hashing import PRIME, SIGN_BIT, TileHash
 
 
+_P = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _mod_p(x):
+    """x mod P for int64 0 <= x < 2**62, without a division: 2**31 = 1 (mod P)."""
+    x = (x & _P) + (x >> 31)  # < 2**32
+    x = (x & _P) + (x >> 31)  # <= P + 1
+    return tl.where(x >= _P, x - _P, x)
+
+
 @triton.jit
 def roast_index_and_sign(
     k, n,
     tile_rows, tile_cols, alignment, window_start, offset_range,
     a_row, a_col, b, c_row, c_col, d,
 ):
-    """(memory slot, +1/-1 as int64) of element (k, n) of a site's B view.
+    """(memory slot as int64, +1/-1) of element (k, n) of a site's B view.
 
-    k and n are integer tensors that broadcast against each other. Every product
-    is of two numbers below 2**31, so int64 never overflows.
+    k and n are non-negative integer tensors below 2**31 that broadcast against each
+    other. Coordinates are split into tile and in-tile parts in int32; every product
+    of two numbers below 2**31 is taken in int64, so nothing overflows.
     """
-    P: tl.constexpr = 2147483647
-    k = k.to(tl.int64)
-    n = n.to(tl.int64)
-    i = k // tl.cast(tile_rows, tl.int64)
-    j = n // tl.cast(tile_cols, tl.int64)
-    h = (tl.cast(a_row, tl.int64) * i % P + tl.cast(a_col, tl.int64) * j % P + tl.cast(b, tl.int64)) % P
+    k = k.to(tl.int32)
+    n = n.to(tl.int32)
+    i = (k // tile_rows).to(tl.int64)
+    j = (n // tile_cols).to(tl.int64)
+    h = _mod_p(_mod_p(tl.cast(a_row, tl.int64) * i) + _mod_p(tl.cast(a_col, tl.int64) * j) + tl.cast(b, tl.int64))
     align = tl.cast(alignment, tl.int64)
     start = tl.cast(window_start, tl.int64) + (h % tl.cast(offset_range, tl.int64)) // align * align
-    index = start + (k % tl.cast(tile_rows, tl.int64)) * tl.cast(tile_cols, tl.int64) + n % tl.cast(tile_cols, tl.int64)
-    g = (tl.cast(c_row, tl.int64) * k % P + tl.cast(c_col, tl.int64) * n % P + tl.cast(d, tl.int64)) % P
+    index = start + ((k % tile_rows) * tile_cols + n % tile_cols).to(tl.int64)
+    g = _mod_p(_mod_p(tl.cast(c_row, tl.int64) * k.to(tl.int64)) + _mod_p(tl.cast(c_col, tl.int64) * n.to(tl.int64))
+               + tl.cast(d, tl.int64))
     sign = 1 - 2 * ((g >> 16) & 1)
     return index, sign
 

@@ -97,10 +97,14 @@ def plan_layout(
     _validate_tile("hash", tile, alignment, chunk)
     if not specs:
         raise ValueError("nothing to plan: the model has no weight that feeds a matmul-like op")
+    for spec in specs:
+        if 0 in spec.shape:
+            raise ValueError(f"site {spec.name!r} has shape {spec.shape}: an empty weight cannot be tiled; "
+                             "exclude it (exclude=[...]) or give it a non-zero size")
     if scheme == "hashednet":
         tile, alignment = (1, 1), 1
 
-    windows = _windows(specs, memory_size, scheme, alignment or cache_line)
+    windows = site_windows(specs, memory_size, scheme, alignment or cache_line)
     sites = []
     for spec, (start, size) in zip(specs, windows):
         rows, cols = view_shape(spec)
@@ -110,22 +114,29 @@ def plan_layout(
                 f"memory too small: site {spec.name!r} needs a hash tile of {tk}x{tn} = {tk * tn} slots but its "
                 f"window has {size} (memory_size={memory_size}); raise the compression budget or pass a smaller tile"
             )
-        if start % align:
-            raise ValueError(f"site {spec.name!r}: window start {start} not aligned to {align}")
-        const = [seeded_int(seed, spec.name, f, modulus=PRIME - 1) + 1 for f in ("a_row", "a_col", "c_row", "c_col")]
-        mapping = TileHash(
-            rows=rows, cols=cols, tile_rows=tk, tile_cols=tn, alignment=align,
-            window_start=start, window_size=size,
-            a_row=const[0], a_col=const[1], b=seeded_int(seed, spec.name, "b", modulus=PRIME),
-            c_row=const[2], c_col=const[3], d=seeded_int(seed, spec.name, "d", modulus=PRIME),
-        )
-        sites.append(Site(spec.name, spec.bindings, spec.shape, spec.op, spec.transposed, spec.dtype,
-                          float(scales[spec.name]), mapping))
+        sites.append(make_site(spec, float(scales[spec.name]), seed, (tk, tn), align, (start, size)))
     return Plan(seed=int(seed), memory_size=int(memory_size), memory_dtype=memory_dtype, scheme=scheme,
                 target=target, sites=tuple(sites), notes=tuple(notes))
 
 
-def _windows(specs, memory_size: int, scheme: str, align: int) -> list[tuple[int, int]]:
+def make_site(spec: SiteSpec, scale: float, seed: int, tile: tuple[int, int], alignment: int,
+              window: tuple[int, int]) -> Site:
+    """The site of ``spec`` with a chosen tile, alignment and window; hash constants from the seed."""
+    (tk, tn), (start, size) = tile, window
+    if start % alignment:
+        raise ValueError(f"site {spec.name!r}: window start {start} not aligned to {alignment}")
+    rows, cols = view_shape(spec)
+    const = [seeded_int(seed, spec.name, f, modulus=PRIME - 1) + 1 for f in ("a_row", "a_col", "c_row", "c_col")]
+    mapping = TileHash(
+        rows=rows, cols=cols, tile_rows=tk, tile_cols=tn, alignment=alignment,
+        window_start=start, window_size=size,
+        a_row=const[0], a_col=const[1], b=seeded_int(seed, spec.name, "b", modulus=PRIME),
+        c_row=const[2], c_col=const[3], d=seeded_int(seed, spec.name, "d", modulus=PRIME),
+    )
+    return Site(spec.name, spec.bindings, spec.shape, spec.op, spec.transposed, spec.dtype, float(scale), mapping)
+
+
+def site_windows(specs, memory_size: int, scheme: str, align: int) -> list[tuple[int, int]]:
     """(start, size) of the memory region each site's tiles may land in."""
     if scheme == "roast":
         return [(0, memory_size)] * len(specs)
@@ -151,3 +162,6 @@ def _numel(spec: SiteSpec) -> int:
     for s in spec.shape:
         n *= s
     return n
+
+
+_windows = site_windows  # the name before site_windows was shared with the cost-model planner

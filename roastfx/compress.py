@@ -68,7 +68,7 @@ def _site_scale(weight: torch.Tensor) -> float:
     w = weight.detach().to(torch.float64)
     std = float(w.std()) if w.numel() > 1 else 0.0
     if not math.isfinite(std) or std == 0.0:
-        fan_in = w[0].numel() if w.dim() > 1 else w.numel()
+        fan_in = math.prod(w.shape[1:]) if w.dim() > 1 else w.numel()
         std = 1.0 / math.sqrt(3.0 * max(1, fan_in))
     return std
 

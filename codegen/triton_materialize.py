@@ -1,0 +1,44 @@
+"""Materialize a site's (rows, cols) view from the memory with a Triton kernel.
+
+For the ops no fused kernel covers: the dense view is built once per call, on the
+device, and handed to the ordinary torch op.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .hashing import TileHash
+from .triton_hashing import mapping_args, roast_index_and_sign
+
+BLOCK = 32
+
+
+@triton.jit
+def _materialize_kernel(
+    mem_ptr, out_ptr,
+    K, N, scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_k = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    index, sign = roast_index_and_sign(
+        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+        offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    w = tl.where(sign > 0, w, -w) * scale
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def materialize(memory: torch.Tensor, mapping: TileHash, scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (rows, cols) view ``scale * sign * memory[index]``, contiguous, in ``dtype`` (default memory's)."""
+    out = torch.empty((mapping.rows, mapping.cols), device=memory.device, dtype=dtype or memory.dtype)
+    grid = (triton.cdiv(mapping.rows, BLOCK), triton.cdiv(mapping.cols, BLOCK))
+    _materialize_kernel[grid](
+        memory.reshape(-1), out, mapping.rows, mapping.cols, float(scale), *mapping_args(mapping),
+        BLOCK_K=BLOCK, BLOCK_N=BLOCK,
+    )
+    return out

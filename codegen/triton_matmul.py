@@ -1,0 +1,266 @@
+"""Fused ROAST GEMMs: the weight is read straight from the memory, never materialized.
+
+Two kernels serve forward and backward of ``y = epilogue(x @ B)``:
+
+- `_roast_matmul_kernel` computes ``a @ op(V)`` where V is a site's (rows, cols) view
+  and op is identity or transpose. Forward of a view that is B (nn.Linear with a
+  transposed view) reads V as is; dX = dY @ B^T reads the same slots transposed.
+- `_roast_grad_memory_kernel` computes dV = a^T @ c block by block and sends each
+  element's signed, scaled gradient to its slot, by atomic add or, for a
+  deterministic result, by writing the contributions for a sorted reduction in torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .hashing import TileHash
+from .triton_hashing import mapping_args, roast_index_and_sign
+
+ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _apply_activation(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACTIVATION == 2:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both infinities, no libdevice needed
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = 0.5 * z * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    elif ACTIVATION == 3:
+        z = z / (1.0 + tl.exp(-z))
+    return z
+
+
+@triton.jit
+def _roast_matmul_kernel(
+    a_ptr, mem_ptr, out_ptr, pre_ptr, bias_ptr, res_ptr,
+    M, N, R,
+    stride_am, stride_ar, stride_om, stride_on, stride_resm, stride_resn,
+    scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    VIEW_IS_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped program order: neighbouring programs share rows of `a`, which stay in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+        )
+        # element (r, n) of the B operand is element (r, n) of the view, or (n, r) of it
+        if VIEW_IS_B:
+            index, sign = roast_index_and_sign(
+                offs_r[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+                offset_range, a_row, a_col, hb, c_row, c_col, hd)
+        else:
+            index, sign = roast_index_and_sign(
+                offs_n[None, :], offs_r[:, None], tile_rows, tile_cols, alignment, window_start,
+                offset_range, a_row, a_col, hb, c_row, c_col, hd)
+        w = tl.load(mem_ptr + index, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        w = tl.where(sign > 0, w, -w).to(a.dtype)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    # epilogue: scale, bias, activation, residual, all in fp32
+    acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if STORE_PRE:
+        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=mask_out)
+    acc = _apply_activation(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_m[:, None] * stride_resm + offs_n[None, :] * stride_resn, mask=mask_out, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _roast_grad_memory_kernel(
+    a_ptr, c_ptr, grad_ptr, contrib_ptr,
+    M, K, N,
+    stride_am, stride_ak, stride_cm, stride_cn,
+    scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # one program owns a BLOCK_K x BLOCK_N block of the view and reduces over all M rows
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        a_t = tl.load(
+            a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & mask_m[None, :], other=0.0,
+        )
+        c = tl.load(
+            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+        )
+        c = c.to(a_t.dtype)
+        if DOT_IN_FP32:
+            a_t = a_t.to(tl.float32)
+            c = c.to(tl.float32)
+        acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
+
+    index, sign = roast_index_and_sign(
+        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+        offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    grad = tl.where(sign > 0, acc, -acc) * scale
+    mask = mask_k[:, None] & mask_n[None, :]
+    if DETERMINISTIC:
+        tl.store(contrib_ptr + offs_k[:, None] * N + offs_n[None, :], grad, mask=mask)
+    else:
+        tl.atomic_add(grad_ptr + index, grad, mask=mask)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow torch's matmul precision setting, as F.linear does."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """The interpreter's bf16 tl.dot returns garbage; bf16 products are exact in fp32, so
+    upcasting there computes what a GPU's bf16 dot with fp32 accumulation computes."""
+    return dtype == torch.bfloat16 and configs.interpreting()
+
+
+def _check_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the ROAST kernels take {', '.join(map(str, KERNEL_DTYPES))}")
+
+
+def roast_matmul(
+    a: torch.Tensor,
+    memory: torch.Tensor,
+    mapping: TileHash,
+    scale: float,
+    view_is_b: bool,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    store_pre: bool = False,
+    config: configs.BlockConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``epilogue(a @ op(V))`` for a 2-D ``a``; op(V) = V if view_is_b else V^T.
+
+    Returns (out, pre-activation or None); out has a's dtype.
+    """
+    if a.dim() != 2:
+        raise ValueError(f"roast_matmul takes a 2-D input, got shape {tuple(a.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {sorted(k for k in ACTIVATIONS if k)} or None")
+    _check_kernel_dtype("input", a)
+    _check_kernel_dtype("memory", memory)
+    reduce_dim, out_dim = (mapping.rows, mapping.cols) if view_is_b else (mapping.cols, mapping.rows)
+    if a.shape[1] != reduce_dim:
+        raise ValueError(
+            f"input has {a.shape[1]} features but the site's view is {mapping.rows}x{mapping.cols} "
+            f"({'rows' if view_is_b else 'cols'} = {reduce_dim} expected)"
+        )
+    M, R, N = a.shape[0], reduce_dim, out_dim
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    pre = torch.empty_like(out) if store_pre else None
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
+    if residual is not None and residual.shape != (M, N):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected ({M}, {N})")
+    if M == 0 or N == 0:
+        return out, pre
+    cfg = config or configs.choose(a.device, M, N, R, a.element_size())
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    res = residual if residual is not None else out
+    _roast_matmul_kernel[grid](
+        a, memory.reshape(-1), out, pre if pre is not None else out,
+        bias if bias is not None else out, res,
+        M, N, R,
+        a.stride(0), a.stride(1), out.stride(0), out.stride(1), res.stride(0), res.stride(1),
+        float(scale), *mapping_args(mapping),
+        VIEW_IS_B=view_is_b, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+        HAS_RESIDUAL=residual is not None, STORE_PRE=store_pre, PRECISION=dot_precision(a.dtype),
+        DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, pre
+
+
+def roast_grad_memory(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    memory_size: int,
+    mapping: TileHash,
+    scale: float,
+    deterministic: bool | None = None,
+    config: configs.BlockConfig | None = None,
+) -> torch.Tensor:
+    """The fp32 gradient of the memory for dV = a^T @ c, V the site's (rows, cols) view.
+
+    ``deterministic`` (default: torch.are_deterministic_algorithms_enabled()) replaces
+    atomic adds by per-element contributions reduced with a deterministic index_put_.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if a.dim() != 2 or c.dim() != 2 or a.shape[0] != c.shape[0]:
+        raise ValueError(f"roast_grad_memory takes (M, rows) and (M, cols), got {tuple(a.shape)} and {tuple(c.shape)}")
+    if (a.shape[1], c.shape[1]) != (mapping.rows, mapping.cols):
+        raise ValueError(
+            f"gradient operands give a {a.shape[1]}x{c.shape[1]} view, the mapping is {mapping.rows}x{mapping.cols}"
+        )
+    _check_kernel_dtype("a", a)
+    _check_kernel_dtype("c", c)
+    M, K, N = a.shape[0], mapping.rows, mapping.cols
+    grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
+    if M == 0:
+        return grad
+    contrib = torch.empty((K, N), device=a.device, dtype=torch.float32) if deterministic else grad
+    cfg = config or configs.choose(a.device, K, N, M, a.element_size())
+    grid = (triton.cdiv(K, cfg.block_m), triton.cdiv(N, cfg.block_n))
+    _roast_grad_memory_kernel[grid](
+        a, c, grad, contrib,
+        M, K, N,
+        a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+        float(scale), *mapping_args(mapping),
+        DETERMINISTIC=deterministic, PRECISION=dot_precision(a.dtype), DOT_IN_FP32=dot_in_fp32(a.dtype),
+        BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if deterministic:
+        index, _ = mapping.full_index(a.device)
+        grad.index_put_((index.reshape(-1),), contrib.reshape(-1), accumulate=True)
+    return grad

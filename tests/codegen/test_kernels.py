@@ -1,0 +1,223 @@
+"""The Triton kernels against the PyTorch reference path (codegen/reference.py), in float64."""
+import random
+
+import pytest
+import torch
+
+from roastfx.codegen import configs, reference
+from roastfx.codegen.hashing import PRIME, TileHash
+from roastfx.codegen.kernels import (
+    apply_activation, roast_embedding, roast_embedding_bag, roast_linear, roast_materialize,
+)
+from roastfx.codegen.triton_embedding import gather_rows
+from roastfx.codegen.triton_materialize import materialize
+from roastfx.codegen.triton_matmul import roast_grad_memory, roast_matmul
+
+# (tile_rows, tile_cols, alignment, window_start): tiles that divide no block, straddle blocks, are one row or column
+TILINGS = [(8, 16, 4, 64), (5, 3, 1, 7), (1, 32, 32, 0), (7, 1, 2, 30)]
+
+
+def random_mapping(rows, cols, tile_rows, tile_cols, alignment=1, window_start=0, window_size=None, seed=0):
+    rng = random.Random(seed)
+    span = tile_rows * tile_cols
+    return TileHash(
+        rows=rows, cols=cols, tile_rows=tile_rows, tile_cols=tile_cols, alignment=alignment,
+        window_start=window_start, window_size=window_size or span + rng.randrange(50, 400),
+        a_row=rng.randrange(1, PRIME), a_col=rng.randrange(1, PRIME), b=rng.randrange(PRIME),
+        c_row=rng.randrange(1, PRIME), c_col=rng.randrange(1, PRIME), d=rng.randrange(PRIME),
+    )
+
+
+def random_memory(mapping, seed=0, extra=13):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(mapping.window_start + mapping.window_size + extra, generator=gen, dtype=torch.float64)
+
+
+def reference_linear(x, memory, mapping, scale, transposed_view, bias=None, activation=None, residual=None):
+    view = reference.materialize(memory, mapping, scale)
+    z = x @ (view if transposed_view else view.t())
+    if bias is not None:
+        z = z + bias
+    y = apply_activation(z, activation)
+    return y + residual if residual is not None else y
+
+
+def randn(*shape, seed, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device, dtype)
+
+
+# -- the mapping inside a kernel -------------------------------------------------------------
+@pytest.mark.parametrize("tiling", TILINGS + [(3, 40, 8, 16)])
+def test_materialize_kernel_reads_exactly_the_reference_slots(tiling, device):
+    mapping = random_mapping(45, 70, *tiling, seed=hash(tiling) % 1000)
+    memory = random_memory(mapping).float().to(device)
+    got = materialize(memory, mapping, 0.37)
+    want = reference.materialize(memory, mapping, 0.37)
+    assert torch.equal(got, want)
+
+
+def test_gather_handles_ids_beyond_int32_products(device):
+    # ids near 2**31 make every hash product need int64
+    mapping = random_mapping(PRIME - 1, 40, 4, 8, alignment=8, window_start=8, seed=3)
+    memory = random_memory(mapping).float().to(device)
+    ids = torch.tensor([[0, PRIME - 2, 2**31 - 100], [12345678, 5, PRIME - 3]], device=device)
+    got = gather_rows(memory, mapping, 1.5, ids)
+    assert got.shape == (2, 3, 40)
+    assert torch.equal(got, reference.materialize_rows(memory, mapping, 1.5, ids))
+
+
+def test_results_do_not_depend_on_block_sizes(device):
+    mapping = random_mapping(45, 70, 5, 3, seed=4)
+    memory = random_memory(mapping).float().to(device)
+    x = randn(37, 45, seed=1, device=device)
+    small, _ = roast_matmul(x, memory, mapping, 0.5, True, config=configs.BlockConfig(32, 32, 32, 1, 1))
+    large, _ = roast_matmul(x, memory, mapping, 0.5, True, config=configs.BlockConfig(64, 32, 64, 1, 1))
+    torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-5)
+
+
+# -- forward ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("transposed_view", [True, False])
+def test_linear_forward_matches_reference(tiling, transposed_view, device):
+    K, N = 45, 70
+    rows, cols = (K, N) if transposed_view else (N, K)
+    mapping = random_mapping(rows, cols, *tiling, seed=7)
+    memory = random_memory(mapping, seed=1)
+    x = randn(37, K, seed=2, dtype=torch.float64)
+    got = roast_linear(x.float().to(device), memory.float().to(device), mapping, 0.3, transposed_view)
+    want = reference_linear(x, memory, mapping, 0.3, transposed_view)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu_tanh", "silu"])
+def test_linear_epilogue_matches_reference(activation, device):
+    mapping = random_mapping(45, 70, 8, 16, alignment=4, window_start=64, seed=11)
+    memory = random_memory(mapping, seed=2)
+    x = randn(2, 3, 45, seed=3, dtype=torch.float64)  # leading dims are flattened
+    bias = randn(70, seed=4, dtype=torch.float64)
+    residual = randn(3, 70, seed=5, dtype=torch.float64)  # broadcasts over the first dim
+    args = dict(bias=bias, activation=activation, residual=residual)
+    got = roast_linear(x.float().to(device), memory.float().to(device), mapping, 0.3, True,
+                       **{k: (v.float().to(device) if torch.is_tensor(v) else v) for k, v in args.items()})
+    want = reference_linear(x, memory, mapping, 0.3, True, **args)
+    assert got.shape == (2, 3, 70)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_half_precision_inputs_accumulate_in_fp32(dtype, device):
+    mapping = random_mapping(64, 40, 8, 16, seed=12)
+    memory = random_memory(mapping, seed=3)
+    x = randn(33, 64, seed=6, dtype=torch.float64)
+    got = roast_linear(x.to(device, dtype), memory.float().to(device), mapping, 0.1, True, activation="silu")
+    assert got.dtype == dtype
+    want = reference_linear(x.to(dtype).double(), memory.to(dtype).double(), mapping, 0.1, True, activation="silu")
+    torch.testing.assert_close(got.double().cpu(), want, rtol=3e-2, atol=3e-2)
+
+
+# -- backward --------------------------------------------------------------------------------
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("transposed_view,activation,tiling", [
+    (True, "gelu_tanh", (8, 16, 4, 64)),
+    (False, None, (5, 3, 1, 7)),
+    (True, "relu", (1, 32, 32, 0)),
+])
+def test_linear_gradients_match_reference(deterministic, transposed_view, activation, tiling, device,
+                                          deterministic_mode):
+    K, N = 45, 70
+    rows, cols = (K, N) if transposed_view else (N, K)
+    mapping = random_mapping(rows, cols, *tiling, seed=21)
+    memory = random_memory(mapping, seed=4)
+    x, bias, residual = randn(37, K, seed=7), randn(N, seed=8), randn(37, N, seed=9)
+    grad_y = randn(37, N, seed=10)
+
+    deterministic_mode(deterministic)
+    leaves = [t.detach().float().to(device).clone().requires_grad_() for t in (x, memory, bias, residual)]
+    roast_linear(leaves[0], leaves[1], mapping, 0.3, transposed_view, leaves[2], activation, leaves[3]).backward(
+        grad_y.to(device))
+    deterministic_mode(False)
+    ref = [t.detach().double().clone().requires_grad_() for t in (x, memory, bias, residual)]
+    reference_linear(ref[0], ref[1], mapping, 0.3, transposed_view, ref[2], activation, ref[3]).backward(grad_y.double())
+
+    for name, got, want in zip(["x", "memory", "bias", "residual"], leaves, ref):
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_deterministic_memory_gradient_is_reproducible_and_equals_atomic(device):
+    mapping = random_mapping(45, 70, 4, 4, window_size=40, seed=5)  # small window: many collisions per slot
+    a, c = randn(37, 45, seed=11, device=device), randn(37, 70, seed=12, device=device)
+    first = roast_grad_memory(a, c, 60, mapping, 0.7, deterministic=True)
+    second = roast_grad_memory(a, c, 60, mapping, 0.7, deterministic=True)
+    atomic = roast_grad_memory(a, c, 60, mapping, 0.7, deterministic=False)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, atomic, rtol=1e-5, atol=1e-5)
+    assert first[mapping.window_start + mapping.window_size:].abs().sum() == 0
+
+
+# -- embeddings and materialize --------------------------------------------------------------
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_embedding_and_its_gradient_match_reference(deterministic, device, deterministic_mode):
+    mapping = random_mapping(50, 40, 1, 8, alignment=8, window_start=16, seed=31)
+    memory = random_memory(mapping, seed=5)
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    grad_out = randn(3, 7, 40, seed=13)
+
+    deterministic_mode(deterministic)
+    mem = memory.float().to(device).requires_grad_()
+    out = roast_embedding(ids.to(device), mem, mapping, 0.2)
+    out.backward(grad_out.to(device))
+    deterministic_mode(False)
+    ref_mem = memory.clone().requires_grad_()
+    want = reference.materialize_rows(ref_mem, mapping, 0.2, ids)
+    want.backward(grad_out.double())
+
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mem.grad.double().cpu(), ref_mem.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_matches_reference(mode, device):
+    mapping = random_mapping(40, 24, 3, 5, seed=32)
+    memory = random_memory(mapping, seed=6)
+    ids = torch.randint(0, 40, (5, 4), generator=torch.Generator().manual_seed(1))
+    got = roast_embedding_bag(ids.to(device), memory.float().to(device), mapping, 0.9, mode)
+    view = reference.materialize(memory, mapping, 0.9)
+    want = torch.nn.functional.embedding_bag(ids, view, mode=mode)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_gradient_reaches_memory(device):
+    mapping = random_mapping(33, 35, 8, 16, alignment=4, window_start=4, seed=33)
+    memory = random_memory(mapping, seed=7)
+    grad_view = randn(33, 35, seed=14)
+    mem = memory.float().to(device).requires_grad_()
+    roast_materialize(mem, mapping, 0.4).backward(grad_view.to(device))
+    ref_mem = memory.clone().requires_grad_()
+    reference.materialize(ref_mem, mapping, 0.4).backward(grad_view.double())
+    torch.testing.assert_close(mem.grad.double().cpu(), ref_mem.grad, rtol=1e-5, atol=1e-5)
+
+
+# -- errors and configs ----------------------------------------------------------------------
+def test_errors_name_the_bad_value(device):
+    mapping = random_mapping(45, 70, 8, 16, seed=1)
+    memory = random_memory(mapping).float().to(device)
+    x = torch.zeros(4, 45, device=device)
+    with pytest.raises(ValueError, match="'tanh'"):
+        roast_linear(x, memory, mapping, 1.0, True, activation="tanh")
+    with pytest.raises(ValueError, match="44 features"):
+        roast_linear(x[:, :44], memory, mapping, 1.0, True)
+    with pytest.raises(TypeError, match="float64"):
+        roast_linear(x.double(), memory, mapping, 1.0, True)
+    with pytest.raises(IndexError, match=r"\[0, 45\)"):
+        roast_embedding(torch.tensor([3, 45], device=device), memory, mapping, 1.0)
+
+
+def test_configs_are_pruned_by_shared_memory():
+    everything = configs.candidates(10**9)
+    assert everything == list(configs.CANDIDATES)
+    assert all(min(c.block_m, c.block_n, c.block_k) >= configs.MIN_BLOCK for c in everything)
+    fitting = configs.candidates(48 * 1024, element_size=2)
+    assert fitting and all(c.shared_memory(2) <= 48 * 1024 for c in fitting)
+    assert len(fitting) < len(everything)
+    with pytest.raises(ValueError, match="1000 bytes"):
+        configs.candidates(1000)

@@ -1,0 +1,80 @@
+"""Bad input: a clear error naming the value and what is accepted; the model left as it was."""
+import pytest
+import torch
+from torch import nn
+
+import roastfx
+from helpers import MLP, assert_unchanged, snapshot
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"compression": 0}, r"compression=0 is outside \(0, 1\]"),
+    ({"compression": 1.5}, r"compression=1.5 is outside \(0, 1\]"),
+    ({"compression": -0.1}, r"outside \(0, 1\]"),
+    ({"compression": "lots"}, r"compression='lots' cannot be parsed; accepted: .*'100x'"),
+    ({"compression": "0.5x"}, r"factor must be >= 1x"),
+    ({"compression": "10GB"}, r"larger than the dense weights"),
+    ({"compression": "2B"}, r"less than one 4-byte memory slot"),
+    ({"compression": None}, r"compression=None is not valid"),
+    ({"compression": "1000x", "tile": (32, 32)}, r"memory too small: site 'fc1.weight' needs a hash tile of 32x32"),
+    ({"target": "tpu-v9"}, r"unknown target 'tpu-v9'; known targets: .*h100"),
+    ({"colour": "red"}, r"unknown option\(s\) \['colour'\]; accepted options: tile"),
+    ({"init": "zeros"}, r"init='zeros' is not valid; accepted: project, random"),
+    ({"scheme": "pruning"}, r"scheme='pruning' is not valid; accepted: roast, roast-local, hashednet"),
+    ({"exclude": ["fc9*"]}, r"exclude patterns \['fc9\*'\] match no compressible weight"),
+    ({"tile": (0, 4)}, r"tile must be two positive ints"),
+    ({"alignment": -2}, r"alignment must be a positive int"),
+    ({"seed": -1}, r"seed=-1 must be a non-negative int"),
+    ({"memory_dtype": "int8"}, r"memory dtype 'int8' not supported; accepted: float32"),
+])
+def test_bad_compress_arguments(kwargs, match):
+    model = MLP()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        roastfx.compress(model, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_nothing_to_compress():
+    model = nn.Sequential(nn.LayerNorm(8), nn.ReLU())
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="nothing to compress in Sequential"):
+        roastfx.compress(model)
+    assert_unchanged(model, snap)
+
+
+def test_weight_that_cannot_be_tiled():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 0))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"site '1.weight' has shape \(0, 8\): an empty weight cannot be tiled"):
+        roastfx.compress(model, 0.5)
+    assert_unchanged(model, snap)
+
+
+def test_compress_twice_is_an_error():
+    model = roastfx.compress(MLP(), "10x")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="already ROAST-compressed"):
+        roastfx.compress(model, "10x")
+    assert_unchanged(model, snap)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        roastfx.compress(lambda x: x)
+
+
+def test_unknown_target_from_environment(monkeypatch):
+    monkeypatch.setenv("ROASTFX_TARGET", "nope")
+    model = MLP()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="unknown target 'nope'"):
+        roastfx.compress(model)
+    assert_unchanged(model, snap)
+
+
+def test_backend_rejects_unknown_options():
+    model = roastfx.compress(MLP(), "10x")
+    compiled = torch.compile(model, backend="roast", options={"colour": "red"})
+    with pytest.raises(Exception, match=r"unknown roast backend option\(s\) \['colour'\]; valid options"):
+        compiled(torch.randn(2, 64))
