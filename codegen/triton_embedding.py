@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import mapping_args, roast_index_and_sign
+from .triton_hashing import mapping_args, maybe_dump, roast_index_and_sign
 
 BLOCK_T = 32
 BLOCK_N = 32
@@ -75,10 +75,11 @@ def gather_rows(memory: torch.Tensor, mapping: TileHash, scale: float, ids: torc
     out = torch.empty((T, N), device=memory.device, dtype=dtype or memory.dtype)
     if T:
         grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
-        _gather_rows_kernel[grid](
+        launched = _gather_rows_kernel[grid](
             flat, memory.reshape(-1), out, T, N, float(scale), *mapping_args(mapping),
             BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
         )
+        maybe_dump(_gather_rows_kernel, launched)
     return out.reshape(*ids.shape, N)
 
 
@@ -102,8 +103,9 @@ def scatter_rows_grad(grad_out: torch.Tensor, memory_size: int, mapping: TileHas
         grad.index_put_((index.reshape(-1),), (grad_rows.float() * sign * float(scale)).reshape(-1), accumulate=True)
         return grad
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
-    _scatter_rows_kernel[grid](
+    launched = _scatter_rows_kernel[grid](
         flat, grad_rows.contiguous(), grad, T, N, float(scale), *mapping_args(mapping),
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
     )
+    maybe_dump(_scatter_rows_kernel, launched)
     return grad

@@ -1,4 +1,4 @@
-"""The ROAST mapping inside Triton kernels.
+"""The ROAST mapping inside Triton kernels, and what every kernel file shares.
 
 `roast_index_and_sign` is the only place a kernel evaluates the mapping. It is the
 arithmetic of `hashing.TileHash.index` and `TileHash.sign`, element by element, so a
@@ -6,6 +6,9 @@ kernel reads the same slots whatever its block sizes and however the hash tiles
 straddle its blocks.
 """
 from __future__ import annotations
+
+import inspect
+import os
 
 import triton
 import triton.language as tl
@@ -58,3 +61,29 @@ def mapping_args(mapping: TileHash) -> tuple[int, ...]:
         m.tile_rows, m.tile_cols, m.alignment, m.window_start, m.offset_range,
         m.a_row, m.a_col, m.b, m.c_row, m.c_col, m.d,
     )
+
+
+_dumped: set[str] = set()
+
+
+def maybe_dump(kernel, launched) -> None:
+    """With ROASTFX_DUMP_KERNELS=dir, write each compiled variant's IR and PTX (or, in the
+    interpreter, the kernel's source) to dir once per process."""
+    directory = os.environ.get("ROASTFX_DUMP_KERNELS")
+    if not directory:
+        return
+    name = kernel.fn.__name__.lstrip("_")
+    asm = getattr(launched, "asm", None) or {}
+    key = f"{name}-{getattr(launched, 'hash', 'source')}"
+    if key in _dumped:
+        return
+    _dumped.add(key)
+    os.makedirs(directory, exist_ok=True)
+    if not asm:
+        with open(os.path.join(directory, f"{name}.py"), "w") as f:
+            f.write(inspect.getsource(kernel.fn))
+        return
+    for ext, text in asm.items():
+        if isinstance(text, str):
+            with open(os.path.join(directory, f"{key}.{ext}"), "w") as f:
+                f.write(text)

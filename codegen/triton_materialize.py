@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import mapping_args, roast_index_and_sign
+from .triton_hashing import mapping_args, maybe_dump, roast_index_and_sign
 
 BLOCK = 32
 
@@ -37,8 +37,9 @@ def materialize(memory: torch.Tensor, mapping: TileHash, scale: float, dtype: to
     """The (rows, cols) view ``scale * sign * memory[index]``, contiguous, in ``dtype`` (default memory's)."""
     out = torch.empty((mapping.rows, mapping.cols), device=memory.device, dtype=dtype or memory.dtype)
     grid = (triton.cdiv(mapping.rows, BLOCK), triton.cdiv(mapping.cols, BLOCK))
-    _materialize_kernel[grid](
+    launched = _materialize_kernel[grid](
         memory.reshape(-1), out, mapping.rows, mapping.cols, float(scale), *mapping_args(mapping),
         BLOCK_K=BLOCK, BLOCK_N=BLOCK,
     )
+    maybe_dump(_materialize_kernel, launched)
     return out

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import configs
 from .hashing import TileHash
-from .triton_hashing import mapping_args, roast_index_and_sign
+from .triton_hashing import mapping_args, maybe_dump, roast_index_and_sign
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,8 +79,8 @@ def _roast_matmul_kernel(
             index, sign = roast_index_and_sign(
                 offs_n[None, :], offs_r[:, None], tile_rows, tile_cols, alignment, window_start,
                 offset_range, a_row, a_col, hb, c_row, c_col, hd)
-        w = tl.load(mem_ptr + index, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        w = tl.where(sign > 0, w, -w).to(a.dtype)
+        w = tl.load(mem_ptr + index, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        w = tl.where(sign > 0, w, -w).to(a.dtype)  # sign in fp32: exact, and the interpreter can't negate bf16
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -206,7 +206,7 @@ def roast_matmul(
     cfg = config or configs.choose(a.device, M, N, R, a.element_size())
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     res = residual if residual is not None else out
-    _roast_matmul_kernel[grid](
+    launched = _roast_matmul_kernel[grid](
         a, memory.reshape(-1), out, pre if pre is not None else out,
         bias if bias is not None else out, res,
         M, N, R,
@@ -217,6 +217,7 @@ def roast_matmul(
         DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    maybe_dump(_roast_matmul_kernel, launched)
     return out, pre
 
 
@@ -251,7 +252,7 @@ def roast_grad_memory(
     contrib = torch.empty((K, N), device=a.device, dtype=torch.float32) if deterministic else grad
     cfg = config or configs.choose(a.device, K, N, M, a.element_size())
     grid = (triton.cdiv(K, cfg.block_m), triton.cdiv(N, cfg.block_n))
-    _roast_grad_memory_kernel[grid](
+    launched = _roast_grad_memory_kernel[grid](
         a, c, grad, contrib,
         M, K, N,
         a.stride(0), a.stride(1), c.stride(0), c.stride(1),
@@ -260,6 +261,7 @@ def roast_grad_memory(
         BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    maybe_dump(_roast_grad_memory_kernel, launched)
     if deterministic:
         index, _ = mapping.full_index(a.device)
         grad.index_put_((index.reshape(-1),), contrib.reshape(-1), accumulate=True)

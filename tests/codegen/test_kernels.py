@@ -221,3 +221,25 @@ def test_configs_are_pruned_by_shared_memory():
     assert len(fitting) < len(everything)
     with pytest.raises(ValueError, match="1000 bytes"):
         configs.candidates(1000)
+
+
+def test_bf16_gradients_reach_x_and_a_bf16_memory(device):
+    mapping = random_mapping(45, 70, 8, 16, alignment=4, window_start=64, seed=41)
+    memory = random_memory(mapping, seed=8).bfloat16()
+    x, grad_y = randn(37, 45, seed=15).bfloat16(), randn(37, 70, seed=16).bfloat16()
+    x_k, mem_k = x.to(device).clone().requires_grad_(), memory.to(device).clone().requires_grad_()
+    y = roast_linear(x_k, mem_k, mapping, 0.3, True, activation="relu")
+    y.backward(grad_y.to(device))
+    assert y.dtype == x_k.grad.dtype == mem_k.grad.dtype == torch.bfloat16
+    x_r, mem_r = x.double().requires_grad_(), memory.double().requires_grad_()
+    reference_linear(x_r, mem_r, mapping, 0.3, True, activation="relu").backward(grad_y.double())
+    torch.testing.assert_close(x_k.grad.double().cpu(), x_r.grad, rtol=3e-2, atol=5e-2)
+    torch.testing.assert_close(mem_k.grad.double().cpu(), mem_r.grad, rtol=3e-2, atol=2e-1)
+
+
+def test_kernels_are_dumped_when_asked(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROASTFX_DUMP_KERNELS", str(tmp_path))
+    monkeypatch.setattr("roastfx.codegen.triton_hashing._dumped", set())
+    mapping = random_mapping(33, 40, 4, 8, seed=2)
+    materialize(random_memory(mapping).float().to(device), mapping, 1.0)
+    assert any(p.name.startswith("materialize_kernel") for p in tmp_path.iterdir())
