@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from roastfx.codegen.reference import materialize, view_to_weight
+from roastfx.codegen import ops
+from roastfx.codegen.reference import view_to_weight
 from roastfx.plan import Plan
 
 MEMORY_ATTR = "roast_memory"  # the root's parameter that holds the memory
@@ -30,6 +31,7 @@ class RoastState:
         self.root = root
         self.plan = plan
         self._sites = {s.name: s for s in plan.sites}
+        self._args = {s.name: ops.mapping_args(s.mapping) for s in plan.sites}
 
     @property
     def memory(self) -> nn.Parameter:
@@ -37,8 +39,8 @@ class RoastState:
 
     def weight(self, site_name: str) -> torch.Tensor:
         """The site's weight in its dense shape, computed from the memory."""
-        site = self._sites[site_name]
-        view = materialize(self.memory, site.mapping, site.scale)
+        site, args = self._sites[site_name], self._args[site_name]
+        view = ops.materialize(self.memory, args, site.scale)
         return view_to_weight(view, site.shape, site.transposed)
 
     def replace_plan(self, plan: Plan) -> None:
@@ -51,6 +53,7 @@ class RoastState:
             )
         self.plan = plan
         self._sites = {s.name: s for s in plan.sites}
+        self._args = {s.name: ops.mapping_args(s.mapping) for s in plan.sites}
 
 
 def _root_get_extra_state(self):

@@ -1,0 +1,101 @@
+"""roast custom ops (torch.library): what a compiled graph holds instead of dense weights.
+
+Each op takes the memory plus the site's mapping as a flat int list
+(``TileHash`` fields in declaration order) and its scale. The implementations
+here are the reference path; they work in eager, under dynamo/AOTAutograd and
+with ``torch.library.opcheck``.
+"""
+from __future__ import annotations
+
+from dataclasses import astuple
+
+import torch
+
+from .hashing import TileHash
+from .reference import materialize as _materialize
+
+__all__ = ["materialize", "roast_linear", "mapping_args"]
+
+
+def mapping_args(mapping: TileHash) -> list[int]:
+    return [int(v) for v in astuple(mapping)]
+
+
+def _mapping(args) -> TileHash:
+    return TileHash(*[int(a) for a in args])
+
+
+def _memory_grad(memory: torch.Tensor, mapping: TileHash, scale: float, grad_view: torch.Tensor) -> torch.Tensor:
+    index, sign = mapping.full_index(memory.device)
+    values = (grad_view * sign.to(grad_view.dtype) * scale).reshape(-1).to(memory.dtype)
+    return torch.zeros_like(memory).index_add_(0, index.reshape(-1), values)
+
+
+@torch.library.custom_op("roastfx::materialize", mutates_args=())
+def materialize(memory: torch.Tensor, mapping: list[int], scale: float) -> torch.Tensor:
+    """The (rows, cols) B view of one site, computed from the memory."""
+    return _materialize(memory, _mapping(mapping), scale)
+
+
+@materialize.register_fake
+def _(memory, mapping, scale):
+    m = _mapping(mapping)
+    return memory.new_empty((m.rows, m.cols))
+
+
+def _materialize_setup(ctx, inputs, output):
+    memory, ctx.mapping, ctx.scale = inputs
+    ctx.memory_size, ctx.memory_dtype = memory.shape[0], memory.dtype
+
+
+def _materialize_backward(ctx, grad):
+    grad_memory = _memory_grad_op(grad, ctx.mapping, ctx.scale, ctx.memory_size).to(ctx.memory_dtype)
+    return grad_memory, None, None
+
+
+@torch.library.custom_op("roastfx::memory_grad", mutates_args=())
+def _memory_grad_op(grad_view: torch.Tensor, mapping: list[int], scale: float, size: int) -> torch.Tensor:
+    """d(loss)/d(memory) of a memory of ``size`` slots, given d(loss)/d(B view)."""
+    memory = grad_view.new_zeros(size)
+    return _memory_grad(memory, _mapping(mapping), scale, grad_view)
+
+
+@_memory_grad_op.register_fake
+def _(grad_view, mapping, scale, size):
+    return grad_view.new_empty(size)
+
+
+materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup)
+
+
+@torch.library.custom_op("roastfx::roast_linear", mutates_args=())
+def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ V + bias`` where V is the site's B view read from the memory."""
+    view = _materialize(memory, _mapping(mapping), scale).to(x.dtype)
+    out = x @ view
+    return out + bias if bias is not None else out
+
+
+@roast_linear.register_fake
+def _(x, memory, mapping, scale, bias=None):
+    return x.new_empty((*x.shape[:-1], _mapping(mapping).cols))
+
+
+def _roast_linear_setup(ctx, inputs, output):
+    x, memory, mapping, scale, bias = inputs
+    ctx.save_for_backward(x, memory)
+    ctx.mapping, ctx.scale, ctx.has_bias = mapping, scale, bias is not None
+
+
+def _roast_linear_backward(ctx, grad):
+    x, memory = ctx.saved_tensors
+    view = materialize(memory, ctx.mapping, ctx.scale).to(grad.dtype)
+    grad_x = grad @ view.t()
+    grad_view = x.reshape(-1, x.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1])
+    grad_memory = _memory_grad_op(grad_view, ctx.mapping, ctx.scale, memory.numel()).to(memory.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, grad_memory, None, None, grad_bias
+
+
+roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)

@@ -1,0 +1,92 @@
+"""The fuse_linear pass and the roast custom ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import roastfx
+from roastfx.codegen import ops
+from roastfx.codegen.hashing import TileHash
+from roastfx.passes.fuse_linear import fuse_linear
+from helpers import MLP, Mixed, mixed_inputs
+
+MAPPING = TileHash(13, 6, 4, 3, 2, 4, 60, 123457, 7654321, 99, 31337, 4242, 17)
+
+
+def test_ops_pass_opcheck_and_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    mem = torch.randn(70, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(2, 5, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True)
+    args = ops.mapping_args(MAPPING)
+    torch.library.opcheck(ops.materialize, (mem, args, 0.3))
+    torch.library.opcheck(ops.roast_linear, (x, mem, args, 0.3, b))
+    torch.library.opcheck(ops.roast_linear, (x, mem, args, 0.3, None))
+    assert torch.autograd.gradcheck(lambda x, m, b: ops.roast_linear(x, m, args, 0.3, b), (x, mem, b))
+
+
+def test_pass_alone_on_a_small_graph():
+    args = ops.mapping_args(MAPPING)
+
+    def f(x, memory, bias):
+        w = ops.materialize(memory, args, 0.5).t().reshape(6, 13)
+        return F.linear(x, w, bias).relu() + ops.materialize(memory, args, 0.5).sum()
+
+    gm = torch.fx.symbolic_trace(f)
+    for node in gm.graph.nodes:  # dynamo records example values; give the traced graph the same
+        if node.op == "call_method" and node.target == "reshape":
+            node.meta["example_value"] = torch.empty(6, 13)
+    x, mem, bias = torch.randn(4, 13), torch.randn(70), torch.randn(6)
+    expected = f(x, mem, bias)
+    uses = fuse_linear(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.roastfx.roast_linear.default in targets and F.linear not in targets
+    assert [u.fused for u in uses] == [True, False]  # the .sum() read keeps its materialize
+    assert torch.allclose(gm(x, mem, bias), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_compiled_matches_eager_on_every_site_kind(inner, caplog):
+    torch._dynamo.reset()
+    model = roastfx.compress(Mixed(), "4x", example_inputs=mixed_inputs(), init="random")
+    inputs = mixed_inputs(2, 5)
+    eager = model(*inputs)
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with caplog.at_level("INFO", logger="roastfx"):
+        out = torch.compile(model, backend="roast", options={"inner": inner})(*inputs)
+    out.square().mean().backward()
+    assert torch.allclose(out, eager, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+    assert "2 weight uses fused" in caplog.text  # head (F.linear) and w (x @ w); the rest materialize
+
+
+def test_new_batch_size_keeps_plan_and_matches():
+    torch._dynamo.reset()
+    model = roastfx.compress(MLP(), "20x", init="random")
+    plan = roastfx.roast_state(model).plan
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})
+    for batch in (3, 8, 11):
+        x = torch.randn(batch, 64)
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    assert roastfx.roast_state(model).plan is plan
+
+
+def test_training_through_the_backend_reduces_loss():
+    from quickstart_data import digits_tensors
+
+    torch._dynamo.reset()
+    x, y = digits_tensors()
+    model = roastfx.compress(MLP(64, 128, 10), "5x", init="random", seed=1)
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    losses = []
+    for step in range(40):
+        idx = torch.arange(step * 64, step * 64 + 64) % len(x)
+        opt.zero_grad()
+        loss = F.cross_entropy(compiled(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
