@@ -28,11 +28,12 @@ def _apply_activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         z = tl.maximum(z, 0.0)
     elif ACTIVATION == 2:
-        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both infinities, no libdevice needed
+        # tanh(u) = 1 - 2 / (exp(2u) + 1), no libdevice needed; |u| > 15 is +-1 in fp32 already
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        u = tl.minimum(tl.maximum(u, -15.0), 15.0)
         z = 0.5 * z * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
     elif ACTIVATION == 3:
-        z = z / (1.0 + tl.exp(-z))
+        z = z / (1.0 + tl.exp(tl.minimum(-z, 80.0)))
     return z
 
 

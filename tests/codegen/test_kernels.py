@@ -89,19 +89,20 @@ def test_linear_forward_matches_reference(tiling, transposed_view, device):
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [0.3, 60.0])  # 60: pre-activations far into both tails
 @pytest.mark.parametrize("activation", [None, "relu", "gelu_tanh", "silu"])
-def test_linear_epilogue_matches_reference(activation, device):
+def test_linear_epilogue_matches_reference(activation, scale, device):
     mapping = random_mapping(45, 70, 8, 16, alignment=4, window_start=64, seed=11)
     memory = random_memory(mapping, seed=2)
     x = randn(2, 3, 45, seed=3, dtype=torch.float64)  # leading dims are flattened
     bias = randn(70, seed=4, dtype=torch.float64)
     residual = randn(3, 70, seed=5, dtype=torch.float64)  # broadcasts over the first dim
     args = dict(bias=bias, activation=activation, residual=residual)
-    got = roast_linear(x.float().to(device), memory.float().to(device), mapping, 0.3, True,
+    got = roast_linear(x.float().to(device), memory.float().to(device), mapping, scale, True,
                        **{k: (v.float().to(device) if torch.is_tensor(v) else v) for k, v in args.items()})
-    want = reference_linear(x, memory, mapping, 0.3, True, **args)
+    want = reference_linear(x, memory, mapping, scale, True, **args)
     assert got.shape == (2, 3, 70)
-    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -243,3 +244,32 @@ def test_kernels_are_dumped_when_asked(device, tmp_path, monkeypatch):
     mapping = random_mapping(33, 40, 4, 8, seed=2)
     materialize(random_memory(mapping).float().to(device), mapping, 1.0)
     assert any(p.name.startswith("materialize_kernel") for p in tmp_path.iterdir())
+
+
+# -- torch.library registration ----------------------------------------------------------------
+def test_ops_pass_opcheck(device):
+    from roastfx.codegen.kernels import mapping_to_list
+
+    mapping = random_mapping(45, 40, 5, 3, seed=51)
+    memory = random_memory(mapping).float().to(device).requires_grad_()
+    x = randn(2, 3, 45, seed=17, device=device).requires_grad_()
+    bias = randn(40, seed=18, device=device).requires_grad_()
+    m = mapping_to_list(mapping)
+    torch.library.opcheck(torch.ops.roastfx.linear.default, (x, memory, bias, None, m, 0.5, True, "silu", True))
+    ids = torch.randint(0, 45, (4, 3), device=device)
+    torch.library.opcheck(torch.ops.roastfx.gather_rows.default, (memory, ids, m, 0.5, None))
+    torch.library.opcheck(torch.ops.roastfx.gather_rows.default, (memory, None, m, 0.5, None))
+
+
+def test_linear_compiles_with_aot_autograd(device):
+    mapping = random_mapping(45, 40, 8, 16, seed=52)
+    memory = random_memory(mapping, seed=9).float().to(device).requires_grad_()
+    x = randn(6, 45, seed=19, device=device)
+
+    def step(x, memory):
+        return roast_linear(x, memory, mapping, 0.5, True, activation="gelu_tanh").square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, memory), memory)[0]
+    want = torch.autograd.grad(step(x, memory), memory)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
