@@ -134,7 +134,13 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
 
     if example_inputs is not None:
         name_to_id = {n: pid for pid, names in by_param.items() for n in names}
-        traced = traced_sites(model, example_inputs)
+        try:
+            traced = traced_sites(model, example_inputs)
+        except Exception as err:  # a model torch.export cannot trace still compresses by module type
+            traced = {}
+            notes.append(f"could not trace the model ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                         "found sites by module type only")
+            log.warning(notes[-1])
         extra = 0
         for pname, kind in traced.items():
             pid = name_to_id.get(pname)

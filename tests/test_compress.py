@@ -173,3 +173,24 @@ def test_compressed_weight_cannot_be_assigned():
     roastfx.compress(model, "10x")
     with pytest.raises(AttributeError, match="ROAST-compressed"):
         model.fc1.weight = nn.Parameter(torch.zeros(128, 64))
+
+
+def test_untraceable_model_falls_back_to_module_types(caplog):
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            if x.sum().item() > 0:  # data-dependent control flow: export cannot trace it
+                return self.fc(x) @ self.w
+            return self.fc(x)
+
+    model = DataDependent()
+    with caplog.at_level("INFO", logger="roastfx"):
+        roastfx.compress(model, 0.5, example_inputs=(torch.ones(2, 8),))
+    names = [s.name for s in roastfx.roast_state(model).plan.sites]
+    assert names == ["fc.weight"]  # w is only found by a trace, which failed: it stays dense, and we say so
+    assert "could not trace the model (GuardOnDataDependentSymNode" in caplog.text
+    assert isinstance(model.w, nn.Parameter)
