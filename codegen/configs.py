@@ -63,7 +63,7 @@ def pick(m: int, n: int, k: int, shared_memory_limit: int, element_size: int = 2
     def score(c: BlockConfig):
         programs = -(-m // c.block_m) * -(-n // c.block_n)
         waste = (-(-m // c.block_m) * c.block_m) * (-(-n // c.block_n) * c.block_n) / max(m * n, 1)
-        return (programs >= 64, -waste, c.block_m * c.block_n, c.block_k)
+        return (programs >= 128, -waste, c.block_m * c.block_n, c.block_k)
 
     return max(fitting, key=score)
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import mapping_args, maybe_dump, roast_index_and_sign
+from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
 
 BLOCK_T = 32
 BLOCK_N = 32
@@ -76,7 +76,7 @@ def gather_rows(memory: torch.Tensor, mapping: TileHash, scale: float, ids: torc
     if T:
         grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
         launched = _gather_rows_kernel[grid](
-            flat, memory.reshape(-1), out, T, N, float(scale), *mapping_args(mapping),
+            flat, memory.reshape(-1), out, T, N, float(scale), *hash_args(mapping),
             BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
         )
         maybe_dump(_gather_rows_kernel, launched)
@@ -104,7 +104,7 @@ def scatter_rows_grad(grad_out: torch.Tensor, memory_size: int, mapping: TileHas
         return grad
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
     launched = _scatter_rows_kernel[grid](
-        flat, grad_rows.contiguous(), grad, T, N, float(scale), *mapping_args(mapping),
+        flat, grad_rows.contiguous(), grad, T, N, float(scale), *hash_args(mapping),
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
     )
     maybe_dump(_scatter_rows_kernel, launched)

@@ -53,7 +53,7 @@ def roast_index_and_sign(
     return index, sign
 
 
-def mapping_args(mapping: TileHash) -> tuple[int, ...]:
+def hash_args(mapping: TileHash) -> tuple[int, ...]:
     """The scalar kernel arguments that `roast_index_and_sign` takes after (k, n)."""
     assert PRIME == 2147483647 and SIGN_BIT == 16, "roast_index_and_sign hard-codes P and the sign bit"
     m = mapping

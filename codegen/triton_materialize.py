@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import mapping_args, maybe_dump, roast_index_and_sign
+from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
 
 BLOCK = 32
 
@@ -38,7 +38,7 @@ def materialize(memory: torch.Tensor, mapping: TileHash, scale: float, dtype: to
     out = torch.empty((mapping.rows, mapping.cols), device=memory.device, dtype=dtype or memory.dtype)
     grid = (triton.cdiv(mapping.rows, BLOCK), triton.cdiv(mapping.cols, BLOCK))
     launched = _materialize_kernel[grid](
-        memory.reshape(-1), out, mapping.rows, mapping.cols, float(scale), *mapping_args(mapping),
+        memory.reshape(-1), out, mapping.rows, mapping.cols, float(scale), *hash_args(mapping),
         BLOCK_K=BLOCK, BLOCK_N=BLOCK,
     )
     maybe_dump(_materialize_kernel, launched)

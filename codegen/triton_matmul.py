@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import configs
 from .hashing import TileHash
-from .triton_hashing import mapping_args, maybe_dump, roast_index_and_sign
+from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -212,7 +212,7 @@ def roast_matmul(
         bias if bias is not None else out, res,
         M, N, R,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        float(scale), *mapping_args(mapping),
+        float(scale), *hash_args(mapping),
         VIEW_IS_B=view_is_b, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
         HAS_RESIDUAL=residual is not None, STORE_PRE=store_pre, PRECISION=dot_precision(a.dtype),
         DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
@@ -257,7 +257,7 @@ def roast_grad_memory(
         a, c, grad, contrib,
         M, K, N,
         a.stride(0), a.stride(1), c.stride(0), c.stride(1),
-        float(scale), *mapping_args(mapping),
+        float(scale), *hash_args(mapping),
         DETERMINISTIC=deterministic, PRECISION=dot_precision(a.dtype), DOT_IN_FP32=dot_in_fp32(a.dtype),
         BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

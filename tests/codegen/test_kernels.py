@@ -273,3 +273,11 @@ def test_linear_compiles_with_aot_autograd(device):
     got = torch.autograd.grad(compiled(x, memory), memory)[0]
     want = torch.autograd.grad(step(x, memory), memory)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pick_chooses_a_fitting_config_for_every_shape(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    limit = 100 * 1024
+    for m, n, k in [(16, 8192, 8192), (4096, 4096, 4096), (4096, 768, 3072), (1, 1, 1)]:
+        cfg = configs.pick(m, n, k, limit, element_size=2)
+        assert cfg in configs.candidates(limit, element_size=2)
