@@ -21,6 +21,7 @@ from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DETERMINISTIC_CHUNK_ELEMENTS = 1 << 24  # view elements per deterministic reduction (fp32 + int64 each)
 
 
 @triton.jit
@@ -105,19 +106,19 @@ def _roast_matmul_kernel(
 @triton.jit
 def _roast_grad_memory_kernel(
     a_ptr, c_ptr, grad_ptr, contrib_ptr,
-    M, K, N,
+    M, k_start, k_end, N,
     stride_am, stride_ak, stride_cm, stride_cn,
     scale,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # one program owns a BLOCK_K x BLOCK_N block of the view and reduces over all M rows
+    # one program owns a BLOCK_K x BLOCK_N block of view rows [k_start, k_end) and reduces over all M
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_k = (k_start + pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_k = offs_k < K
+    mask_k = offs_k < k_end
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -144,7 +145,7 @@ def _roast_grad_memory_kernel(
     grad = tl.where(sign > 0, acc, -acc) * scale
     mask = mask_k[:, None] & mask_n[None, :]
     if DETERMINISTIC:
-        tl.store(contrib_ptr + offs_k[:, None] * N + offs_n[None, :], grad, mask=mask)
+        tl.store(contrib_ptr + (offs_k - k_start)[:, None] * N + offs_n[None, :], grad, mask=mask)
     else:
         tl.atomic_add(grad_ptr + index, grad, mask=mask)
 
@@ -250,20 +251,25 @@ def roast_grad_memory(
     grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
     if M == 0:
         return grad
-    contrib = torch.empty((K, N), device=a.device, dtype=torch.float32) if deterministic else grad
     cfg = config or configs.choose(a.device, K, N, M, a.element_size())
-    grid = (triton.cdiv(K, cfg.block_m), triton.cdiv(N, cfg.block_n))
-    launched = _roast_grad_memory_kernel[grid](
-        a, c, grad, contrib,
-        M, K, N,
-        a.stride(0), a.stride(1), c.stride(0), c.stride(1),
-        float(scale), *hash_args(mapping),
-        DETERMINISTIC=deterministic, PRECISION=dot_precision(a.dtype), DOT_IN_FP32=dot_in_fp32(a.dtype),
-        BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    maybe_dump(_roast_grad_memory_kernel, launched)
-    if deterministic:
-        index, _ = mapping.full_index(a.device)
-        grad.index_put_((index.reshape(-1),), contrib.reshape(-1), accumulate=True)
+    # the deterministic path holds a contribution and an index per element: bound them by rows
+    chunk = K if not deterministic else max(1, DETERMINISTIC_CHUNK_ELEMENTS // (N * cfg.block_m)) * cfg.block_m
+    cols = torch.arange(N, device=a.device, dtype=torch.int64)[None, :]
+    for k_start in range(0, K, chunk):
+        k_end = min(K, k_start + chunk)
+        contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic else grad
+        grid = (triton.cdiv(k_end - k_start, cfg.block_m), triton.cdiv(N, cfg.block_n))
+        launched = _roast_grad_memory_kernel[grid](
+            a, c, grad, contrib,
+            M, k_start, k_end, N,
+            a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+            float(scale), *hash_args(mapping),
+            DETERMINISTIC=deterministic, PRECISION=dot_precision(a.dtype), DOT_IN_FP32=dot_in_fp32(a.dtype),
+            BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        maybe_dump(_roast_grad_memory_kernel, launched)
+        if deterministic:
+            rows = torch.arange(k_start, k_end, device=a.device, dtype=torch.int64)[:, None]
+            grad.index_put_((mapping.index(rows, cols).reshape(-1),), contrib.reshape(-1), accumulate=True)
     return grad

@@ -144,7 +144,9 @@ def test_linear_gradients_match_reference(deterministic, transposed_view, activa
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def test_deterministic_memory_gradient_is_reproducible_and_equals_atomic(device):
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 2000])  # 2000: one 32-row chunk at a time
+def test_deterministic_memory_gradient_is_reproducible_and_equals_atomic(chunk_elements, device, monkeypatch):
+    monkeypatch.setattr("roastfx.codegen.triton_matmul.DETERMINISTIC_CHUNK_ELEMENTS", chunk_elements)
     mapping = random_mapping(45, 70, 4, 4, window_size=40, seed=5)  # small window: many collisions per slot
     a, c = randn(37, 45, seed=11, device=device), randn(37, 70, seed=12, device=device)
     first = roast_grad_memory(a, c, 60, mapping, 0.7, deterministic=True)
@@ -281,3 +283,21 @@ def test_pick_chooses_a_fitting_config_for_every_shape(monkeypatch):
     for m, n, k in [(16, 8192, 8192), (4096, 4096, 4096), (4096, 768, 3072), (1, 1, 1)]:
         cfg = configs.pick(m, n, k, limit, element_size=2)
         assert cfg in configs.candidates(limit, element_size=2)
+
+
+def test_strided_and_empty_inputs(device):
+    mapping = random_mapping(45, 70, 8, 16, seed=61)
+    memory = random_memory(mapping, seed=10)
+    x = randn(45, 37, seed=20, dtype=torch.float64).t()  # non-contiguous (37, 45)
+    residual = randn(70, 37, seed=21, dtype=torch.float64).t()
+    got = roast_linear(x.float().to(device), memory.float().to(device), mapping, 0.3, True,
+                       residual=residual.float().to(device))
+    want = reference_linear(x, memory, mapping, 0.3, True, residual=residual)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+    mem = memory.float().to(device).requires_grad_()
+    empty = torch.zeros(0, 45, device=device, requires_grad=True)
+    y = roast_linear(empty, mem, mapping, 0.3, True, activation="relu")
+    assert y.shape == (0, 70)
+    y.sum().backward()
+    assert empty.grad.shape == (0, 45) and mem.grad.abs().sum() == 0
