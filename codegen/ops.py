@@ -1,12 +1,15 @@
 """roast custom ops (torch.library): what a compiled graph holds instead of dense weights.
 
 Each op takes the memory plus the site's mapping as a flat int list
-(``TileHash`` fields in declaration order) and its scale. The implementations
-here are the reference path; they work in eager, under dynamo/AOTAutograd and
-with ``torch.library.opcheck``.
+(``TileHash`` fields in declaration order) and its scale. They work in eager,
+under dynamo/AOTAutograd and with ``torch.library.opcheck``. ``roast_linear``
+runs the fused Triton kernels (codegen/kernels.py) on CUDA tensors and the
+reference path elsewhere; ROASTFX_KERNELS=triton|reference overrides that
+(triton on CPU needs TRITON_INTERPRET=1 set before roastfx is imported).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import astuple
 
 import torch
@@ -68,10 +71,31 @@ def _(grad_view, mapping, scale, size):
 materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup)
 
 
+KERNEL_MODES = ("auto", "triton", "reference")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    mode = os.environ.get("ROASTFX_KERNELS", "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"ROASTFX_KERNELS={mode!r} is not valid; accepted: {', '.join(KERNEL_MODES)}")
+    if mode == "auto":
+        return t.is_cuda
+    return mode == "triton"
+
+
+def _kernels():
+    from . import kernels  # registers the roastfx::linear* ops; imports triton
+
+    return kernels
+
+
 @torch.library.custom_op("roastfx::roast_linear", mutates_args=())
 def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ V + bias`` where V is the site's B view read from the memory."""
+    if use_triton(x):
+        _kernels()
+        return torch.ops.roastfx.linear(x, memory, bias, None, mapping, scale, True, "none", False)[0]
     view = _materialize(memory, _mapping(mapping), scale).to(x.dtype)
     out = x @ view
     return out + bias if bias is not None else out
@@ -90,6 +114,14 @@ def _roast_linear_setup(ctx, inputs, output):
 
 def _roast_linear_backward(ctx, grad):
     x, memory = ctx.saved_tensors
+    if use_triton(x):
+        _kernels()
+        grad2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype).contiguous()
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, ctx.mapping, ctx.scale, True).reshape(x.shape)
+        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, ctx.mapping, ctx.scale, True)
+        grad_bias = grad2d.float().sum(0).to(grad.dtype) if ctx.has_bias else None
+        return grad_x, grad_memory, None, None, grad_bias
     view = materialize(memory, ctx.mapping, ctx.scale).to(grad.dtype)
     grad_x = grad @ view.t()
     grad_view = x.reshape(-1, x.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1])
