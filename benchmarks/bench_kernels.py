@@ -6,6 +6,7 @@
 Methods, each computing y = x @ W^T for a (out, in) = (N, K) weight:
   dense      F.linear with a dense bf16 weight
   roast      the fused kernel: B tiles read straight from the memory (codegen.kernels.roast_linear)
+  roast-mat  the same ROAST mapping, materialized by a kernel, then F.linear
   hashednet  HashedNets style: per-element hash (1x1 tiles), materialize W with a kernel, then F.linear
   eager      the PyTorch reference path: gather W with torch indexing, then F.linear
 """
@@ -28,7 +29,7 @@ SHAPES = {  # name: (M tokens, K in_features, N out_features)
     "bert-ffn-down": (32 * 128, 3072, 768),
 }
 DRY_RUN_SHAPES = {"tiny": (33, 64, 48)}
-METHODS = ("dense", "roast", "hashednet", "eager")
+METHODS = ("dense", "roast", "roast-mat", "hashednet", "eager")
 TILE_CHOICES = ((64, 64), (32, 64), (16, 64), (8, 64), (4, 64), (1, 64), (1, 32), (1, 8), (1, 1))
 
 
@@ -121,6 +122,7 @@ def run(args):
             fns = {
                 "dense": lambda x: F.linear(x, dense_w_param),
                 "roast": lambda x: roast_linear(x, memory, roast_map, scale, True),
+                "roast-mat": lambda x: x @ roast_materialize(memory, roast_map, scale, dtype),
                 "hashednet": lambda x: x @ roast_materialize(memory, hashed_map, scale, dtype),
                 "eager": lambda x: x @ reference.materialize(memory, roast_map, scale).to(dtype),
             }
@@ -181,14 +183,19 @@ def main(argv=None):
     env = environment()
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
     print_table(rows)
-    if args.dry_run:
-        return
+    if not args.dry_run:
+        print(f"wrote {write_results(rows, env, args)}")
+
+
+def write_results(rows, env, args) -> str:
+    """benchmarks/results/<gpu>-<date>.json with the environment and every row."""
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     path = os.path.join(args.out, f"{slug}-{env['date']}.json")
     with open(path, "w") as f:
-        json.dump(dict(environment=env, dtype=args.dtype, results=rows), f, indent=1)
-    print(f"wrote {path}")
+        json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
+                  f, indent=1)
+    return path
 
 
 if __name__ == "__main__":

@@ -214,14 +214,35 @@ def roast_embedding(ids: Tensor, memory: Tensor, mapping: TileHash, scale: float
     return _gather_rows(memory, ids, mapping_to_list(mapping), float(scale), dtype)
 
 
-def roast_embedding_bag(ids: Tensor, memory: Tensor, mapping: TileHash, scale: float, mode: str = "mean") -> Tensor:
-    """``F.embedding_bag`` over fixed-size bags: ids is (bags, bag_size); mode "sum" or "mean"."""
-    if ids.dim() != 2:
-        raise ValueError(f"roast_embedding_bag takes (bags, bag_size) ids, got shape {tuple(ids.shape)}")
+def roast_embedding_bag(ids: Tensor, memory: Tensor, mapping: TileHash, scale: float, mode: str = "mean",
+                        offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+    """``F.embedding_bag(ids, W, offsets, mode=mode, per_sample_weights=...)``; mode "sum" or "mean".
+
+    ids is (bags, bag_size), or 1-D with ``offsets`` giving where each bag starts.
+    """
     if mode not in ("sum", "mean"):
         raise ValueError(f"embedding bag mode {mode!r} is not 'sum' or 'mean'")
+    if per_sample_weights is not None and mode != "sum":
+        raise ValueError(f"per_sample_weights need mode 'sum', got {mode!r}")
+    if (ids.dim() == 2) == (offsets is not None) or ids.dim() not in (1, 2):
+        raise ValueError(
+            f"roast_embedding_bag takes 2-D ids without offsets or 1-D ids with offsets, got ids of shape "
+            f"{tuple(ids.shape)} and offsets {'given' if offsets is not None else 'None'}"
+        )
     rows = roast_embedding(ids, memory, mapping, scale)
-    return rows.sum(1) if mode == "sum" else rows.mean(1)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1).to(rows.dtype)
+    if offsets is None:
+        return rows.sum(1) if mode == "sum" else rows.mean(1)
+    # bag of each id, then a deterministic sum per bag (index_put_ with accumulate)
+    positions = torch.arange(ids.numel(), device=ids.device)
+    bag = torch.searchsorted(offsets.to(positions.dtype), positions, right=True) - 1
+    out = rows.new_zeros((offsets.numel(), rows.shape[-1])).index_put((bag,), rows, accumulate=True)
+    if mode == "mean":
+        counts = torch.zeros(offsets.numel(), device=ids.device, dtype=rows.dtype).index_put(
+            (bag,), torch.ones_like(bag, dtype=rows.dtype), accumulate=True)
+        out = out / counts.clamp_min(1).unsqueeze(-1)
+    return out
 
 
 def roast_materialize(memory: Tensor, mapping: TileHash, scale: float, dtype: torch.dtype | None = None) -> Tensor:

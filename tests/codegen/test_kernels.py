@@ -179,6 +179,25 @@ def test_embedding_and_its_gradient_match_reference(deterministic, device, deter
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_with_offsets_matches_reference(mode, device):
+    mapping = random_mapping(40, 24, 3, 5, seed=34)
+    memory = random_memory(mapping, seed=11)
+    ids = torch.randint(0, 40, (11,), generator=torch.Generator().manual_seed(2))
+    offsets = torch.tensor([0, 3, 3, 7])  # the second bag is empty
+    weights = randn(11, seed=22, dtype=torch.float64) if mode == "sum" else None
+    mem = memory.float().to(device).requires_grad_()
+    got = roast_embedding_bag(ids.to(device), mem, mapping, 0.9, mode, offsets=offsets.to(device),
+                              per_sample_weights=weights.float().to(device) if weights is not None else None)
+    ref_mem = memory.clone().requires_grad_()
+    want = torch.nn.functional.embedding_bag(ids, reference.materialize(ref_mem, mapping, 0.9), offsets,
+                                             mode=mode, per_sample_weights=weights)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(mem.grad.double().cpu(), ref_mem.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_embedding_bag_matches_reference(mode, device):
     mapping = random_mapping(40, 24, 3, 5, seed=32)
     memory = random_memory(mapping, seed=6)
