@@ -14,7 +14,7 @@ from torch import nn
 
 from roastfx.plan import Plan
 
-from .compress import apply_plan
+from .compress import apply_plan, binding_problems
 from .module import EXTRA_STATE_KEY, MEMORY_ATTR, roast_state
 
 PLAN_KEY = "roastfx.plan"
@@ -82,13 +82,7 @@ def _check_dense_fits(model: nn.Module, plan: Plan, tensors: dict) -> None:
     """Before touching a dense model: every plan binding and every stored tensor must fit."""
     params = dict(model.named_parameters(remove_duplicate=False))
     compressed = {b for s in plan.sites for b in s.bindings}
-    problems = []
-    for site in plan.sites:
-        for b in site.bindings:
-            if b not in params:
-                problems.append(f"{b}: not in the model")
-            elif tuple(params[b].shape) != site.shape:
-                problems.append(f"{b}: model {tuple(params[b].shape)}, checkpoint {site.shape}")
+    problems = binding_problems(params, plan)
     dense_state = {k: v for k, v in model.state_dict().items() if k not in compressed}
     for key, value in tensors.items():
         if key == MEMORY_ATTR:

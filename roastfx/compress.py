@@ -146,18 +146,24 @@ def initial_memory(plan: Plan, params: dict, init: str) -> torch.Tensor:
     return project(views, [s.mapping for s in plan.sites], [s.scale for s in plan.sites], plan.memory_size)
 
 
+def binding_problems(params: dict, plan: Plan) -> list[str]:
+    """Each plan binding the model lacks or holds with another shape."""
+    problems = []
+    for site in plan.sites:
+        for b in site.bindings:
+            if b not in params:
+                problems.append(f"{b}: not in the model")
+            elif tuple(params[b].shape) != site.shape:
+                problems.append(f"{b}: model {tuple(params[b].shape)}, plan {site.shape}")
+    return problems
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Make a dense ``model`` ROAST-backed with a given plan (memory left at zero)."""
     if roast_state(model) is not None:
         raise ValueError("this model is already ROAST-compressed; apply a plan to a dense model")
     params = dict(model.named_parameters(remove_duplicate=False))
-    problems = []
-    for site in plan.sites:
-        for b in site.bindings:
-            if b not in params:
-                problems.append(f"{b}: missing")
-            elif tuple(params[b].shape) != site.shape:
-                problems.append(f"{b}: shape {tuple(params[b].shape)} vs {site.shape} in the plan")
+    problems = binding_problems(params, plan)
     if problems:
         raise ValueError("the plan was made for another architecture: " + "; ".join(problems[:10]))
     device = params[plan.sites[0].name].device
