@@ -131,3 +131,57 @@ def _roast_linear_backward(ctx, grad):
 
 
 roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)
+
+
+def _row_memory_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHash, scale: float,
+                     size: int, dtype: torch.dtype) -> torch.Tensor:
+    k = ids.reshape(-1, 1).to(torch.int64)
+    n = torch.arange(mapping.cols, device=grad_rows.device, dtype=torch.int64)
+    index, sign = mapping.index_and_sign(k, n)
+    values = grad_rows.reshape(-1, mapping.cols).to(torch.float32 if dtype != torch.float64 else dtype)
+    values = values * sign.to(values.dtype) * scale
+    out = torch.zeros(size, dtype=values.dtype, device=grad_rows.device)
+    return out.index_add_(0, index.reshape(-1), values.reshape(-1)).to(dtype)
+
+
+@torch.library.custom_op("roastfx::roast_embedding", mutates_args=())
+def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float) -> torch.Tensor:
+    """``F.embedding(ids, W)`` reading only the looked-up rows of the site's view from the memory."""
+    if use_triton(memory):
+        _kernels()
+        return torch.ops.roastfx.gather_rows(memory, ids, mapping, scale, None)
+    from .reference import materialize_rows
+
+    return materialize_rows(memory, _mapping(mapping), scale, ids)
+
+
+@roast_embedding.register_fake
+def _(ids, memory, mapping, scale):
+    return memory.new_empty((*ids.shape, mapping[1]))
+
+
+@torch.library.custom_op("roastfx::roast_embedding_grad", mutates_args=())
+def _roast_embedding_grad(grad_rows: torch.Tensor, ids: torch.Tensor, memory: torch.Tensor, mapping: list[int],
+                          scale: float) -> torch.Tensor:
+    if use_triton(memory):
+        _kernels()
+        return torch.ops.roastfx.gather_rows_grad(grad_rows.contiguous(), memory, ids, mapping, scale)
+    return _row_memory_grad(grad_rows, ids, _mapping(mapping), scale, memory.numel(), memory.dtype)
+
+
+@_roast_embedding_grad.register_fake
+def _(grad_rows, ids, memory, mapping, scale):
+    return torch.empty_like(memory)
+
+
+def _embedding_setup(ctx, inputs, output):
+    ids, memory, ctx.mapping, ctx.scale = inputs
+    ctx.save_for_backward(ids, memory)
+
+
+def _embedding_backward(ctx, grad):
+    ids, memory = ctx.saved_tensors
+    return None, _roast_embedding_grad(grad, ids, memory, ctx.mapping, ctx.scale), None, None
+
+
+roast_embedding.register_autograd(_embedding_backward, setup_context=_embedding_setup)

@@ -1,4 +1,5 @@
-"""Rewrite ``linear(x, <weight read from the memory>)`` into one ``roastfx::roast_linear`` op.
+"""Rewrite ``linear(x, <weight read from the memory>)`` into one ``roastfx::roast_linear`` op,
+and ``embedding(ids, <table read from the memory>)`` into ``roastfx::roast_embedding``.
 
 Matches, in dynamo's graph of a compressed model, a ``roastfx::materialize``
 whose B view reaches a matmul-like op only through the reshape (and transpose)
@@ -19,6 +20,7 @@ log = logging.getLogger("roastfx")
 
 _LINEAR = {torch._C._nn.linear, F.linear}
 _MATMUL = {operator.matmul, torch.matmul}
+_EMBEDDING = {F.embedding}
 _RESHAPE = {"reshape", "view"}
 _TRANSPOSE = {"t"}
 
@@ -89,6 +91,7 @@ def fuse_linear(gm: torch.fx.GraphModule) -> list[SiteUse]:
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
         uses.append(SiteUse(fused.name, True, "roast_linear"))
+    uses.extend(_fuse_embeddings(graph))
     graph.eliminate_dead_code()
     for n in graph.nodes:
         if _is_materialize(n):
@@ -97,4 +100,36 @@ def fuse_linear(gm: torch.fx.GraphModule) -> list[SiteUse]:
     gm.recompile()
     for u in uses:
         log.info("roast backend: %s %s (%s)", u.node, "fused" if u.fused else "fallback", u.why)
+    return uses
+
+
+def _embedding_options_plain(node) -> bool:
+    """padding_idx, max_norm (which renormalizes the table in place) and scale_grad_by_freq are not fused."""
+    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    extra = dict(zip(names, node.args[2:]), **node.kwargs)
+    return (extra.get("padding_idx") is None and extra.get("max_norm") is None
+            and not extra.get("scale_grad_by_freq") and not extra.get("sparse"))
+
+
+def _fuse_embeddings(graph: torch.fx.Graph) -> list[SiteUse]:
+    uses = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _EMBEDDING:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        mat, transposes, chain = _source(weight)
+        if mat is None:
+            continue
+        memory, mapping, scale = mat.args
+        plain = _weight_shape(weight) == (mapping[0], mapping[1]) and transposes == 0
+        if not plain or not _embedding_options_plain(node) or any(len(n.users) > 1 for n in chain):
+            uses.append(SiteUse(node.name, False, "embedding with padding_idx/max_norm or a reshaped table"))
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(torch.ops.roastfx.roast_embedding.default,
+                                        (node.args[0], memory, list(mapping), scale))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        uses.append(SiteUse(fused.name, True, "roast_embedding"))
     return uses
