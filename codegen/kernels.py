@@ -7,7 +7,12 @@ deterministically when torch.use_deterministic_algorithms(True) is in effect at 
 The ops are registered with torch.library.custom_op (namespace ``roastfx``) with fake
 implementations and autograd formulas, so torch.compile and AOTAutograd see one opaque
 op per site instead of tracing into a Triton launch. A mapping crosses the op boundary
-as its 13 integers (`mapping_to_list`).
+as its 13 integers (`mapping_to_list`). Schemas other code calls:
+
+    roastfx::linear(x, memory, bias?, residual?, mapping, scale, transposed_view, activation, store_pre) -> (y, pre)
+    roastfx::linear_grad_input(grad_z, memory, mapping, scale, transposed_view) -> grad_x (2-D)
+    roastfx::linear_grad_memory(x, grad_z, memory, mapping, scale, transposed_view) -> grad_memory
+    roastfx::gather_rows(memory, ids?, mapping, scale, dtype?) -> rows (the whole view when ids is None)
 """
 from __future__ import annotations
 

@@ -277,6 +277,11 @@ def test_ops_pass_opcheck(device):
     bias = randn(40, seed=18, device=device).requires_grad_()
     m = mapping_to_list(mapping)
     torch.library.opcheck(torch.ops.roastfx.linear.default, (x, memory, bias, None, m, 0.5, True, "silu", True))
+    grad_z = randn(6, 40, seed=23, device=device)
+    # the gradient ops have no derivative of their own (no double backward)
+    torch.library.opcheck(torch.ops.roastfx.linear_grad_input.default, (grad_z, memory.detach(), m, 0.5, True))
+    torch.library.opcheck(torch.ops.roastfx.linear_grad_memory.default,
+                          (x.detach().reshape(6, 45), grad_z, memory.detach(), m, 0.5, True))
     ids = torch.randint(0, 45, (4, 3), device=device)
     torch.library.opcheck(torch.ops.roastfx.gather_rows.default, (memory, ids, m, 0.5, None))
     torch.library.opcheck(torch.ops.roastfx.gather_rows.default, (memory, None, m, 0.5, None))
