@@ -126,6 +126,13 @@ def run(args):
                 "hashednet": lambda x: x @ roast_materialize(memory, hashed_map, scale, dtype),
                 "eager": lambda x: x @ reference.materialize(memory, roast_map, scale).to(dtype),
             }
+            # a GPU miscompile must not pass as a fast kernel: compare fused against materialize-then-GEMM
+            with torch.no_grad():
+                fused, unfused = fns["roast"](x).float(), fns["roast-mat"](x).float()
+                rel_err = ((fused - unfused).abs().max() / unfused.abs().max().clamp_min(1e-30)).item()
+            if rel_err > 2e-2:
+                print(f"WARNING: {name} at {factor:g}x: fused kernel differs from materialize-then-GEMM "
+                      f"by {rel_err:.3g} (relative)", file=sys.stderr)
             for method in args.method_list:
                 fn = fns[method]
                 xg = x.clone().requires_grad_()
@@ -141,7 +148,7 @@ def run(args):
                 fwd_bwd = bench(forward_backward, args.warmup, args.rep)
                 rows.append(dict(
                     shape=name, M=M, K=K, N=N, compression=factor, memory_size=size, tile=list(tile),
-                    method=method, forward_ms=fwd, forward_backward_ms=fwd_bwd,
+                    method=method, fused_vs_materialized_rel_err=rel_err, forward_ms=fwd, forward_backward_ms=fwd_bwd,
                     forward_tflops=2 * M * K * N / fwd / 1e9, forward_backward_tflops=6 * M * K * N / fwd_bwd / 1e9,
                 ))
                 if not args.dry_run:
