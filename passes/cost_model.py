@@ -170,7 +170,7 @@ def geometry(layout, op: str, dtype: str, profile: HardwareProfile, *, memory_si
     numel = layout.rows * layout.cols
     # backward: one atomic add per weight element; updates in flight at once that hit the same slot serialize
     in_flight = min(numel, profile.units * profile.kernel_block[0] * profile.kernel_block[1])
-    contention = in_flight / effective_width(layout)
+    contention = in_flight / (layout.window_size - layout.tile_rows * layout.tile_cols + 1)
     atomic_s = numel * (1.0 + contention) / profile.atomic_rate()
     cdtype = compute_dtype or dtype
     return Geometry(op, layout.rows, layout.cols, numel, itemsize(cdtype), cdtype, weight_bytes, resident, reuse,
@@ -224,37 +224,75 @@ def symbolic_costs(g: Geometry, profile: HardwareProfile) -> dict:
 
 
 # -- collision load -----------------------------------------------------------------------------------
+def _same_slot(lo_x: float, e_x: float, s_x: float, lo_y: float, e_y: float, s_y: float, grid: int = 8) -> float:
+    """P(two elements land on one slot): x uniform on [lo_x + q, lo_x + q + e_x) with q uniform in [0, s_x),
+    likewise y; averaged over a grid of in-tile positions q (the ramps at the window ends)."""
+    total = 0.0
+    for gx in range(grid):
+        qx = lo_x + (gx + 0.5) * s_x / grid
+        for gy in range(grid):
+            qy = lo_y + (gy + 0.5) * s_y / grid
+            total += max(0.0, min(qx + e_x, qy + e_y) - max(qx, qy))
+    return total / (grid * grid) / (e_x * e_y)
+
+
+def _spread_key(lay) -> tuple[int, int, int]:
+    """(window start, width, occupied in-tile extent): where one element of the site may land."""
+    tr, tc = min(lay.tile_rows, lay.rows), lay.tile_cols
+    occupied = tr * tc if lay.cols >= tc else (tr - 1) * tc + lay.cols
+    return lay.window_start, effective_width(lay), occupied
+
+
 def expected_collisions(layouts: list, numels: list[int] | None = None) -> list[float]:
     """Per site: expected number of *other* weight elements that share the slot of one of its elements.
 
-    Analytic: site j puts numel_j elements uniformly over effective_width_j slots of its window
-    (interior of the window); an element's own tile never collides with itself.
+    Analytic: an element at in-tile position q lands uniformly on [start + q, start + q + width) with
+    width = alignment x positions; two elements share a slot with probability overlap / (width_x width_y).
+    An element's own tile never collides with itself. Layouts are grouped, so the cost grows with the
+    number of distinct layouts, not of sites.
     """
     numels = numels or [lay.rows * lay.cols for lay in layouts]
-    density = [n / effective_width(lay) for n, lay in zip(numels, layouts)]
+    groups: dict[tuple, int] = {}
+    for n, lay in zip(numels, layouts):
+        groups[_spread_key(lay)] = groups.get(_spread_key(lay), 0) + n
+    seen: dict[tuple, float] = {}
+    for key in groups:
+        seen[key] = sum(n * _same_slot(*key, *other) for other, n in groups.items())
     out = []
     for lay in layouts:
-        lo, hi = lay.window_start, lay.window_start + lay.window_size
-        seen = 0.0
-        for d, other in zip(density, layouts):
-            overlap = min(hi, other.window_start + other.window_size) - max(lo, other.window_start)
-            if overlap > 0:
-                seen += d * overlap / lay.window_size
-        out.append(max(0.0, seen - lay.tile_rows * lay.tile_cols / effective_width(lay)))
+        key = _spread_key(lay)
+        own_tile = min(lay.tile_rows, lay.rows) * min(lay.tile_cols, lay.cols) * _same_slot(*key, *key)
+        out.append(max(0.0, seen[key] - own_tile))
     return out
 
 
-def analytic_load(layouts: list, memory_size: int) -> dict:
-    """Slot load (weight elements per memory slot): mean (exact), interior mean and std (tile-level Poisson)."""
-    numels = [lay.rows * lay.cols for lay in layouts]
-    mean = sum(numels) / memory_size
-    interior, var = 0.0, 0.0
-    for n, lay in zip(numels, layouts):
-        w = effective_width(lay)
-        share = lay.window_size / memory_size
-        interior += n / w * share
-        var += n / w * (1 - lay.tile_rows * lay.tile_cols / w) * share
-    return {"mean": mean, "interior_mean": interior, "std": math.sqrt(max(var, 0.0))}
+def analytic_load(layouts: list, memory_size: int, samples: int = 4096) -> dict:
+    """Slot load (weight elements per memory slot) under independent uniform tile offsets.
+
+    mean is exact (elements / slots). The expected load of slot s is a sum of trapezoids, one per
+    layout (uniform landing interval widened by the in-tile extent), evaluated at ``samples`` slots;
+    std combines that profile's spread (low load at window ends) with a Poisson spread per slot.
+    The real hash spreads one site's tiles more evenly than independent offsets, so a counted
+    spread is usually below this one.
+    """
+    groups: dict[tuple, int] = {}
+    for lay in layouts:
+        groups[_spread_key(lay)] = groups.get(_spread_key(lay), 0) + lay.rows * lay.cols
+    k = min(memory_size, samples)
+    profile = []
+    for i in range(k):
+        slot = (i + 0.5) * memory_size / k
+        mu = 0.0
+        for (start, width, occupied), n in groups.items():
+            x = slot - start
+            covered = min(x, occupied) - max(x - width, 0.0)
+            if covered > 0:
+                mu += n * covered / (occupied * width)
+        profile.append(mu)
+    mean = sum(lay.rows * lay.cols for lay in layouts) / memory_size
+    profile_mean = sum(profile) / k
+    var = sum((mu - profile_mean) ** 2 for mu in profile) / k + profile_mean
+    return {"mean": mean, "interior_mean": max(profile), "std": math.sqrt(var)}
 
 
 MAX_EXACT_SLOTS = 2**26

@@ -92,11 +92,17 @@ def choose_layout(spec: SiteSpec, window: tuple[int, int], profile: HardwareProf
     best_at = [min(times[i] for _, times, _ in scored) or 1e-30 for i in range(len(token_counts))]
     # a candidate's score is its worst slowdown against the best candidate at any token count
     score = {c: max(t / b for t, b in zip(times, best_at)) for c, times, _ in scored}
-    best = min(score.values())
-    near = [c for c, _, _ in scored if score[c] <= best * (1 + tolerance)]
-    # among equally fast layouts: the smallest span (most positions, finest sharing), then
-    # the smallest alignment, then the squarest tile
-    return min(near, key=lambda c: (c[0] * c[1], c[2], abs(math.log2(c[0]) - math.log2(c[1])), -c[0]))
+    # alignment by time alone (the smallest one only where a larger saves nothing) ...
+    by_shape: dict[tuple[int, int], tuple[int, int, int]] = {}
+    for c, _, _ in scored:
+        kept = by_shape.get(c[:2])
+        if kept is None or score[c] < score[kept] * (1 - 1e-9):
+            by_shape[c[:2]] = c
+    # ... the tile shape within `tolerance` of the best: the smallest span (most positions,
+    # finest sharing), then the squarest
+    best = min(score[c] for c in by_shape.values())
+    near = [c for c in by_shape.values() if score[c] <= best * (1 + tolerance)]
+    return min(near, key=lambda c: (c[0] * c[1], abs(math.log2(c[0]) - math.log2(c[1])), -c[0]))
 
 
 def plan_with_cost_model(

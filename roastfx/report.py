@@ -12,7 +12,7 @@ import math
 
 from roastfx.passes.cost_model import (
     analytic_load, exact_load_feasible, expected_collisions, geometry, itemsize, positions, slot_load_by_tiles,
-    symbolic_costs, tile_offsets, costs,
+    costs, symbolic_costs, tile_offsets,
 )
 from roastfx.plan import Plan
 from roastfx.profiles import PROFILES, HardwareProfile, get_profile

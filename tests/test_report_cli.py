@@ -1,0 +1,210 @@
+import html.parser
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import roastfx
+from roastfx.cli import main
+from roastfx.passes.capture_sites import SiteSpec
+from roastfx.passes.plan_cost import plan_with_cost_model
+from roastfx.report import REPORT_FORMAT, analyze, plan_from_json, plan_html, plan_report, plan_to_json
+
+HERE = os.path.dirname(__file__)
+
+
+def make_plan(memory=6000, profile="h100"):
+    specs = [
+        SiteSpec("emb.weight", ("emb.weight", "head.weight"), (100, 32), "embedding", False, "float32"),
+        SiteSpec("blocks.0.fc.weight", ("blocks.0.fc.weight",), (64, 32), "linear", True, "float32"),
+        SiteSpec("blocks.1.fc.weight", ("blocks.1.fc.weight",), (32, 64), "linear", True, "float32"),
+        SiteSpec("conv.weight", ("conv.weight",), (16, 8, 3, 3), "conv", True, "float32"),
+    ]
+    return plan_with_cost_model(specs, memory, {s.name: 0.05 for s in specs}, profile, seed=7)
+
+
+class TextCollector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_table_names_every_site_and_the_totals():
+    plan = make_plan()
+    text = plan_report(plan)
+    for s in plan.sites:
+        assert s.name in text
+    assert "10.0x smaller" not in text  # the memory here is not a round 10x
+    assert "compressed" in text and "predicted on h100" in text and "x smaller" in text
+
+
+def test_plain_table_without_rich(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich.table", None)
+    plan = make_plan()
+    text = plan_report(plan, "cpu-avx2")
+    assert "┃" not in text and all(s.name in text for s in plan.sites) and "predicted on cpu-avx2" in text
+
+
+def test_report_figures_are_consistent():
+    plan = make_plan()
+    rep = analyze(plan, tokens=256)
+    t = rep["totals"]
+    assert t["dense_bytes"] == plan.dense_numel * 4 and t["compressed_bytes"] == plan.memory_size * 4
+    assert t["ratio"] == pytest.approx(plan.ratio)
+    assert sum(s["memory_share"] for s in rep["sites"]) == pytest.approx(1.0)
+    assert t["slot_load"]["source"] == "exact" and sum(t["slot_load"]["histogram"]) == plan.memory_size
+    fc = next(s for s in rep["sites"] if s["name"] == "blocks.0.fc.weight")
+    assert fc["flops"] == 2 * 256 * 64 * 32 and "T" in fc["forward_s_of_T"]
+
+
+def test_json_round_trip_and_versioning():
+    plan = make_plan()
+    text = plan_to_json(plan, "l4")
+    doc = json.loads(text)
+    assert doc["format"] == REPORT_FORMAT and doc["report_version"] == 1
+    assert doc["plan"]["schema_version"] == 1 and doc["report"]["profile"] == "l4"
+    assert [s["name"] for s in doc["report"]["sites"]] == [s.name for s in plan.sites]
+    assert plan_from_json(text) == plan
+    assert plan_from_json(plan.to_json()) == plan
+    assert plan_to_json(plan, "l4") == text  # stable
+    doc["report_version"] = 99
+    with pytest.raises(ValueError, match="report_version 99"):
+        plan_from_json(json.dumps(doc))
+
+
+def test_html_is_self_contained_parses_and_names_every_site():
+    plan = make_plan()
+    page = plan_html(plan)
+    parser = TextCollector()
+    parser.feed(page)
+    parser.close()
+    text = "".join(parser.text)
+    for s in plan.sites:
+        assert s.name in text
+    tags = [t for t, _ in parser.tags]
+    assert tags.count("svg") == 3 and "table" in tags
+    assert not any(a.get("src", "").startswith("http") or a.get("href", "").startswith("http")
+                   for _, a in parser.tags)
+    assert "predicted" in text
+
+
+def test_html_of_a_large_plan_uses_the_analytic_load():
+    specs = [SiteSpec(f"l{i}.weight", (f"l{i}.weight",), (8192, 8192), "linear", True, "float32") for i in range(24)]
+    memory = 24 * 8192 * 8192 // 10
+    plan = plan_with_cost_model(specs, memory, {s.name: 0.01 for s in specs}, "h100")
+    page = plan_html(plan)
+    assert "analytic" in page and all(s.name in page for s in plan.sites)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def models_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(HERE)
+
+
+def test_cli_plan_table_json_html(models_on_path, capsys, tmp_path):
+    assert main(["plan", "cli_models:small_mlp", "--compression", "10x", "--target", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "4.weight" in out and "target=h100" in out
+    target = tmp_path / "plan.json"
+    assert main(["plan", "cli_models:small_mlp", "--compression", "0.1", "--target", "a100", "--format", "json",
+                 "--out", str(target)]) == 0
+    plan = plan_from_json(target.read_text())
+    assert plan.target == "a100" and len(plan.sites) == 3
+    dense = sum(p.numel() for n, p in __import__("cli_models").small_mlp().named_parameters() if n.endswith("weight"))
+    assert plan.memory_size == -(-dense // 10)
+    page = tmp_path / "plan.html"
+    assert main(["plan", "cli_models:tiny_lm", "--target", "l4", "--format", "html", "--out", str(page),
+                 "--meta", "--no-progress"]) == 0
+    assert "41.weight" in page.read_text()
+
+
+def test_cli_plans_what_the_library_planner_plans(models_on_path, capsys, tmp_path):
+    import cli_models
+    from roastfx.compress import _site_scale
+    from roastfx.passes.capture_sites import find_sites
+
+    torch.manual_seed(0)
+    model = cli_models.small_mlp()
+    specs, _ = find_sites(model)
+    params = dict(model.named_parameters())
+    scales = {s.name: _site_scale(params[s.name]) for s in specs}
+    memory = -(-sum(params[s.name].numel() for s in specs) // 50)
+    expected = plan_with_cost_model(specs, memory, scales, "rtx4090", seed=5)
+    out = tmp_path / "p.json"
+    torch.manual_seed(0)
+    assert main(["plan", "cli_models:small_mlp", "--compression", "50x", "--target", "rtx4090", "--seed", "5",
+                 "--format", "json", "--out", str(out)]) == 0
+    assert plan_from_json(out.read_text()).sites == expected.sites
+
+
+def test_cli_target_from_environment(models_on_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROASTFX_TARGET", "cpu-neon")
+    assert main(["plan", "cli_models:small_mlp", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["target"] == "cpu-neon"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz'"),
+    (["plan", "cli_models"], "MODULE:FACTORY"),
+    (["plan", "cli_models:missing"], "has no attribute 'missing'"),
+    (["plan", "cli_models:NOT_CALLABLE"], "not a callable"),
+    (["plan", "cli_models:not_a_model"], "not an nn.Module"),
+    (["plan", "cli_models:no_sites"], "nothing to plan"),
+    (["plan", "cli_models:small_mlp", "--compression", "hundred"], "compression='hundred'"),
+    (["plan", "cli_models:small_mlp", "--compression", "0.5x"], "must be >= 1x"),
+    (["plan", "cli_models:small_mlp", "--target", "tpu"], "unknown target 'tpu'"),
+    (["plan", "cli_models:small_mlp", "--format", "pdf"], "--format 'pdf'"),
+    (["plan", "cli_models:small_mlp", "--tokens", "0,5"], "--tokens"),
+    (["inspect", "/no/such/file.safetensors"], "does not exist"),
+    (["launch"], "invalid choice"),
+    ([], "a command is required"),
+])
+def test_bad_arguments_exit_2_with_one_line(models_on_path, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("roastfx: error: ") and message in err
+
+
+def test_cli_targets_lists_every_profile(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in roastfx.PROFILES:
+        assert name in out
+
+
+def test_cli_inspect_a_checkpoint(capsys, tmp_path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    roastfx.compress(model, compression="4x", target="cpu-avx2")
+    path = tmp_path / "m.safetensors"
+    roastfx.save(model, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "memory:" in out
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+    assert main(["inspect", str(bogus)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_in_a_subprocess(tmp_path):
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("ROASTFX_TARGET", None)
+    ok = subprocess.run([sys.executable, "-m", "roastfx.cli", "plan", "cli_models:tiny_lm", "--compression", "20x",
+                         "--target", "h200", "--format", "json"], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads(ok.stdout)
+    assert doc["plan"]["target"] == "h200" and len(doc["plan"]["sites"]) == 42
+    bad = subprocess.run([sys.executable, "-m", "roastfx.cli", "plan", "cli_models:small_mlp", "--target", "nope"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown target 'nope'" in bad.stderr
