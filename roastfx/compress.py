@@ -14,6 +14,7 @@ from torch import nn
 
 from roastfx.codegen.reference import project, weight_to_view
 from roastfx.passes.capture_sites import find_sites
+from roastfx.passes.plan_cost import plan_with_cost_model
 from roastfx.passes.plan_layout import plan_layout, seeded_int
 from roastfx.plan import SCHEMES, Plan
 from roastfx.profiles import get_profile
@@ -24,7 +25,8 @@ log = logging.getLogger("roastfx")
 
 INITS = ("project", "random")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-COMPRESS_OPTIONS = ("tile", "alignment", "chunk", "memory_dtype")
+COMPRESS_OPTIONS = ("tile", "alignment", "chunk", "memory_dtype", "planner")
+PLANNERS = ("default", "cost")
 
 
 def parse_compression(compression, dense_numel: int, itemsize: int) -> int:
@@ -89,7 +91,8 @@ def compress(
     compression: a ratio in (0, 1] (0.01), a factor ("100x") or a byte budget ("10MB").
     init: "project" keeps the current weights as well as the memory allows (least
     squares); "random" draws a fresh memory for training from scratch.
-    options: tile=(rows, cols), alignment=elements, chunk=embedding chunk, memory_dtype.
+    options: tile=(rows, cols), alignment=elements, chunk=embedding chunk, memory_dtype,
+    planner="default" (fixed rules) or "cost" (tiles chosen by the cache/tile cost model).
     """
     unknown = sorted(set(options) - set(COMPRESS_OPTIONS))
     if unknown:
@@ -106,6 +109,9 @@ def compress(
         raise ValueError(f"seed={seed!r} must be a non-negative int")
     if isinstance(exclude, str):
         exclude = (exclude,)
+    planner = options.get("planner", "default")
+    if planner not in PLANNERS:
+        raise ValueError(f"planner={planner!r} is not valid; accepted: {', '.join(PLANNERS)}")
     profile = get_profile(target)
     mem_dtype_name = options.get("memory_dtype", "float32")
     mem_dtype = memory_dtype(mem_dtype_name)
@@ -124,11 +130,14 @@ def compress(
     dense_numel = sum(params[s.name].numel() for s in specs)
     memory_size = parse_compression(compression, dense_numel, itemsize)
     scales = {s.name: _site_scale(params[s.name]) for s in specs}
-    plan = plan_layout(
-        specs, memory_size, scales, seed=seed, scheme=scheme, target=profile.name,
-        cache_line=profile.alignment_elements(itemsize), memory_dtype=mem_dtype_name,
-        tile=options.get("tile"), alignment=options.get("alignment"), chunk=options.get("chunk"), notes=notes,
-    )
+    tiling = dict(tile=options.get("tile"), alignment=options.get("alignment"), chunk=options.get("chunk"))
+    if planner == "cost":
+        plan = plan_with_cost_model(specs, memory_size, scales, profile, seed, scheme=scheme,
+                                    memory_dtype=mem_dtype_name, notes=notes, **tiling)
+    else:
+        plan = plan_layout(specs, memory_size, scales, seed=seed, scheme=scheme, target=profile.name,
+                           cache_line=profile.alignment_elements(itemsize), memory_dtype=mem_dtype_name,
+                           notes=notes, **tiling)
     memory = initial_memory(plan, params, init)
     device = params[specs[0].name].device
     install(model, plan, memory.to(device=device, dtype=mem_dtype))

@@ -194,3 +194,19 @@ def test_untraceable_model_falls_back_to_module_types(caplog):
     assert names == ["fc.weight"]  # w is only found by a trace, which failed: it stays dense, and we say so
     assert "could not trace the model (GuardOnDataDependentSymNode" in caplog.text
     assert isinstance(model.w, nn.Parameter)
+
+
+def test_cost_model_planner_through_compress():
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 64)
+    roastfx.compress(model, "20x", planner="cost", target="h100", init="random")
+    plan = roastfx.roast_state(model).plan
+    assert plan.target == "h100" and plan.memory_size == model.roast_memory.numel()
+    for s in plan.sites:
+        m = s.mapping
+        assert m.span <= m.window_size and m.window_start % m.alignment == 0
+        assert (m.window_size - m.span) // m.alignment + 1 >= 64
+    assert model(x).shape == (4, 10)
+    with pytest.raises(ValueError, match="planner='best' is not valid; accepted: default, cost"):
+        roastfx.compress(MLP(), "20x", planner="best")
