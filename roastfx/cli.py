@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import math
 import sys
 
@@ -29,6 +30,8 @@ def load_factory(path: str):
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"model factory {path!r} is not of the form MODULE:FACTORY (e.g. my_models:build_model)")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules in the current directory are importable
+        sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
