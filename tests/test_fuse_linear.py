@@ -145,3 +145,35 @@ def test_fused_embedding_runs_the_triton_kernels(monkeypatch):
     out.square().mean().backward()
     assert torch.allclose(out, eager, atol=1e-4)
     assert torch.allclose(model.roast_memory.grad, grad, atol=1e-4)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=16))
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                                     intermediate_size=64, vocab_size=101,
+                                                     max_position_embeddings=32, num_labels=3))
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_transformers_models_through_the_backend(build, caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = roastfx.compress(build(), "8x", init="random").eval()
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    eager = model(input_ids=ids).logits
+    eager.square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    with caplog.at_level("INFO", logger="roastfx"):
+        out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(input_ids=ids).logits
+    out.square().mean().backward()
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert torch.allclose(model.roast_memory.grad, grad, atol=1e-5, rtol=1e-4)
+    assert "fused (roast_embedding)" in caplog.text
