@@ -7,6 +7,7 @@ correct fallback), then the rest of the graph goes to the inner compiler
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 
 import torch
@@ -28,15 +29,10 @@ def parse_options(options) -> dict:
         get_profile(options["target"])
     if options.get("inner", "inductor") not in INNER:
         raise ValueError(f"inner={options['inner']!r} is not valid; accepted: {', '.join(INNER)}")
-    if "compression" in options:
-        raise NotImplementedError(
-            "compressing inside the compiler (options={'compression': ...}) is not available yet; "
-            "call roastfx.compress(model, ...) before torch.compile(model, backend='roast')"
-        )
     return options
 
 
-PIPELINE = ("fuse_linear",)
+PIPELINE = ("compress_graph (only with options['compression'])", "fuse_linear", "inner compiler")
 
 
 def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, **_):
@@ -44,12 +40,63 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
     from roastfx.passes.fuse_linear import fuse_linear
 
     opts = parse_options(options)
+    extra_inputs = []
+    if "compression" in opts:
+        gm, memory = _compress_in_graph(gm, example_inputs, opts)
+        if memory is not None:
+            extra_inputs.append(memory)
     uses = fuse_linear(gm)
     fused = sum(u.fused for u in uses)
     log.info("roast backend: %d weight uses fused, %d fall back to materialize", fused, len(uses) - fused)
     inner = opts.get("inner", "inductor")
     if inner == "eager":
-        return gm.forward
-    from torch._dynamo.backends.registry import lookup_backend
+        compiled = gm.forward
+    else:
+        from torch._dynamo.backends.registry import lookup_backend
 
-    return lookup_backend(inner)(gm, example_inputs)
+        compiled = lookup_backend(inner)(gm, list(example_inputs) + extra_inputs)
+    if not extra_inputs:
+        return compiled
+    return lambda *args: compiled(*args, *extra_inputs)
+
+
+def _compress_in_graph(gm, example_inputs, opts):
+    """Post-training compression of an uncompressed model's graph: (new graph, memory)."""
+    from roastfx.codegen.reference import project, weight_to_view
+    from roastfx.compress import _site_scale, parse_compression
+    from roastfx.passes.compress_graph import graph_sites, read_from_memory
+    from roastfx.passes.plan_layout import plan_layout
+
+    from .profiles import get_profile
+
+    found = graph_sites(gm, example_inputs)
+    patterns = opts.get("exclude", ())
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    found = [f for f in found if not any(fnmatch.fnmatchcase(f[2].name, p) for p in patterns)]
+    if not found:
+        log.warning("roast backend: this graph has no weight to compress")
+        return gm, None
+    trained = [f[2].name for f in found if f[1].requires_grad]
+    if trained and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the roast backend cannot compress weights that are being trained ({trained[:3]}...): the optimizer "
+            "would never see a memory created inside the compiler. Call roastfx.compress(model, ...) before "
+            "torch.compile for training, or run this model under torch.no_grad() / torch.inference_mode()."
+        )
+    profile = get_profile(opts.get("target"))
+    params = {spec.name: p for _, p, spec in found}
+    specs = [spec for _, _, spec in found]
+    memory_size = parse_compression(opts["compression"], sum(p.numel() for p in params.values()), 4)
+    scales = {name: _site_scale(p) for name, p in params.items()}
+    plan = plan_layout(specs, memory_size, scales, seed=int(opts.get("seed", 0)), target=profile.name,
+                       cache_line=profile.alignment_elements(4), notes=("compressed inside the compiler",))
+    views = [weight_to_view(params[s.name], s.transposed) for s in plan.sites]
+    memory = project(views, [s.mapping for s in plan.sites], [s.scale for s in plan.sites], plan.memory_size)
+    memory = memory.to(device=found[0][1].device, dtype=torch.float32)
+    if opts.get("report"):
+        with open(opts["report"], "w") as f:
+            f.write(plan.to_json())
+    log.info("roast backend: compressed %d weights in the graph into %d slots (%.1fx)",
+             len(plan.sites), plan.memory_size, plan.ratio)
+    new_gm = read_from_memory(gm, plan, {spec.name: node for node, _, spec in found})
+    return new_gm, memory

@@ -1,8 +1,10 @@
 """The `roast` torch.compile backend, registered through the torch_dynamo_backends entry point."""
+import copy
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import roastfx
@@ -34,3 +36,34 @@ def test_compiled_compressed_model_matches_eager_forward_and_backward():
     out.sum().backward()
     assert torch.allclose(out, eager, atol=1e-5)
     assert torch.allclose(model.roast_memory.grad, g_eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_in_compiler_compression_equals_compress_and_leaves_weights(inner, tmp_path):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = MLP()
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    reference = roastfx.compress(copy.deepcopy(dense), 0.25, seed=4, target="h100")
+    report = tmp_path / "plan.json"
+    compiled = torch.compile(dense, backend="roast", options={"compression": 0.25, "seed": 4, "target": "h100",
+                                                              "inner": inner, "report": str(report)})
+    for batch in (5, 9):
+        x = torch.randn(batch, 64)
+        with torch.no_grad():
+            out = compiled(x)
+        assert torch.allclose(out, reference(x), atol=1e-5)
+        assert not torch.allclose(out, dense(x), atol=1e-3)  # it really runs the compressed weights
+    plan = roastfx.Plan.from_json(report.read_text())
+    ref_plan = roastfx.roast_state(reference).plan
+    assert [s.mapping for s in plan.sites] == [s.mapping for s in ref_plan.sites]
+    assert [s.name for s in plan.sites] == ["fc1.weight", "fc2.weight", "out.weight"]
+    for n, p in dense.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_in_compiler_compression_refuses_training():
+    torch._dynamo.reset()
+    compiled = torch.compile(MLP(), backend="roast", options={"compression": "10x", "inner": "eager"})
+    with pytest.raises(Exception, match=r"cannot compress weights that are being trained.*roastfx.compress"):
+        compiled(torch.randn(2, 64))

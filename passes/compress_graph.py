@@ -1,0 +1,79 @@
+"""Compress inside the compiler: turn weight placeholders of dynamo's graph into memory reads.
+
+For an uncompressed model compiled with ``options={"compression": ...}``: dynamo
+hands parameters to the backend as placeholders whose example inputs are the
+live ``nn.Parameter`` objects. ``graph_sites`` finds those that feed matmul-like
+ops; ``read_from_memory`` builds a fresh GraphModule (dynamo's own must not gain
+inputs) with one extra input, the memory, and every site's uses rewired to
+``roastfx::materialize`` of it. The user's dense weights are left untouched.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from roastfx.plan import Plan
+
+from .capture_sites import SiteSpec, _dtype_name, _trace_uses
+
+MEMORY_INPUT = "roast_memory"
+
+
+def _param_name(node: torch.fx.Node) -> str:
+    """The parameter's name in the model (e.g. fc1.weight), read from dynamo's source."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    if isinstance(name, str):
+        keys = re.findall(r"\['([^']+)'\]", name)
+        if keys and keys[0] == "self":
+            keys = keys[1:]
+        if keys:
+            return ".".join(keys)
+    return node.name
+
+
+def graph_sites(gm: torch.fx.GraphModule, example_inputs) -> list[tuple[torch.fx.Node, nn.Parameter, SiteSpec]]:
+    """(placeholder, parameter, spec) for each parameter input that feeds a matmul-like op."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for node, value in zip(placeholders, example_inputs):
+        if not isinstance(value, nn.Parameter) or value.dim() < 2:
+            continue
+        uses = _trace_uses(node)
+        if uses:
+            op, transposed = uses[0]
+            name = _param_name(node)
+            found.append((node, value, SiteSpec(name, (name,), tuple(value.shape), op, transposed,
+                                                _dtype_name(value))))
+    return found
+
+
+def read_from_memory(gm: torch.fx.GraphModule, plan: Plan, site_nodes: dict[str, torch.fx.Node]) -> torch.fx.GraphModule:
+    """A fresh GraphModule whose last input is the memory and whose sites read from it."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, env, return_output_node=True)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        memory = graph.placeholder(MEMORY_INPUT)
+    anchor = memory
+    for site in plan.sites:
+        old = env[site_nodes[site.name]]
+        with graph.inserting_after(anchor):
+            mapping = [int(v) for v in site.mapping.to_dict().values()]
+            view = graph.call_function(torch.ops.roastfx.materialize.default, (memory, mapping, site.scale))
+        with graph.inserting_after(view):
+            weight = graph.call_method("t", (view,)) if site.transposed else view
+        with graph.inserting_after(weight):
+            weight = graph.call_method("reshape", (weight, site.shape))
+        weight.meta["example_value"] = torch.empty(site.shape, device="meta")
+        old.replace_all_uses_with(weight)
+        anchor = weight
+    value, old_output = output
+    graph.output(value).meta = dict(old_output.meta)
+    new = torch.fx.GraphModule(gm, graph)
+    new.graph.lint()
+    return new
