@@ -16,6 +16,7 @@ log = logging.getLogger("roastfx")
 
 BACKEND_OPTIONS = ("target", "compression", "seed", "exclude", "report", "fallback", "inner")
 INNER = ("inductor", "aot_eager", "eager")
+FALLBACKS = ("materialize", "error")  # what to do with a weight read no roast op fuses
 
 
 def parse_options(options) -> dict:
@@ -29,6 +30,8 @@ def parse_options(options) -> dict:
         get_profile(options["target"])
     if options.get("inner", "inductor") not in INNER:
         raise ValueError(f"inner={options['inner']!r} is not valid; accepted: {', '.join(INNER)}")
+    if options.get("fallback", "materialize") not in FALLBACKS:
+        raise ValueError(f"fallback={options['fallback']!r} is not valid; accepted: {', '.join(FALLBACKS)}")
     return options
 
 
@@ -48,6 +51,12 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
     uses = fuse_linear(gm)
     fused = sum(u.fused for u in uses)
     log.info("roast backend: %d weight uses fused, %d fall back to materialize", fused, len(uses) - fused)
+    unfused = [u for u in uses if not u.fused]
+    if unfused and opts.get("fallback") == "error":
+        raise RuntimeError(
+            "fallback='error': these weight reads have no fused roast op and would be materialized: "
+            + "; ".join(f"{u.node}: {u.why}" for u in unfused[:8])
+        )
     inner = opts.get("inner", "inductor")
     if inner == "eager":
         compiled = gm.forward

@@ -67,3 +67,19 @@ def test_in_compiler_compression_refuses_training():
     compiled = torch.compile(MLP(), backend="roast", options={"compression": "10x", "inner": "eager"})
     with pytest.raises(Exception, match=r"cannot compress weights that are being trained.*roastfx.compress"):
         compiled(torch.randn(2, 64))
+
+
+def test_fallback_policy():
+    from helpers import Mixed, mixed_inputs
+
+    torch._dynamo.reset()
+    model = roastfx.compress(Mixed(), "4x", example_inputs=mixed_inputs())
+    strict = torch.compile(model, backend="roast", options={"fallback": "error", "inner": "eager"})
+    with pytest.raises(Exception, match=r"fallback='error': these weight reads have no fused roast op"):
+        strict(*mixed_inputs())
+    torch._dynamo.reset()
+    fine = roastfx.compress(MLP(), "4x")
+    out = torch.compile(fine, backend="roast", options={"fallback": "error", "inner": "eager"})(torch.randn(2, 64))
+    assert out.shape == (2, 10)
+    with pytest.raises(Exception, match=r"fallback='never' is not valid; accepted: materialize, error"):
+        torch.compile(fine, backend="roast", options={"fallback": "never"})(torch.randn(2, 64))
