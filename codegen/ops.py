@@ -89,31 +89,64 @@ def _kernels():
     return kernels
 
 
+ACTIVATIONS = ("none", "relu", "gelu_tanh", "silu")
+
+
+def activation(z: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(z)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if name == "silu":
+        return torch.nn.functional.silu(z)
+    return z
+
+
+def activation_grad(grad: torch.Tensor, pre: torch.Tensor, name: str) -> torch.Tensor:
+    """d activation(pre) / d pre, times grad, by explicit formulas."""
+    if name == "relu":
+        return grad * (pre > 0).to(grad.dtype)
+    if name == "silu":
+        s = torch.sigmoid(pre)
+        return grad * (s * (1 + pre * (1 - s)))
+    if name == "gelu_tanh":
+        c = 0.7978845608028654  # sqrt(2 / pi)
+        inner = c * (pre + 0.044715 * pre**3)
+        t = torch.tanh(inner)
+        return grad * (0.5 * (1 + t) + 0.5 * pre * (1 - t * t) * c * (1 + 3 * 0.044715 * pre * pre))
+    return grad
+
+
 @torch.library.custom_op("roastfx::roast_linear", mutates_args=())
 def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ V + bias`` where V is the site's B view read from the memory."""
+                 bias: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
+    """``act(x @ V + bias)`` where V is the site's B view read from the memory (the epilogue fused)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act={act!r} is not valid; accepted: {', '.join(ACTIVATIONS)}")
     if use_triton(x):
         _kernels()
-        return torch.ops.roastfx.linear(x, memory, bias, None, mapping, scale, True, "none", False)[0]
+        return torch.ops.roastfx.linear(x, memory, bias, None, mapping, scale, True, act, False)[0]
     view = _materialize(memory, _mapping(mapping), scale).to(x.dtype)
     out = x @ view
-    return out + bias if bias is not None else out
+    return activation(out + bias if bias is not None else out, act)
 
 
 @roast_linear.register_fake
-def _(x, memory, mapping, scale, bias=None):
+def _(x, memory, mapping, scale, bias=None, act="none"):
     return x.new_empty((*x.shape[:-1], _mapping(mapping).cols))
 
 
 def _roast_linear_setup(ctx, inputs, output):
-    x, memory, mapping, scale, bias = inputs
-    ctx.save_for_backward(x, memory)
-    ctx.mapping, ctx.scale, ctx.has_bias = mapping, scale, bias is not None
+    x, memory, mapping, scale, bias, act = inputs
+    ctx.save_for_backward(x, memory, bias)
+    ctx.mapping, ctx.scale, ctx.has_bias, ctx.act = mapping, scale, bias is not None, act
 
 
 def _roast_linear_backward(ctx, grad):
-    x, memory = ctx.saved_tensors
+    x, memory, bias = ctx.saved_tensors
+    if ctx.act != "none":  # recompute the pre-activation rather than keep it alive since the forward
+        pre = roast_linear(x, memory, ctx.mapping, ctx.scale, bias, "none")
+        grad = activation_grad(grad, pre, ctx.act)
     if use_triton(x):
         _kernels()
         grad2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype).contiguous()
@@ -121,13 +154,13 @@ def _roast_linear_backward(ctx, grad):
         grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, ctx.mapping, ctx.scale, True).reshape(x.shape)
         grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, ctx.mapping, ctx.scale, True)
         grad_bias = grad2d.float().sum(0).to(grad.dtype) if ctx.has_bias else None
-        return grad_x, grad_memory, None, None, grad_bias
+        return grad_x, grad_memory, None, None, grad_bias, None
     view = materialize(memory, ctx.mapping, ctx.scale).to(grad.dtype)
     grad_x = grad @ view.t()
     grad_view = x.reshape(-1, x.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1])
     grad_memory = _memory_grad_op(grad_view, ctx.mapping, ctx.scale, memory.numel()).to(memory.dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, grad_memory, None, None, grad_bias
+    return grad_x, grad_memory, None, None, grad_bias, None
 
 
 roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)

@@ -90,7 +90,8 @@ def fuse_linear(gm: torch.fx.GraphModule) -> list[SiteUse]:
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
-        uses.append(SiteUse(fused.name, True, "roast_linear"))
+        act = _fuse_activation(graph, fused)
+        uses.append(SiteUse(fused.name, True, "roast_linear" + (f" + {act}" if act else "")))
     uses.extend(_fuse_embeddings(graph))
     graph.eliminate_dead_code()
     for n in graph.nodes:
@@ -101,6 +102,35 @@ def fuse_linear(gm: torch.fx.GraphModule) -> list[SiteUse]:
     for u in uses:
         log.info("roast backend: %s %s (%s)", u.node, "fused" if u.fused else "fallback", u.why)
     return uses
+
+
+def _activation_of(node) -> str | None:
+    """The epilogue activation this node computes on its first argument, if roast_linear can fuse it."""
+    if node.op == "call_method" and node.target == "relu" and len(node.args) == 1:
+        return "relu"
+    if node.op != "call_function":
+        return None
+    if node.target in (torch.relu, F.relu) and not node.kwargs.get("inplace") and len(node.args) == 1:
+        return "relu"
+    if node.target is F.silu and not node.kwargs.get("inplace") and len(node.args) == 1:
+        return "silu"
+    if node.target is F.gelu and node.kwargs.get("approximate") == "tanh" and len(node.args) == 1:
+        return "gelu_tanh"
+    return None
+
+
+def _fuse_activation(graph: torch.fx.Graph, fused: torch.fx.Node) -> str | None:
+    """Fold the single activation that follows a roast_linear into its epilogue."""
+    if len(fused.users) != 1:
+        return None
+    (user,) = fused.users
+    act = _activation_of(user)
+    if act is None or user.args[0] is not fused:
+        return None
+    fused.args = (*fused.args, act)
+    user.replace_all_uses_with(fused)
+    graph.erase_node(user)
+    return act
 
 
 def _embedding_options_plain(node) -> bool:

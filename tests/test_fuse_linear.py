@@ -177,3 +177,31 @@ def test_transformers_models_through_the_backend(build, caplog):
     assert torch.allclose(out, eager, atol=1e-5)
     assert torch.allclose(model.roast_memory.grad, grad, atol=1e-5, rtol=1e-4)
     assert "fused (roast_embedding)" in caplog.text
+
+
+@pytest.mark.parametrize("act,module", [("relu", torch.nn.ReLU()), ("silu", torch.nn.SiLU()),
+                                        ("gelu_tanh", torch.nn.GELU(approximate="tanh"))])
+def test_activation_epilogue_is_fused(act, module, caplog, monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    mapping = TileHash(13, 6, 4, 3, 2, 4, 60, 123457, 7654321, 99, 31337, 4242, 17)
+    args = ops.mapping_args(mapping)
+    mem = torch.randn(70, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(5, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.library.opcheck(ops.roast_linear, (x, mem, args, 0.3, b, act))
+    assert torch.autograd.gradcheck(lambda x, m, b: ops.roast_linear(x, m, args, 0.3, b, act), (x, mem, b))
+
+    torch._dynamo.reset()
+    model = roastfx.compress(torch.nn.Sequential(torch.nn.Linear(20, 24), module, torch.nn.Linear(24, 3)), "3x",
+                             init="random")
+    xs = torch.randn(7, 20)
+    eager = model(xs)
+    eager.square().sum().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    with caplog.at_level("INFO", logger="roastfx"):
+        out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(xs)
+    out.square().sum().backward()
+    assert f"fused (roast_linear + {act})" in caplog.text
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert torch.allclose(model.roast_memory.grad, grad, atol=1e-4, rtol=1e-4)
