@@ -83,3 +83,21 @@ def test_fallback_policy():
     assert out.shape == (2, 10)
     with pytest.raises(Exception, match=r"fallback='never' is not valid; accepted: materialize, error"):
         torch.compile(fine, backend="roast", options={"fallback": "never"})(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("flow", ["compressed", "in-graph"])
+def test_dynamic_shapes(flow):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if flow == "compressed":
+        model = roastfx.compress(MLP(), "10x", init="random")
+        reference, options = model, {"inner": "aot_eager"}
+    else:
+        model = MLP()
+        reference = roastfx.compress(copy.deepcopy(model), "10x")
+        options = {"inner": "aot_eager", "compression": "10x"}
+    compiled = torch.compile(model, backend="roast", dynamic=True, options=options)
+    with torch.no_grad():
+        for batch in (2, 3, 17):
+            x = torch.randn(batch, 64)
+            assert torch.allclose(compiled(x), reference(x), atol=1e-5)
