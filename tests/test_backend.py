@@ -101,3 +101,31 @@ def test_dynamic_shapes(flow):
         for batch in (2, 3, 17):
             x = torch.randn(batch, 64)
             assert torch.allclose(compiled(x), reference(x), atol=1e-5)
+
+
+def test_graph_breaks_share_one_memory():
+    class Broken(MLP):
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            torch._dynamo.graph_break()
+            return self.out(torch.relu(self.fc2(h)))
+
+    torch._dynamo.reset()
+    model = roastfx.compress(Broken(), "10x", init="random")
+    x = torch.randn(4, 64)
+    eager = model(x)
+    eager.sum().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    graphs = []
+
+    def count(gm, example_inputs, **kw):
+        graphs.append(gm)
+        from roastfx.backend import roast_backend
+
+        return roast_backend(gm, example_inputs, options={"inner": "aot_eager"})
+
+    out = torch.compile(model, backend=count)(x)
+    out.sum().backward()
+    assert len(graphs) == 2
+    assert torch.allclose(out, eager, atol=1e-5) and torch.allclose(model.roast_memory.grad, grad, atol=1e-5)
