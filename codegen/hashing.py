@@ -87,7 +87,18 @@ class TileHash:
         return self.index(k, n), self.sign(k, n)
 
     def full_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, sign) for the whole B view, each (rows, cols) int64."""
-        k = torch.arange(self.rows, device=device, dtype=torch.int64)[:, None]
-        n = torch.arange(self.cols, device=device, dtype=torch.int64)[None, :]
-        return self.index(k, n), self.sign(k, n)
+        """(index, sign) for the whole B view, each (rows, cols) int64.
+
+        The same values as ``index_and_sign`` on the full grid, computed with the
+        per-row and per-column terms separated so each element costs a few ops.
+        """
+        k = torch.arange(self.rows, device=device, dtype=torch.int64)
+        n = torch.arange(self.cols, device=device, dtype=torch.int64)
+        ti = torch.arange(self.grid[0], device=device, dtype=torch.int64)[:, None]
+        tj = torch.arange(self.grid[1], device=device, dtype=torch.int64)[None, :]
+        offsets = self.tile_offset(ti, tj)  # one per tile
+        index = offsets[k // self.tile_rows][:, n // self.tile_cols]
+        index += ((k % self.tile_rows) * self.tile_cols)[:, None] + (n % self.tile_cols)[None, :]
+        g = (self.c_row * k % PRIME)[:, None] + (self.c_col * n % PRIME + self.d)[None, :]
+        sign = 1 - 2 * ((g % PRIME >> SIGN_BIT) & 1)
+        return index, sign
