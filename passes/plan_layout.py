@@ -108,7 +108,8 @@ def plan_layout(
     sites = []
     for spec, (start, size) in zip(specs, windows):
         rows, cols = view_shape(spec)
-        tk, tn, align = choose_tile(rows, cols, spec.op, size, cache_line, tile, alignment, chunk)
+        line = _start_alignment(start, cache_line) if alignment is None else cache_line
+        tk, tn, align = choose_tile(rows, cols, spec.op, size, line, tile, alignment, chunk)
         if tk * tn > size:
             raise ValueError(
                 f"memory too small: site {spec.name!r} needs a hash tile of {tk}x{tn} = {tk * tn} slots but its "
@@ -137,24 +138,46 @@ def make_site(spec: SiteSpec, scale: float, seed: int, tile: tuple[int, int], al
 
 
 def site_windows(specs, memory_size: int, scheme: str, align: int) -> list[tuple[int, int]]:
-    """(start, size) of the memory region each site's tiles may land in."""
+    """(start, size) of the memory region each site's tiles may land in.
+
+    Local schemes split the memory in aligned units: every site gets at least one
+    unit, the rest go by its share of the dense weights (largest remainders first),
+    and the last site also takes the slots past the last whole unit. The unit
+    halves when the memory has fewer whole units than sites.
+    """
     if scheme == "roast":
         return [(0, memory_size)] * len(specs)
-    # local sharing: each site its own region, sized by its share of the dense weights
-    total = sum(_numel(s) for s in specs)
-    align = 1 if scheme == "hashednet" else align
-    starts, sizes, used = [], [], 0
-    for i, spec in enumerate(specs):
-        if i == len(specs) - 1:
-            size = memory_size - used
-        else:
-            size = max(align, memory_size * _numel(spec) // total // align * align)
-        starts.append(used)
-        sizes.append(size)
-        used += size
-    if used > memory_size or min(sizes) < 1:
-        raise ValueError(f"memory of {memory_size} slots cannot give {len(specs)} sites a region each")
-    return list(zip(starts, sizes))
+    align = 1 if scheme == "hashednet" else max(1, align)
+    while align > 1 and memory_size // align < len(specs):
+        align //= 2
+    units = memory_size // align
+    if units < len(specs):
+        raise ValueError(
+            f"memory of {memory_size} slots cannot give {len(specs)} sites a region each under scheme {scheme!r}; "
+            f"raise the budget to at least {len(specs)} slots or use scheme='roast' (global sharing)"
+        )
+    numels = [_numel(s) for s in specs]
+    total = sum(numels)
+    spare = units - len(specs)
+    shares = [spare * n / total for n in numels]
+    counts = [1 + int(x) for x in shares]
+    left = units - sum(counts)
+    for i in sorted(range(len(specs)), key=lambda i: shares[i] - int(shares[i]), reverse=True)[:left]:
+        counts[i] += 1
+    windows, start = [], 0
+    for i, c in enumerate(counts):
+        size = c * align + (memory_size - units * align if i == len(counts) - 1 else 0)
+        windows.append((start, size))
+        start += c * align
+    return windows
+
+
+def _start_alignment(start: int, limit: int) -> int:
+    """The largest power of two <= limit that divides ``start`` (limit when start is 0)."""
+    a = 1
+    while a * 2 <= limit and start % (a * 2) == 0:
+        a *= 2
+    return limit if start == 0 else a
 
 
 def _numel(spec: SiteSpec) -> int:

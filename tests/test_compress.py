@@ -210,3 +210,17 @@ def test_cost_model_planner_through_compress():
     assert model(x).shape == (4, 10)
     with pytest.raises(ValueError, match="planner='best' is not valid; accepted: default, cost"):
         roastfx.compress(MLP(), "20x", planner="best")
+
+
+@pytest.mark.parametrize("scheme", ["roast-local", "hashednet"])
+@pytest.mark.parametrize("compression", ["1000x", 0.02, "200x"])
+def test_local_schemes_split_small_memories(scheme, compression):
+    """Every site gets its own non-empty window, the windows tile the memory exactly, even when tiny."""
+    model = nn.Sequential(nn.Linear(300, 64), nn.Linear(64, 64), nn.Linear(64, 3), nn.Linear(3, 2))
+    roastfx.compress(model, compression, scheme=scheme, init="random")
+    plan = roastfx.roast_state(model).plan
+    windows = sorted((s.mapping.window_start, s.mapping.window_size) for s in plan.sites)
+    assert windows[0][0] == 0 and all(size >= 1 for _, size in windows)
+    assert all(a[0] + a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    assert windows[-1][0] + windows[-1][1] == plan.memory_size
+    assert model(torch.randn(2, 300)).shape == (2, 2)
