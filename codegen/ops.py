@@ -17,7 +17,7 @@ import torch
 from .hashing import TileHash
 from .reference import materialize as _materialize
 
-__all__ = ["materialize", "roast_linear", "mapping_args"]
+__all__ = ["materialize", "roast_linear", "roast_embedding", "mapping_args", "use_triton"]
 
 
 def mapping_args(mapping: TileHash) -> list[int]:

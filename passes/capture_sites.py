@@ -29,7 +29,7 @@ class SiteSpec:
     dtype: str
 
 
-def _dtype_name(t: torch.Tensor) -> str:
+def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
@@ -81,7 +81,7 @@ def _op_name(node: torch.fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> list[tuple[str, bool]]:
+def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> list[tuple[str, bool]]:
     """Follow a parameter through view-like ops to the matmul-like ops that consume it."""
     uses = []
     for user in node.users:
@@ -95,7 +95,7 @@ def _trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> lis
             op, transposed = _CONSUMERS[name]
             uses.append((op, transposed ^ bool(transposes % 2)))
         elif name in _VIEW_OPS:
-            uses.extend(_trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1))
+            uses.extend(trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1))
     return uses
 
 
@@ -110,7 +110,7 @@ def traced_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]
     found = {}
     for node in exported.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in placeholder_to_param:
-            uses = _trace_uses(node)
+            uses = trace_uses(node)
             if uses:
                 found[placeholder_to_param[node.name]] = uses[0]
     return found
@@ -158,7 +158,7 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
             continue
         p = params[pid]
         op, transposed = kinds[pid]
-        specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, _dtype_name(p)))
+        specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p)))
 
     patterns = tuple(exclude)
     if patterns:

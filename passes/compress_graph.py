@@ -16,7 +16,7 @@ from torch import nn
 
 from roastfx.plan import Plan
 
-from .capture_sites import SiteSpec, _dtype_name, _trace_uses
+from .capture_sites import SiteSpec, dtype_name, trace_uses
 
 MEMORY_INPUT = "roast_memory"
 
@@ -42,12 +42,12 @@ def graph_sites(gm: torch.fx.GraphModule, example_inputs) -> list[tuple[torch.fx
     for node, value in zip(placeholders, example_inputs):
         if not isinstance(value, nn.Parameter) or value.dim() < 2:
             continue
-        uses = _trace_uses(node)
+        uses = trace_uses(node)
         if uses:
             op, transposed = uses[0]
             name = _param_name(node)
             found.append((node, value, SiteSpec(name, (name,), tuple(value.shape), op, transposed,
-                                                _dtype_name(value))))
+                                                dtype_name(value))))
     return found
 
 

@@ -186,5 +186,3 @@ def _numel(spec: SiteSpec) -> int:
         n *= s
     return n
 
-
-_windows = site_windows  # the name before site_windows was shared with the cost-model planner

@@ -1,6 +1,6 @@
 """The ``roast`` torch.compile backend (registered through the torch_dynamo_backends entry point).
 
-The pipeline, in order: fuse_linear (weight reads feeding linear/matmul become
+The pipeline, in order: fuse_roast_ops (weight reads feeding linear/matmul become
 one ``roastfx::roast_linear`` op; other reads stay ``roastfx::materialize``, the
 correct fallback), then the rest of the graph goes to the inner compiler
 (inductor by default; "aot_eager" or "eager" with options={"inner": ...}).
@@ -35,12 +35,12 @@ def parse_options(options) -> dict:
     return options
 
 
-PIPELINE = ("compress_graph (only with options['compression'])", "fuse_linear", "inner compiler")
+PIPELINE = ("compress_graph (only with options['compression'])", "fuse_roast_ops", "inner compiler")
 
 
 def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, **_):
     """Entry point for ``torch.compile(model, backend="roast")``."""
-    from roastfx.passes.fuse_linear import fuse_linear
+    from roastfx.passes.fuse_roast_ops import fuse_roast_ops
 
     opts = parse_options(options)
     extra_inputs = []
@@ -48,7 +48,7 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
         gm, memory = _compress_in_graph(gm, example_inputs, opts)
         if memory is not None:
             extra_inputs.append(memory)
-    uses = fuse_linear(gm)
+    uses = fuse_roast_ops(gm)
     fused = sum(u.fused for u in uses)
     log.info("roast backend: %d weight uses fused, %d fall back to materialize", fused, len(uses) - fused)
     unfused = [u for u in uses if not u.fused]
@@ -71,8 +71,7 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
 
 def _compress_in_graph(gm, example_inputs, opts):
     """Post-training compression of an uncompressed model's graph: (new graph, memory)."""
-    from roastfx.codegen.reference import project, weight_to_view
-    from roastfx.compress import _site_scale, parse_compression
+    from roastfx.compress import _site_scale, initial_memory, parse_compression
     from roastfx.passes.compress_graph import graph_sites, read_from_memory
     from roastfx.passes.plan_layout import plan_layout
 
@@ -99,9 +98,7 @@ def _compress_in_graph(gm, example_inputs, opts):
     scales = {name: _site_scale(p) for name, p in params.items()}
     plan = plan_layout(specs, memory_size, scales, seed=int(opts.get("seed", 0)), target=profile.name,
                        cache_line=profile.alignment_elements(4), notes=("compressed inside the compiler",))
-    views = [weight_to_view(params[s.name], s.transposed) for s in plan.sites]
-    memory = project(views, [s.mapping for s in plan.sites], [s.scale for s in plan.sites], plan.memory_size)
-    memory = memory.to(device=found[0][1].device, dtype=torch.float32)
+    memory = initial_memory(plan, params, "project").to(device=found[0][1].device, dtype=torch.float32)
     if opts.get("report"):
         with open(opts["report"], "w") as f:
             f.write(plan.to_json())

@@ -60,7 +60,7 @@ def _weight_shape(node) -> tuple | None:
     return tuple(val.shape) if val is not None else None
 
 
-def fuse_linear(gm: torch.fx.GraphModule) -> list[SiteUse]:
+def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     """The pass: rewrite each fusable use, leave the rest; return what happened to each use."""
     uses: list[SiteUse] = []
     graph = gm.graph

@@ -1,4 +1,4 @@
-"""The fuse_linear pass and the roast custom ops."""
+"""The fuse_roast_ops pass and the roast custom ops."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import roastfx
 from roastfx.codegen import ops
 from roastfx.codegen.hashing import TileHash
-from roastfx.passes.fuse_linear import fuse_linear
+from roastfx.passes.fuse_roast_ops import fuse_roast_ops
 from helpers import MLP, Mixed, mixed_inputs
 
 MAPPING = TileHash(13, 6, 4, 3, 2, 4, 60, 123457, 7654321, 99, 31337, 4242, 17)
@@ -37,7 +37,7 @@ def test_pass_alone_on_a_small_graph():
             node.meta["example_value"] = torch.empty(6, 13)
     x, mem, bias = torch.randn(4, 13), torch.randn(70), torch.randn(6)
     expected = f(x, mem, bias)
-    uses = fuse_linear(gm)
+    uses = fuse_roast_ops(gm)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.roastfx.roast_linear.default in targets and F.linear not in targets
     assert [u.fused for u in uses] == [True, False]  # the .sum() read keeps its materialize
