@@ -68,6 +68,27 @@ def pick(m: int, n: int, k: int, shared_memory_limit: int, element_size: int = 2
     return max(fitting, key=score)
 
 
+_autotune = False
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn kernel autotuning on or off for this process (``mode="max-autotune"`` turns it on).
+
+    When on (or ROASTFX_AUTOTUNE=1) and a launch runs on CUDA, the plan-compatible
+    candidates are timed once per (kernel, shape bucket, dtype) and the fastest is
+    cached; off, or under the Triton interpreter, the heuristic in :func:`pick` is used.
+    """
+    global _autotune
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune expects a bool, got {enabled!r} ({type(enabled).__name__})")
+    _autotune = enabled
+
+
+def autotune_enabled() -> bool:
+    """Whether autotuning is on: :func:`set_autotune` (True) or the env var ROASTFX_AUTOTUNE=1."""
+    return _autotune or os.environ.get("ROASTFX_AUTOTUNE") == "1"
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
