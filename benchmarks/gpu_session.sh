@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU should run, in one device call (see DEVELOPERS.md):
+# the kernel tests on CUDA, the kernel benchmark, and the cost-model validation.
+#   bash benchmarks/gpu_session.sh            # results in benchmarks/results/ (and $OUT when set)
+# Runs with whatever torch/triton the machine has (the device image: torch 2.11, triton 3.6,
+# no internet), from the repository root, without installing roastfx: it imports from a
+# temporary package link, since passes/ and codegen/ install as roastfx.passes/roastfx.codegen.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+LINK=$(mktemp -d)
+mkdir -p "$LINK/roastfx"
+for f in roastfx/*; do ln -s "$ROOT/$f" "$LINK/roastfx/"; done
+ln -s "$ROOT/passes" "$LINK/roastfx/passes"
+ln -s "$ROOT/codegen" "$LINK/roastfx/codegen"
+export PYTHONPATH="$LINK:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+OUTDIR=${OUT:-$ROOT/benchmarks/results}
+mkdir -p "$OUTDIR" benchmarks/results
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUTDIR/gpu.txt" 2>&1
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+echo "== kernel tests on CUDA"
+ROASTFX_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider tests/codegen 2>&1 | tee "$OUTDIR/kernel-tests-cuda.txt" | tail -15
+echo "== kernel benchmark"
+python benchmarks/bench_kernels.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_kernels.txt" | tail -40
+echo "== cost-model validation"
+python benchmarks/validate_cost_model.py --out benchmarks/results 2>&1 | tee "$OUTDIR/validate_cost_model.txt" | tail -40
+cp benchmarks/results/*.json "$OUTDIR/" 2>/dev/null || true
+rm -rf "$LINK"

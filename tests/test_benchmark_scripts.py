@@ -1,0 +1,60 @@
+"""The GPU benchmark scripts run end to end on CPU (--dry-run, Triton interpreter) and their statistics are right.
+
+Their numbers on CPU mean nothing (the interpreter); these tests keep the scripts working
+for the sessions that get a GPU, where they write benchmarks/results/.
+"""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("bench_kernels.py", ["--dry-run", "--compression", "10"], ["roast", "hashednet", "eager"]),
+    ("validate_cost_model.py", ["--dry-run", "--compression", "20", "--layouts", "2"],
+     ["planner", "default", "spearman", "median |log2 error|"]),
+])
+def test_benchmark_dry_run(script, args, expect):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for word in expect:
+        assert word in done.stdout, (word, done.stdout[-2000:])
+
+
+def test_bad_benchmark_arguments_exit_2():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "validate_cost_model.py"),
+                           "--shapes", "nope"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown shape(s) ['nope']" in done.stderr
+
+
+def test_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+    from validate_cost_model import spearman
+
+    rng = random.Random(5)
+    for n in (3, 7, 20):
+        a = [rng.random() for _ in range(n)]
+        b = [x + rng.gauss(0, 0.3) for x in a]
+        assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_summary_compares_planner_and_default_on_measured_time():
+    from validate_cost_model import summarize
+
+    def row(layout, pred, meas):
+        return dict(shape="s", compression=10.0, layout=layout, predicted_ms={"infer": pred, "train": 2 * pred},
+                    measured_ms={"infer": meas, "train": 2 * meas})
+
+    rows = [row("planner", 1.0, 3.0), row("default", 2.0, 6.0), row("candidate", 4.0, 12.0)]
+    s = summarize(rows)
+    infer = next(g for g in s["groups"] if g["mode"] == "infer")
+    assert infer["planner_speedup_over_default"] == pytest.approx(2.0)
+    assert infer["spearman"] == pytest.approx(1.0)
+    assert s["fitted_scale"]["infer"] == pytest.approx(3.0) and s["median_abs_log2_error"]["infer"] < 1e-12
