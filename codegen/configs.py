@@ -40,25 +40,44 @@ CANDIDATES: tuple[BlockConfig, ...] = (
 INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
 
 
-def candidates(shared_memory_limit: int, element_size: int = 2) -> list[BlockConfig]:
-    """Every candidate whose pipelined tiles fit in ``shared_memory_limit`` bytes."""
-    if shared_memory_limit <= 0:
-        raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {shared_memory_limit}")
-    fitting = [c for c in CANDIDATES if c.shared_memory(element_size) <= shared_memory_limit]
+def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] | None = None) -> list[BlockConfig]:
+    """The candidates for a hardware profile: those whose pipelined tiles fit in its shared memory.
+
+    ``target`` is a hardware profile (anything with ``smem_per_block_bytes``, e.g.
+    ``roastfx.profiles.PROFILES["h100"]``) or a number of bytes. ``block_tile`` is the
+    plan's hash tile as seen by the kernel's (block_m, block_n, block_k) axes (0 = no
+    constraint on that axis): when some fitting candidates are multiples of it, only
+    those are kept, so a block never splits a hash tile; otherwise all fitting ones are
+    (the mapping is hashed per element, so any block reads the same slots).
+    """
+    limit = getattr(target, "smem_per_block_bytes", target)
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"candidates takes a hardware profile or a number of bytes, got {target!r}")
+    if limit <= 0:
+        raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {limit}")
+    fitting = [c for c in CANDIDATES if c.shared_memory(element_size) <= limit]
     if not fitting:
         smallest = min(c.shared_memory(element_size) for c in CANDIDATES)
         raise ValueError(
-            f"no block config fits in {shared_memory_limit} bytes of shared memory "
+            f"no block config fits in {limit} bytes of shared memory "
             f"(the smallest needs {smallest} at {element_size}-byte elements)"
         )
+    if block_tile is not None:
+        aligned = [c for c in fitting if _holds_whole_tiles(c, block_tile)]
+        fitting = aligned or fitting
     return fitting
 
 
-def pick(m: int, n: int, k: int, shared_memory_limit: int, element_size: int = 2) -> BlockConfig:
+def _holds_whole_tiles(c: BlockConfig, block_tile: tuple[int, int, int]) -> bool:
+    return all(t <= 0 or b % t == 0 for b, t in zip((c.block_m, c.block_n, c.block_k), block_tile))
+
+
+def pick(m: int, n: int, k: int, shared_memory_limit, element_size: int = 2,
+         block_tile: tuple[int, int, int] | None = None) -> BlockConfig:
     """A good config without timing: the largest tile that still gives the GPU enough programs."""
     if interpreting():
         return INTERPRETER_CONFIG
-    fitting = candidates(shared_memory_limit, element_size)
+    fitting = candidates(shared_memory_limit, element_size, block_tile)
 
     def score(c: BlockConfig):
         programs = -(-m // c.block_m) * -(-n // c.block_n)
@@ -108,17 +127,58 @@ def shared_memory_limit(device) -> int:
 
 
 _limits: dict[int, int] = {}
+_tuned: dict[tuple, BlockConfig] = {}
 
 
-def choose(device, m: int, n: int, k: int, element_size: int) -> BlockConfig:
-    """The config a launch on ``device`` uses for an (m x k) @ (k x n) product."""
+def shape_bucket(*sizes: int) -> tuple[int, ...]:
+    """Sizes rounded up to powers of two: shapes in one bucket share a tuned config."""
+    return tuple(1 << max(0, int(s) - 1).bit_length() for s in sizes)
+
+
+def tune(key: tuple, options: list[BlockConfig], bench) -> BlockConfig:
+    """The fastest of ``options`` by ``bench(config) -> milliseconds``, measured once per key.
+
+    A config that fails to run (e.g. out of resources on this GPU) counts as infinitely slow.
+    """
+    if key not in _tuned:
+        def timed(c):
+            try:
+                return float(bench(c))
+            except Exception:  # noqa: BLE001 - a config the device rejects is just not a candidate
+                return float("inf")
+
+        times = [timed(c) for c in options]
+        best = min(range(len(options)), key=times.__getitem__)
+        if times[best] == float("inf"):
+            raise RuntimeError(f"autotuning {key}: none of {len(options)} configs ran")
+        _tuned[key] = options[best]
+    return _tuned[key]
+
+
+def tuned_configs() -> dict[tuple, BlockConfig]:
+    """The configs autotuning chose in this process, by (kernel, shape bucket, dtype, device, tile)."""
+    return dict(_tuned)
+
+
+def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None = None, bench=None,
+           block_tile: tuple[int, int, int] | None = None, dtype=None) -> BlockConfig:
+    """The config a launch on ``device`` uses for an (m x k) @ (k x n) product.
+
+    Under the interpreter or off CUDA: INTERPRETER_CONFIG. On CUDA with autotuning on
+    (:func:`set_autotune`) and a ``bench(config) -> ms`` given: the fastest candidate
+    that fits the device's shared memory (and holds whole hash tiles where possible),
+    timed once per (kernel, shape bucket, dtype). Otherwise the heuristic :func:`pick`.
+    """
     if interpreting() or torch_device(device).type != "cuda":
         return INTERPRETER_CONFIG
     dev = torch_device(device)
     index = dev.index if dev.index is not None else 0
     if index not in _limits:
         _limits[index] = shared_memory_limit(dev)
-    return pick(m, n, k, _limits[index], element_size)
+    if autotune_enabled() and bench is not None and kernel is not None:
+        key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile)
+        return tune(key, candidates(_limits[index], element_size, block_tile), bench)
+    return pick(m, n, k, _limits[index], element_size, block_tile)
 
 
 def torch_device(device):

@@ -39,16 +39,17 @@ def _apply_activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _roast_matmul_kernel(
-    a_ptr, mem_ptr, out_ptr, pre_ptr, bias_ptr, res_ptr,
-    M, N, R,
-    stride_am, stride_ar, stride_om, stride_on, stride_resm, stride_resn,
-    scale,
+def roast_matmul_block(
+    a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-    VIEW_IS_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """This program's (BLOCK_M, BLOCK_N) block of ``a @ op(V)`` in fp32, with its row and column offsets.
+
+    Every fused GEMM (the fixed epilogue below, the generated ones in triton_epilogue.py)
+    runs this main loop and differs only in what it does with the block afterwards.
+    """
     # grouped program order: neighbouring programs share rows of `a`, which stay in L2
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -87,6 +88,26 @@ def _roast_matmul_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc, offs_m, offs_n
+
+
+@triton.jit
+def _roast_matmul_kernel(
+    a_ptr, mem_ptr, out_ptr, pre_ptr, bias_ptr, res_ptr,
+    M, N, R,
+    stride_am, stride_ar, stride_om, stride_on, stride_resm, stride_resn,
+    scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    VIEW_IS_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    acc, offs_m, offs_n = roast_matmul_block(
+        a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
+        tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
 
     # epilogue: scale, bias, activation, residual, all in fp32
     acc = acc * scale
@@ -168,6 +189,26 @@ def _check_kernel_dtype(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; the ROAST kernels take {', '.join(map(str, KERNEL_DTYPES))}")
 
 
+def block_tile(mapping: TileHash, view_is_b: bool) -> tuple[int, int, int]:
+    """The hash tile along a GEMM's (block_m, block_n, block_k) axes: B's rows are the view's
+    rows when view_is_b, its columns otherwise."""
+    return (0, mapping.tile_cols, mapping.tile_rows) if view_is_b else (0, mapping.tile_rows, mapping.tile_cols)
+
+
+def benchmark(launch):
+    """``bench(config) -> ms`` for configs.choose: triton's do_bench of one launch."""
+    import triton.testing
+
+    return lambda cfg: triton.testing.do_bench(lambda: launch(cfg))
+
+
+def choose_config(kernel: str, a: torch.Tensor, M: int, N: int, R: int, mapping: TileHash, view_is_b: bool,
+                  launch) -> configs.BlockConfig:
+    """configs.choose for an (M x R) @ (R x N) launch; ``launch(config)`` must write only scratch outputs."""
+    return configs.choose(a.device, M, N, R, a.element_size(), kernel=kernel, bench=benchmark(launch),
+                          block_tile=block_tile(mapping, view_is_b), dtype=a.dtype)
+
+
 def roast_matmul(
     a: torch.Tensor,
     memory: torch.Tensor,
@@ -205,20 +246,25 @@ def roast_matmul(
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected ({M}, {N})")
     if M == 0 or N == 0:
         return out, pre
-    cfg = config or configs.choose(a.device, M, N, R, a.element_size())
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     res = residual if residual is not None else out
-    launched = _roast_matmul_kernel[grid](
-        a, memory.reshape(-1), out, pre if pre is not None else out,
-        bias if bias is not None else out, res,
-        M, N, R,
-        a.stride(0), a.stride(1), out.stride(0), out.stride(1), res.stride(0), res.stride(1),
-        float(scale), *hash_args(mapping),
-        VIEW_IS_B=view_is_b, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
-        HAS_RESIDUAL=residual is not None, STORE_PRE=store_pre, PRECISION=dot_precision(a.dtype),
-        DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def launch(cfg, out=out, pre=pre):
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        return _roast_matmul_kernel[grid](
+            a, memory.reshape(-1), out, pre if pre is not None else out,
+            bias if bias is not None else out, res,
+            M, N, R,
+            a.stride(0), a.stride(1), out.stride(0), out.stride(1), res.stride(0), res.stride(1),
+            float(scale), *hash_args(mapping),
+            VIEW_IS_B=view_is_b, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+            HAS_RESIDUAL=residual is not None, STORE_PRE=store_pre, PRECISION=dot_precision(a.dtype),
+            DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
+            GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg = config or choose_config("roast_matmul", a, M, N, R, mapping, view_is_b,
+                                  lambda c: launch(c, torch.empty_like(out), torch.empty_like(pre) if store_pre else None))
+    launched = launch(cfg)
     maybe_dump(_roast_matmul_kernel, launched)
     return out, pre
 
@@ -251,15 +297,10 @@ def roast_grad_memory(
     grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
     if M == 0:
         return grad
-    cfg = config or configs.choose(a.device, K, N, M, a.element_size())
-    # the deterministic path holds a contribution and an index per element: bound them by rows
-    chunk = K if not deterministic else max(1, DETERMINISTIC_CHUNK_ELEMENTS // (N * cfg.block_m)) * cfg.block_m
-    cols = torch.arange(N, device=a.device, dtype=torch.int64)[None, :]
-    for k_start in range(0, K, chunk):
-        k_end = min(K, k_start + chunk)
-        contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic else grad
+
+    def launch(cfg, k_start, k_end, grad, contrib):
         grid = (triton.cdiv(k_end - k_start, cfg.block_m), triton.cdiv(N, cfg.block_n))
-        launched = _roast_grad_memory_kernel[grid](
+        return _roast_grad_memory_kernel[grid](
             a, c, grad, contrib,
             M, k_start, k_end, N,
             a.stride(0), a.stride(1), c.stride(0), c.stride(1),
@@ -268,6 +309,27 @@ def roast_grad_memory(
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    def chunk_rows(cfg):
+        # the deterministic path holds a contribution and an index per element: bound them by rows
+        return K if not deterministic else max(1, DETERMINISTIC_CHUNK_ELEMENTS // (N * cfg.block_m)) * cfg.block_m
+
+    def scratch_launch(cfg):  # for timing: the first chunk, into buffers nobody reads
+        rows = min(K, chunk_rows(cfg))
+        scratch = torch.zeros_like(grad)
+        contrib = torch.empty((rows, N), device=a.device, dtype=torch.float32) if deterministic else scratch
+        return launch(cfg, 0, rows, scratch, contrib)
+
+    # the view's rows run along the kernel's block_m axis, its columns along block_n
+    cfg = config or configs.choose(a.device, K, N, M, a.element_size(), kernel="roast_grad_memory",
+                                   bench=benchmark(scratch_launch), dtype=a.dtype,
+                                   block_tile=(mapping.tile_rows, mapping.tile_cols, 0))
+    chunk = chunk_rows(cfg)
+    cols = torch.arange(N, device=a.device, dtype=torch.int64)[None, :]
+    for k_start in range(0, K, chunk):
+        k_end = min(K, k_start + chunk)
+        contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic else grad
+        launched = launch(cfg, k_start, k_end, grad, contrib)
         maybe_dump(_roast_grad_memory_kernel, launched)
         if deterministic:
             rows = torch.arange(k_start, k_end, device=a.device, dtype=torch.int64)[:, None]

@@ -1,0 +1,153 @@
+"""``roastfx::roast_linear_epilogue``: a ROAST linear followed by any lowerable pointwise chain.
+
+    roast_linear_epilogue(x, memory, mapping, scale, extras, epilogue) -> epilogue(x @ V, extras)
+
+V is the site's (K, N) B view read from the memory (as in ``roastfx::roast_linear``);
+``epilogue`` is an `Epilogue` signature string (codegen/epilogue.py) whose steps refer
+to ``extras`` as x0, x1 ... Forward runs the kernel generated for the epilogue's pattern
+(codegen/triton_epilogue.py) when ``ops.use_triton(x)``, else the reference: the view
+materialized, ``x @ V``, then ``Epilogue.apply``. Backward recomputes ``x @ V`` (the
+pre-epilogue product is not kept alive), differentiates ``Epilogue.apply`` with
+torch.func.vjp, and sends the product's gradient through the existing kernels
+(``roastfx::linear_grad_input`` / ``linear_grad_memory``) or the reference formulas.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .epilogue import Epilogue
+from .hashing import TileHash
+from .ops import use_triton
+from .reference import materialize
+
+__all__ = ["roast_linear_epilogue", "parse_epilogue"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@lru_cache(maxsize=1024)
+def parse_epilogue(signature: str) -> Epilogue:
+    return Epilogue.parse(signature)
+
+
+def _mapping(values: list[int]) -> TileHash:
+    if len(values) != 13:
+        raise ValueError(f"mapping must be the 13 TileHash integers, got {len(values)} values")
+    return TileHash(*[int(v) for v in values])
+
+
+def _kernel_applies(x: Tensor, memory: Tensor, extras: list[Tensor], out_dtype: torch.dtype) -> bool:
+    """The generated kernel computes in fp32: float64 anywhere goes to the reference path."""
+    return (use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES
+            and out_dtype in _KERNEL_DTYPES and all(e.dtype != torch.float64 for e in extras))
+
+
+def _as_2d(e: Tensor, out_shape: tuple, n: int) -> Tensor:
+    """An extra broadcast to the flattened (M, N) output; a (N,) vector or a scalar stays as it is."""
+    return e if e.dim() <= 1 else e.expand(out_shape).reshape(-1, n)
+
+
+def _product(x: Tensor, memory: Tensor, mapping: list[int], scale: float) -> Tensor:
+    """x @ V in x's dtype, without the epilogue."""
+    if use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES:
+        from . import kernels  # noqa: F401 - registers roastfx::linear*; imports triton
+
+        return torch.ops.roastfx.linear(x, memory, None, None, mapping, scale, True, "none", False)[0]
+    return x @ materialize(memory.reshape(-1), _mapping(mapping), scale).to(x.dtype)
+
+
+@torch.library.custom_op("roastfx::roast_linear_epilogue", mutates_args=())
+def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale: float, extras: list[Tensor],
+                           epilogue: str) -> Tensor:
+    """``epilogue(x @ V, extras)`` with V the site's B view read from the memory."""
+    epi = parse_epilogue(epilogue)
+    m = _mapping(mapping)
+    if x.shape[-1] != m.rows:
+        raise ValueError(f"input has {x.shape[-1]} features but the site's view is {m.rows}x{m.cols}")
+    out_shape = (*x.shape[:-1], m.cols)
+    epi.check_extras(out_shape, extras)
+    out_dtype = epi.out_dtype(x.dtype, extras)
+    if _kernel_applies(x, memory, extras, out_dtype):
+        from .triton_epilogue import roast_matmul_epilogue
+
+        y = roast_matmul_epilogue(x.reshape(-1, m.rows), memory.reshape(-1), m, scale, True, epi,
+                                  [_as_2d(e, out_shape, m.cols) for e in extras], out_dtype)
+        return y.reshape(out_shape)
+    y = epi.apply(_product(x, memory, mapping, scale), extras)
+    return y.clone() if any(y is t for t in (x, *extras)) else y
+
+
+@_roast_linear_epilogue.register_fake
+def _(x, memory, mapping, scale, extras, epilogue):
+    epi = parse_epilogue(epilogue)
+    out_shape = (*x.shape[:-1], mapping[1])
+    epi.check_extras(out_shape, extras)
+    return x.new_empty(out_shape, dtype=epi.out_dtype(x.dtype, extras))
+
+
+def _setup_context(ctx, inputs, output):
+    x, memory, mapping, scale, extras, epilogue = inputs
+    ctx.save_for_backward(x, memory, *extras)
+    ctx.site = (mapping, scale, epilogue)
+
+
+def _backward(ctx, grad):
+    x, memory, *extras = ctx.saved_tensors
+    mapping, scale, epilogue = ctx.site
+    epi = parse_epilogue(epilogue)
+    # the epilogue's vjp at the recomputed product: d/dz and d/d(each floating extra)
+    pre = _product(x, memory, mapping, scale)
+    wants = [i for i, e in enumerate(extras) if e.is_floating_point()]
+
+    def run(z, *differentiable):
+        operands = list(extras)
+        for i, t in zip(wants, differentiable):
+            operands[i] = t
+        return epi.apply(z, operands)
+
+    _, vjp = torch.func.vjp(run, pre, *[extras[i] for i in wants])
+    grad_pre, *grad_wanted = vjp(grad.to(epi.out_dtype(x.dtype, extras)))
+    grad_extras: list[Tensor | None] = [None] * len(extras)
+    for i, g in zip(wants, grad_wanted):
+        grad_extras[i] = g.to(extras[i].dtype)
+
+    n = mapping[1]
+    grad2d = grad_pre.reshape(-1, n).to(x.dtype).contiguous()
+    x2d = x.reshape(-1, x.shape[-1])
+    if use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES:
+        from . import kernels  # noqa: F401
+
+        grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, mapping, scale, True).reshape(x.shape)
+        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, mapping, scale, True)
+    else:
+        m = _mapping(mapping)
+        view = materialize(memory.reshape(-1), m, scale).to(grad2d.dtype)
+        grad_x = (grad2d @ view.t()).reshape(x.shape)
+        grad_view = x2d.t() @ grad2d
+        index, sign = m.full_index(memory.device)
+        values = (grad_view * sign.to(grad_view.dtype) * scale).reshape(-1)
+        flat = torch.zeros(memory.numel(), dtype=values.dtype, device=memory.device)
+        grad_memory = flat.index_add(0, index.reshape(-1), values).to(memory.dtype).reshape(memory.shape)
+    return grad_x, grad_memory, None, None, grad_extras, None
+
+
+_roast_linear_epilogue.register_autograd(_backward, setup_context=_setup_context)
+
+
+def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epilogue, extras=()) -> Tensor:
+    """``epilogue(x @ V, extras)``: ``mapping`` a TileHash or its 13 integers, ``epilogue`` an
+    `Epilogue` or its signature string (e.g. ``"add:x0|gelu_tanh|mul:0.5|cast:bfloat16"``)."""
+    if isinstance(mapping, TileHash):
+        from dataclasses import astuple
+
+        mapping = [int(v) for v in astuple(mapping)]
+    if isinstance(epilogue, Epilogue):
+        epilogue = epilogue.signature
+    elif isinstance(epilogue, str):
+        parse_epilogue(epilogue)  # a bad signature fails here, with its message, not inside the op
+    else:
+        raise TypeError(f"epilogue must be an Epilogue or a signature str, got {type(epilogue).__name__}")
+    return _roast_linear_epilogue(x, memory, list(mapping), float(scale), list(extras), epilogue)
