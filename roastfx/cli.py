@@ -58,10 +58,8 @@ def _progress_bar(total: int, enabled: bool):
     """A callback (done, total) drawing a bar on stderr, or None."""
     if not enabled or total < PROGRESS_MIN_SITES:
         return None, lambda: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None, lambda: None
+    from tqdm import tqdm
+
     bar = tqdm(total=total, desc="planning sites", unit="site", file=sys.stderr, leave=False)
 
     def update(done, _total):
