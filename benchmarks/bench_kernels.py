@@ -13,21 +13,13 @@ Methods, each computing y = x @ W^T for a (out, in) = (N, K) weight:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import sys
-import time
 
-SHAPES = {  # name: (M tokens, K in_features, N out_features)
-    "decode-16x8192x8192": (16, 8192, 8192),
-    "square-4096": (4096, 4096, 4096),
-    "bert-attn-proj": (32 * 128, 768, 768),
-    "bert-ffn-up": (32 * 128, 768, 3072),
-    "bert-ffn-down": (32 * 128, 3072, 768),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_common_arguments, environment, parse_common, results_path, select_device, timer  # noqa: E402
+
 DRY_RUN_SHAPES = {"tiny": (33, 64, 48)}
 METHODS = ("dense", "roast", "roast-mat", "hashednet", "eager")
 TILE_CHOICES = ((64, 64), (32, 64), (16, 64), (8, 64), (4, 64), (1, 64), (1, 32), (1, 8), (1, 1))
@@ -35,28 +27,9 @@ TILE_CHOICES = ((64, 64), (32, 64), (16, 64), (8, 64), (4, 64), (1, 64), (1, 32)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
-    p.add_argument("--compression", default="10,100,1000", help="comma-separated compression factors")
+    add_common_arguments(p)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--warmup", type=int, default=25, help="warmup time per measurement, ms")
-    p.add_argument("--rep", type=int, default=100, help="measurement time per measurement, ms")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="directory for the JSON results")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in the Triton interpreter; no JSON")
-    args = p.parse_args(argv)
-    shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
-    names = list(shapes) if args.dry_run else [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in names if s not in shapes]
-    if unknown:
-        p.error(f"unknown shape(s) {unknown}; choose from {list(shapes)}")
-    args.shape_table = {n: shapes[n] for n in names}
-    try:
-        args.factors = [float(c) for c in args.compression.split(",") if c]
-    except ValueError:
-        p.error(f"--compression takes numbers, got {args.compression!r}")
-    if not args.factors or any(c < 1 for c in args.factors):
-        p.error(f"compression factors must be >= 1, got {args.compression!r}")
+    args = parse_common(p, argv, DRY_RUN_SHAPES)
     args.method_list = [m for m in args.methods.split(",") if m]
     if any(m not in METHODS for m in args.method_list):
         p.error(f"unknown method in {args.methods!r}; choose from {METHODS}")
@@ -79,19 +52,6 @@ def make_mapping(TileHash, rows, cols, memory_size, tile, seed):
 def pick_tile(memory_size):
     """The largest hash tile that leaves the window at least two tile spans."""
     return next(t for t in TILE_CHOICES if 2 * t[0] * t[1] <= memory_size)
-
-
-def timer(dry_run):
-    if dry_run:
-        def bench(fn, warmup, rep):
-            fn()
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        return bench
-    import triton.testing
-
-    return lambda fn, warmup, rep: triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
 def run(args):
@@ -165,27 +125,9 @@ def print_table(rows):
               f"{r['forward_tflops']:>10.1f}{r['forward_backward_ms']:>10.3f}{r['forward_backward_tflops']:>10.1f}")
 
 
-def environment():
-    import torch
-    import triton
-
-    return dict(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        python=platform.python_version(), date=datetime.date.today().isoformat(),
-    )
-
-
 def main(argv=None):
     args = parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit("bench_kernels.py times CUDA kernels and no CUDA device is available; "
-                     "use --dry-run to check the script on CPU with the Triton interpreter")
+    select_device(args.dry_run, "bench_kernels.py")
     rows = run(args)
     env = environment()
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
@@ -196,9 +138,7 @@ def main(argv=None):
 
 def write_results(rows, env, args) -> str:
     """benchmarks/results/<gpu>-<date>.json with the environment and every row."""
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    path = os.path.join(args.out, f"{slug}-{env['date']}.json")
+    path = results_path(args.out, env)
     with open(path, "w") as f:
         json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
                   f, indent=1)

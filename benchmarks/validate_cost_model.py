@@ -16,49 +16,24 @@ choice beat the default rule on measured time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import re
 import sys
-import time
 
-SHAPES = {  # name: (M tokens, K in_features, N out_features), as in bench_kernels.py
-    "decode-16x8192x8192": (16, 8192, 8192),
-    "square-4096": (4096, 4096, 4096),
-    "bert-attn-proj": (32 * 128, 768, 768),
-    "bert-ffn-up": (32 * 128, 768, 3072),
-    "bert-ffn-down": (32 * 128, 3072, 768),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_common_arguments, environment, parse_common, results_path, select_device, timer  # noqa: E402
+
 DRY_RUN_SHAPES = {"tiny": (40, 96, 64)}
 MODES = ("infer", "train")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
-    p.add_argument("--compression", default="10,100,1000", help="comma-separated compression factors")
+    add_common_arguments(p)
     p.add_argument("--target", default=None, help="hardware profile for the predictions (default: detected)")
     p.add_argument("--layouts", type=int, default=6, help="other scored candidates timed per shape, besides the two")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--warmup", type=int, default=25, help="warmup time per measurement, ms")
-    p.add_argument("--rep", type=int, default=100, help="measurement time per measurement, ms")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--dry-run", action="store_true", help="tiny shape on CPU in the Triton interpreter; no JSON")
-    args = p.parse_args(argv)
-    table = DRY_RUN_SHAPES if args.dry_run else SHAPES
-    names = list(table) if args.dry_run else [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in names if s not in table]
-    if unknown:
-        p.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
-    args.shape_table = {n: table[n] for n in names}
-    try:
-        args.factors = [float(c) for c in args.compression.split(",") if c]
-    except ValueError:
-        p.error(f"--compression takes numbers, got {args.compression!r}")
-    if not args.factors or any(c < 1 for c in args.factors):
-        p.error(f"compression factors must be >= 1, got {args.compression!r}")
+    args = parse_common(p, argv, DRY_RUN_SHAPES)
     if args.layouts < 0:
         p.error(f"--layouts must be >= 0, got {args.layouts}")
     return args
@@ -98,19 +73,6 @@ def predict(spec, layout, window, profile, memory_size, tokens):
     g = geometry(Layout(rows, cols, *layout, *window), spec.op, spec.dtype, profile, memory_size=memory_size,
                  memory_itemsize=4)
     return {mode: predicted_time(g, profile, tokens, mode) for mode in MODES}
-
-
-def timer(dry_run):
-    if dry_run:
-        def bench(fn, warmup, rep):
-            fn()
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        return bench
-    import triton.testing
-
-    return lambda fn, warmup, rep: triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
 def run(args):
@@ -217,35 +179,15 @@ def print_report(rows, summary, env):
               f"|log2 error| after that scale: {summary['median_abs_log2_error'][mode]:.2f}")
 
 
-def environment(profile):
-    import platform
-
-    import torch
-    import triton
-
-    return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, profile=profile,
-                python=platform.python_version(), date=datetime.date.today().isoformat())
-
-
 def main(argv=None):
     args = parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit("validate_cost_model.py times CUDA kernels and no CUDA device is available; "
-                     "use --dry-run to check the script on CPU with the Triton interpreter")
+    select_device(args.dry_run, "validate_cost_model.py")
     rows, profile = run(args)
     summary = summarize(rows)
-    env = environment(profile)
+    env = environment(profile=profile)
     print_report(rows, summary, env)
     if not args.dry_run:
-        os.makedirs(args.out, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-        path = os.path.join(args.out, f"costmodel-{slug}-{env['date']}.json")
+        path = results_path(args.out, env, prefix="costmodel-")
         with open(path, "w") as f:
             json.dump(dict(environment=env, dtype=args.dtype, results=rows, summary=summary), f, indent=1)
         print(f"wrote {path}")

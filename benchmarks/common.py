@@ -1,0 +1,91 @@
+"""What the GPU benchmark scripts share: the issue's shapes, the timer, the environment record."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import time
+
+SHAPES = {  # name: (M tokens, K in_features, N out_features)
+    "decode-16x8192x8192": (16, 8192, 8192),
+    "square-4096": (4096, 4096, 4096),
+    "bert-attn-proj": (32 * 128, 768, 768),
+    "bert-ffn-up": (32 * 128, 768, 3072),
+    "bert-ffn-down": (32 * 128, 3072, 768),
+}
+
+
+def timer(dry_run: bool):
+    """bench(fn, warmup_ms, rep_ms) -> milliseconds: triton's event-timed median on a GPU; one
+    host-timed call after one warm-up call in a dry run (interpreter numbers mean nothing)."""
+    if dry_run:
+        def bench(fn, warmup, rep):
+            fn()
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        return bench
+    import triton.testing
+
+    return lambda fn, warmup, rep: triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def environment(**extra) -> dict:
+    import torch
+    import triton
+
+    return dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+        python=platform.python_version(), date=datetime.date.today().isoformat(), **extra,
+    )
+
+
+def results_path(out: str, env: dict, prefix: str = "") -> str:
+    """<out>/<prefix><device slug>-<date>.json, creating <out>."""
+    os.makedirs(out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    return os.path.join(out, f"{prefix}{slug}-{env['date']}.json")
+
+
+def select_device(dry_run: bool, script: str) -> None:
+    """A dry run uses the Triton interpreter (set before any kernel module is imported);
+    otherwise a CUDA device must be there."""
+    if dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} times CUDA kernels and no CUDA device is available; "
+                         "use --dry-run to check the script on CPU with the Triton interpreter")
+
+
+def add_common_arguments(p) -> None:
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
+    p.add_argument("--compression", default="10,100,1000", help="comma-separated compression factors")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--warmup", type=int, default=25, help="warmup time per measurement, ms")
+    p.add_argument("--rep", type=int, default=100, help="measurement time per measurement, ms")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="directory for the JSON results")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in the Triton interpreter; no JSON")
+
+
+def parse_common(p, argv, dry_run_shapes: dict):
+    """Parse, then check --shapes and --compression: args.shape_table and args.factors."""
+    args = p.parse_args(argv)
+    table = dry_run_shapes if args.dry_run else SHAPES
+    names = list(table) if args.dry_run else [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in names if s not in table]
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
+    args.shape_table = {n: table[n] for n in names}
+    try:
+        args.factors = [float(c) for c in args.compression.split(",") if c]
+    except ValueError:
+        p.error(f"--compression takes numbers, got {args.compression!r}")
+    if not args.factors or any(c < 1 for c in args.factors):
+        p.error(f"compression factors must be >= 1, got {args.compression!r}")
+    return args
