@@ -20,8 +20,7 @@ from torch import Tensor
 
 from .epilogue import Epilogue
 from .hashing import TileHash
-from .ops import use_triton
-from .reference import materialize
+from .ops import use_triton  # also registers roastfx::materialize and roastfx::memory_grad
 
 __all__ = ["roast_linear_epilogue", "parse_epilogue"]
 
@@ -56,7 +55,13 @@ def _product(x: Tensor, memory: Tensor, mapping: list[int], scale: float) -> Ten
         from . import kernels  # noqa: F401 - registers roastfx::linear*; imports triton
 
         return torch.ops.roastfx.linear(x, memory, None, None, mapping, scale, True, "none", False)[0]
-    return x @ materialize(memory.reshape(-1), _mapping(mapping), scale).to(x.dtype)
+    return x @ _view(memory, mapping, scale).to(x.dtype)
+
+
+def _view(memory: Tensor, mapping: list[int], scale: float) -> Tensor:
+    """The B view through ``roastfx::materialize`` (ops.py): opaque to tracing, so fake tensors never
+    meet the mapping's cached index tensors."""
+    return torch.ops.roastfx.materialize(memory.reshape(-1), mapping, scale)
 
 
 @torch.library.custom_op("roastfx::roast_linear_epilogue", mutates_args=())
@@ -123,14 +128,11 @@ def _backward(ctx, grad):
         grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, mapping, scale, True).reshape(x.shape)
         grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, mapping, scale, True)
     else:
-        m = _mapping(mapping)
-        view = materialize(memory.reshape(-1), m, scale).to(grad2d.dtype)
+        view = _view(memory, mapping, scale).to(grad2d.dtype)
         grad_x = (grad2d @ view.t()).reshape(x.shape)
         grad_view = x2d.t() @ grad2d
-        index, sign = m.full_index(memory.device)
-        values = (grad_view * sign.to(grad_view.dtype) * scale).reshape(-1)
-        flat = torch.zeros(memory.numel(), dtype=values.dtype, device=memory.device)
-        grad_memory = flat.index_add(0, index.reshape(-1), values).to(memory.dtype).reshape(memory.shape)
+        grad_memory = torch.ops.roastfx.memory_grad(grad_view, mapping, scale, memory.numel())
+        grad_memory = grad_memory.to(memory.dtype).reshape(memory.shape)
     return grad_x, grad_memory, None, None, grad_extras, None
 
 
@@ -147,7 +149,7 @@ def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epil
     if isinstance(epilogue, Epilogue):
         epilogue = epilogue.signature
     elif isinstance(epilogue, str):
-        parse_epilogue(epilogue)  # a bad signature fails here, with its message, not inside the op
+        Epilogue.parse(epilogue)  # a bad signature fails here, with its message, not inside the op
     else:
         raise TypeError(f"epilogue must be an Epilogue or a signature str, got {type(epilogue).__name__}")
     return _roast_linear_epilogue(x, memory, list(mapping), float(scale), list(extras), epilogue)
