@@ -1,8 +1,9 @@
 """``roastfx::roast_linear_epilogue``: a ROAST linear followed by any lowerable pointwise chain.
 
-    roast_linear_epilogue(x, memory, mapping, scale, extras, epilogue) -> epilogue(x @ V, extras)
+    roast_linear_epilogue(x, memory, mapping, scale, extras, epilogue, transpose_view)
+        -> epilogue(x @ V, extras)      (x @ V^T when transpose_view)
 
-V is the site's (K, N) B view read from the memory (as in ``roastfx::roast_linear``);
+V is the site's B view read from the memory (as in ``roastfx::roast_linear``);
 ``epilogue`` is an `Epilogue` signature string (codegen/epilogue.py) whose steps refer
 to ``extras`` as x0, x1 ... Forward runs the kernel generated for the epilogue's pattern
 (codegen/triton_epilogue.py) when ``ops.use_triton(x)``, else the reference: the view
@@ -49,13 +50,19 @@ def _as_2d(e: Tensor, out_shape: tuple, n: int) -> Tensor:
     return e if e.dim() <= 1 else e.expand(out_shape).reshape(-1, n)
 
 
-def _product(x: Tensor, memory: Tensor, mapping: list[int], scale: float) -> Tensor:
-    """x @ V in x's dtype, without the epilogue."""
+def _product(x: Tensor, memory: Tensor, mapping: list[int], scale: float, flip: bool) -> Tensor:
+    """x @ V (x @ V^T when flip) in x's dtype, without the epilogue."""
     if use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES:
         from . import kernels  # noqa: F401 - registers roastfx::linear*; imports triton
 
-        return torch.ops.roastfx.linear(x, memory, None, None, mapping, scale, True, "none", False)[0]
-    return x @ _view(memory, mapping, scale).to(x.dtype)
+        return torch.ops.roastfx.linear(x, memory, None, None, mapping, scale, not flip, "none", False)[0]
+    view = _view(memory, mapping, scale).to(x.dtype)
+    return x @ (view.t() if flip else view)
+
+
+def _features(mapping: list[int], flip: bool) -> tuple[int, int]:
+    """(in, out) features: the view is (in, out), or (out, in) when read transposed."""
+    return (mapping[1], mapping[0]) if flip else (mapping[0], mapping[1])
 
 
 def _view(memory: Tensor, mapping: list[int], scale: float) -> Tensor:
@@ -66,45 +73,47 @@ def _view(memory: Tensor, mapping: list[int], scale: float) -> Tensor:
 
 @torch.library.custom_op("roastfx::roast_linear_epilogue", mutates_args=())
 def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale: float, extras: list[Tensor],
-                           epilogue: str) -> Tensor:
-    """``epilogue(x @ V, extras)`` with V the site's B view read from the memory."""
+                           epilogue: str, transpose_view: bool) -> Tensor:
+    """``epilogue(x @ V, extras)`` with V the site's B view read from the memory (V^T when transpose_view)."""
     epi = parse_epilogue(epilogue)
     m = _mapping(mapping)
-    if x.shape[-1] != m.rows:
-        raise ValueError(f"input has {x.shape[-1]} features but the site's view is {m.rows}x{m.cols}")
-    out_shape = (*x.shape[:-1], m.cols)
+    k, n = _features(mapping, transpose_view)
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features but the site's view is {m.rows}x{m.cols} "
+                         f"({k} expected{' with transpose_view' if transpose_view else ''})")
+    out_shape = (*x.shape[:-1], n)
     epi.check_extras(out_shape, extras)
     out_dtype = epi.out_dtype(x.dtype, extras)
     if _kernel_applies(x, memory, extras, out_dtype):
         from .triton_epilogue import roast_matmul_epilogue
 
-        y = roast_matmul_epilogue(x.reshape(-1, m.rows), memory.reshape(-1), m, scale, True, epi,
-                                  [_as_2d(e, out_shape, m.cols) for e in extras], out_dtype)
+        y = roast_matmul_epilogue(x.reshape(-1, k), memory.reshape(-1), m, scale, not transpose_view, epi,
+                                  [_as_2d(e, out_shape, n) for e in extras], out_dtype)
         return y.reshape(out_shape)
-    y = epi.apply(_product(x, memory, mapping, scale), extras)
+    y = epi.apply(_product(x, memory, mapping, scale, transpose_view), extras)
     return y.clone() if any(y is t for t in (x, *extras)) else y
 
 
 @_roast_linear_epilogue.register_fake
-def _(x, memory, mapping, scale, extras, epilogue):
+def _(x, memory, mapping, scale, extras, epilogue, transpose_view):
     epi = parse_epilogue(epilogue)
-    out_shape = (*x.shape[:-1], mapping[1])
+    out_shape = (*x.shape[:-1], _features(mapping, transpose_view)[1])
     epi.check_extras(out_shape, extras)
     return x.new_empty(out_shape, dtype=epi.out_dtype(x.dtype, extras))
 
 
 def _setup_context(ctx, inputs, output):
-    x, memory, mapping, scale, extras, epilogue = inputs
+    x, memory, mapping, scale, extras, epilogue, transpose_view = inputs
     ctx.save_for_backward(x, memory, *extras)
-    ctx.site = (mapping, scale, epilogue)
+    ctx.site = (mapping, scale, epilogue, transpose_view)
 
 
 def _backward(ctx, grad):
     x, memory, *extras = ctx.saved_tensors
-    mapping, scale, epilogue = ctx.site
+    mapping, scale, epilogue, flip = ctx.site
     epi = parse_epilogue(epilogue)
     # the epilogue's vjp at the recomputed product: d/dz and d/d(each floating extra)
-    pre = _product(x, memory, mapping, scale)
+    pre = _product(x, memory, mapping, scale, flip)
     wants = [i for i, e in enumerate(extras) if e.is_floating_point()]
 
     def run(z, *differentiable):
@@ -119,29 +128,32 @@ def _backward(ctx, grad):
     for i, g in zip(wants, grad_wanted):
         grad_extras[i] = g.to(extras[i].dtype)
 
-    n = mapping[1]
+    n = _features(mapping, flip)[1]
     grad2d = grad_pre.reshape(-1, n).to(x.dtype).contiguous()
     x2d = x.reshape(-1, x.shape[-1])
     if use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES:
         from . import kernels  # noqa: F401
 
-        grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, mapping, scale, True).reshape(x.shape)
-        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, mapping, scale, True)
+        grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, mapping, scale, not flip).reshape(x.shape)
+        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, mapping, scale, not flip)
     else:
         view = _view(memory, mapping, scale).to(grad2d.dtype)
-        grad_x = (grad2d @ view.t()).reshape(x.shape)
-        grad_view = x2d.t() @ grad2d
+        grad_x = (grad2d @ (view if flip else view.t())).reshape(x.shape)
+        grad_view = grad2d.t() @ x2d if flip else x2d.t() @ grad2d
         grad_memory = torch.ops.roastfx.memory_grad(grad_view, mapping, scale, memory.numel())
         grad_memory = grad_memory.to(memory.dtype).reshape(memory.shape)
-    return grad_x, grad_memory, None, None, grad_extras, None
+    return grad_x, grad_memory, None, None, grad_extras, None, None
 
 
+# transpose_view has no default on purpose: the dispatcher drops trailing defaulted arguments, and the
+# tensor-list autograd wrapper then expects fewer gradients than the schema has inputs
 _roast_linear_epilogue.register_autograd(_backward, setup_context=_setup_context)
 
 
-def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epilogue, extras=()) -> Tensor:
-    """``epilogue(x @ V, extras)``: ``mapping`` a TileHash or its 13 integers, ``epilogue`` an
-    `Epilogue` or its signature string (e.g. ``"add:x0|gelu_tanh|mul:0.5|cast:bfloat16"``)."""
+def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epilogue, extras=(),
+                          transpose_view: bool = False) -> Tensor:
+    """``epilogue(x @ V, extras)`` (``x @ V^T`` when transpose_view): ``mapping`` a TileHash or its 13
+    integers, ``epilogue`` an `Epilogue` or its signature (e.g. ``"add:x0|gelu_tanh|mul:0.5|cast:bfloat16"``)."""
     if isinstance(mapping, TileHash):
         from dataclasses import astuple
 
@@ -152,4 +164,5 @@ def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epil
         Epilogue.parse(epilogue)  # a bad signature fails here, with its message, not inside the op
     else:
         raise TypeError(f"epilogue must be an Epilogue or a signature str, got {type(epilogue).__name__}")
-    return _roast_linear_epilogue(x, memory, list(mapping), float(scale), list(extras), epilogue)
+    return _roast_linear_epilogue(x, memory, list(mapping), float(scale), list(extras), epilogue,
+                                  bool(transpose_view))

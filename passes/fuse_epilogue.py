@@ -1,6 +1,6 @@
 """Fold the pointwise chain after each ``roastfx::roast_linear`` into one epilogue op.
 
-For each ``roast_linear(x, memory, mapping, scale, bias, act)`` node, walk forward
+For each ``roast_linear(x, memory, mapping, scale, bias, act[, transpose_view])`` node, walk forward
 while the value has a single user that is a pointwise op the epilogue IR can express
 (codegen/epilogue.py): +, -, *, / by a constant or by a tensor that broadcasts to the
 output without growing it (bias, residual, per-column scale ...), relu, gelu (erf or
@@ -53,10 +53,11 @@ def _roast_linear_op():
 
 
 def _linear_args(node):
-    names = ("x", "memory", "mapping", "scale", "bias", "act")
+    names = ("x", "memory", "mapping", "scale", "bias", "act", "transpose_view")
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
-    return args["x"], args["memory"], args["mapping"], args["scale"], args.get("bias"), args.get("act", "none")
+    return (args["x"], args["memory"], args["mapping"], args["scale"], args.get("bias"), args.get("act", "none"),
+            bool(args.get("transpose_view", False)))
 
 
 def _meta_value(node):
@@ -155,7 +156,7 @@ def _step(lowered, out_shape, extras, chain) -> Step | None:
 
 
 def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
-    x, memory, mapping, scale, bias, act = _linear_args(node)
+    x, memory, mapping, scale, bias, act, transpose_view = _linear_args(node)
     extras: list[torch.fx.Node] = []
     steps: list[Step] = []
     if bias is not None:
@@ -181,14 +182,19 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
     last = chain[-1]
     with graph.inserting_before(last):
         fused = graph.call_function(fused_op(), (x, memory, list(mapping), float(scale), list(extras),
-                                                 epilogue.signature))
+                                                 epilogue.signature, transpose_view))
     fused.meta.update(last.meta)
     last.replace_all_uses_with(fused)
     for n in reversed(chain):
         graph.erase_node(n)
-    why = f"; left {stopped.name} ({stopped.target if stopped.op != 'call_method' else '.' + stopped.target}) " \
-          f"unfused" if stopped is not None else ""
+    why = f"; left {stopped.name} ({_describe(stopped)}) unfused" if stopped is not None else ""
     return f"{fused.name}: roast_linear {node.name} + {len(chain) - 1} ops -> epilogue {epilogue.signature}{why}"
+
+
+def _describe(node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def fuse_epilogue(gm: torch.fx.GraphModule) -> list[str]:
