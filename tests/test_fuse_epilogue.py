@@ -1,0 +1,211 @@
+"""The fuse_epilogue pass on small graphs: what it folds, where it stops, and that the
+rewritten graph computes what the original did (values and gradients)."""
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+import roastfx.codegen.ops as ops
+from roastfx.codegen.epilogue import Epilogue, fused_op
+from roastfx.codegen.hashing import PRIME, TileHash
+from roastfx.passes.fuse_epilogue import fuse_epilogue
+
+M, K, N = 37, 45, 70
+ROAST_LINEAR = torch.ops.roastfx.roast_linear.default
+EPILOGUE_OP = fused_op()
+
+
+def mapping(rows=K, cols=N, seed=0):
+    rng = random.Random(seed)
+    return TileHash(rows=rows, cols=cols, tile_rows=5, tile_cols=3, alignment=1, window_start=7,
+                    window_size=15 + rng.randrange(50, 400), a_row=rng.randrange(1, PRIME),
+                    a_col=rng.randrange(1, PRIME), b=rng.randrange(PRIME), c_row=rng.randrange(1, PRIME),
+                    c_col=rng.randrange(1, PRIME), d=rng.randrange(PRIME))
+
+
+MAP = ops.mapping_args(mapping())
+
+
+def inputs(seed=0, residual_shape=(M, N)):
+    gen = torch.Generator().manual_seed(seed)
+    size = MAP[5] + MAP[6]  # window_start + window_size
+    return (torch.randn(M, K, generator=gen), torch.randn(size, generator=gen), torch.randn(N, generator=gen),
+            torch.randn(*residual_shape, generator=gen))
+
+
+def traced(fn, args, shapes=True):
+    class Wrapper(torch.nn.Module):
+        def forward(self, x, memory, bias, res):
+            return fn(x, memory, bias, res)
+
+    gm = torch.fx.symbolic_trace(Wrapper())
+    if shapes:
+        ShapeProp(gm).propagate(*args)
+    return gm
+
+
+def nodes(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def linear(x, memory, bias=None, act="none"):
+    return ROAST_LINEAR(x, memory, MAP, 0.3, bias, act)
+
+
+def block(x, memory, bias, res):
+    z = linear(x, memory, bias, "relu")
+    z = z * 0.5
+    z = z + res
+    z = F.gelu(z, approximate="tanh")
+    z = z.to(torch.bfloat16)
+    return torch.cumsum(z, 1)
+
+
+def test_chain_folds_up_to_the_first_op_it_cannot_lower():
+    args = inputs(1)
+    gm = traced(block, args)
+    want = gm(*args)
+    report = fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "add:x0|relu|mul:0.5|add:x1|gelu_tanh|cast:bfloat16"
+    assert [a.name for a in fused.args[4]] == ["bias", "res"]
+    assert not nodes(gm, ROAST_LINEAR)
+    (cumsum,) = nodes(gm, torch.cumsum)
+    assert cumsum.args[0] is fused  # the unsupported op stays, fed by the fused node
+    assert len([n for n in gm.graph.nodes if n.op == "call_function"]) == 2
+    assert len(report) == 1 and "cumsum" in report[0] and "unfused" in report[0]
+    got = gm(*args)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)  # the reference path runs the very same eager ops in the same order
+
+
+def test_ops_after_an_unlowerable_op_stay():
+    def fn(x, memory, bias, res):
+        z = linear(x, memory) * 2.0
+        return torch.cumsum(z, 0) + 1.0
+
+    args = inputs(2)
+    gm = traced(fn, args)
+    want = gm(*args)
+    fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "mul:2.0"
+    (cumsum,) = nodes(gm, torch.cumsum)
+    assert [u.target for u in cumsum.users] == [__import__("operator").add]
+    torch.testing.assert_close(gm(*args), want, rtol=0, atol=0)
+
+
+def test_operand_forms_methods_and_reversed_ops():
+    def fn(x, memory, bias, res):
+        z = 1.0 - linear(x, memory)
+        z = z.sigmoid()
+        z = res.div(z)  # the tensor on the left: rdiv
+        z = torch.tanh(z)
+        z = z.add(bias)
+        z = -z.float()
+        return torch.mul(z, 3)
+
+    args = inputs(3)
+    gm = traced(fn, args)
+    want = gm(*args)
+    fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "rsub:1.0|sigmoid|rdiv:x0|tanh|add:x1|cast:float32|mul:-1.0|mul:3.0"
+    assert [a.name for a in fused.args[4]] == ["res", "bias"]
+    torch.testing.assert_close(gm(*args), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["grows the output", "two users", "z + z", "alpha", "no shapes"])
+def test_operands_it_cannot_prove_safe_stop_the_walk(case):
+    residual_shape = (2, M, N) if case == "grows the output" else (M, N)
+
+    def fn(x, memory, bias, res):
+        z = linear(x, memory, bias)
+        if case == "z + z":
+            return z + z
+        if case == "alpha":
+            return torch.add(z, res, alpha=2.0)
+        z = z * 0.5  # folded in every remaining case
+        if case == "two users":
+            return z + 1.0, z * 2.0
+        return z + res
+
+    args = inputs(4, residual_shape)
+    gm = traced(fn, args, shapes=case != "no shapes")
+    want = gm(*args)
+    fuse_epilogue(gm)
+    fused = nodes(gm, EPILOGUE_OP)
+    if case in ("z + z", "alpha"):
+        assert not fused and len(nodes(gm, ROAST_LINEAR)) == 1  # nothing to fold beyond the bias
+    else:
+        assert [f.args[5] for f in fused] == ["add:x0|mul:0.5"]
+        assert len(list(fused[0].users)) == (2 if case == "two users" else 1)
+    got = gm(*args)
+    for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_rewritten_graph_has_the_original_gradients():
+    def fn(x, memory, bias, res):
+        z = linear(x, memory, bias, "silu")
+        return F.gelu(z / 3.0 - res) * 2.0
+
+    args = inputs(5)
+    gm = traced(fn, args)
+    leaves = [a.clone().requires_grad_() for a in args]
+    gm(*leaves).square().sum().backward()
+    want = [t.grad for t in leaves]
+    assert fuse_epilogue(gm)
+    assert nodes(gm, EPILOGUE_OP)[0].args[5] == "add:x0|silu|div:3.0|sub:x1|gelu|mul:2.0"
+    leaves = [a.clone().requires_grad_() for a in args]
+    gm(*leaves).square().sum().backward()
+    for name, t, w in zip(["x", "memory", "bias", "residual"], leaves, want):
+        torch.testing.assert_close(t.grad, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_generated_kernel_computes_what_the_original_graph_did(monkeypatch):
+    monkeypatch.setenv("ROASTFX_KERNELS", "triton")  # tests/conftest.py runs Triton in the interpreter
+    args = inputs(6)
+    gm = traced(block, args)
+    want = gm(*args)  # roast_linear's fixed-epilogue kernel, then eager ops
+    fuse_epilogue(gm)
+    got = gm(*args)  # one generated kernel for the whole chain
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_pass_works_on_a_dynamo_graph():
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(fuse_epilogue(gm))
+        return gm.forward
+
+    def fn(x, memory, bias, res):
+        return torch.sigmoid(linear(x, memory, bias) * 0.25 + res)
+
+    args = inputs(7)
+    got = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    assert len(seen) == 1 and "add:x0|mul:0.25|add:x1|sigmoid" in seen[0]
+    torch.testing.assert_close(got, fn(*args), rtol=0, atol=0)
+
+
+def test_pass_signature_reads_back_and_pass_imports_no_triton():
+    Epilogue.parse("add:x0|relu|mul:0.5|add:x1|gelu_tanh|cast:bfloat16")  # what the pass writes parses
+    code = (
+        "import sys, torch\n"
+        "import roastfx.codegen.ops\n"
+        "from roastfx.passes.fuse_epilogue import fuse_epilogue\n"
+        "g = torch.fx.Graph(); x = g.placeholder('x'); m = g.placeholder('m')\n"
+        f"y = g.call_function(torch.ops.roastfx.roast_linear.default, (x, m, {MAP}, 0.3))\n"
+        "g.output(g.call_function(torch.relu, (y,)))\n"
+        "gm = torch.fx.GraphModule(torch.nn.Module(), g)\n"
+        "assert fuse_epilogue(gm)\n"
+        "assert 'triton' not in sys.modules, 'the pass imported triton'\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
