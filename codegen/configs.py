@@ -167,7 +167,8 @@ def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None
     Under the interpreter or off CUDA: INTERPRETER_CONFIG. On CUDA with autotuning on
     (:func:`set_autotune`) and a ``bench(config) -> ms`` given: the fastest candidate
     that fits the device's shared memory (and holds whole hash tiles where possible),
-    timed once per (kernel, shape bucket, dtype). Otherwise the heuristic :func:`pick`.
+    timed once per (kernel, shape bucket, dtype). Otherwise (and for a shape not yet tuned
+    while a CUDA graph is being captured) the heuristic :func:`pick`.
     """
     if interpreting() or torch_device(device).type != "cuda":
         return INTERPRETER_CONFIG
@@ -177,8 +178,15 @@ def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None
         _limits[index] = shared_memory_limit(dev)
     if autotune_enabled() and bench is not None and kernel is not None:
         key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile)
-        return tune(key, candidates(_limits[index], element_size, block_tile), bench)
+        if key in _tuned or not _capturing():  # no timing inside a CUDA graph capture
+            return tune(key, candidates(_limits[index], element_size, block_tile), bench)
     return pick(m, n, k, _limits[index], element_size, block_tile)
+
+
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def torch_device(device):

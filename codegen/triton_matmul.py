@@ -2,6 +2,8 @@
 
 Two kernels serve forward and backward of ``y = epilogue(x @ B)``:
 
+- `roast_matmul_block` is the GEMM main loop every forward kernel shares: this one's
+  fixed epilogue and the kernels generated per epilogue pattern (triton_epilogue.py).
 - `_roast_matmul_kernel` computes ``a @ op(V)`` where V is a site's (rows, cols) view
   and op is identity or transpose. Forward of a view that is B (nn.Linear with a
   transposed view) reads V as is; dX = dY @ B^T reads the same slots transposed.
