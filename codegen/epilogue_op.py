@@ -42,12 +42,14 @@ def _mapping(values: list[int]) -> TileHash:
 def _kernel_applies(x: Tensor, memory: Tensor, extras: list[Tensor], out_dtype: torch.dtype) -> bool:
     """The generated kernel computes in fp32: float64 anywhere goes to the reference path."""
     return (use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES
-            and out_dtype in _KERNEL_DTYPES and all(e.dtype != torch.float64 for e in extras))
+            and out_dtype in _KERNEL_DTYPES and all(e.dtype != torch.float64 for e in extras)
+            and all(e.device == x.device or e.dim() == 0 for e in extras))
 
 
-def _as_2d(e: Tensor, out_shape: tuple, n: int) -> Tensor:
-    """An extra broadcast to the flattened (M, N) output; a (N,) vector or a scalar stays as it is."""
-    return e if e.dim() <= 1 else e.expand(out_shape).reshape(-1, n)
+def _as_2d(e: Tensor, out_shape: tuple, n: int, device: torch.device) -> Tensor:
+    """An extra broadcast to the flattened (M, N) output; a (N,) vector or a scalar stays as it is
+    (a 0-dim CPU tensor, which eager torch lets meet CUDA tensors, moves to the output's device)."""
+    return e.to(device) if e.dim() == 0 else e if e.dim() == 1 else e.expand(out_shape).reshape(-1, n)
 
 
 def _product(x: Tensor, memory: Tensor, mapping: list[int], scale: float, flip: bool) -> Tensor:
@@ -88,7 +90,7 @@ def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale:
         from .triton_epilogue import roast_matmul_epilogue
 
         y = roast_matmul_epilogue(x.reshape(-1, k), memory.reshape(-1), m, scale, not transpose_view, epi,
-                                  [_as_2d(e, out_shape, n) for e in extras], out_dtype)
+                                  [_as_2d(e, out_shape, n, x.device) for e in extras], out_dtype)
         return y.reshape(out_shape)
     y = epi.apply(_product(x, memory, mapping, scale, transpose_view), extras)
     return y.clone() if any(y is t for t in (x, *extras)) else y
@@ -126,7 +128,7 @@ def _backward(ctx, grad):
     grad_pre, *grad_wanted = vjp(grad.to(epi.out_dtype(x.dtype, extras)))
     grad_extras: list[Tensor | None] = [None] * len(extras)
     for i, g in zip(wants, grad_wanted):
-        grad_extras[i] = g.to(extras[i].dtype)
+        grad_extras[i] = g.to(extras[i].device, extras[i].dtype)
 
     n = _features(mapping, flip)[1]
     grad2d = grad_pre.reshape(-1, n).to(x.dtype).contiguous()

@@ -187,7 +187,7 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
     last.replace_all_uses_with(fused)
     for n in reversed(chain):
         graph.erase_node(n)
-    why = f"; left {stopped.name} ({_describe(stopped)}) unfused" if stopped is not None else ""
+    why = f"; left {stopped.name} ({_describe(stopped)}) unfused" if stopped is not None and stopped.op != "output" else ""
     return f"{fused.name}: roast_linear {node.name} + {len(chain) - 1} ops -> epilogue {epilogue.signature}{why}"
 
 
