@@ -161,7 +161,11 @@ class Epilogue:
             raise ValueError(f"epilogue {self.signature!r} takes {self.num_extras} extra tensors, got {len(extras)}")
         out_shape = tuple(out_shape)
         for i, e in enumerate(extras):
-            if torch.broadcast_shapes(tuple(e.shape), out_shape) != out_shape:
+            try:
+                fits = torch.broadcast_shapes(tuple(e.shape), out_shape) == out_shape
+            except RuntimeError:
+                fits = False
+            if not fits:
                 raise ValueError(
                     f"epilogue extra x{i} has shape {tuple(e.shape)}, which does not broadcast to the output "
                     f"shape {out_shape} without growing it"

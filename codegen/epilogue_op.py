@@ -40,7 +40,8 @@ def _mapping(values: list[int]) -> TileHash:
 
 
 def _kernel_applies(x: Tensor, memory: Tensor, extras: list[Tensor], out_dtype: torch.dtype) -> bool:
-    """The generated kernel computes in fp32: float64 anywhere goes to the reference path."""
+    """The generated kernel computes in fp32 on x's device: float64 anywhere, or an extra on another
+    device (other than a 0-dim one), goes to the reference path."""
     return (use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES
             and out_dtype in _KERNEL_DTYPES and all(e.dtype != torch.float64 for e in extras)
             and all(e.device == x.device or e.dim() == 0 for e in extras))
@@ -49,7 +50,9 @@ def _kernel_applies(x: Tensor, memory: Tensor, extras: list[Tensor], out_dtype: 
 def _as_2d(e: Tensor, out_shape: tuple, n: int, device: torch.device) -> Tensor:
     """An extra broadcast to the flattened (M, N) output; a (N,) vector or a scalar stays as it is
     (a 0-dim CPU tensor, which eager torch lets meet CUDA tensors, moves to the output's device)."""
-    return e.to(device) if e.dim() == 0 else e if e.dim() == 1 else e.expand(out_shape).reshape(-1, n)
+    if e.dim() == 0:
+        return e.to(device)
+    return e if e.dim() == 1 else e.expand(out_shape).reshape(-1, n)
 
 
 def _product(x: Tensor, memory: Tensor, mapping: list[int], scale: float, flip: bool) -> Tensor:
@@ -67,6 +70,14 @@ def _features(mapping: list[int], flip: bool) -> tuple[int, int]:
     return (mapping[1], mapping[0]) if flip else (mapping[0], mapping[1])
 
 
+def _out_shape(x: Tensor, mapping: list[int], flip: bool) -> tuple:
+    k, n = _features(mapping, flip)
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features but the site's view is {mapping[0]}x{mapping[1]} "
+                         f"({k} expected{' with transpose_view' if flip else ''})")
+    return (*x.shape[:-1], n)
+
+
 def _view(memory: Tensor, mapping: list[int], scale: float) -> Tensor:
     """The B view through ``roastfx::materialize`` (ops.py): opaque to tracing, so fake tensors never
     meet the mapping's cached index tensors."""
@@ -80,10 +91,7 @@ def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale:
     epi = parse_epilogue(epilogue)
     m = _mapping(mapping)
     k, n = _features(mapping, transpose_view)
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features but the site's view is {m.rows}x{m.cols} "
-                         f"({k} expected{' with transpose_view' if transpose_view else ''})")
-    out_shape = (*x.shape[:-1], n)
+    out_shape = _out_shape(x, mapping, transpose_view)
     epi.check_extras(out_shape, extras)
     out_dtype = epi.out_dtype(x.dtype, extras)
     if _kernel_applies(x, memory, extras, out_dtype):
@@ -99,7 +107,7 @@ def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale:
 @_roast_linear_epilogue.register_fake
 def _(x, memory, mapping, scale, extras, epilogue, transpose_view):
     epi = parse_epilogue(epilogue)
-    out_shape = (*x.shape[:-1], _features(mapping, transpose_view)[1])
+    out_shape = _out_shape(x, mapping, transpose_view)
     epi.check_extras(out_shape, extras)
     return x.new_empty(out_shape, dtype=epi.out_dtype(x.dtype, extras))
 

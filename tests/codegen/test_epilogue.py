@@ -259,6 +259,19 @@ def test_bad_epilogues_name_the_value():
         Epilogue.parse("add:x0").apply(torch.zeros(2, 2))
 
 
+def test_op_errors_name_the_bad_value(kernels, device):
+    mapping, memory = site(seed=15)
+    mem, x = memory.float().to(device), torch.zeros(4, K, device=device)
+    with pytest.raises(ValueError, match="44 features.*45 expected"):
+        roast_linear_epilogue(x[:, :44], mem, mapping, 1.0, "relu")
+    with pytest.raises(ValueError, match="'softplus'"):
+        roast_linear_epilogue(x, mem, mapping, 1.0, "relu|softplus")
+    with pytest.raises(ValueError, match=r"x0 has shape \(5, 70\)"):
+        roast_linear_epilogue(x, mem, mapping, 1.0, "add:x0", [torch.zeros(5, N, device=device)])
+    with pytest.raises(TypeError, match="Epilogue or a signature str, got int"):
+        roast_linear_epilogue(x, mem, mapping, 1.0, 3)
+
+
 def test_apply_is_the_eager_chain():
     z, r = torch.randn(4, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     got = Epilogue.parse("add:x0|gelu|mul:0.5|rdiv:3.0|silu").apply(z, [r])
