@@ -187,8 +187,9 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
     last.replace_all_uses_with(fused)
     for n in reversed(chain):
         graph.erase_node(n)
-    why = f"; left {stopped.name} ({_describe(stopped)}) unfused" if stopped is not None and stopped.op != "output" else ""
-    return f"{fused.name}: roast_linear {node.name} + {len(chain) - 1} ops -> epilogue {epilogue.signature}{why}"
+    folded = ", ".join(n.name for n in chain[1:])
+    stop = f"; stops at {stopped.name} ({_describe(stopped)})" if stopped is not None and stopped.op != "output" else ""
+    return f"{fused.name}: {node.name} + {folded} -> epilogue {epilogue.signature}{stop}"
 
 
 def _describe(node) -> str:
