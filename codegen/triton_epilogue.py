@@ -194,7 +194,7 @@ def roast_matmul_epilogue(
         )
 
     cfg = config or choose_config(f"roast_matmul_epilogue[{epilogue.pattern}]", a, M, N, R, mapping, view_is_b,
-                                  lambda c: launch(c, torch.empty_like(out)))
+                                  launch, lambda: (torch.empty_like(out),))
     launched = launch(cfg)
     if getattr(launched, "asm", None):  # compiled (not interpreted): also dump its IR and assembly
         maybe_dump(kernel, launched)

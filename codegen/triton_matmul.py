@@ -197,17 +197,28 @@ def block_tile(mapping: TileHash, view_is_b: bool) -> tuple[int, int, int]:
     return (0, mapping.tile_cols, mapping.tile_rows) if view_is_b else (0, mapping.tile_rows, mapping.tile_cols)
 
 
-def benchmark(launch):
-    """``bench(config) -> ms`` for configs.choose: triton's do_bench of one launch."""
+def benchmark(launch, scratch):
+    """``bench(config) -> ms`` for configs.choose: triton's do_bench of ``launch(config, *buffers)``.
+
+    ``buffers = scratch()`` is allocated once, at the first timing, so the timed loop neither
+    allocates nor writes the real outputs.
+    """
     import triton.testing
 
-    return lambda cfg: triton.testing.do_bench(lambda: launch(cfg))
+    buffers = []
+
+    def bench(cfg):
+        if not buffers:
+            buffers.append(scratch())
+        return triton.testing.do_bench(lambda: launch(cfg, *buffers[0]))
+
+    return bench
 
 
 def choose_config(kernel: str, a: torch.Tensor, M: int, N: int, R: int, mapping: TileHash, view_is_b: bool,
-                  launch) -> configs.BlockConfig:
-    """configs.choose for an (M x R) @ (R x N) launch; ``launch(config)`` must write only scratch outputs."""
-    return configs.choose(a.device, M, N, R, a.element_size(), kernel=kernel, bench=benchmark(launch),
+                  launch, scratch) -> configs.BlockConfig:
+    """configs.choose for an (M x R) @ (R x N) launch; see `benchmark` for ``launch`` and ``scratch``."""
+    return configs.choose(a.device, M, N, R, a.element_size(), kernel=kernel, bench=benchmark(launch, scratch),
                           block_tile=block_tile(mapping, view_is_b), dtype=a.dtype)
 
 
@@ -264,8 +275,8 @@ def roast_matmul(
             GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = config or choose_config("roast_matmul", a, M, N, R, mapping, view_is_b,
-                                  lambda c: launch(c, torch.empty_like(out), torch.empty_like(pre) if store_pre else None))
+    cfg = config or choose_config("roast_matmul", a, M, N, R, mapping, view_is_b, launch,
+                                  lambda: (torch.empty_like(out), torch.empty_like(pre) if store_pre else None))
     launched = launch(cfg)
     maybe_dump(_roast_matmul_kernel, launched)
     return out, pre
@@ -316,15 +327,17 @@ def roast_grad_memory(
         # the deterministic path holds a contribution and an index per element: bound them by rows
         return K if not deterministic else max(1, DETERMINISTIC_CHUNK_ELEMENTS // (N * cfg.block_m)) * cfg.block_m
 
-    def scratch_launch(cfg):  # for timing: the first chunk, into buffers nobody reads
+    def scratch():  # the largest first chunk any candidate (blocks <= 128 rows) takes
+        rows = min(K, max(128, DETERMINISTIC_CHUNK_ELEMENTS // N)) if deterministic else 0
+        return torch.zeros_like(grad), torch.empty((rows, N), device=a.device, dtype=torch.float32)
+
+    def first_chunk(cfg, grad, contrib):  # what is timed: the first chunk, into buffers nobody reads
         rows = min(K, chunk_rows(cfg))
-        scratch = torch.zeros_like(grad)
-        contrib = torch.empty((rows, N), device=a.device, dtype=torch.float32) if deterministic else scratch
-        return launch(cfg, 0, rows, scratch, contrib)
+        return launch(cfg, 0, rows, grad, contrib[:rows] if deterministic else grad)
 
     # the view's rows run along the kernel's block_m axis, its columns along block_n
     cfg = config or configs.choose(a.device, K, N, M, a.element_size(), kernel="roast_grad_memory",
-                                   bench=benchmark(scratch_launch), dtype=a.dtype,
+                                   bench=benchmark(first_chunk, scratch), dtype=a.dtype,
                                    block_tile=(mapping.tile_rows, mapping.tile_cols, 0))
     chunk = chunk_rows(cfg)
     cols = torch.arange(N, device=a.device, dtype=torch.int64)[None, :]
