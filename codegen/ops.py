@@ -17,7 +17,8 @@ import torch
 from .hashing import TileHash
 from .reference import materialize as _materialize
 
-__all__ = ["materialize", "roast_linear", "roast_embedding", "mapping_args", "use_triton"]
+__all__ = ["materialize", "roast_linear", "roast_embedding", "roast_conv", "embedding_bag_of_rows", "mapping_args",
+           "use_triton"]
 
 
 def mapping_args(mapping: TileHash) -> list[int]:
@@ -119,48 +120,52 @@ def activation_grad(grad: torch.Tensor, pre: torch.Tensor, name: str) -> torch.T
 
 @torch.library.custom_op("roastfx::roast_linear", mutates_args=())
 def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
-                 bias: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
-    """``act(x @ V + bias)`` where V is the site's B view read from the memory (the epilogue fused)."""
+                 bias: torch.Tensor | None = None, act: str = "none", transpose_view: bool = False) -> torch.Tensor:
+    """``act(x @ V + bias)`` where V is the site's B view read from the memory (the epilogue fused);
+    ``x @ V^T`` instead when transpose_view (a weight read the other way round, e.g. a tied embedding)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act={act!r} is not valid; accepted: {', '.join(ACTIVATIONS)}")
     if use_triton(x):
         _kernels()
-        return torch.ops.roastfx.linear(x, memory, bias, None, mapping, scale, True, act, False)[0]
+        return torch.ops.roastfx.linear(x, memory, bias, None, mapping, scale, not transpose_view, act, False)[0]
     view = _materialize(memory, _mapping(mapping), scale).to(x.dtype)
-    out = x @ view
+    out = x @ (view.t() if transpose_view else view)
     return activation(out + bias if bias is not None else out, act)
 
 
 @roast_linear.register_fake
-def _(x, memory, mapping, scale, bias=None, act="none"):
-    return x.new_empty((*x.shape[:-1], _mapping(mapping).cols))
+def _(x, memory, mapping, scale, bias=None, act="none", transpose_view=False):
+    return x.new_empty((*x.shape[:-1], mapping[0] if transpose_view else mapping[1]))
 
 
 def _roast_linear_setup(ctx, inputs, output):
-    x, memory, mapping, scale, bias, act = inputs
+    x, memory, mapping, scale, bias, act, transpose_view = inputs
     ctx.save_for_backward(x, memory, bias)
     ctx.mapping, ctx.scale, ctx.has_bias, ctx.act = mapping, scale, bias is not None, act
+    ctx.transpose_view = transpose_view
 
 
 def _roast_linear_backward(ctx, grad):
     x, memory, bias = ctx.saved_tensors
+    flip = ctx.transpose_view
     if ctx.act != "none":  # recompute the pre-activation rather than keep it alive since the forward
-        pre = roast_linear(x, memory, ctx.mapping, ctx.scale, bias, "none")
+        pre = roast_linear(x, memory, ctx.mapping, ctx.scale, bias, "none", flip)
         grad = activation_grad(grad, pre, ctx.act)
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1])
+    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
+    grad_bias = grad2d.sum(0, dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
     if use_triton(x):
         _kernels()
-        grad2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype).contiguous()
-        x2d = x.reshape(-1, x.shape[-1])
-        grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, ctx.mapping, ctx.scale, True).reshape(x.shape)
-        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, ctx.mapping, ctx.scale, True)
-        grad_bias = grad2d.float().sum(0).to(grad.dtype) if ctx.has_bias else None
-        return grad_x, grad_memory, None, None, grad_bias, None
+        grad2d = grad2d.to(x.dtype).contiguous()
+        grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, ctx.mapping, ctx.scale, not flip).reshape(x.shape)
+        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, ctx.mapping, ctx.scale, not flip)
+        return grad_x, grad_memory, None, None, grad_bias, None, None
     view = materialize(memory, ctx.mapping, ctx.scale).to(grad.dtype)
-    grad_x = grad @ view.t()
-    grad_view = x.reshape(-1, x.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1])
+    grad_x = grad @ (view if flip else view.t())
+    grad_view = grad2d.t() @ x2d if flip else x2d.t() @ grad2d
     grad_memory = _memory_grad_op(grad_view, ctx.mapping, ctx.scale, memory.numel()).to(memory.dtype)
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, grad_memory, None, None, grad_bias, None
+    return grad_x, grad_memory, None, None, grad_bias, None, None
 
 
 roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)
@@ -178,8 +183,12 @@ def _row_memory_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHa
 
 
 @torch.library.custom_op("roastfx::roast_embedding", mutates_args=())
-def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float) -> torch.Tensor:
-    """``F.embedding(ids, W)`` reading only the looked-up rows of the site's view from the memory."""
+def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                    padding_idx: int | None = None) -> torch.Tensor:
+    """``F.embedding(ids, W, padding_idx)`` reading only the looked-up rows of the site's view from the memory.
+
+    padding_idx (in [0, rows)) changes only the backward: its row gets no gradient.
+    """
     if use_triton(memory):
         _kernels()
         return torch.ops.roastfx.gather_rows(memory, ids, mapping, scale, None)
@@ -189,7 +198,7 @@ def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int],
 
 
 @roast_embedding.register_fake
-def _(ids, memory, mapping, scale):
+def _(ids, memory, mapping, scale, padding_idx=None):
     return memory.new_empty((*ids.shape, mapping[1]))
 
 
@@ -208,13 +217,131 @@ def _(grad_rows, ids, memory, mapping, scale):
 
 
 def _embedding_setup(ctx, inputs, output):
-    ids, memory, ctx.mapping, ctx.scale = inputs
+    ids, memory, ctx.mapping, ctx.scale, ctx.padding_idx = inputs
     ctx.save_for_backward(ids, memory)
 
 
 def _embedding_backward(ctx, grad):
     ids, memory = ctx.saved_tensors
-    return None, _roast_embedding_grad(grad, ids, memory, ctx.mapping, ctx.scale), None, None
+    if ctx.padding_idx is not None:
+        grad = grad.masked_fill((ids == ctx.padding_idx).unsqueeze(-1), 0)
+    return None, _roast_embedding_grad(grad, ids, memory, ctx.mapping, ctx.scale), None, None, None
 
 
 roast_embedding.register_autograd(_embedding_backward, setup_context=_embedding_setup)
+
+
+def embedding_bag_of_rows(rows: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor | None, mode: str,
+                          per_sample_weights: torch.Tensor | None, include_last_offset: bool) -> torch.Tensor:
+    """``F.embedding_bag(ids, W, offsets, ...)`` given ``rows = W[ids]`` (from roast_embedding): the bags
+    are reduced over the looked-up rows only, so the table is never built."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    positions = torch.arange(flat.shape[0], device=ids.device, dtype=ids.dtype).reshape(ids.shape)
+    return torch.nn.functional.embedding_bag(positions, flat, offsets, mode=mode,
+                                             per_sample_weights=per_sample_weights,
+                                             include_last_offset=include_last_offset)
+
+
+# -- convolution --------------------------------------------------------------------------------
+def _conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_weight(view, in_per_group, kernel, dtype):
+    """The dense (out, in/groups, *kernel) weight of a B view: W = V^T reshaped (reference path only)."""
+    return view.to(dtype).t().reshape(view.shape[1], in_per_group, *kernel)
+
+
+def _as_2d(x, kernel, stride, padding, dilation):
+    """A batched conv1d problem as conv2d with height 1 (unfold/fold only know 2-D)."""
+    if len(kernel) == 2:
+        return x, list(kernel), list(stride), list(padding), list(dilation)
+    return x.unsqueeze(2), [1, kernel[0]], [1, stride[0]], [0, padding[0]], [1, dilation[0]]
+
+
+def _batched(x, kernel):
+    return x if x.dim() == len(kernel) + 2 else x.unsqueeze(0)
+
+
+@torch.library.custom_op("roastfx::roast_conv", mutates_args=())
+def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float, bias: torch.Tensor | None,
+               kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+               groups: int) -> torch.Tensor:
+    """``F.conv1d/conv2d(x, W, bias, stride, padding, dilation, groups)`` (by ``len(kernel)``) where
+    W = V^T reshaped to (out, in/groups, *kernel) and V is the site's B view read from the memory.
+
+    On the Triton path with groups == 1: im2col (F.unfold) and the fused ROAST GEMM, so W is never
+    built. groups > 1 and the reference path materialize W and call the dense conv.
+    """
+    if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, dilation)):
+        raise ValueError(f"roast_conv takes 1 or 2 spatial dims with one stride/padding/dilation each, got "
+                         f"kernel={kernel} stride={stride} padding={padding} dilation={dilation}")
+    if use_triton(x) and groups == 1:
+        _kernels()
+        xb = _batched(x, kernel)
+        x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+        n, _, h, w = x2.shape
+        cols = torch.nn.functional.unfold(x2, k2, d2, p2, s2).transpose(1, 2)  # (N, L, in*kh*kw)
+        y = torch.ops.roastfx.linear(cols, memory, bias, None, mapping, scale, True, "none", False)[0]
+        spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
+        y = y.transpose(1, 2).reshape(n, mapping[1], *spatial)
+        y = y.squeeze(2) if len(kernel) == 1 else y
+        return y if xb is x else y.squeeze(0)
+    conv = torch.nn.functional.conv1d if len(kernel) == 1 else torch.nn.functional.conv2d
+    view = _materialize(memory, _mapping(mapping), scale)
+    weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+@roast_conv.register_fake
+def _(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups):
+    spatial = [_conv_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, dilation)]
+    return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1], *spatial))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, memory)
+    ctx.site = (mapping, scale)
+    ctx.conv = (kernel, stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad):
+    x, memory = ctx.saved_tensors
+    mapping, scale = ctx.site
+    kernel, stride, padding, dilation, groups = ctx.conv
+    need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    xb, gb = _batched(x, kernel), _batched(grad, kernel)
+    spatial_dims = tuple(range(2, gb.dim()))
+    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
+    grad_bias = gb.sum((0, *spatial_dims), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
+    grad_x = grad_memory = None
+    if use_triton(x) and groups == 1:
+        _kernels()
+        x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+        n, _, h, w = x2.shape
+        out = mapping[1]
+        grad2d = gb.reshape(n, out, -1).transpose(1, 2).reshape(-1, out).to(x.dtype).contiguous()  # (N*L, out)
+        if need_x:
+            grad_cols = torch.ops.roastfx.linear_grad_input(grad2d, memory, mapping, scale, True)  # (N*L, in*kh*kw)
+            grad_cols = grad_cols.reshape(n, -1, grad_cols.shape[-1]).transpose(1, 2)
+            grad_x = torch.nn.functional.fold(grad_cols, (h, w), k2, d2, p2, s2).reshape(x.shape)
+        if need_memory:
+            cols = torch.nn.functional.unfold(x2, k2, d2, p2, s2).transpose(1, 2)
+            cols = cols.reshape(-1, cols.shape[-1])
+            grad_memory = torch.ops.roastfx.linear_grad_memory(cols, grad2d, memory, mapping, scale, True)
+        return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None
+    grad_input = torch.nn.grad.conv1d_input if len(kernel) == 1 else torch.nn.grad.conv2d_input
+    grad_weight = torch.nn.grad.conv1d_weight if len(kernel) == 1 else torch.nn.grad.conv2d_weight
+    weight = _conv_weight(materialize(memory, mapping, scale), xb.shape[1] // groups, kernel, x.dtype)
+    if need_x:
+        grad_x = grad_input(xb.shape, weight, gb, stride, padding, dilation, groups).reshape(x.shape)
+    if need_memory:
+        grad_w = grad_weight(xb, weight.shape, gb, stride, padding, dilation, groups)
+        grad_view = grad_w.reshape(grad_w.shape[0], -1).t()
+        grad_memory = _memory_grad_op(grad_view, mapping, scale, memory.numel()).to(memory.dtype)
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None
+
+
+roast_conv.register_autograd(_conv_backward, setup_context=_conv_setup)

@@ -6,6 +6,8 @@ live ``nn.Parameter`` objects. ``graph_sites`` finds those that feed matmul-like
 ops; ``read_from_memory`` builds a fresh GraphModule (dynamo's own must not gain
 inputs) with one extra input, the memory, and every site's uses rewired to
 ``roastfx::materialize`` of it. The user's dense weights are left untouched.
+``frame_root`` finds the model those parameters belong to, so that every graph
+of one model (graph breaks, recompiles) can share one plan and one memory.
 """
 from __future__ import annotations
 
@@ -51,27 +53,62 @@ def graph_sites(gm: torch.fx.GraphModule, example_inputs) -> list[tuple[torch.fx
     return found
 
 
-def read_from_memory(gm: torch.fx.GraphModule, plan: Plan, site_nodes: dict[str, torch.fx.Node]) -> torch.fx.GraphModule:
-    """A fresh GraphModule whose last input is the memory and whose sites read from it."""
+def frame_root(gm: torch.fx.GraphModule, params) -> nn.Module | None:
+    """The module whose parameters these are, read from the frame dynamo is compiling
+    (``self`` of a forward, or whichever local the parameters' sources start from).
+
+    None when it cannot be found (dynamo's tracer is internal API; no version is relied on).
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        f_locals = InstructionTranslator.current_tx().f_locals
+    except Exception:  # not inside dynamo, or its internals changed
+        return None
+    for node in gm.graph.nodes:
+        source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
+        while getattr(source, "base", None) is not None:
+            source = source.base
+        value = f_locals.get(getattr(source, "local_name", None)) if source is not None else None
+        if isinstance(value, nn.Module):
+            owned = {id(p) for p in value.parameters()}
+            if all(id(p) in owned for p in params):
+                return value
+    return None
+
+
+def _read_weight(graph: torch.fx.Graph, memory: torch.fx.Node, site) -> torch.fx.Node:
+    """materialize -> (t) -> reshape: the site's dense weight rebuilt from the memory."""
+    m = site.mapping
+    mapping = [int(v) for v in m.to_dict().values()]
+    view = graph.call_function(torch.ops.roastfx.materialize.default, (memory, mapping, site.scale))
+    view.meta["example_value"] = torch.empty((m.rows, m.cols), device="meta")
+    weight = view
+    if site.transposed:
+        weight = graph.call_method("t", (view,))
+        weight.meta["example_value"] = torch.empty((m.cols, m.rows), device="meta")
+    weight = graph.call_method("reshape", (weight, site.shape))
+    weight.meta["example_value"] = torch.empty(site.shape, device="meta")
+    return weight
+
+
+def read_from_memory(gm: torch.fx.GraphModule, plan: Plan,
+                     site_nodes: dict[str, torch.fx.Node]) -> torch.fx.GraphModule:
+    """A fresh GraphModule whose last input is the memory and whose sites (those of the plan
+    that ``site_nodes`` names: this graph's) read from it."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     output = graph.graph_copy(gm.graph, env, return_output_node=True)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         memory = graph.placeholder(MEMORY_INPUT)
-    anchor = memory
     for site in plan.sites:
+        if site.name not in site_nodes:
+            continue
         old = env[site_nodes[site.name]]
-        with graph.inserting_after(anchor):
-            mapping = [int(v) for v in site.mapping.to_dict().values()]
-            view = graph.call_function(torch.ops.roastfx.materialize.default, (memory, mapping, site.scale))
-        with graph.inserting_after(view):
-            weight = graph.call_method("t", (view,)) if site.transposed else view
-        with graph.inserting_after(weight):
-            weight = graph.call_method("reshape", (weight, site.shape))
-        weight.meta["example_value"] = torch.empty(site.shape, device="meta")
-        old.replace_all_uses_with(weight)
-        anchor = weight
+        for user in list(old.users):  # one read per use, as dynamo records a compressed model: each fuses alone
+            with graph.inserting_before(user):
+                user.replace_input_with(old, _read_weight(graph, memory, site))
     value, old_output = output
     graph.output(value).meta = dict(old_output.meta)
     new = torch.fx.GraphModule(gm, graph)

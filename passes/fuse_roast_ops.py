@@ -1,11 +1,18 @@
-"""Rewrite ``linear(x, <weight read from the memory>)`` into one ``roastfx::roast_linear`` op,
-and ``embedding(ids, <table read from the memory>)`` into ``roastfx::roast_embedding``.
+"""Rewrite every weight read from the memory that feeds a matmul-like op into one roast op.
 
-Matches, in dynamo's graph of a compressed model, a ``roastfx::materialize``
-whose B view reaches a matmul-like op only through the reshape (and transpose)
-that turns it back into the dense weight, and replaces the whole chain with
-``roast_linear(x, memory, mapping, scale, bias)``, so the dense weight is never
-built. Anything else keeps the materialize (the correct fallback).
+In dynamo's graph of a compressed model each weight is a ``roastfx::materialize``
+(the site's B view V, (rows, cols)) followed by the transpose/reshape that turns
+it back into the dense weight. When that chain only rebuilds the weight for one
+consumer, the consumer and the chain become one op that reads the memory itself:
+
+    linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
+    einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
+    conv1d/conv2d(x, W, b, ...)               -> roastfx::roast_conv
+    embedding(ids, W)                         -> roastfx::roast_embedding
+    embedding_bag(ids, W, offsets)            -> roast_embedding + a bag sum over the looked-up rows
+
+Anything else keeps its materialize (the correct fallback: materialize, then the
+original op), and the returned ``SiteUse`` list says why, read by read.
 """
 from __future__ import annotations
 
@@ -15,93 +22,357 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 log = logging.getLogger("roastfx")
 
 _LINEAR = {torch._C._nn.linear, F.linear}
-_MATMUL = {operator.matmul, torch.matmul}
+_MATMUL = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
+_MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
+_ADDMM = {torch.addmm}
+_EINSUM = {torch.einsum}
+_CONV = {torch.conv1d: 1, torch.conv2d: 2}  # F.conv1d / F.conv2d are these same functions
 _EMBEDDING = {F.embedding}
+_EMBEDDING_BAG = {F.embedding_bag}
 _RESHAPE = {"reshape", "view"}
-_TRANSPOSE = {"t"}
+_TRANSPOSE = {"t", "transpose", "permute"}
+_BROADCAST = {"expand", "unsqueeze"}
+_IDENTITY = {"contiguous"}
+_CHAIN = _RESHAPE | _TRANSPOSE | _BROADCAST | _IDENTITY  # ops that rebuild a weight from its view
 
 
 @dataclass
 class SiteUse:
-    node: str  # the graph node that reads a compressed weight
+    node: str  # the fused node, or the materialize that stays
     fused: bool
     why: str
+
+
+@dataclass
+class WeightRead:
+    """A weight computed from one materialize: ``(V or V^T).reshape(shape)``, maybe broadcast."""
+
+    materialize: torch.fx.Node
+    transposed: bool  # built from V^T (else from V)
+    shape: tuple  # its shape without the broadcast dims
+    broadcast: int  # leading dims added by expand/unsqueeze
+    chain: list  # the nodes between the materialize and the weight
+
+    @property
+    def mapping(self) -> list:
+        return list(self.materialize.args[1])
+
+    @property
+    def matrix(self) -> bool:
+        """Exactly V or V^T, 2-D (possibly broadcast over leading dims)."""
+        rows, cols = self.mapping[0], self.mapping[1]
+        return self.shape == ((cols, rows) if self.transposed else (rows, cols))
 
 
 def _is_materialize(node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.roastfx.materialize.default
 
 
-def _method_or_fn(node, names) -> bool:
+def _name(node) -> str:
     if node.op == "call_method":
-        return node.target in names
-    return node.op == "call_function" and getattr(node.target, "__name__", "") in names
+        return node.target
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
 
 
-def _source(weight) -> tuple[torch.fx.Node | None, int, list]:
-    """Walk back from a weight through reshape/t to a materialize: (node, transposes, chain)."""
-    chain, transposes, node = [], 0, weight
+def _shape(node) -> tuple | None:
+    val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _swaps_2d(node) -> bool:
+    """t(), transpose(a, b) or permute(1, 0) of a 2-D tensor: does it swap the two dims?"""
+    if node.target == "t" or _name(node) == "t":
+        return True
+    dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else (a,))]
+    if _name(node) == "transpose":
+        return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
+    return [d % 2 for d in dims] == [1, 0]
+
+
+def weight_read(weight) -> WeightRead | None:
+    """The read behind a weight operand, or None when it does not come from one materialize
+    through reshape / transpose / broadcast ops only."""
+    chain, node = [], weight
     while isinstance(node, torch.fx.Node) and not _is_materialize(node):
-        if _method_or_fn(node, _RESHAPE) or _method_or_fn(node, _TRANSPOSE):
-            transposes += _method_or_fn(node, _TRANSPOSE)
-            chain.append(node)
-            node = node.args[0]
+        if node.op not in ("call_method", "call_function") or _name(node) not in _CHAIN:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        return None
+    mapping = node.args[1]
+    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain)
+    for step in reversed(chain):  # replay the chain from the view to the weight
+        name, out = _name(step), _shape(step)
+        if name in _IDENTITY:
+            continue
+        if name in _RESHAPE and not read.broadcast and out is not None:
+            read.shape = out
+        elif name in _TRANSPOSE and read.matrix and not read.broadcast:
+            if _swaps_2d(step):
+                read.transposed, read.shape = not read.transposed, read.shape[::-1]
+        elif name in _BROADCAST and read.matrix and out is not None and out[-2:] == read.shape:
+            read.broadcast = len(out) - 2
         else:
-            return None, 0, []
-    return (node if isinstance(node, torch.fx.Node) else None), transposes, chain
+            return None
+    return read
 
 
-def _weight_shape(node) -> tuple | None:
-    val = node.meta.get("example_value")
-    return tuple(val.shape) if val is not None else None
+def _arg(node, index, name, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _einsum_operands(node) -> tuple[str, list]:
+    equation, rest = node.args[0], list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    return equation, rest
+
+
+def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
+    """For a two-operand einsum whose operand ``weight_index`` is a 2-D W: False when it computes
+    x @ W (contracting x's last dim with W's first), True when x @ W.T, None otherwise."""
+    eq = equation.replace(" ", "").replace("...", "*")
+    if "->" not in eq:
+        return None
+    inputs, out = eq.split("->")
+    specs = inputs.split(",")
+    if len(specs) != 2:
+        return None
+    w, x = specs[weight_index], specs[1 - weight_index]
+    if len(w) != 2 or w[0] == w[1] or "*" in w or not x or len(set(x)) != len(x) or x[-1] not in w:
+        return None
+    contracted = x[-1]
+    kept = w[1] if w[0] == contracted else w[0]
+    if out != x[:-1] + kept or kept in x:
+        return None
+    return w[1] == contracted
+
+
+def _matmul_operands(node):
+    """(x, weight, bias, b_is_weight_t, broadcast_ok, op name) of a matmul-like node, or None.
+
+    The node computes x @ B (+ bias) with B = weight, or B = weight.T when b_is_weight_t
+    (None: an einsum that is neither).
+    """
+    if node.op == "call_function" and node.target in _LINEAR:
+        return node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias"), True, False, "linear"
+    if node.op == "call_function" and node.target in _ADDMM:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        return node.args[1], node.args[2], node.args[0], False, False, "addmm"
+    is_method = node.op == "call_method" and node.target in _MATMUL_METHODS
+    if is_method or node.op == "call_function" and node.target in _MATMUL:
+        name = _name(node)
+        return node.args[0], node.args[1], None, False, name != "mm", name.strip("_")
+    if node.op == "call_function" and node.target in _EINSUM:
+        equation, operands = _einsum_operands(node)
+        if len(operands) != 2:
+            return None
+        for i in (1, 0):
+            if weight_read(operands[i]) is not None:
+                flip = einsum_as_matmul(equation, i) if isinstance(equation, str) else None
+                return operands[1 - i], operands[i], None, flip, False, f"einsum {equation!r}"
+    return None
+
+
+def _same_leading_dims(x, node) -> bool:
+    xs, out = _shape(x), _shape(node)
+    if xs is None or out is None or len(xs) != len(out):
+        return False
+    return all(statically_known_true(a == b) for a, b in zip(xs[:-1], out[:-1]))
+
+
+def _fuse_matmul(graph, node) -> SiteUse | None:
+    operands = _matmul_operands(node)
+    if operands is None:
+        return None
+    x, weight, bias, b_is_weight_t, broadcast_ok, op = operands
+    read = weight_read(weight)
+    if read is None:
+        if weight_read(x) is not None:
+            return SiteUse(node.name, False, f"{op} reads the weight as its left operand (W @ x)")
+        return None
+    if b_is_weight_t is None:
+        return SiteUse(node.name, False, f"{op} is not x @ W or x @ W.T on x's last dim")
+    if not read.matrix:
+        return SiteUse(node.name, False, f"{op} reads the weight reshaped to {read.shape}, not as the site's matrix")
+    if any(len(n.users) > 1 for n in read.chain):
+        return SiteUse(node.name, False, f"{op}: the rebuilt weight has other users")
+    if read.broadcast and not (broadcast_ok and _same_leading_dims(x, node)):
+        return SiteUse(node.name, False, f"{op} broadcasts the weight over dims that x does not have")
+    if op == "addmm" and (bias is None or _shape(bias) is None or len(_shape(bias)) != 1):
+        return SiteUse(node.name, False, "addmm whose added term is not a bias vector")
+    # x @ B with B = W or W^T, and W = V or V^T: roast_linear computes x @ V, or x @ V^T when flipped
+    flip = read.transposed != b_is_weight_t
+    memory, mapping, scale = read.materialize.args
+    with graph.inserting_before(node):
+        fused = graph.call_function(torch.ops.roastfx.roast_linear.default, (x, memory, list(mapping), scale, bias),
+                                    {"transpose_view": True} if flip else {})
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    act = _fuse_activation(graph, fused)
+    return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + (f" + {act}" if act else "")
+                   + f" from {op}")
+
+
+def _conv_padding(padding, kernel, dilation) -> list | str:
+    """The conv's padding as one int per spatial dim, or why it cannot be."""
+    if padding == "valid":
+        return [0] * len(kernel)
+    if padding == "same":
+        extents = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(e % 2 for e in extents):
+            return "padding='same' with an even kernel extent pads one side more (not fused)"
+        return [e // 2 for e in extents]
+    return _per_dim(padding, len(kernel))
+
+
+def _per_dim(value, dims) -> list:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * dims
+
+
+def _fuse_conv(graph, node) -> SiteUse | None:
+    if node.op != "call_function" or node.target not in _CONV:
+        return None
+    dims = _CONV[node.target]
+    read = weight_read(_arg(node, 1, "weight"))
+    if read is None:
+        return None
+    cols = read.mapping[1]  # out channels
+    if not read.transposed or read.broadcast or len(read.shape) != dims + 2 or read.shape[0] != cols:
+        return SiteUse(node.name, False, f"conv{dims}d weight {read.shape} is not the site's V^T reshaped")
+    if any(len(n.users) > 1 for n in read.chain):
+        return SiteUse(node.name, False, f"conv{dims}d: the rebuilt weight has other users")
+    kernel = list(read.shape[2:])
+    stride = _per_dim(_arg(node, 3, "stride", 1), dims)
+    dilation = _per_dim(_arg(node, 5, "dilation", 1), dims)
+    padding = _conv_padding(_arg(node, 4, "padding", 0), kernel, dilation)
+    groups = int(_arg(node, 6, "groups", 1))
+    if isinstance(padding, str):
+        return SiteUse(node.name, False, padding)
+    memory, mapping, scale = read.materialize.args
+    with graph.inserting_before(node):
+        fused = graph.call_function(torch.ops.roastfx.roast_conv.default,
+                                    (node.args[0], memory, list(mapping), scale, _arg(node, 2, "bias"), kernel,
+                                     stride, padding, dilation, groups))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    why = f"roast_conv ({dims}-d"
+    why += f", groups={groups}: the op materializes W and runs the dense conv)" if groups > 1 else ")"
+    return SiteUse(fused.name, True, why)
+
+
+_EMBEDDING_NAMES = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_BAG_NAMES = ("offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse", "per_sample_weights",
+              "include_last_offset", "padding_idx")
+
+
+def _fuse_embedding(graph, node) -> SiteUse | None:
+    if node.op != "call_function" or node.target not in _EMBEDDING | _EMBEDDING_BAG:
+        return None
+    bag = node.target in _EMBEDDING_BAG
+    read = weight_read(_arg(node, 1, "weight"))
+    if read is None:
+        return None
+    op = "embedding_bag" if bag else "embedding"
+    if read.transposed or not read.matrix or read.broadcast:
+        return SiteUse(node.name, False, f"{op} reads the table as {read.shape}, not as the site's view")
+    if any(len(n.users) > 1 for n in read.chain):
+        return SiteUse(node.name, False, f"{op}: the rebuilt table has other users")
+    extra = dict(zip(_BAG_NAMES if bag else _EMBEDDING_NAMES, node.args[2:]), **node.kwargs)
+    if extra.get("max_norm") is not None or extra.get("scale_grad_by_freq") or extra.get("sparse"):
+        return SiteUse(node.name, False, f"{op} with max_norm (renormalizes the table), scale_grad_by_freq or "
+                                         "sparse is not fused")
+    padding_idx = extra.get("padding_idx")
+    if bag and (padding_idx is not None or extra.get("mode", "mean") not in ("sum", "mean", "max")):
+        return SiteUse(node.name, False, "embedding_bag with padding_idx is not fused")
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += read.mapping[0]
+    memory, mapping, scale = read.materialize.args
+    ids = node.args[0]
+    with graph.inserting_before(node):
+        rows = graph.call_function(torch.ops.roastfx.roast_embedding.default,
+                                   (ids, memory, list(mapping), scale, padding_idx))
+        fused = rows
+        if bag:
+            from roastfx.codegen.ops import embedding_bag_of_rows
+
+            fused = graph.call_function(embedding_bag_of_rows,
+                                        (rows, ids, extra.get("offsets"), extra.get("mode", "mean"),
+                                         extra.get("per_sample_weights"), bool(extra.get("include_last_offset"))))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return SiteUse(fused.name, True, "roast_embedding" + (" + bag reduce over the looked-up rows" if bag else ""))
+
+
+_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_embedding)
+
+# why a read by these consumers keeps its materialize
+_NO_ROAST_OP = {
+    "multi_head_attention_forward": "nn.MultiheadAttention: dynamo keeps F.multi_head_attention_forward as one call "
+                                    "that takes the dense in/out projection weights (a decomposed attention over "
+                                    "roast_linear is not written yet)",
+    "lstm": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
+    "gru": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
+    "rnn_tanh": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
+    "rnn_relu": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
+    "conv3d": "conv3d has no roast op yet",
+    "conv_transpose1d": "transposed convolutions have no roast op yet",
+    "conv_transpose2d": "transposed convolutions have no roast op yet",
+    "output": "the dense weight is itself an output of the graph",
+}
 
 
 def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
-    """The pass: rewrite each fusable use, leave the rest; return what happened to each use."""
+    """The pass: rewrite each fusable read, leave the rest; one SiteUse per read."""
     uses: list[SiteUse] = []
+    reasons: dict[torch.fx.Node, str] = {}
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _LINEAR | _MATMUL:
-            continue
-        is_linear = node.target in _LINEAR
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        mat, transposes, chain = _source(weight)
-        if mat is None:
-            continue
-        memory, mapping, scale = mat.args
-        rows, cols = mapping[0], mapping[1]
-        shape = _weight_shape(weight)
-        # linear(x, W) = x @ W.T must equal x @ V; matmul(x, W) = x @ W must equal x @ V
-        want = (cols, rows) if is_linear else (rows, cols)
-        parity_ok = transposes % 2 == (1 if is_linear else 0)
-        if shape != want or not parity_ok or any(len(n.users) > 1 for n in chain):
-            uses.append(SiteUse(node.name, False, f"weight view {shape} is not the site's plain view {want}"))
-            continue
-        bias = None
-        if is_linear:
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        with graph.inserting_before(node):
-            fused = graph.call_function(torch.ops.roastfx.roast_linear.default,
-                                        (node.args[0], memory, list(mapping), scale, bias))
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-        act = _fuse_activation(graph, fused)
-        uses.append(SiteUse(fused.name, True, "roast_linear" + (f" + {act}" if act else "")))
-    uses.extend(_fuse_embeddings(graph))
+        for fuser in _FUSERS:
+            use = fuser(graph, node)
+            if use is None:
+                continue
+            if use.fused:
+                uses.append(use)
+            else:
+                for arg in node.all_input_nodes:
+                    read = weight_read(arg)
+                    if read is not None:
+                        reasons[read.materialize] = use.why
+            break
     graph.eliminate_dead_code()
     for n in graph.nodes:
         if _is_materialize(n):
-            users = ", ".join(u.name for u in n.users)
-            uses.append(SiteUse(n.name, False, f"materialized for {users or 'no user'} (no fused op yet)"))
+            users = _final_users(n)
+            known = [_NO_ROAST_OP[k] for k in dict.fromkeys(_name(u) or u.op for u in users) if k in _NO_ROAST_OP]
+            names = ", ".join(f"{u.name} ({_name(u) or u.op})" for u in users)
+            why = reasons.get(n) or "; ".join(known) or f"materialized for {names or 'no user'}: no roast op for it"
+            uses.append(SiteUse(n.name, False, why))
     gm.recompile()
     for u in uses:
         log.info("roast backend: %s %s (%s)", u.node, "fused" if u.fused else "fallback", u.why)
     return uses
+
+
+def _final_users(node) -> list:
+    """The users of a weight after the reshape/transpose chain that rebuilds it."""
+    out = []
+    for user in node.users:
+        if _name(user) in _CHAIN and user.args and user.args[0] is node:
+            out.extend(_final_users(user))
+        else:
+            out.append(user)
+    return out
 
 
 def _activation_of(node) -> str | None:
@@ -131,35 +402,3 @@ def _fuse_activation(graph: torch.fx.Graph, fused: torch.fx.Node) -> str | None:
     user.replace_all_uses_with(fused)
     graph.erase_node(user)
     return act
-
-
-def _embedding_options_plain(node) -> bool:
-    """padding_idx, max_norm (which renormalizes the table in place) and scale_grad_by_freq are not fused."""
-    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-    extra = dict(zip(names, node.args[2:]), **node.kwargs)
-    return (extra.get("padding_idx") is None and extra.get("max_norm") is None
-            and not extra.get("scale_grad_by_freq") and not extra.get("sparse"))
-
-
-def _fuse_embeddings(graph: torch.fx.Graph) -> list[SiteUse]:
-    uses = []
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _EMBEDDING:
-            continue
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        mat, transposes, chain = _source(weight)
-        if mat is None:
-            continue
-        memory, mapping, scale = mat.args
-        plain = _weight_shape(weight) == (mapping[0], mapping[1]) and transposes == 0
-        if not plain or not _embedding_options_plain(node) or any(len(n.users) > 1 for n in chain):
-            uses.append(SiteUse(node.name, False, "embedding with padding_idx/max_norm or a reshaped table"))
-            continue
-        with graph.inserting_before(node):
-            fused = graph.call_function(torch.ops.roastfx.roast_embedding.default,
-                                        (node.args[0], memory, list(mapping), scale))
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-        uses.append(SiteUse(fused.name, True, "roast_embedding"))
-    return uses

@@ -1,22 +1,27 @@
 """The ``roast`` torch.compile backend (registered through the torch_dynamo_backends entry point).
 
-The pipeline, in order: fuse_roast_ops (weight reads feeding linear/matmul become
-one ``roastfx::roast_linear`` op; other reads stay ``roastfx::materialize``, the
-correct fallback), then the rest of the graph goes to the inner compiler
+The pipeline, in order: compress_graph (only with options["compression"]: an
+uncompressed model's weight reads become reads of one memory), fuse_roast_ops
+(weight reads feeding matmul-like ops become one roast op; other reads stay
+``roastfx::materialize``, the correct fallback), then the inner compiler
 (inductor by default; "aot_eager" or "eager" with options={"inner": ...}).
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
+import weakref
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 log = logging.getLogger("roastfx")
 
 BACKEND_OPTIONS = ("target", "compression", "seed", "exclude", "report", "fallback", "inner")
 INNER = ("inductor", "aot_eager", "eager")
 FALLBACKS = ("materialize", "error")  # what to do with a weight read no roast op fuses
+# torch.compile's modes ("default" reaches a backend as no mode at all)
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def parse_options(options) -> dict:
@@ -35,6 +40,25 @@ def parse_options(options) -> dict:
     return options
 
 
+def apply_mode(mode) -> dict:
+    """Validate torch.compile's ``mode``; max-autotune modes turn on ROAST kernel autotuning.
+
+    Returns inductor's config patches for the mode (the rest of the graph honours it too).
+    """
+    if mode is None:
+        return {}
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not valid for the roast backend; accepted: {', '.join(MODES)}")
+    if mode.startswith("max-autotune"):
+        from roastfx.codegen import configs
+
+        configs.set_autotune(True)  # read at launch time, so it stays on for the process
+        log.info("roast backend: mode=%r turns on kernel autotuning among plan-compatible configs", mode)
+    from torch._inductor import list_mode_options
+
+    return list_mode_options(mode)
+
+
 PIPELINE = ("compress_graph (only with options['compression'])", "fuse_roast_ops", "inner compiler")
 
 
@@ -43,9 +67,10 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
     from roastfx.passes.fuse_roast_ops import fuse_roast_ops
 
     opts = parse_options(options)
+    inductor_patches = apply_mode(mode)
     extra_inputs = []
     if "compression" in opts:
-        gm, memory = _compress_in_graph(gm, example_inputs, opts)
+        gm, memory = _compress_in_graph(gm, example_inputs, opts, options)
         if memory is not None:
             extra_inputs.append(memory)
     uses = fuse_roast_ops(gm)
@@ -58,29 +83,45 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
             + "; ".join(f"{u.node}: {u.why}" for u in unfused[:8])
         )
     inner = opts.get("inner", "inductor")
+    inputs = list(example_inputs) + extra_inputs
     if inner == "eager":
         compiled = gm.forward
+    elif inner == "inductor" and inductor_patches:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, inputs, config_patches=inductor_patches)
     else:
         from torch._dynamo.backends.registry import lookup_backend
 
-        compiled = lookup_backend(inner)(gm, list(example_inputs) + extra_inputs)
+        compiled = lookup_backend(inner)(gm, inputs)
     if not extra_inputs:
         return compiled
     return lambda *args: compiled(*args, *extra_inputs)
 
 
-def _compress_in_graph(gm, example_inputs, opts):
-    """Post-training compression of an uncompressed model's graph: (new graph, memory)."""
-    from roastfx.compress import _site_scale, initial_memory, parse_compression
-    from roastfx.passes.compress_graph import graph_sites, read_from_memory
-    from roastfx.passes.plan_layout import plan_layout
+@dataclass
+class InGraphCompression:
+    """One plan and one memory for every graph of one compiled model (graph breaks, recompiles)."""
 
-    from .profiles import get_profile
+    options: object  # the torch.compile call's options dict (kept alive: it is the key)
+    plan: object
+    memory: torch.Tensor
+    site_of_param: dict  # id(parameter) -> site name
+
+
+# model -> its in-graph compressions, one per torch.compile call (its options object)
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, list[InGraphCompression]]" = weakref.WeakKeyDictionary()
+
+
+def _compress_in_graph(gm, example_inputs, opts, key):
+    """Post-training compression of an uncompressed model's graph: (new graph, memory).
+
+    The plan covers the whole model the graph's parameters belong to (found from
+    dynamo's frame), so every graph of one torch.compile call reads one memory.
+    """
+    from roastfx.passes.compress_graph import frame_root, graph_sites, read_from_memory
 
     found = graph_sites(gm, example_inputs)
-    patterns = opts.get("exclude", ())
-    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-    found = [f for f in found if not any(fnmatch.fnmatchcase(f[2].name, p) for p in patterns)]
     if not found:
         log.warning("roast backend: this graph has no weight to compress")
         return gm, None
@@ -91,18 +132,75 @@ def _compress_in_graph(gm, example_inputs, opts):
             "would never see a memory created inside the compiler. Call roastfx.compress(model, ...) before "
             "torch.compile for training, or run this model under torch.no_grad() / torch.inference_mode()."
         )
+    root = frame_root(gm, [f[1] for f in found])
+    shared = _shared_compression(root, found, opts, key) if root is not None else None
+    if shared is None:
+        log.warning("roast backend: the model behind this graph was not found; it gets a plan and memory of its "
+                    "own (graph breaks would not share one memory)")
+        shared = _new_compression(None, found, opts, key)
+    site_nodes = {}
+    for node, param, spec in found:
+        name = shared.site_of_param.get(id(param))
+        if name is None:
+            log.warning("roast backend: %s feeds a matmul in this graph but is not in the model's plan (made when "
+                        "the first graph compiled); it stays dense", spec.name)
+        else:
+            site_nodes[name] = node
+    if not site_nodes:
+        return gm, None
+    return read_from_memory(gm, shared.plan, site_nodes), shared.memory
+
+
+def _shared_compression(root, found, opts, key) -> InGraphCompression | None:
+    entries = _SHARED.setdefault(root, [])
+    for entry in entries:
+        if entry.options is key:
+            return entry
+    entry = _new_compression(root, found, opts, key)
+    entries.append(entry)
+    return entry
+
+
+def _new_compression(root, found, opts, key) -> InGraphCompression:
+    """Plan the model's sites (all of root's, as roastfx.compress would, plus this graph's functional
+    ones; or only this graph's when root is None) and project the dense weights into a memory."""
+    import fnmatch
+
+    from roastfx.compress import _site_scale, initial_memory, parse_compression
+    from roastfx.passes.capture_sites import find_sites
+    from roastfx.passes.plan_layout import plan_layout
+
+    from .profiles import get_profile
+
+    patterns = opts.get("exclude", ())
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    if root is not None:
+        specs, _ = find_sites(root, None, patterns)
+        named = dict(root.named_parameters(remove_duplicate=False))
+        params = {s.name: named[s.name] for s in specs}
+        known = {id(p) for p in params.values()}
+        for _, param, spec in found:  # weights used functionally in this graph
+            if id(param) not in known and not any(fnmatch.fnmatchcase(spec.name, p) for p in patterns):
+                specs.append(spec)
+                params[spec.name] = param
+                known.add(id(param))
+    else:
+        found = [f for f in found if not any(fnmatch.fnmatchcase(f[2].name, p) for p in patterns)]
+        specs = [spec for _, _, spec in found]
+        params = {spec.name: p for _, p, spec in found}
+    if not specs:
+        raise ValueError(f"options['exclude']={list(patterns)} leaves no weight to compress")
     profile = get_profile(opts.get("target"))
-    params = {spec.name: p for _, p, spec in found}
-    specs = [spec for _, _, spec in found]
     memory_size = parse_compression(opts["compression"], sum(p.numel() for p in params.values()), 4)
     scales = {name: _site_scale(p) for name, p in params.items()}
     plan = plan_layout(specs, memory_size, scales, seed=int(opts.get("seed", 0)), target=profile.name,
                        cache_line=profile.alignment_elements(4), notes=("compressed inside the compiler",))
-    memory = initial_memory(plan, params, "project").to(device=found[0][1].device, dtype=torch.float32)
+    device = next(iter(params.values())).device
+    memory = initial_memory(plan, params, "project").to(device=device, dtype=torch.float32)
     if opts.get("report"):
         with open(opts["report"], "w") as f:
             f.write(plan.to_json())
-    log.info("roast backend: compressed %d weights in the graph into %d slots (%.1fx)",
+    log.info("roast backend: compressed %d weights into %d slots (%.1fx), one memory for every graph of the model",
              len(plan.sites), plan.memory_size, plan.ratio)
-    new_gm = read_from_memory(gm, plan, {spec.name: node for node, _, spec in found})
-    return new_gm, memory
+    site_of_param = {id(params[s.name]): s.name for s in plan.sites}
+    return InGraphCompression(key, plan, memory, site_of_param)

@@ -1,5 +1,5 @@
 """Compressed models of many architectures through the roast backend: compiled == eager,
-gradients included, and no dense weight left anywhere."""
+gradients included, no dense weight left anywhere, and which weight reads become roast ops."""
 import pytest
 import torch
 from torch import nn
@@ -25,6 +25,16 @@ class Recurrent(nn.Module):
         h, _ = self.lstm(x)
         h, _ = self.gru(h)
         return self.mha(h, h, h)[0]
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x)[0])
 
 
 class Dlrm(nn.Module):
@@ -64,6 +74,7 @@ def _gen():
 CASES = {
     "cnn-groups-depthwise": (cnn, lambda: ((torch.randn(2, 3, 9, 9, generator=_gen()),), {})),
     "lstm-gru-mha": (Recurrent, lambda: ((torch.randn(2, 5, 8, generator=_gen()),), {})),
+    "mha": (Attention, lambda: ((torch.randn(2, 5, 16, generator=_gen()),), {})),
     "embedding-bag": (Dlrm, lambda: ((torch.randint(0, 100, (10,), generator=_gen()), torch.tensor([0, 3, 7])), {})),
     "vit": (vit, lambda: ((torch.randn(2, 3, 16, 16, generator=_gen()),), {})),
     "resnet": (resnet, lambda: ((torch.randn(2, 3, 32, 32, generator=_gen()),), {})),
@@ -72,12 +83,23 @@ CASES = {
 }
 
 
+# (fused reads, all reads) the backend reports. Not fused: nn.MultiheadAttention (dynamo keeps
+# F.multi_head_attention_forward, which takes dense weights, as one call); LSTM/GRU (dynamo runs RNN
+# modules eagerly by default, torch._dynamo.config.allow_rnn=False, so their reads are not in a graph)
+FUSED = {
+    "cnn-groups-depthwise": (4, 4), "lstm-gru-mha": (0, 0), "mha": (1, 3), "embedding-bag": (2, 2),
+    "vit": (8, 8), "resnet": (9, 9), "t5": (21, 21),
+}
+
+
 def _output(out):
     return out.logits if hasattr(out, "logits") else out
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_compiled_equals_eager(name):
+def test_compiled_equals_eager(name, monkeypatch):
+    from test_fuse_roast_ops import record_uses
+
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -94,6 +116,7 @@ def test_compiled_equals_eager(name):
     eager.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
+    uses = record_uses(monkeypatch)
     compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})
     out = _output(compiled(*args, **kwargs))
     out.square().mean().backward()
@@ -102,3 +125,4 @@ def test_compiled_equals_eager(name):
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(p.grad, grads[n], atol=1e-5, rtol=1e-4), n
+    assert (sum(u.fused for u in uses), len(uses)) == FUSED[name], [(u.fused, u.why) for u in uses]

@@ -70,13 +70,11 @@ def test_in_compiler_compression_refuses_training():
 
 
 def test_fallback_policy():
-    from helpers import Mixed, mixed_inputs
-
     torch._dynamo.reset()
-    model = roastfx.compress(Mixed(), "4x", example_inputs=mixed_inputs())
+    model = roastfx.compress(torch.nn.Sequential(torch.nn.Conv3d(2, 3, 2), torch.nn.Flatten()), "2x")
     strict = torch.compile(model, backend="roast", options={"fallback": "error", "inner": "eager"})
-    with pytest.raises(Exception, match=r"fallback='error': these weight reads have no fused roast op"):
-        strict(*mixed_inputs())
+    with pytest.raises(Exception, match=r"fallback='error': these weight reads have no fused roast op.*conv3d"):
+        strict(torch.randn(1, 2, 3, 3, 3))
     torch._dynamo.reset()
     fine = roastfx.compress(MLP(), "4x")
     out = torch.compile(fine, backend="roast", options={"fallback": "error", "inner": "eager"})(torch.randn(2, 64))
@@ -129,3 +127,92 @@ def test_graph_breaks_share_one_memory():
     out.sum().backward()
     assert len(graphs) == 2
     assert torch.allclose(out, eager, atol=1e-5) and torch.allclose(model.roast_memory.grad, grad, atol=1e-5)
+
+
+class Broken(MLP):
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return self.out(torch.relu(self.fc2(h)))
+
+
+def test_in_graph_compression_gives_graph_breaks_one_plan_and_one_memory(monkeypatch):
+    import roastfx.backend as backend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = Broken()
+    reference = roastfx.compress(copy.deepcopy(dense), "6x", seed=2)
+    memories = []
+    original = backend._compress_in_graph
+
+    def recording(*args):
+        gm, memory = original(*args)
+        memories.append(memory)
+        return gm, memory
+
+    monkeypatch.setattr(backend, "_compress_in_graph", recording)
+    compiled = torch.compile(dense, backend="roast", dynamic=True,
+                             options={"compression": "6x", "seed": 2, "inner": "aot_eager"})
+    with torch.no_grad():
+        for batch in (4, 7, 3):
+            x = torch.randn(batch, 64)
+            assert torch.allclose(compiled(x), reference(x), atol=1e-5)
+    assert len(memories) >= 2  # the two graphs around the break (and any recompile)
+    assert len({m.data_ptr() for m in memories}) == 1
+    (shared,) = backend._SHARED[dense]  # one plan for the model, as roastfx.compress makes it
+    ref_plan = roastfx.roast_state(reference).plan
+    assert [(s.name, s.mapping, s.scale) for s in shared.plan.sites] == [
+        (s.name, s.mapping, s.scale) for s in ref_plan.sites]
+    assert torch.allclose(shared.memory, reference.roast_memory.detach())
+
+
+def test_mode_max_autotune_turns_on_kernel_autotuning():
+    from roastfx.backend import roast_backend
+    from roastfx.codegen import configs
+
+    def compile_with(mode):
+        torch._dynamo.reset()
+        model = roastfx.compress(MLP(8, 8, 2), "2x", init="random")
+        backend = lambda gm, inputs: roast_backend(gm, inputs, mode=mode, options={"inner": "eager"})  # noqa: E731
+        return torch.compile(model, backend=backend)(torch.randn(2, 8))
+
+    before = configs.autotune_enabled()
+    try:
+        configs.set_autotune(False)
+        for mode in (None, "default", "reduce-overhead"):
+            compile_with(mode)
+            assert not configs.autotune_enabled(), mode
+        compile_with("max-autotune")
+        assert configs.autotune_enabled()
+    finally:
+        configs.set_autotune(before)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"mode='fastest' is not valid for the roast backend; accepted: default, "
+                                        r"reduce-overhead, max-autotune, max-autotune-no-cudagraphs"):
+        torch.compile(MLP(8, 8, 2), backend="roast", mode="fastest")(torch.randn(2, 8))
+
+
+def test_inductor_on_cpu_compiles_fused_roast_ops():
+    """The default inner compiler: one compile of a compressed conv + MLP, forward and backward."""
+
+    class ConvMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+            self.fc1 = torch.nn.Linear(6 * 4 * 4, 32)
+            self.fc2 = torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x)).flatten(1)
+            return self.fc2(torch.tanh(self.fc1(h)))
+
+    torch._dynamo.reset()
+    model = roastfx.compress(ConvMLP(), "4x", init="random", seed=1)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    eager = model(x)
+    gx, gm = torch.autograd.grad(eager.square().sum(), (x, model.roast_memory))
+    out = torch.compile(model, backend="roast")(x)
+    cx, cm = torch.autograd.grad(out.square().sum(), (x, model.roast_memory))
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert torch.allclose(cx, gx, atol=1e-5) and torch.allclose(cm, gm, atol=1e-5, rtol=1e-4)
