@@ -209,3 +209,27 @@ def test_pass_signature_reads_back_and_pass_imports_no_triton():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_transpose_view_and_act_given_as_fuse_roast_ops_writes_them():
+    # fuse_roast_ops writes roast_linear(x, memory, mapping, scale, bias, act, transpose_view=...) with the
+    # flag as a keyword; a hand-built graph with meta["val"] as dynamo would leave it
+    flipped = ops.mapping_args(mapping(rows=N, cols=K, seed=8))  # view (N, K): x @ V^T maps K -> N
+    x, memory, bias, res = inputs(8)
+    g = torch.fx.Graph()
+    names = ("x", "memory", "bias", "res")
+    ph = {n: g.placeholder(n) for n in names}
+    for n, t in zip(names, (x, memory, bias, res)):
+        ph[n].meta["val"] = torch.empty_like(t)
+    z = g.call_function(ROAST_LINEAR, (ph["x"], ph["memory"], flipped, 0.3, ph["bias"], "silu"),
+                        {"transpose_view": True})
+    z.meta["val"] = torch.empty(M, N)
+    out = g.call_function(__import__("operator").sub, (z, ph["res"]))
+    g.output(g.call_function(torch.sigmoid, (out,)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "add:x0|silu|sub:x1|sigmoid" and fused.args[6] is True
+    view = ops.materialize(memory, flipped, 0.3)  # (N, K)
+    want = torch.sigmoid(F.silu(x @ view.t() + bias) - res)
+    torch.testing.assert_close(gm(x, memory, bias, res), want, rtol=1e-6, atol=1e-6)
