@@ -54,25 +54,26 @@ def graph_sites(gm: torch.fx.GraphModule, example_inputs) -> list[tuple[torch.fx
 
 
 def frame_root(gm: torch.fx.GraphModule, params) -> nn.Module | None:
-    """The module whose parameters these are, read from the frame dynamo is compiling
-    (``self`` of a forward, or whichever local the parameters' sources start from).
+    """The module whose parameters these are, read from the frame dynamo is compiling: the
+    local (``self`` of a forward) or global the parameters' sources start from.
 
     None when it cannot be found (dynamo's tracer is internal API; no version is relied on).
     """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        f_locals = InstructionTranslator.current_tx().f_locals
+        tx = InstructionTranslator.current_tx()
+        scopes = {"local_name": tx.f_locals, "global_name": tx.f_globals}
     except Exception:  # not inside dynamo, or its internals changed
         return None
+    wanted = {id(p) for p in params}
     for node in gm.graph.nodes:
         source = getattr(node.meta.get("grapharg"), "source", None) if node.op == "placeholder" else None
         while getattr(source, "base", None) is not None:
             source = source.base
-        value = f_locals.get(getattr(source, "local_name", None)) if source is not None else None
-        if isinstance(value, nn.Module):
-            owned = {id(p) for p in value.parameters()}
-            if all(id(p) in owned for p in params):
+        for attr, scope in scopes.items():
+            value = scope.get(getattr(source, attr, None)) if source is not None else None
+            if isinstance(value, nn.Module) and wanted <= {id(p) for p in value.parameters()}:
                 return value
     return None
 

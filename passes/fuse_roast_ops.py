@@ -329,6 +329,8 @@ _NO_ROAST_OP = {
     "conv_transpose1d": "transposed convolutions have no roast op yet",
     "conv_transpose2d": "transposed convolutions have no roast op yet",
     "output": "the dense weight is itself an output of the graph",
+    "autograd_function_apply": "the weight goes through a torch.autograd.Function (such as the per-site gradient "
+                               "scaling of compress(grad_scaling='site')), which no roast op applies",
 }
 
 

@@ -123,7 +123,7 @@ def _compress_in_graph(gm, example_inputs, opts, key):
 
     found = graph_sites(gm, example_inputs)
     if not found:
-        log.warning("roast backend: this graph has no weight to compress")
+        log.info("roast backend: this graph has no weight to compress")
         return gm, None
     trained = [f[2].name for f in found if f[1].requires_grad]
     if trained and torch.is_grad_enabled():
