@@ -146,6 +146,15 @@ def test_embedding_op_matches_reference_and_gradcheck():
     assert torch.equal(ops.roast_embedding(ids, mem, args, 0.4), F.embedding(ids, materialize(mem, mapping, 0.4)))
     torch.library.opcheck(ops.roast_embedding, (ids, mem, args, 0.4))
     assert torch.autograd.gradcheck(lambda m: ops.roast_embedding(ids, m, args, 0.4), (mem,))
+    # padding_idx: the same rows, but that row's uses give the memory no gradient
+    torch.library.opcheck(ops.roast_embedding, (ids, mem, args, 0.4, int(ids[0, 0])))
+    grad = torch.autograd.grad(ops.roast_embedding(ids, mem, args, 0.4, int(ids[0, 0])).sum(), mem)[0]
+    table = materialize(mem, mapping, 0.4).detach().requires_grad_()
+    expected_rows = torch.autograd.grad(F.embedding(ids, table, padding_idx=int(ids[0, 0])).sum(), table)[0]
+    index, sign = mapping.full_index()
+    expected = torch.zeros(90, dtype=torch.float64).index_add_(0, index.reshape(-1),
+                                                               (expected_rows * sign * 0.4).reshape(-1))
+    assert torch.allclose(grad, expected)
 
 
 def test_fused_embedding_runs_the_triton_kernels(monkeypatch):
@@ -241,6 +250,23 @@ def test_linear_reading_the_view_transposed_passes_opcheck_and_gradcheck():
     assert torch.allclose(ops.roast_linear(x, mem, args, 0.3, b, "none", True), expected)
     torch.library.opcheck(ops.roast_linear, (x, mem, args, 0.3, b, "relu", True))
     assert torch.autograd.gradcheck(lambda x, m, b: ops.roast_linear(x, m, args, 0.3, b, "silu", True), (x, mem, b))
+
+
+def test_linear_reading_the_view_transposed_runs_the_triton_kernels(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    mapping = TileHash(40, 36, 8, 4, 4, 0, 600, 123457, 7654321, 99, 31337, 4242, 17)
+    args = ops.mapping_args(mapping)
+    mem = torch.randn(600, generator=gen, requires_grad=True)
+    x = torch.randn(5, 36, generator=gen, requires_grad=True)
+    b = torch.randn(40, generator=gen, requires_grad=True)
+    expected = ops.roast_linear(x, mem, args, 0.2, b, "relu", True)
+    want = torch.autograd.grad(expected.square().sum(), (x, mem, b))
+    monkeypatch.setenv("ROASTFX_KERNELS", "triton")
+    out = ops.roast_linear(x, mem, args, 0.2, b, "relu", True)
+    got = torch.autograd.grad(out.square().sum(), (x, mem, b))
+    assert torch.allclose(out, expected, atol=1e-4)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-3, rtol=1e-4)
 
 
 # (in, out, kernel, stride, padding, dilation, groups, spatial): odd shapes, 1-d and 2-d, grouped
