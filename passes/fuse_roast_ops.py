@@ -12,7 +12,8 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     embedding_bag(ids, W, offsets)            -> roast_embedding + a bag sum over the looked-up rows
 
 Anything else keeps its materialize (the correct fallback: materialize, then the
-original op), and the returned ``SiteUse`` list says why, read by read.
+original op), and the returned ``SiteUse`` list says why, read by read. What a
+weight operand is in terms of V comes from ``weight_reads.weight_read``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .weight_reads import einsum_as_matmul, example_shape, final_users, is_materialize, op_name, weight_read
+
 log = logging.getLogger("roastfx")
 
 _LINEAR = {torch._C._nn.linear, F.linear}
@@ -34,11 +37,6 @@ _EINSUM = {torch.einsum}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2}  # F.conv1d / F.conv2d are these same functions
 _EMBEDDING = {F.embedding}
 _EMBEDDING_BAG = {F.embedding_bag}
-_RESHAPE = {"reshape", "view"}
-_TRANSPOSE = {"t", "transpose", "permute"}
-_BROADCAST = {"expand", "unsqueeze"}
-_IDENTITY = {"contiguous"}
-_CHAIN = _RESHAPE | _TRANSPOSE | _BROADCAST | _IDENTITY  # ops that rebuild a weight from its view
 
 
 @dataclass
@@ -46,81 +44,6 @@ class SiteUse:
     node: str  # the fused node, or the materialize that stays
     fused: bool
     why: str
-
-
-@dataclass
-class WeightRead:
-    """A weight computed from one materialize: ``(V or V^T).reshape(shape)``, maybe broadcast."""
-
-    materialize: torch.fx.Node
-    transposed: bool  # built from V^T (else from V)
-    shape: tuple  # its shape without the broadcast dims
-    broadcast: int  # leading dims added by expand/unsqueeze
-    chain: list  # the nodes between the materialize and the weight
-
-    @property
-    def mapping(self) -> list:
-        return list(self.materialize.args[1])
-
-    @property
-    def matrix(self) -> bool:
-        """Exactly V or V^T, 2-D (possibly broadcast over leading dims)."""
-        rows, cols = self.mapping[0], self.mapping[1]
-        return self.shape == ((cols, rows) if self.transposed else (rows, cols))
-
-
-def _is_materialize(node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.roastfx.materialize.default
-
-
-def _name(node) -> str:
-    if node.op == "call_method":
-        return node.target
-    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-
-
-def _shape(node) -> tuple | None:
-    val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _swaps_2d(node) -> bool:
-    """t(), transpose(a, b) or permute(1, 0) of a 2-D tensor: does it swap the two dims?"""
-    if node.target == "t" or _name(node) == "t":
-        return True
-    dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else (a,))]
-    if _name(node) == "transpose":
-        return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
-    return [d % 2 for d in dims] == [1, 0]
-
-
-def weight_read(weight) -> WeightRead | None:
-    """The read behind a weight operand, or None when it does not come from one materialize
-    through reshape / transpose / broadcast ops only."""
-    chain, node = [], weight
-    while isinstance(node, torch.fx.Node) and not _is_materialize(node):
-        if node.op not in ("call_method", "call_function") or _name(node) not in _CHAIN:
-            return None
-        chain.append(node)
-        node = node.args[0]
-    if not isinstance(node, torch.fx.Node):
-        return None
-    mapping = node.args[1]
-    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain)
-    for step in reversed(chain):  # replay the chain from the view to the weight
-        name, out = _name(step), _shape(step)
-        if name in _IDENTITY:
-            continue
-        if name in _RESHAPE and not read.broadcast and out is not None:
-            read.shape = out
-        elif name in _TRANSPOSE and read.matrix and not read.broadcast:
-            if _swaps_2d(step):
-                read.transposed, read.shape = not read.transposed, read.shape[::-1]
-        elif name in _BROADCAST and read.matrix and out is not None and out[-2:] == read.shape:
-            read.broadcast = len(out) - 2
-        else:
-            return None
-    return read
 
 
 def _arg(node, index, name, default=None):
@@ -132,26 +55,6 @@ def _einsum_operands(node) -> tuple[str, list]:
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         rest = list(rest[0])
     return equation, rest
-
-
-def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
-    """For a two-operand einsum whose operand ``weight_index`` is a 2-D W: False when it computes
-    x @ W (contracting x's last dim with W's first), True when x @ W.T, None otherwise."""
-    eq = equation.replace(" ", "").replace("...", "*")
-    if "->" not in eq:
-        return None
-    inputs, out = eq.split("->")
-    specs = inputs.split(",")
-    if len(specs) != 2:
-        return None
-    w, x = specs[weight_index], specs[1 - weight_index]
-    if len(w) != 2 or w[0] == w[1] or "*" in w or not x or len(set(x)) != len(x) or x[-1] not in w:
-        return None
-    contracted = x[-1]
-    kept = w[1] if w[0] == contracted else w[0]
-    if out != x[:-1] + kept or kept in x:
-        return None
-    return w[1] == contracted
 
 
 def _matmul_operands(node):
@@ -168,7 +71,7 @@ def _matmul_operands(node):
         return node.args[1], node.args[2], node.args[0], False, False, "addmm"
     is_method = node.op == "call_method" and node.target in _MATMUL_METHODS
     if is_method or node.op == "call_function" and node.target in _MATMUL:
-        name = _name(node)
+        name = op_name(node)
         return node.args[0], node.args[1], None, False, name != "mm", name.strip("_")
     if node.op == "call_function" and node.target in _EINSUM:
         equation, operands = _einsum_operands(node)
@@ -182,7 +85,7 @@ def _matmul_operands(node):
 
 
 def _same_leading_dims(x, node) -> bool:
-    xs, out = _shape(x), _shape(node)
+    xs, out = example_shape(x), example_shape(node)
     if xs is None or out is None or len(xs) != len(out):
         return False
     return all(statically_known_true(a == b) for a, b in zip(xs[:-1], out[:-1]))
@@ -206,7 +109,7 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{op}: the rebuilt weight has other users")
     if read.broadcast and not (broadcast_ok and _same_leading_dims(x, node)):
         return SiteUse(node.name, False, f"{op} broadcasts the weight over dims that x does not have")
-    if op == "addmm" and (bias is None or _shape(bias) is None or len(_shape(bias)) != 1):
+    if op == "addmm" and (bias is None or example_shape(bias) is None or len(example_shape(bias)) != 1):
         return SiteUse(node.name, False, "addmm whose added term is not a bias vector")
     # x @ B with B = W or W^T, and W = V or V^T: roast_linear computes x @ V, or x @ V^T when flipped
     flip = read.transposed != b_is_weight_t
@@ -354,10 +257,10 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
             break
     graph.eliminate_dead_code()
     for n in graph.nodes:
-        if _is_materialize(n):
-            users = _final_users(n)
-            known = [_NO_ROAST_OP[k] for k in dict.fromkeys(_name(u) or u.op for u in users) if k in _NO_ROAST_OP]
-            names = ", ".join(f"{u.name} ({_name(u) or u.op})" for u in users)
+        if is_materialize(n):
+            users = final_users(n)
+            known = [_NO_ROAST_OP[k] for k in dict.fromkeys(op_name(u) or u.op for u in users) if k in _NO_ROAST_OP]
+            names = ", ".join(f"{u.name} ({op_name(u) or u.op})" for u in users)
             why = reasons.get(n) or "; ".join(known) or f"materialized for {names or 'no user'}: no roast op for it"
             uses.append(SiteUse(n.name, False, why))
     gm.recompile()
@@ -366,15 +269,6 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     return uses
 
 
-def _final_users(node) -> list:
-    """The users of a weight after the reshape/transpose chain that rebuilds it."""
-    out = []
-    for user in node.users:
-        if _name(user) in _CHAIN and user.args and user.args[0] is node:
-            out.extend(_final_users(user))
-        else:
-            out.append(user)
-    return out
 
 
 def _activation_of(node) -> str | None:

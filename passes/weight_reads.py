@@ -1,0 +1,125 @@
+"""How a weight operand of a graph is read from the memory.
+
+In dynamo's graph of a compressed model a weight is ``roastfx::materialize``
+(the site's B view V, (rows, cols)) followed by ops that rebuild the dense
+weight: reshape/view, t/transpose/permute, expand/unsqueeze. ``weight_read``
+replays that chain and says what the weight is in terms of V, which is what a
+rewrite into a roast op needs to know.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_RESHAPE = {"reshape", "view"}
+_TRANSPOSE = {"t", "transpose", "permute"}
+_BROADCAST = {"expand", "unsqueeze"}
+_IDENTITY = {"contiguous"}
+CHAIN_OPS = _RESHAPE | _TRANSPOSE | _BROADCAST | _IDENTITY  # ops that rebuild a weight from its view
+
+
+@dataclass
+class WeightRead:
+    """A weight computed from one materialize: ``(V or V^T).reshape(shape)``, maybe broadcast."""
+
+    materialize: torch.fx.Node
+    transposed: bool  # built from V^T (else from V)
+    shape: tuple  # its shape without the broadcast dims
+    broadcast: int  # leading dims added by expand/unsqueeze
+    chain: list  # the nodes between the materialize and the weight
+
+    @property
+    def mapping(self) -> list:
+        return list(self.materialize.args[1])
+
+    @property
+    def matrix(self) -> bool:
+        """Exactly V or V^T, 2-D (possibly broadcast over leading dims)."""
+        rows, cols = self.mapping[0], self.mapping[1]
+        return self.shape == ((cols, rows) if self.transposed else (rows, cols))
+
+
+def is_materialize(node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.roastfx.materialize.default
+
+
+def op_name(node) -> str:
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def example_shape(node) -> tuple | None:
+    val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _swaps_2d(node) -> bool:
+    """t(), transpose(a, b) or permute(1, 0) of a 2-D tensor: does it swap the two dims?"""
+    if node.target == "t" or op_name(node) == "t":
+        return True
+    dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else (a,))]
+    if op_name(node) == "transpose":
+        return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
+    return [d % 2 for d in dims] == [1, 0]
+
+
+def weight_read(weight) -> WeightRead | None:
+    """The read behind a weight operand, or None when it does not come from one materialize
+    through reshape / transpose / broadcast ops only."""
+    chain, node = [], weight
+    while isinstance(node, torch.fx.Node) and not is_materialize(node):
+        if node.op not in ("call_method", "call_function") or op_name(node) not in CHAIN_OPS:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        return None
+    mapping = node.args[1]
+    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain)
+    for step in reversed(chain):  # replay the chain from the view to the weight
+        name, out = op_name(step), example_shape(step)
+        if name in _IDENTITY:
+            continue
+        if name in _RESHAPE and not read.broadcast and out is not None:
+            read.shape = out
+        elif name in _TRANSPOSE and read.matrix and not read.broadcast:
+            if _swaps_2d(step):
+                read.transposed, read.shape = not read.transposed, read.shape[::-1]
+        elif name in _BROADCAST and read.matrix and out is not None and out[-2:] == read.shape:
+            read.broadcast = len(out) - 2
+        else:
+            return None
+    return read
+
+
+def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
+    """For a two-operand einsum whose operand ``weight_index`` is a 2-D W: False when it computes
+    x @ W (contracting x's last dim with W's first), True when x @ W.T, None otherwise."""
+    eq = equation.replace(" ", "").replace("...", "*")
+    if "->" not in eq:
+        return None
+    inputs, out = eq.split("->")
+    specs = inputs.split(",")
+    if len(specs) != 2:
+        return None
+    w, x = specs[weight_index], specs[1 - weight_index]
+    if len(w) != 2 or w[0] == w[1] or "*" in w or not x or len(set(x)) != len(x) or x[-1] not in w:
+        return None
+    contracted = x[-1]
+    kept = w[1] if w[0] == contracted else w[0]
+    if out != x[:-1] + kept or kept in x:
+        return None
+    return w[1] == contracted
+
+
+def final_users(node) -> list:
+    """The users of a weight after the reshape/transpose chain that rebuilds it."""
+    out = []
+    for user in node.users:
+        if op_name(user) in CHAIN_OPS and user.args and user.args[0] is node:
+            out.extend(final_users(user))
+        else:
+            out.append(user)
+    return out
