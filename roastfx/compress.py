@@ -5,6 +5,7 @@ failed call leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -16,7 +17,7 @@ from roastfx.codegen.reference import project, weight_to_view
 from roastfx.passes.capture_sites import find_sites
 from roastfx.passes.plan_cost import plan_with_cost_model
 from roastfx.passes.plan_layout import plan_layout, seeded_int
-from roastfx.plan import SCHEMES, Plan
+from roastfx.plan import SCHEMES, Plan, check_grad_scaling
 from roastfx.profiles import get_profile
 
 from .module import install, memory_dtype, roast_state
@@ -84,6 +85,7 @@ def compress(
     example_inputs=None,
     init: str = "project",
     scheme: str = "roast",
+    grad_scaling: str = "none",
     **options,
 ) -> nn.Module:
     """Compress ``model`` in place with one global ROAST memory and return it.
@@ -93,6 +95,12 @@ def compress(
     squares); "random" draws a fresh memory for training from scratch.
     options: tile=(rows, cols), alignment=elements, chunk=embedding chunk, memory_dtype,
     planner="default" (fixed rules) or "cost" (tiles chosen by the cache/tile cost model).
+    grad_scaling: "none" (default: the memory gets the exact gradient) or "site": each
+    site's weight gradient is divided by its root mean square before it is added into
+    the memory, so sites whose gradients differ by orders of magnitude (a classifier
+    head, embeddings behind a LayerNorm, deep encoder weights) all steer the slots
+    they share. Recommended for training globally shared models with Adam; it is
+    stored in the plan, so checkpoints keep it. See docs/results.md.
     """
     unknown = sorted(set(options) - set(COMPRESS_OPTIONS))
     if unknown:
@@ -105,6 +113,7 @@ def compress(
         raise ValueError(f"init={init!r} is not valid; accepted: {', '.join(INITS)}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} is not valid; accepted: {', '.join(SCHEMES)}")
+    check_grad_scaling(grad_scaling)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative int")
     if isinstance(exclude, str):
@@ -138,6 +147,7 @@ def compress(
         plan = plan_layout(specs, memory_size, scales, seed=seed, scheme=scheme, target=profile.name,
                            cache_line=profile.alignment_elements(itemsize), memory_dtype=mem_dtype_name,
                            notes=notes, **tiling)
+    plan = dataclasses.replace(plan, grad_scaling=grad_scaling)
     memory = initial_memory(plan, params, init)
     device = params[specs[0].name].device
     install(model, plan, memory.to(device=device, dtype=mem_dtype))

@@ -14,6 +14,14 @@ from roastfx.codegen.hashing import TileHash
 
 SCHEMA_VERSION = 1
 SCHEMES = ("roast", "roast-local", "hashednet")
+# how each site's gradient is scaled before it is added into the shared memory (see module.py)
+GRAD_SCALINGS = ("none", "site")
+
+
+def check_grad_scaling(value) -> str:
+    if value not in GRAD_SCALINGS:
+        raise ValueError(f"grad_scaling={value!r} is not valid; accepted: {', '.join(map(repr, GRAD_SCALINGS))}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class Plan:
     sites: tuple[Site, ...]
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = field(default=())
+    grad_scaling: str = "none"  # "site": each site's weight gradient is RMS-normalized before it reaches the memory
+
+    def __post_init__(self):
+        check_grad_scaling(self.grad_scaling)
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -99,6 +111,7 @@ class Plan:
             "scheme": self.scheme,
             "target": self.target,
             "notes": list(self.notes),
+            "grad_scaling": self.grad_scaling,
             "sites": [s.to_dict() for s in self.sites],
         }
 
@@ -116,6 +129,7 @@ class Plan:
             sites=tuple(Site.from_dict(s) for s in d["sites"]),
             schema_version=version,
             notes=tuple(d.get("notes", ())),
+            grad_scaling=d.get("grad_scaling", "none"),  # plans written before the option: plain gradients
         )
 
     def to_json(self) -> str:
@@ -128,7 +142,8 @@ class Plan:
     def summary(self) -> str:
         """A short text table: one line per site and the totals."""
         lines = [
-            f"roastfx plan: scheme={self.scheme} target={self.target} seed={self.seed}",
+            f"roastfx plan: scheme={self.scheme} target={self.target} seed={self.seed}"
+            + (f" grad_scaling={self.grad_scaling}" if self.grad_scaling != "none" else ""),
             f"{'site':40s} {'op':10s} {'shape':>16s} {'tile':>8s} {'align':>5s} {'scale':>9s}",
         ]
         for s in self.sites:
