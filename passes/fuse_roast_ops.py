@@ -168,9 +168,18 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    why = f"roast_conv ({dims}-d"
-    why += f", groups={groups}: the op materializes W and runs the dense conv)" if groups > 1 else ")"
-    return SiteUse(fused.name, True, why)
+    return SiteUse(fused.name, True, f"roast_conv ({dims}-d{_groups_note(list(mapping), groups)})")
+
+
+def _groups_note(mapping: list, groups: int) -> str:
+    from roastfx.codegen.conv import group_windows
+
+    if groups == 1:
+        return ""
+    if group_windows(mapping, groups) is not None:
+        return f", groups={groups}: one ROAST GEMM per group"
+    return (f", groups={groups}: groups of {mapping[1] // groups} out channels are not whole hash tiles "
+            f"({mapping[3]} columns), so the op materializes W and runs the dense conv")
 
 
 _EMBEDDING_NAMES = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

@@ -1,0 +1,174 @@
+"""``roastfx::roast_conv``: conv1d/conv2d whose weight is read from the memory.
+
+The conv weight W (out, in/groups, *kernel) is V^T reshaped, V being the site's
+(in/groups*prod(kernel), out) B view. On the Triton path the conv is im2col
+(F.unfold) followed by the fused ROAST GEMM, so W is never built; a grouped conv
+runs one GEMM per group on the group's column window of V when the window starts
+on hash-tile boundaries (``group_windows``). Elsewhere the op materializes W and
+runs the dense conv.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .hashing import PRIME
+from .ops import _kernels, _mapping, _memory_grad_op, mapping_args, materialize, use_triton
+from .reference import materialize as _materialize
+
+
+def group_windows(mapping: list[int], groups: int) -> list[list[int]] | None:
+    """The mapping of each group's columns of the view (out channels g*out/groups ...), or None when
+    the windows do not start on hash-tile boundaries.
+
+    Tile (i, j0 + j') of a window at column n0 = j0 * tile_cols hashes like tile (i, j') of a mapping
+    whose constants absorb the shift: b + a_col * j0 and d + c_col * n0 (mod P). Same slots, same signs.
+    """
+    m = _mapping(mapping)
+    width = m.cols // groups
+    if groups == 1:
+        return [list(mapping)]
+    if width % m.tile_cols:
+        return None
+    windows = []
+    for g in range(groups):
+        start = g * width
+        shifted = replace(m, cols=width, b=(m.b + m.a_col * (start // m.tile_cols)) % PRIME,
+                          d=(m.d + m.c_col * start) % PRIME)
+        windows.append(mapping_args(shifted))
+    return windows
+
+
+def _conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_weight(view, in_per_group, kernel, dtype):
+    """The dense (out, in/groups, *kernel) weight of a B view: W = V^T reshaped (reference path only)."""
+    return view.to(dtype).t().reshape(view.shape[1], in_per_group, *kernel)
+
+
+def _as_2d(x, kernel, stride, padding, dilation):
+    """A batched conv1d problem as conv2d with height 1 (unfold/fold only know 2-D)."""
+    if len(kernel) == 2:
+        return x, list(kernel), list(stride), list(padding), list(dilation)
+    return x.unsqueeze(2), [1, kernel[0]], [1, stride[0]], [0, padding[0]], [1, dilation[0]]
+
+
+def _batched(x, kernel):
+    return x if x.dim() == len(kernel) + 2 else x.unsqueeze(0)
+
+
+def _columns(x2, k2, s2, p2, d2, groups, g):
+    """im2col of group g's input channels: (N, L, in/groups * kh * kw)."""
+    per_group = x2.shape[1] // groups
+    return F.unfold(x2[:, g * per_group:(g + 1) * per_group], k2, d2, p2, s2).transpose(1, 2)
+
+
+@torch.library.custom_op("roastfx::roast_conv", mutates_args=())
+def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float, bias: torch.Tensor | None,
+               kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+               groups: int) -> torch.Tensor:
+    """``F.conv1d/conv2d(x, W, bias, stride, padding, dilation, groups)`` (by ``len(kernel)``) where
+    W = V^T reshaped to (out, in/groups, *kernel) and V is the site's B view read from the memory."""
+    if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, dilation)):
+        raise ValueError(f"roast_conv takes 1 or 2 spatial dims with one stride/padding/dilation each, got "
+                         f"kernel={kernel} stride={stride} padding={padding} dilation={dilation}")
+    windows = group_windows(mapping, groups) if use_triton(x) else None
+    if windows is None:
+        conv = F.conv1d if len(kernel) == 1 else F.conv2d
+        view = _materialize(memory, _mapping(mapping), scale)
+        weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+    _kernels()
+    xb = _batched(x, kernel)
+    x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+    n, _, h, w = x2.shape
+    width = mapping[1] // groups
+    outs = []
+    for g, window in enumerate(windows):
+        cols = _columns(x2, k2, s2, p2, d2, groups, g)
+        b = bias[g * width:(g + 1) * width] if bias is not None else None
+        outs.append(torch.ops.roastfx.linear(cols, memory, b, None, window, scale, True, "none", False)[0])
+    y = outs[0] if groups == 1 else torch.cat(outs, -1)  # (N, L, out)
+    spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
+    y = y.transpose(1, 2).reshape(n, mapping[1], *spatial)
+    y = y.squeeze(2) if len(kernel) == 1 else y
+    return y if xb is x else y.squeeze(0)
+
+
+@roast_conv.register_fake
+def _(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups):
+    spatial = [_conv_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, dilation)]
+    return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1], *spatial))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, memory)
+    ctx.site = (mapping, scale)
+    ctx.conv = (kernel, stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad):
+    x, memory = ctx.saved_tensors
+    mapping, scale = ctx.site
+    kernel, stride, padding, dilation, groups = ctx.conv
+    need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    xb, gb = _batched(x, kernel), _batched(grad, kernel)
+    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
+    grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
+    windows = group_windows(mapping, groups) if use_triton(x) else None
+    if windows is None:
+        grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, ctx.conv, need_x, need_memory)
+    else:
+        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, windows, scale, ctx.conv, need_x, need_memory)
+    grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None
+
+
+def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory):
+    """dX: the view-transposed GEMM per group, then col2im (F.fold); dMemory: the ROAST weight-gradient
+    kernel on the recomputed columns, summed over groups."""
+    _kernels()
+    kernel, stride, padding, dilation, groups = conv
+    x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+    n, _, h, w = x2.shape
+    out = gb.shape[1]
+    width = out // groups
+    grad2d = gb.reshape(n, out, -1).transpose(1, 2).reshape(-1, out).to(xb.dtype)  # (N*L, out)
+    grad_xs, grad_memory = [], None
+    for g, window in enumerate(windows):
+        grad_g = grad2d[:, g * width:(g + 1) * width].contiguous()
+        if need_x:
+            grad_cols = torch.ops.roastfx.linear_grad_input(grad_g, memory, window, scale, True)
+            grad_cols = grad_cols.reshape(n, -1, grad_cols.shape[-1]).transpose(1, 2)
+            grad_xs.append(F.fold(grad_cols, (h, w), k2, d2, p2, s2))
+        if need_memory:
+            cols = _columns(x2, k2, s2, p2, d2, groups, g)
+            part = torch.ops.roastfx.linear_grad_memory(cols.reshape(-1, cols.shape[-1]), grad_g, memory, window,
+                                                        scale, True)
+            grad_memory = part if grad_memory is None else grad_memory + part
+    grad_x = (grad_xs[0] if groups == 1 else torch.cat(grad_xs, 1)) if need_x else None
+    return grad_x, grad_memory
+
+
+def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory):
+    kernel, stride, padding, dilation, groups = conv
+    grad_input = torch.nn.grad.conv1d_input if len(kernel) == 1 else torch.nn.grad.conv2d_input
+    grad_weight = torch.nn.grad.conv1d_weight if len(kernel) == 1 else torch.nn.grad.conv2d_weight
+    weight = _conv_weight(materialize(memory, mapping, scale), xb.shape[1] // groups, kernel, xb.dtype)
+    grad_x = grad_memory = None
+    if need_x:
+        grad_x = grad_input(xb.shape, weight, gb, stride, padding, dilation, groups)
+    if need_memory:
+        grad_w = grad_weight(xb, weight.shape, gb, stride, padding, dilation, groups)
+        grad_view = grad_w.reshape(grad_w.shape[0], -1).t()
+        grad_memory = _memory_grad_op(grad_view, mapping, scale, memory.numel()).to(memory.dtype)
+    return grad_x, grad_memory
+
+
+roast_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
