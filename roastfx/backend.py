@@ -142,8 +142,8 @@ def _compress_in_graph(gm, example_inputs, opts, key):
     for node, param, spec in found:
         name = shared.site_of_param.get(id(param))
         if name is None:
-            log.warning("roast backend: %s feeds a matmul in this graph but is not in the model's plan (made when "
-                        "the first graph compiled); it stays dense", spec.name)
+            log.warning("roast backend: %s feeds a matmul in this graph but is not in the model's plan (excluded, "
+                        "or used only functionally and first seen after the plan was made); it stays dense", spec.name)
         else:
             site_nodes[name] = node
     if not site_nodes:
@@ -151,7 +151,7 @@ def _compress_in_graph(gm, example_inputs, opts, key):
     return read_from_memory(gm, shared.plan, site_nodes), shared.memory
 
 
-def _shared_compression(root, found, opts, key) -> InGraphCompression | None:
+def _shared_compression(root, found, opts, key) -> InGraphCompression:
     entries = _SHARED.setdefault(root, [])
     for entry in entries:
         if entry.options is key:
@@ -161,11 +161,16 @@ def _shared_compression(root, found, opts, key) -> InGraphCompression | None:
     return entry
 
 
+def _excluded(name: str, patterns) -> bool:
+    """As roastfx.compress's exclude: a pattern matches the parameter's name or its module's path."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (name, name.rpartition(".")[0]))
+
+
 def _new_compression(root, found, opts, key) -> InGraphCompression:
     """Plan the model's sites (all of root's, as roastfx.compress would, plus this graph's functional
     ones; or only this graph's when root is None) and project the dense weights into a memory."""
-    import fnmatch
-
     from roastfx.compress import _site_scale, initial_memory, parse_compression
     from roastfx.passes.capture_sites import find_sites
     from roastfx.passes.plan_layout import plan_layout
@@ -180,12 +185,12 @@ def _new_compression(root, found, opts, key) -> InGraphCompression:
         params = {s.name: named[s.name] for s in specs}
         known = {id(p) for p in params.values()}
         for _, param, spec in found:  # weights used functionally in this graph
-            if id(param) not in known and not any(fnmatch.fnmatchcase(spec.name, p) for p in patterns):
+            if id(param) not in known and not _excluded(spec.name, patterns):
                 specs.append(spec)
                 params[spec.name] = param
                 known.add(id(param))
     else:
-        found = [f for f in found if not any(fnmatch.fnmatchcase(f[2].name, p) for p in patterns)]
+        found = [f for f in found if not _excluded(f[2].name, patterns)]
         specs = [spec for _, _, spec in found]
         params = {spec.name: p for _, p, spec in found}
     if not specs:

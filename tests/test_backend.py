@@ -216,3 +216,19 @@ def test_inductor_on_cpu_compiles_fused_roast_ops():
     cx, cm = torch.autograd.grad(out.square().sum(), (x, model.roast_memory))
     assert torch.allclose(out, eager, atol=1e-5)
     assert torch.allclose(cx, gx, atol=1e-5) and torch.allclose(cm, gm, atol=1e-5, rtol=1e-4)
+
+
+def test_in_graph_compression_excludes_like_compress():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = MLP()
+    reference = roastfx.compress(copy.deepcopy(dense), "4x", exclude=["out"])
+    compiled = torch.compile(dense, backend="roast", options={"compression": "4x", "exclude": ["out"], "inner": "eager"})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), reference(x), atol=1e-5)
+    torch._dynamo.reset()
+    bad = torch.compile(MLP(), backend="roast", options={"compression": "4x", "exclude": ["nope*"], "inner": "eager"})
+    with pytest.raises(Exception, match=r"exclude patterns \['nope\*'\] match no compressible weight"):
+        with torch.no_grad():
+            bad(x)
