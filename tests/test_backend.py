@@ -223,7 +223,8 @@ def test_in_graph_compression_excludes_like_compress():
     torch.manual_seed(0)
     dense = MLP()
     reference = roastfx.compress(copy.deepcopy(dense), "4x", exclude=["out"])
-    compiled = torch.compile(dense, backend="roast", options={"compression": "4x", "exclude": ["out"], "inner": "eager"})
+    options = {"compression": "4x", "exclude": ["out"], "inner": "eager"}
+    compiled = torch.compile(dense, backend="roast", options=options)
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.allclose(compiled(x), reference(x), atol=1e-5)
