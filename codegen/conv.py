@@ -4,41 +4,16 @@ The conv weight W (out, in/groups, *kernel) is V^T reshaped, V being the site's
 (in/groups*prod(kernel), out) B view. On the Triton path the conv is im2col
 (F.unfold) followed by the fused ROAST GEMM, so W is never built; a grouped conv
 runs one GEMM per group on the group's column window of V when the window starts
-on hash-tile boundaries (``group_windows``). Elsewhere the op materializes W and
+on hash-tile boundaries (``ops.column_windows``). Elsewhere the op materializes W and
 runs the dense conv.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 
-from .hashing import PRIME
-from .ops import _kernels, _mapping, _memory_grad_op, mapping_args, materialize, use_triton
+from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, use_triton
 from .reference import materialize as _materialize
-
-
-def group_windows(mapping: list[int], groups: int) -> list[list[int]] | None:
-    """The mapping of each group's columns of the view (out channels g*out/groups ...), or None when
-    the windows do not start on hash-tile boundaries.
-
-    Tile (i, j0 + j') of a window at column n0 = j0 * tile_cols hashes like tile (i, j') of a mapping
-    whose constants absorb the shift: b + a_col * j0 and d + c_col * n0 (mod P). Same slots, same signs.
-    """
-    m = _mapping(mapping)
-    width = m.cols // groups
-    if groups == 1:
-        return [list(mapping)]
-    if width % m.tile_cols:
-        return None
-    windows = []
-    for g in range(groups):
-        start = g * width
-        shifted = replace(m, cols=width, b=(m.b + m.a_col * (start // m.tile_cols)) % PRIME,
-                          d=(m.d + m.c_col * start) % PRIME)
-        windows.append(mapping_args(shifted))
-    return windows
 
 
 def _conv_out_size(size, kernel, stride, padding, dilation):
@@ -76,7 +51,7 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, dilation)):
         raise ValueError(f"roast_conv takes 1 or 2 spatial dims with one stride/padding/dilation each, got "
                          f"kernel={kernel} stride={stride} padding={padding} dilation={dilation}")
-    windows = group_windows(mapping, groups) if use_triton(x) else None
+    windows = column_windows(mapping, groups) if use_triton(x) else None
     if windows is None:
         conv = F.conv1d if len(kernel) == 1 else F.conv2d
         view = _materialize(memory, _mapping(mapping), scale)
@@ -121,7 +96,7 @@ def _conv_backward(ctx, grad):
     xb, gb = _batched(x, kernel), _batched(grad, kernel)
     accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
-    windows = group_windows(mapping, groups) if use_triton(x) else None
+    windows = column_windows(mapping, groups) if use_triton(x) else None
     if windows is None:
         grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, ctx.conv, need_x, need_memory)
     else:

@@ -10,11 +10,11 @@ reference path elsewhere; ROASTFX_KERNELS=triton|reference overrides that
 from __future__ import annotations
 
 import os
-from dataclasses import astuple
+from dataclasses import astuple, replace
 
 import torch
 
-from .hashing import TileHash
+from .hashing import PRIME, TileHash
 from .reference import materialize as _materialize
 
 __all__ = ["materialize", "roast_linear", "roast_embedding", "roast_conv", "embedding_bag_of_rows", "mapping_args",
@@ -27,6 +27,24 @@ def mapping_args(mapping: TileHash) -> list[int]:
 
 def _mapping(args) -> TileHash:
     return TileHash(*[int(a) for a in args])
+
+
+def column_windows(mapping: list[int], parts: int) -> list[list[int]] | None:
+    """The mappings of the view's columns cut into ``parts`` equal windows (a grouped conv's groups,
+    attention's q/k/v), or None when the windows do not start on hash-tile boundaries.
+
+    Tile (i, j0 + j') of a window at column n0 = j0 * tile_cols hashes like tile (i, j') of a mapping
+    whose constants absorb the shift: b + a_col * j0 and d + c_col * n0 (mod P). Same slots, same signs.
+    """
+    m = _mapping(mapping)
+    if parts == 1:
+        return [list(mapping)]
+    width = m.cols // parts
+    if width * parts != m.cols or width % m.tile_cols:
+        return None
+    return [mapping_args(replace(m, cols=width, b=(m.b + m.a_col * (start // m.tile_cols)) % PRIME,
+                                 d=(m.d + m.c_col * start) % PRIME))
+            for start in range(0, m.cols, width)]
 
 
 def _memory_grad(memory: torch.Tensor, mapping: TileHash, scale: float, grad_view: torch.Tensor) -> torch.Tensor:

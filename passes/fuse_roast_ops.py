@@ -8,6 +8,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
     conv1d/conv2d(x, W, b, ...)               -> roastfx::roast_conv
+    multi_head_attention_forward              -> roast_attention (projections as roast_linear)
     embedding(ids, W)                         -> roastfx::roast_embedding
     embedding_bag(ids, W, offsets)            -> roast_embedding + a bag sum over the looked-up rows
 
@@ -17,6 +18,7 @@ weight operand is in terms of V comes from ``weight_reads.weight_read``.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from dataclasses import dataclass
@@ -172,11 +174,11 @@ def _fuse_conv(graph, node) -> SiteUse | None:
 
 
 def _groups_note(mapping: list, groups: int) -> str:
-    from roastfx.codegen.conv import group_windows
+    from roastfx.codegen.ops import column_windows
 
     if groups == 1:
         return ""
-    if group_windows(mapping, groups) is not None:
+    if column_windows(mapping, groups) is not None:
         return f", groups={groups}: one ROAST GEMM per group"
     return (f", groups={groups}: groups of {mapping[1] // groups} out channels are not whole hash tiles "
             f"({mapping[3]} columns), so the op materializes W and runs the dense conv")
@@ -226,13 +228,51 @@ def _fuse_embedding(graph, node) -> SiteUse | None:
     return SiteUse(fused.name, True, "roast_embedding" + (" + bag reduce over the looked-up rows" if bag else ""))
 
 
-_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_embedding)
+def _fuse_attention(graph, node) -> list[SiteUse] | None:
+    """F.multi_head_attention_forward (nn.MultiheadAttention) over roast_linear projections."""
+    if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
+        return None
+    try:
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    reads = {name: weight_read(a[name]) for name in ("in_proj_weight", "out_proj_weight")}
+    if all(r is None for r in reads.values()):
+        return None
+    why = None
+    if any(a[n] is not None for n in ("bias_k", "bias_v", "static_k", "static_v")) or a["add_zero_attn"]:
+        why = "nn.MultiheadAttention with bias_k/bias_v, add_zero_attn or static keys is not decomposed"
+    elif a["use_separate_proj_weight"]:
+        why = "nn.MultiheadAttention with separate q/k/v projection weights (kdim/vdim) is not decomposed"
+    elif any(r is None or not r.transposed or not r.matrix or r.broadcast for r in reads.values()):
+        why = "nn.MultiheadAttention whose in and out projections are not both plain reads of compressed weights"
+    elif any(len(n.users) > 1 for r in reads.values() for n in r.chain):
+        why = "nn.MultiheadAttention: a rebuilt projection weight has other users"
+    elif reads["in_proj_weight"].materialize.args[0] is not reads["out_proj_weight"].materialize.args[0]:
+        why = "nn.MultiheadAttention whose projections read different memories"
+    if why is not None:
+        return [SiteUse(node.name, False, why)]
+    from roastfx.codegen.attention import roast_attention
+
+    (memory, in_mapping, in_scale), (_, out_mapping, out_scale) = (r.materialize.args for r in reads.values())
+    with graph.inserting_before(node):
+        fused = graph.call_function(roast_attention, (
+            a["query"], a["key"], a["value"], a["num_heads"], memory, list(in_mapping), in_scale, a["in_proj_bias"],
+            list(out_mapping), out_scale, a["out_proj_bias"], a["dropout_p"], a["training"], a["key_padding_mask"],
+            a["need_weights"], a["attn_mask"], a["average_attn_weights"]))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return [SiteUse(fused.name, True, "roast_attention: in-projection as roast_linear"),
+            SiteUse(fused.name, True, "roast_attention: out-projection as roast_linear")]
+
+
+_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_embedding, _fuse_attention)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {
-    "multi_head_attention_forward": "nn.MultiheadAttention: dynamo keeps F.multi_head_attention_forward as one call "
-                                    "that takes the dense in/out projection weights (a decomposed attention over "
-                                    "roast_linear is not written yet)",
     "lstm": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
     "gru": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
     "rnn_tanh": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
@@ -253,16 +293,17 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     graph = gm.graph
     for node in list(graph.nodes):
         for fuser in _FUSERS:
-            use = fuser(graph, node)
-            if use is None:
+            found = fuser(graph, node)
+            if found is None:
                 continue
-            if use.fused:
-                uses.append(use)
-            else:
-                for arg in node.all_input_nodes:
-                    read = weight_read(arg)
-                    if read is not None:
-                        reasons[read.materialize] = use.why
+            for use in found if isinstance(found, list) else [found]:
+                if use.fused:
+                    uses.append(use)
+                else:
+                    for arg in node.all_input_nodes:
+                        read = weight_read(arg)
+                        if read is not None:
+                            reasons[read.materialize] = use.why
             break
     graph.eliminate_dead_code()
     for n in graph.nodes:

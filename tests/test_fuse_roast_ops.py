@@ -314,18 +314,18 @@ def test_roast_conv_matches_dense_conv_and_passes_opcheck(case):
         torch.set_num_threads(threads)
 
 
-def test_group_windows_read_the_views_columns():
-    from roastfx.codegen.conv import group_windows
+def test_column_windows_read_the_views_columns():
+    from roastfx.codegen.ops import column_windows
     from roastfx.codegen.reference import materialize
 
     mapping = TileHash(20, 12, 4, 3, 2, 4, 60, 123457, 7654321, 99, 31337, 4242, 17)
     mem = torch.randn(70, dtype=torch.float64)
     view = materialize(mem, mapping, 0.3)
-    windows = group_windows(ops.mapping_args(mapping), 4)  # 3 columns each: one hash tile wide
+    windows = column_windows(ops.mapping_args(mapping), 4)  # 3 columns each: one hash tile wide
     for g, window in enumerate(windows):
         assert torch.equal(materialize(mem, TileHash(*window), 0.3), view[:, 3 * g:3 * g + 3])
-    assert group_windows(ops.mapping_args(mapping), 2) is not None
-    assert group_windows(ops.mapping_args(mapping), 6) is None  # 2 columns: windows start inside tiles
+    assert column_windows(ops.mapping_args(mapping), 2) is not None
+    assert column_windows(ops.mapping_args(mapping), 6) is None  # 2 columns: windows start inside tiles
 
 
 @pytest.mark.parametrize("case", CONVS[:4], ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d"])
@@ -465,3 +465,81 @@ def test_conv_model_runs_the_triton_kernels_through_the_backend(monkeypatch):
     assert len(calls) >= 3  # two forward GEMMs, one dX GEMM at least
     assert torch.allclose(out, eager, atol=1e-4)
     assert torch.allclose(cx, gx, atol=1e-4) and torch.allclose(cm, gm, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("inputs", ["self", "shared-kv", "distinct", "unbatched"])
+@pytest.mark.parametrize("tile_cols", [3, 4], ids=["windows", "sliced"])
+def test_roast_attention_matches_multi_head_attention_forward(inputs, tile_cols):
+    """The decomposed attention against torch's own, on dense weights materialized from the same memory:
+    boolean and float masks, weights averaged or per head, and q/k/v read as tile-aligned windows or sliced."""
+    from roastfx.codegen.attention import roast_attention
+    from roastfx.codegen.reference import materialize
+
+    gen = torch.Generator().manual_seed(9)
+    E, H, L, S, N = 6, 2, 4, 5, 3
+    in_map = TileHash(E, 3 * E, 2, tile_cols, 1, 0, 90, 123457, 7654321, 99, 31337, 4242, 17)
+    out_map = TileHash(E, E, 2, 3, 1, 0, 90, 7654321, 123457, 5, 17, 31337, 8)
+    mem = torch.randn(90, dtype=torch.float64, generator=gen, requires_grad=True)
+    in_bias, out_bias = torch.randn(3 * E, dtype=torch.float64, generator=gen), torch.randn(E, dtype=torch.float64,
+                                                                                             generator=gen)
+    batch = () if inputs == "unbatched" else (N,)
+    q = torch.randn(L, *batch, E, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = q if inputs == "self" else torch.randn(S, *batch, E, dtype=torch.float64, generator=gen)
+    v = k if inputs in ("self", "shared-kv") else torch.randn(S, *batch, E, dtype=torch.float64, generator=gen)
+    src = k.shape[0]
+    padding = torch.rand(*batch, src, generator=gen) < 0.3
+    padding[..., 0] = False  # every query sees at least one key
+    if inputs == "distinct":  # boolean masks (True: may not attend), a causal one
+        attn_mask = torch.ones(L, src, dtype=torch.bool).triu(1)
+    else:  # additive float masks
+        attn_mask = torch.randn(L, src, dtype=torch.float64, generator=gen)
+        padding = torch.zeros(padding.shape, dtype=torch.float64).masked_fill(padding, float("-inf"))
+    average = inputs != "shared-kv"
+
+    def ours(mem):
+        return roast_attention(q, k, v, H, mem, ops.mapping_args(in_map), 0.4, in_bias, ops.mapping_args(out_map),
+                               0.7, out_bias, 0.0, True, padding, True, attn_mask, average)
+
+    def torchs(mem):
+        w_in = materialize(mem, in_map, 0.4).t()
+        w_out = materialize(mem, out_map, 0.7).t()
+        return F.multi_head_attention_forward(q, k, v, E, H, w_in, in_bias, None, None, False, 0.0, w_out, out_bias,
+                                              training=True, key_padding_mask=padding, need_weights=True,
+                                              attn_mask=attn_mask, average_attn_weights=average)
+
+    (out, weights), (want, want_weights) = ours(mem), torchs(mem)
+    assert torch.allclose(out, want, atol=1e-10) and torch.allclose(weights, want_weights, atol=1e-10)
+    got = torch.autograd.grad(out.square().sum(), (q, mem))
+    expected = torch.autograd.grad(want.square().sum(), (q, mem))
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_fuses_through_the_backend(batch_first, monkeypatch):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+        def forward(self, x, y, mask):
+            out, weights = self.attn(x, y, y, key_padding_mask=mask)
+            return out + self.attn(x, x, x, need_weights=False)[0], weights
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    y = torch.randn(2, 7, 16, generator=gen)
+    if not batch_first:
+        x, y = x.detach().transpose(0, 1).requires_grad_(), y.transpose(0, 1)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    model = roastfx.compress(Block(), "3x", init="random", seed=5)
+    eager, eager_weights = model(x, y, mask)
+    gx, gm = torch.autograd.grad(eager.square().sum() + eager_weights.sum(), (x, model.roast_memory))
+    uses = record_uses(monkeypatch)
+    out, weights = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y, mask)
+    cx, cm = torch.autograd.grad(out.square().sum() + weights.sum(), (x, model.roast_memory))
+    assert torch.allclose(out, eager, atol=1e-5) and torch.allclose(weights, eager_weights, atol=1e-6)
+    assert torch.allclose(cx, gx, atol=1e-4) and torch.allclose(cm, gm, atol=1e-4, rtol=1e-4)
+    assert len(uses) == 4 and all(u.fused and u.why.startswith("roast_attention") for u in uses)

@@ -1,0 +1,83 @@
+"""Multi-head attention whose in/out projections are read from the memory.
+
+``roast_attention`` computes what ``F.multi_head_attention_forward`` computes for
+``nn.MultiheadAttention`` without key/value biases, zero attention or static keys,
+with the three projections and the output projection as ``roast_linear`` ops, so
+neither projection weight is built. The in-projection view V (E, 3E) holds the
+q, k and v projections as three column windows: self-attention reads it whole,
+cross-attention reads each window on its own (``column_windows``) when the
+windows start on hash-tile boundaries, and otherwise slices the full projection.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .ops import column_windows, roast_linear
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = may not attend) as an additive float mask; float masks pass through."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask.to(dtype) if mask is not None else None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim):
+    """q, k, v: each input through its third of the in-projection."""
+    if query is key and key is value:
+        return roast_linear(query, memory, mapping, scale, bias).split(embed_dim, dim=-1)
+    biases = bias.split(embed_dim) if bias is not None else (None, None, None)
+    windows = column_windows(mapping, 3)
+    if windows is not None:
+        return tuple(roast_linear(x, memory, w, scale, b) for x, w, b in zip((query, key, value), windows, biases))
+    return tuple(roast_linear(x, memory, mapping, scale, bias)[..., i * embed_dim:(i + 1) * embed_dim]
+                 for i, x in enumerate((query, key, value)))
+
+
+def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[int], in_scale: float,
+                    in_proj_bias, out_mapping: list[int], out_scale: float, out_proj_bias, dropout_p: float = 0.0,
+                    training: bool = True, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                    average_attn_weights: bool = True):
+    """(attn_output, attn_weights or None), sequence-first as ``F.multi_head_attention_forward``:
+    query (L, N, E) or unbatched (L, E); key and value (S, N, E) or (S, E)."""
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+    head_dim = embed_dim // num_heads
+    q, k, v = _in_projection(query, key, value, memory, in_mapping, in_scale, in_proj_bias, embed_dim)
+    q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)  # (N*H, L, D)
+    k = k.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1)
+
+    bias = _additive(attn_mask, q.dtype)
+    if bias is not None and bias.dim() == 2:
+        bias = bias.unsqueeze(0)  # (1, L, S), the same for every batch element and head
+    padding = _additive(key_padding_mask, q.dtype)
+    if padding is not None:
+        padding = padding.reshape(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1,
+                                                                                             src_len)
+        bias = padding if bias is None else bias + padding
+
+    scores = torch.bmm(q * (1.0 / math.sqrt(head_dim)), k.transpose(1, 2))
+    if bias is not None:
+        scores = scores + bias
+    weights = torch.softmax(scores, dim=-1)
+    if training and dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+    out = roast_linear(out, memory, out_mapping, out_scale, out_proj_bias).reshape(tgt_len, bsz, -1)
+    if not batched:
+        out = out.squeeze(1)
+    if not need_weights:
+        return out, None
+    weights = weights.reshape(bsz, num_heads, tgt_len, src_len)
+    if average_attn_weights:
+        weights = weights.mean(dim=1)
+    return out, weights if batched else weights.squeeze(0)
