@@ -81,3 +81,34 @@ def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[
     if average_attn_weights:
         weights = weights.mean(dim=1)
     return out, weights if batched else weights.squeeze(0)
+
+
+def roast_encoder_layer(src, num_heads: int, memory, qkv: tuple, qkv_bias, proj: tuple, proj_bias, use_gelu: bool,
+                        norm_first: bool, eps: float, norm1_weight, norm1_bias, norm2_weight, norm2_bias, ffn1: tuple,
+                        ffn1_bias, ffn2: tuple, ffn2_bias):
+    """``torch._transformer_encoder_layer_fwd`` (nn.TransformerEncoderLayer's inference fast path, batch
+    first, no mask) with its four weights read from the memory; each weight is (mapping, scale)."""
+    embed_dim = src.shape[-1]
+
+    def attention(x):
+        seq_first = x.transpose(0, 1) if x.dim() == 3 else x
+        out, _ = roast_attention(seq_first, seq_first, seq_first, num_heads, memory, *qkv, qkv_bias, *proj,
+                                 proj_bias, 0.0, False, None, False, None, True)
+        return out.transpose(0, 1) if x.dim() == 3 else out
+
+    def feed_forward(x):
+        hidden = roast_linear(x, memory, *ffn1, ffn1_bias, "none")
+        hidden = F.gelu(hidden) if use_gelu else torch.relu(hidden)
+        return roast_linear(hidden, memory, *ffn2, ffn2_bias)
+
+    def norm1(x):
+        return F.layer_norm(x, (embed_dim,), norm1_weight, norm1_bias, eps)
+
+    def norm2(x):
+        return F.layer_norm(x, (embed_dim,), norm2_weight, norm2_bias, eps)
+
+    if norm_first:
+        x = src + attention(norm1(src))
+        return x + feed_forward(norm2(x))
+    x = norm1(src + attention(src))
+    return norm2(x + feed_forward(x))

@@ -9,6 +9,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
     conv1d/conv2d(x, W, b, ...)               -> roastfx::roast_conv
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
+    _transformer_encoder_layer_fwd            -> roast_encoder_layer (attention + feed-forward over roast_linear)
     embedding(ids, W)                         -> roastfx::roast_embedding
     embedding_bag(ids, W, offsets)            -> roast_embedding + a bag sum over the looked-up rows
 
@@ -269,7 +270,43 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
             SiteUse(fused.name, True, "roast_attention: out-projection as roast_linear")]
 
 
-_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_embedding, _fuse_attention)
+_ENCODER_WEIGHTS = {3: "qkv", 5: "proj", 14: "ffn1", 16: "ffn2"}  # argument positions of the fast path's weights
+
+
+def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
+    """nn.TransformerEncoderLayer's inference fast path (one aten op taking dense weights), decomposed."""
+    if node.op != "call_function" or node.target is not torch._transformer_encoder_layer_fwd:
+        return None
+    args = list(node.args)
+    reads = {name: weight_read(args[i]) if len(args) > i else None for i, name in _ENCODER_WEIGHTS.items()}
+    if all(r is None for r in reads.values()):
+        return None
+    why = None
+    if len(args) < 18 or node.kwargs or any(a is not None for a in args[18:]):
+        why = "nn.TransformerEncoderLayer fast path with a mask is not decomposed"
+    elif any(r is None or not r.transposed or not r.matrix or r.broadcast for r in reads.values()):
+        why = "nn.TransformerEncoderLayer fast path whose four weights are not all plain reads of compressed weights"
+    elif any(len(n.users) > 1 for r in reads.values() for n in r.chain):
+        why = "nn.TransformerEncoderLayer fast path: a rebuilt weight has other users"
+    elif len({r.materialize.args[0] for r in reads.values()}) != 1:
+        why = "nn.TransformerEncoderLayer fast path whose weights read different memories"
+    if why is not None:
+        return [SiteUse(node.name, False, why)]
+    from roastfx.codegen.attention import roast_encoder_layer
+
+    memory = reads["qkv"].materialize.args[0]
+    site = {name: (list(r.materialize.args[1]), r.materialize.args[2]) for name, r in reads.items()}
+    with graph.inserting_before(node):
+        fused = graph.call_function(roast_encoder_layer, (
+            args[0], args[2], memory, site["qkv"], args[4], site["proj"], args[6], args[7], args[8], args[9],
+            args[10], args[11], args[12], args[13], site["ffn1"], args[15], site["ffn2"], args[17]))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
+
+
+_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {

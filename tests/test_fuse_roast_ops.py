@@ -543,3 +543,22 @@ def test_multihead_attention_fuses_through_the_backend(batch_first, monkeypatch)
     assert torch.allclose(out, eager, atol=1e-5) and torch.allclose(weights, eager_weights, atol=1e-6)
     assert torch.allclose(cx, gx, atol=1e-4) and torch.allclose(cm, gm, atol=1e-4, rtol=1e-4)
     assert len(uses) == 4 and all(u.fused and u.why.startswith("roast_attention") for u in uses)
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_inference_fast_path_fuses(norm_first, activation, monkeypatch):
+    """In eval under no_grad, nn.TransformerEncoderLayer runs one aten op on dense weights; the backend
+    decomposes it, and the eager fast path is the oracle."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, activation=activation, batch_first=True,
+                                             norm_first=norm_first)
+    model = roastfx.compress(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), "3x",
+                             init="random").eval()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    uses = record_uses(monkeypatch)
+    with torch.no_grad():
+        eager = model(x)
+        out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert len(uses) == 8 and all(u.fused and u.why.startswith("roast_encoder_layer") for u in uses)
