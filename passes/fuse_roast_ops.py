@@ -356,8 +356,6 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     return uses
 
 
-
-
 def _activation_of(node) -> str | None:
     """The epilogue activation this node computes on its first argument, if roast_linear can fuse it."""
     if node.op == "call_method" and node.target == "relu" and len(node.args) == 1:
