@@ -181,7 +181,9 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
     epilogue = Epilogue(tuple(steps))
     last = chain[-1]
     with graph.inserting_before(last):
-        fused = graph.call_function(fused_op(), (x, memory, list(mapping), float(scale), list(extras),
+        # under dynamic=True dynamo may pass the scale as a symbolic float (a graph node): keep it as is
+        scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
+        fused = graph.call_function(fused_op(), (x, memory, list(mapping), scale, list(extras),
                                                  epilogue.signature, transpose_view))
     fused.meta.update(last.meta)
     last.replace_all_uses_with(fused)

@@ -123,9 +123,7 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    act = _fuse_activation(graph, fused)
-    return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + (f" + {act}" if act else "")
-                   + f" from {op}")
+    return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}")
 
 
 def _conv_padding(padding, kernel, dilation) -> list | str:
@@ -355,31 +353,3 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
         log.info("roast backend: %s %s (%s)", u.node, "fused" if u.fused else "fallback", u.why)
     return uses
 
-
-def _activation_of(node) -> str | None:
-    """The epilogue activation this node computes on its first argument, if roast_linear can fuse it."""
-    if node.op == "call_method" and node.target == "relu" and len(node.args) == 1:
-        return "relu"
-    if node.op != "call_function":
-        return None
-    if node.target in (torch.relu, F.relu) and not node.kwargs.get("inplace") and len(node.args) == 1:
-        return "relu"
-    if node.target is F.silu and not node.kwargs.get("inplace") and len(node.args) == 1:
-        return "silu"
-    if node.target is F.gelu and node.kwargs.get("approximate") == "tanh" and len(node.args) == 1:
-        return "gelu_tanh"
-    return None
-
-
-def _fuse_activation(graph: torch.fx.Graph, fused: torch.fx.Node) -> str | None:
-    """Fold the single activation that follows a roast_linear into its epilogue."""
-    if len(fused.users) != 1:
-        return None
-    (user,) = fused.users
-    act = _activation_of(user)
-    if act is None or user.args[0] is not fused:
-        return None
-    fused.args = (*fused.args, act)
-    user.replace_all_uses_with(fused)
-    graph.erase_node(user)
-    return act

@@ -3,7 +3,9 @@
 The pipeline, in order: compress_graph (only with options["compression"]: an
 uncompressed model's weight reads become reads of one memory), fuse_roast_ops
 (weight reads feeding matmul-like ops become one roast op; other reads stay
-``roastfx::materialize``, the correct fallback), then the inner compiler
+``roastfx::materialize``, the correct fallback), fuse_epilogue (the pointwise
+chain after each roast_linear becomes the epilogue of one generated kernel), then
+the inner compiler
 (inductor by default; "aot_eager" or "eager" with options={"inner": ...}).
 """
 from __future__ import annotations
@@ -59,11 +61,12 @@ def apply_mode(mode) -> dict:
     return list_mode_options(mode)
 
 
-PIPELINE = ("compress_graph (only with options['compression'])", "fuse_roast_ops", "inner compiler")
+PIPELINE = ("compress_graph (only with options['compression'])", "fuse_roast_ops", "fuse_epilogue", "inner compiler")
 
 
 def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, **_):
     """Entry point for ``torch.compile(model, backend="roast")``."""
+    from roastfx.passes.fuse_epilogue import fuse_epilogue
     from roastfx.passes.fuse_roast_ops import fuse_roast_ops
 
     opts = parse_options(options)
@@ -82,6 +85,8 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
             "fallback='error': these weight reads have no fused roast op and would be materialized: "
             + "; ".join(f"{u.node}: {u.why}" for u in unfused[:8])
         )
+    folded = fuse_epilogue(gm)
+    log.info("roast backend: %d epilogue chains folded into generated kernels", len(folded))
     inner = opts.get("inner", "inductor")
     inputs = list(example_inputs) + extra_inputs
     if inner == "eager":

@@ -1,4 +1,6 @@
 """The fuse_roast_ops pass and the roast custom ops."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,7 +214,7 @@ def test_transformers_models_through_the_backend(build, monkeypatch):
 
 @pytest.mark.parametrize("act,module", [("relu", torch.nn.ReLU()), ("silu", torch.nn.SiLU()),
                                         ("gelu_tanh", torch.nn.GELU(approximate="tanh"))])
-def test_activation_epilogue_is_fused(act, module, monkeypatch):
+def test_activation_is_folded_into_a_generated_epilogue(act, module, monkeypatch, caplog):
     gen = torch.Generator().manual_seed(6)
     mapping = TileHash(13, 6, 4, 3, 2, 4, 60, 123457, 7654321, 99, 31337, 4242, 17)
     args = ops.mapping_args(mapping)
@@ -231,9 +233,12 @@ def test_activation_epilogue_is_fused(act, module, monkeypatch):
     grad = model.roast_memory.grad.clone()
     model.zero_grad()
     uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(xs)
+    with caplog.at_level(logging.INFO, logger="roastfx"):
+        out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(xs)
     out.square().sum().backward()
-    assert f"roast_linear + {act} from linear" in [u.why for u in uses]
+    assert [u.why for u in uses].count("roast_linear from linear") == 2
+    # the bias and the activation after the first linear became one generated epilogue (fuse_epilogue)
+    assert f"-> epilogue add:x0|{act}" in caplog.text
     assert torch.allclose(out, eager, atol=1e-5)
     assert torch.allclose(model.roast_memory.grad, grad, atol=1e-4, rtol=1e-4)
 
