@@ -6,6 +6,7 @@ failed call leaves the model exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import math
 import re
@@ -86,6 +87,7 @@ def compress(
     init: str = "project",
     scheme: str = "roast",
     grad_scaling: str = "none",
+    own_window=(),
     **options,
 ) -> nn.Module:
     """Compress ``model`` in place with one global ROAST memory and return it.
@@ -101,6 +103,12 @@ def compress(
     head, embeddings behind a LayerNorm, deep encoder weights) all steer the slots
     they share. Recommended for training globally shared models with Adam; it is
     stored in the plan, so checkpoints keep it. See docs/results.md.
+    own_window: name patterns (fnmatch, as ``exclude``) of sites that scheme="roast" keeps
+    out of the shared memory: they get their own window at its end, sized by their share
+    of the dense weights (at least one slot); the other sites share the rest globally.
+    Meant for small weights that act on every example, e.g. a transformer's position and
+    token-type embeddings, whose slots would otherwise drift with every other site's
+    gradient (docs/results.md). Equal memory; the windows are in the plan.
     """
     unknown = sorted(set(options) - set(COMPRESS_OPTIONS))
     if unknown:
@@ -118,6 +126,14 @@ def compress(
         raise ValueError(f"seed={seed!r} must be a non-negative int")
     if isinstance(exclude, str):
         exclude = (exclude,)
+    if isinstance(own_window, str):
+        own_window = (own_window,)
+    own_window = tuple(own_window or ())
+    if not all(isinstance(p, str) for p in own_window):
+        raise ValueError(f"own_window={own_window!r} must be name patterns (strings), e.g. ('*position_embeddings*',)")
+    if own_window and scheme != "roast":
+        raise ValueError(f"own_window applies to scheme='roast' (global sharing); scheme={scheme!r} already gives "
+                         "every site its own window")
     planner = options.get("planner", "default")
     if planner not in PLANNERS:
         raise ValueError(f"planner={planner!r} is not valid; accepted: {', '.join(PLANNERS)}")
@@ -140,13 +156,23 @@ def compress(
     memory_size = parse_compression(compression, dense_numel, itemsize)
     scales = {s.name: _site_scale(params[s.name]) for s in specs}
     tiling = dict(tile=options.get("tile"), alignment=options.get("alignment"), chunk=options.get("chunk"))
-    if planner == "cost":
-        plan = plan_with_cost_model(specs, memory_size, scales, profile, seed, scheme=scheme,
-                                    memory_dtype=mem_dtype_name, notes=notes, **tiling)
-    else:
-        plan = plan_layout(specs, memory_size, scales, seed=seed, scheme=scheme, target=profile.name,
+
+    def make_plan(group, size):
+        if planner == "cost":
+            return plan_with_cost_model(group, size, scales, profile, seed, scheme=scheme,
+                                        memory_dtype=mem_dtype_name, notes=notes, **tiling)
+        return plan_layout(group, size, scales, seed=seed, scheme=scheme, target=profile.name,
                            cache_line=profile.alignment_elements(itemsize), memory_dtype=mem_dtype_name,
                            notes=notes, **tiling)
+
+    own = [s for s in specs if any(fnmatch.fnmatch(s.name, p) or any(fnmatch.fnmatch(b, p) for b in s.bindings)
+                                   for p in own_window)]
+    if own_window and not own:
+        raise ValueError(f"own_window={own_window!r} matches no compressed site; sites: {[s.name for s in specs]}")
+    if own and len(own) == len(specs):
+        raise ValueError("own_window matches every site: nothing would share the memory; use scheme='roast-local'")
+    plan = make_plan(specs, memory_size) if not own else _plan_with_own_window(
+        specs, own, memory_size, make_plan, max(profile.alignment_elements(itemsize), options.get("alignment") or 1))
     plan = dataclasses.replace(plan, grad_scaling=grad_scaling)
     memory = initial_memory(plan, params, init)
     device = params[specs[0].name].device
@@ -154,6 +180,22 @@ def compress(
     log.info("compressed %d sites, %d dense weights into %d memory slots (%.1fx)",
              len(plan.sites), plan.dense_numel, plan.memory_size, plan.ratio)
     return model
+
+
+def _plan_with_own_window(specs, own, memory_size: int, make_plan, align: int) -> Plan:
+    """Plan ``own`` in one window at the end of the memory and the other sites globally in the rest."""
+    own_names = {s.name for s in own}
+    shared = [s for s in specs if s.name not in own_names]
+    numel = {s.name: math.prod(s.shape) for s in specs}
+    share = sum(numel[s.name] for s in own) / sum(numel.values())
+    rest = (memory_size - max(1, round(memory_size * share))) // align * align
+    if rest < 1:
+        raise ValueError(f"memory of {memory_size} slots is too small to give own_window sites a window of their own")
+    shared_plan, own_plan = make_plan(shared, rest), make_plan(own, memory_size - rest)
+    sites = {s.name: s for s in shared_plan.sites}
+    for s in own_plan.sites:
+        sites[s.name] = dataclasses.replace(s, mapping=dataclasses.replace(s.mapping, window_start=s.mapping.window_start + rest))
+    return dataclasses.replace(shared_plan, memory_size=memory_size, sites=tuple(sites[s.name] for s in specs))
 
 
 def initial_memory(plan: Plan, params: dict, init: str) -> torch.Tensor:
