@@ -29,6 +29,7 @@ import quality_tasks as Q  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIPPED: list[str] = []  # configurations roastfx refused, with its message
+RECIPES: list[str] = []  # one line per task: epochs, lr, batch, memory lr multiplier
 NOTES_MARKER = "<!-- notes: kept when the table is regenerated -->"
 
 
@@ -42,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--tile", default=None, help="hash tile for the ROAST schemes, e.g. 8x8 (default: the planner's)")
     p.add_argument("--no-memory-lr", action="store_true", help="train the memory with the plain learning rate")
+    p.add_argument("--memory-lr-mult", type=float, default=None,
+                   help="memory lr = mult * lr / median site scale (default: each task's, chosen on a validation split)")
+    p.add_argument("--grad-scaling", default=Q.GRAD_SCALING, choices=("none", "site"),
+                   help="roastfx grad_scaling of every compressed method (default %(default)s)")
     p.add_argument("--no-index-cache", action="store_true",
                    help="rehash every weight at each forward as the reference path does (slower, same numbers)")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results/quality-<date>.json)")
@@ -68,18 +73,23 @@ def parse_args(argv=None):
 def run_task(args, task_name: str, log=print) -> list[dict]:
     runs = []
     task = Q.TASKS[task_name](quick=args.quick)
-    log(f"== {task.title}: {task.epochs} epochs, Adam lr {task.lr}, batch {task.batch_size}")
+    mult = task.memory_lr_mult if args.memory_lr_mult is None else args.memory_lr_mult
+    RECIPES.append(f"{task.name}: {task.epochs} epochs, lr {task.lr:g}, batch {task.batch_size}, memory lr x{mult:g}"
+                   + (f", roast with own_window={task.own_window}" if task.own_window else ""))
+    log(f"== {task.title}: {task.epochs} epochs, Adam lr {task.lr}, batch {task.batch_size}, "
+        f"memory lr x{task.memory_lr_mult if args.memory_lr_mult is None else args.memory_lr_mult}, "
+        f"grad_scaling {args.grad_scaling}")
     configs = [("dense", None)] if "dense" in args.methods else []
     configs += [(m, r) for r in args.ratios for m in args.methods if m != "dense"]
     for method, compression in configs:
         for seed in args.seeds:
             try:
-                model, info = Q.make_model(task, method, compression, seed, tile=args.tile)
+                model, info = Q.make_model(task, method, compression, seed, tile=args.tile, grad_scaling=args.grad_scaling)
             except ValueError as e:  # e.g. a memory too small to give every site a window
                 log(f"{task.name:7s} {method:12s} {compression or '-':6s} seed {seed}: SKIPPED: {e}")
                 SKIPPED.append(f"{task.name} {method} {compression} seed {seed}: {e}")
                 continue
-            result = Q.train(task, model, seed, memory_lr_scale=not args.no_memory_lr)
+            result = Q.train(task, model, seed, memory_lr_scale=not args.no_memory_lr, memory_lr_mult=args.memory_lr_mult)
             run = {"task": task.name, "title": task.title, "method": method, "compression": compression,
                    "seed": seed, **info, **result}
             runs.append(run)
@@ -167,9 +177,11 @@ def markdown(rows, checks, meta, notes: str) -> str:
         "tests, so these times are noisy (a run can be several times slower than its neighbour); read them as "
         "rough. The compressed models recompute every weight from the memory at each forward "
         "(the PyTorch reference path), which is why they are slower than dense here.",
-        "- every method of a task trains with the same epochs, Adam, cosine schedule and seeds; the ROAST memory "
-        "gets lr / (median site scale) so that recovered weights move as fast as dense weights "
-        "(`--no-memory-lr` turns that off). Compressed models start from `init=\"random\"`.",
+        "- every method of a task trains with the same epochs, Adam, cosine schedule, learning rate and seeds "
+        f"({meta['recipes']}). The ROAST memory gets mult * lr / (median site scale), with the task's mult "
+        "chosen on a validation split carved from the training data (`--memory-lr-mult`, `--no-memory-lr`); "
+        f"every compressed method is built with `grad_scaling=\"{meta['grad_scaling']}\"`. "
+        "Compressed models start from `init=\"random\"`.",
         "",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -254,7 +266,8 @@ def write_outputs(args, argv, runs, started, json_path):
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "total_minutes": (time.time() - started) / 60,
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'cpu'})",
         "torch": torch.__version__, "threads": args.threads, "seeds": args.seeds, "quick": args.quick,
-        "skipped": list(SKIPPED), "tasks_done": list(dict.fromkeys(r["task"] for r in runs)), "tasks_asked": args.tasks,
+        "skipped": list(SKIPPED), "grad_scaling": args.grad_scaling, "memory_lr_mult": args.memory_lr_mult,
+        "recipes": "; ".join(RECIPES), "tasks_done": list(dict.fromkeys(r["task"] for r in runs)), "tasks_asked": args.tasks,
     }
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
     with open(json_path, "w") as f:

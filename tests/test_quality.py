@@ -154,3 +154,16 @@ def test_quality_script_writes_results(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "| roast | 10x |" in text and "python benchmarks/quality.py --quick" in text
     assert (tmp_path / "q.png").stat().st_size > 1000 and (tmp_path / "q.json").stat().st_size > 100
+
+
+def test_recipe_choices_never_see_the_test_split(tasks):
+    """validation_task scores on the end of the training split; the test split is untouched."""
+    task = tasks["digits"]
+    val = Q.validation_task(task, 50)
+    (tr_x, tr_y), (te_x, te_y) = task.data
+    (vtr_x, vtr_y), (v_x, v_y) = val.data
+    assert len(vtr_y) + len(v_y) == len(tr_y) and len(v_y) == 50
+    assert torch.equal(v_x, tr_x[-50:]) and torch.equal(vtr_x, tr_x[:-50])
+    assert task.data[1][0] is te_x  # the original task keeps its test split
+    model, _ = Q.make_model(task, "roast", "10x", seed=0)
+    assert roastfx.roast_state(model).plan.grad_scaling == Q.GRAD_SCALING
