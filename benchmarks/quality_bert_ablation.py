@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-scaling", default="none,site", help="comma list of roastfx grad_scaling values")
     p.add_argument("--memory-lr-mult", default="task", help="comma list of multipliers of the memory learning rate "
                    "(memory lr = mult * lr / median site scale; default: the task's own, as in quality.py)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the task's)")
     p.add_argument("--lr", default="task", help="comma list of Adam learning rates (default: the task's)")
     p.add_argument("--tile", default=None, help="hash tile for the ROAST schemes, e.g. 8x8")
     p.add_argument("--chunk", type=int, default=None, help="ROBE chunk of the embedding sites (planner default 32)")
@@ -126,7 +127,9 @@ def main(argv=None):
     task = Q.TASKS[args.task](quick=False)
     if args.split == "val":
         task = Q.validation_task(task, args.n_val or len(task.data[1][-1]))
-    print(f"# {task.title}; {args.compression}; scored on the {args.split} split ({len(task.data[1][-1])} examples)")
+    if args.epochs:
+        task.epochs = args.epochs
+    print(f"# {task.title}; {task.epochs} epochs; {args.compression}; scored on the {args.split} split ({len(task.data[1][-1])} examples)")
     rows = []
     base_lr = task.lr
     for scheme, variant, gs, lr, mult, scaler, init_scale, seed in itertools.product(
@@ -147,7 +150,7 @@ def main(argv=None):
                                      exclude=VARIANTS[variant], grad_scaling=gs, **options)
             state = roastfx.roast_state(model)
             slots = state.plan.memory_size
-            if args.isolate:
+            if args.isolate and scheme == "roast":
                 variant_note = isolate_sites(state, args.isolate.split(","))
             with torch.no_grad():
                 state.memory.mul_(init_scale)
@@ -158,7 +161,7 @@ def main(argv=None):
         result = Q.train(task, model, seed=seed, memory_lr_mult=mult)
         extra = (f", tile {args.tile[0]}x{args.tile[1]}" if args.tile and scheme != "hashednet" else "") + (
             f", chunk {args.chunk}" if args.chunk and scheme != "hashednet" else "") + (
-            f", {args.isolate} isolated ({variant_note})" if args.isolate and scheme != "dense" else "") + (
+            f", {args.isolate} isolated ({variant_note})" if args.isolate and scheme == "roast" else "") + (
             f", slot scaler {scaler}" if scaler != "none" else "") + (
             f", init x{init_scale:g}" if init_scale != 1 else "")
         row = (scheme, variant + extra, gs, f"{task.lr:g}, {task.memory_lr_mult if mult is None else mult:g}", seed, slots,
