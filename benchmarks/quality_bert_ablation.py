@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--slot-scaler", default="none", help="comma list of: none, v1, v4: a FakeRoast-style static "
                    "per-slot divisor of the memory gradient (v1: (sum of scales)^2 / count, v4: sqrt(sum of scales^2))")
     p.add_argument("--init-scale", default="1", help="comma list: the random memory is multiplied by this")
+    p.add_argument("--own-window", default="", help="comma list of name patterns passed to roastfx.compress(own_window=...) "
+                   "for scheme roast (the product's version of --isolate; the table uses it)")
     p.add_argument("--isolate", default="", help="comma list of name patterns: with scheme roast, these sites get their "
                    "own window at the end of the memory (share of their dense size, per-element hashing) while the "
                    "rest share the remaining slots globally; equal memory. A planner experiment, not a roastfx option")
@@ -146,6 +148,8 @@ def main(argv=None):
             options = {"tile": args.tile} if args.tile and scheme != "hashednet" else {}
             if args.chunk and scheme != "hashednet":
                 options["chunk"] = args.chunk
+            if args.own_window and scheme == "roast":
+                options["own_window"] = tuple(args.own_window.split(","))
             model = roastfx.compress(task.build(), args.compression, seed=seed, init="random", scheme=scheme,
                                      exclude=VARIANTS[variant], grad_scaling=gs, **options)
             state = roastfx.roast_state(model)
@@ -162,6 +166,7 @@ def main(argv=None):
         extra = (f", tile {args.tile[0]}x{args.tile[1]}" if args.tile and scheme != "hashednet" else "") + (
             f", chunk {args.chunk}" if args.chunk and scheme != "hashednet" else "") + (
             f", {args.isolate} isolated ({variant_note})" if args.isolate and scheme == "roast" else "") + (
+            f", own_window {args.own_window}" if args.own_window and scheme == "roast" else "") + (
             f", slot scaler {scaler}" if scaler != "none" else "") + (
             f", init x{init_scale:g}" if init_scale != 1 else "")
         row = (scheme, variant + extra, gs, f"{task.lr:g}, {task.memory_lr_mult if mult is None else mult:g}", seed, slots,
