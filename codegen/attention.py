@@ -7,6 +7,9 @@ neither projection weight is built. The in-projection view V (E, 3E) holds the
 q, k and v projections as three column windows: self-attention reads it whole,
 cross-attention reads each window on its own (``column_windows``) when the
 windows start on hash-tile boundaries, and otherwise slices the full projection.
+With ``in_grad_norm`` / ``out_grad_norm`` (``grad_scaling="site"``) the projections'
+roast_linear ops normalize their view gradients; only self-attention can, where one
+op reads the whole in-projection view.
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim):
+def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim, grad_norm=False):
     """q, k, v: each input through its third of the in-projection."""
     if query is key and key is value:
-        return roast_linear(query, memory, mapping, scale, bias).split(embed_dim, dim=-1)
+        return roast_linear(query, memory, mapping, scale, bias, grad_norm=grad_norm).split(embed_dim, dim=-1)
+    if grad_norm:
+        raise ValueError("in_grad_norm=True needs self-attention (query is key is value): the q, k and v "
+                         "projections of distinct inputs are separate ops, each seeing a part of the view's gradient")
     biases = bias.split(embed_dim) if bias is not None else (None, None, None)
     windows = column_windows(mapping, 3)
     if windows is not None:
@@ -40,7 +46,7 @@ def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim):
 def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[int], in_scale: float,
                     in_proj_bias, out_mapping: list[int], out_scale: float, out_proj_bias, dropout_p: float = 0.0,
                     training: bool = True, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
-                    average_attn_weights: bool = True):
+                    average_attn_weights: bool = True, in_grad_norm: bool = False, out_grad_norm: bool = False):
     """(attn_output, attn_weights or None), sequence-first as ``F.multi_head_attention_forward``:
     query (L, N, E) or unbatched (L, E); key and value (S, N, E) or (S, E)."""
     batched = query.dim() == 3
@@ -51,7 +57,7 @@ def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[
     tgt_len, bsz, embed_dim = query.shape
     src_len = key.shape[0]
     head_dim = embed_dim // num_heads
-    q, k, v = _in_projection(query, key, value, memory, in_mapping, in_scale, in_proj_bias, embed_dim)
+    q, k, v = _in_projection(query, key, value, memory, in_mapping, in_scale, in_proj_bias, embed_dim, in_grad_norm)
     q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)  # (N*H, L, D)
     k = k.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1)
     v = v.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1)
@@ -72,7 +78,8 @@ def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[
     if training and dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-    out = roast_linear(out, memory, out_mapping, out_scale, out_proj_bias).reshape(tgt_len, bsz, -1)
+    out = roast_linear(out, memory, out_mapping, out_scale, out_proj_bias,
+                       grad_norm=out_grad_norm).reshape(tgt_len, bsz, -1)
     if not batched:
         out = out.squeeze(1)
     if not need_weights:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, use_triton
 from .reference import materialize as _materialize
 
@@ -45,9 +46,10 @@ def _columns(x2, k2, s2, p2, d2, groups, g):
 @torch.library.custom_op("roastfx::roast_conv", mutates_args=())
 def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float, bias: torch.Tensor | None,
                kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
-               groups: int) -> torch.Tensor:
+               groups: int, grad_norm: bool = False) -> torch.Tensor:
     """``F.conv1d/conv2d(x, W, bias, stride, padding, dilation, groups)`` (by ``len(kernel)``) where
-    W = V^T reshaped to (out, in/groups, *kernel) and V is the site's B view read from the memory."""
+    W = V^T reshaped to (out, in/groups, *kernel) and V is the site's B view read from the memory.
+    grad_norm: the memory gets the view's gradient divided by its RMS (grad_norm.py)."""
     if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, dilation)):
         raise ValueError(f"roast_conv takes 1 or 2 spatial dims with one stride/padding/dilation each, got "
                          f"kernel={kernel} stride={stride} padding={padding} dilation={dilation}")
@@ -75,22 +77,22 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
 
 
 @roast_conv.register_fake
-def _(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups):
+def _(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups, grad_norm=False):
     spatial = [_conv_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, dilation)]
     return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1], *spatial))
 
 
 def _conv_setup(ctx, inputs, output):
-    x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups = inputs
+    x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups, grad_norm = inputs
     ctx.save_for_backward(x, memory)
-    ctx.site = (mapping, scale)
+    ctx.site = (mapping, scale, grad_norm)
     ctx.conv = (kernel, stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
 
 
 def _conv_backward(ctx, grad):
     x, memory = ctx.saved_tensors
-    mapping, scale = ctx.site
+    mapping, scale, grad_norm = ctx.site
     kernel, stride, padding, dilation, groups = ctx.conv
     need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     xb, gb = _batched(x, kernel), _batched(grad, kernel)
@@ -98,16 +100,19 @@ def _conv_backward(ctx, grad):
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
     windows = column_windows(mapping, groups) if use_triton(x) else None
     if windows is None:
-        grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, ctx.conv, need_x, need_memory)
+        grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, ctx.conv, need_x, need_memory,
+                                                   grad_norm)
     else:
-        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, windows, scale, ctx.conv, need_x, need_memory)
+        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, windows, scale, ctx.conv, need_x, need_memory,
+                                                  grad_norm)
     grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
-    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
 
 
-def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory):
+def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory, grad_norm):
     """dX: the view-transposed GEMM per group, then col2im (F.fold); dMemory: the ROAST weight-gradient
-    kernel on the recomputed columns, summed over groups."""
+    kernel on the recomputed columns, summed over groups (with grad_norm, divided by the RMS of the
+    whole view's gradient: the groups' windows tile the view, so their sums of squares add up)."""
     _kernels()
     kernel, stride, padding, dilation, groups = conv
     x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
@@ -115,7 +120,7 @@ def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memor
     out = gb.shape[1]
     width = out // groups
     grad2d = gb.reshape(n, out, -1).transpose(1, 2).reshape(-1, out).to(xb.dtype)  # (N*L, out)
-    grad_xs, grad_memory = [], None
+    grad_xs, grad_memory, sumsq = [], None, 0.0
     for g, window in enumerate(windows):
         grad_g = grad2d[:, g * width:(g + 1) * width].contiguous()
         if need_x:
@@ -124,14 +129,20 @@ def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memor
             grad_xs.append(F.fold(grad_cols, (h, w), k2, d2, p2, s2))
         if need_memory:
             cols = _columns(x2, k2, s2, p2, d2, groups, g)
-            part = torch.ops.roastfx.linear_grad_memory(cols.reshape(-1, cols.shape[-1]), grad_g, memory, window,
-                                                        scale, True)
+            args = (cols.reshape(-1, cols.shape[-1]), grad_g, memory, window, scale, True)
+            if grad_norm:
+                part, window_sumsq = torch.ops.roastfx.linear_grad_memory_sumsq(*args)
+                sumsq = sumsq + window_sumsq
+            else:
+                part = torch.ops.roastfx.linear_grad_memory(*args)
             grad_memory = part if grad_memory is None else grad_memory + part
+    if need_memory and grad_norm:
+        grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, windows[0][0] * windows[0][1] * groups))
     grad_x = (grad_xs[0] if groups == 1 else torch.cat(grad_xs, 1)) if need_x else None
     return grad_x, grad_memory
 
 
-def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory):
+def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory, grad_norm):
     kernel, stride, padding, dilation, groups = conv
     grad_input = torch.nn.grad.conv1d_input if len(kernel) == 1 else torch.nn.grad.conv2d_input
     grad_weight = torch.nn.grad.conv1d_weight if len(kernel) == 1 else torch.nn.grad.conv2d_weight
@@ -142,6 +153,8 @@ def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memo
     if need_memory:
         grad_w = grad_weight(xb, weight.shape, gb, stride, padding, dilation, groups)
         grad_view = grad_w.reshape(grad_w.shape[0], -1).t()
+        if grad_norm:
+            grad_view = normalize(grad_view, site_grad_rms(grad_view))
         grad_memory = _memory_grad_op(grad_view, mapping, scale, memory.numel()).to(memory.dtype)
     return grad_x, grad_memory
 

@@ -1,6 +1,6 @@
 """``roastfx::roast_linear_epilogue``: a ROAST linear followed by any lowerable pointwise chain.
 
-    roast_linear_epilogue(x, memory, mapping, scale, extras, epilogue, transpose_view)
+    roast_linear_epilogue(x, memory, mapping, scale, extras, epilogue, transpose_view, grad_norm)
         -> epilogue(x @ V, extras)      (x @ V^T when transpose_view)
 
 V is the site's B view read from the memory (as in ``roastfx::roast_linear``);
@@ -10,7 +10,8 @@ to ``extras`` as x0, x1 ... Forward runs the kernel generated for the epilogue's
 materialized, ``x @ V``, then ``Epilogue.apply``. Backward recomputes ``x @ V`` (the
 pre-epilogue product is not kept alive), differentiates ``Epilogue.apply`` with
 torch.func.vjp, and sends the product's gradient through the existing kernels
-(``roastfx::linear_grad_input`` / ``linear_grad_memory``) or the reference formulas.
+(``roastfx::linear_grad_input`` / ``linear_grad_memory``) or the reference formulas;
+with grad_norm the memory gets the view's gradient divided by its RMS (grad_norm.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from .epilogue import Epilogue
 from .hashing import TileHash
-from .ops import use_triton  # also registers roastfx::materialize and roastfx::memory_grad
+from .grad_norm import normalize, site_grad_rms
+from .ops import linear_grad_memory, use_triton  # also registers roastfx::materialize and roastfx::memory_grad
 
 __all__ = ["roast_linear_epilogue", "parse_epilogue"]
 
@@ -86,7 +88,7 @@ def _view(memory: Tensor, mapping: list[int], scale: float) -> Tensor:
 
 @torch.library.custom_op("roastfx::roast_linear_epilogue", mutates_args=())
 def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale: float, extras: list[Tensor],
-                           epilogue: str, transpose_view: bool) -> Tensor:
+                           epilogue: str, transpose_view: bool, grad_norm: bool) -> Tensor:
     """``epilogue(x @ V, extras)`` with V the site's B view read from the memory (V^T when transpose_view)."""
     epi = parse_epilogue(epilogue)
     m = _mapping(mapping)
@@ -105,7 +107,7 @@ def _roast_linear_epilogue(x: Tensor, memory: Tensor, mapping: list[int], scale:
 
 
 @_roast_linear_epilogue.register_fake
-def _(x, memory, mapping, scale, extras, epilogue, transpose_view):
+def _(x, memory, mapping, scale, extras, epilogue, transpose_view, grad_norm):
     epi = parse_epilogue(epilogue)
     out_shape = _out_shape(x, mapping, transpose_view)
     epi.check_extras(out_shape, extras)
@@ -113,14 +115,14 @@ def _(x, memory, mapping, scale, extras, epilogue, transpose_view):
 
 
 def _setup_context(ctx, inputs, output):
-    x, memory, mapping, scale, extras, epilogue, transpose_view = inputs
+    x, memory, mapping, scale, extras, epilogue, transpose_view, grad_norm = inputs
     ctx.save_for_backward(x, memory, *extras)
-    ctx.site = (mapping, scale, epilogue, transpose_view)
+    ctx.site = (mapping, scale, epilogue, transpose_view, grad_norm)
 
 
 def _backward(ctx, grad):
     x, memory, *extras = ctx.saved_tensors
-    mapping, scale, epilogue, flip = ctx.site
+    mapping, scale, epilogue, flip, grad_norm = ctx.site
     epi = parse_epilogue(epilogue)
     # the epilogue's vjp at the recomputed product: d/dz and d/d(each floating extra)
     pre = _product(x, memory, mapping, scale, flip)
@@ -145,25 +147,28 @@ def _backward(ctx, grad):
         from . import kernels  # noqa: F401
 
         grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, mapping, scale, not flip).reshape(x.shape)
-        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, mapping, scale, not flip)
+        grad_memory = linear_grad_memory(x2d, grad2d, memory, mapping, scale, not flip, grad_norm)
     else:
         view = _view(memory, mapping, scale).to(grad2d.dtype)
         grad_x = (grad2d @ (view if flip else view.t())).reshape(x.shape)
         grad_view = grad2d.t() @ x2d if flip else x2d.t() @ grad2d
+        if grad_norm:
+            grad_view = normalize(grad_view, site_grad_rms(grad_view))
         grad_memory = torch.ops.roastfx.memory_grad(grad_view, mapping, scale, memory.numel())
         grad_memory = grad_memory.to(memory.dtype).reshape(memory.shape)
-    return grad_x, grad_memory, None, None, grad_extras, None, None
+    return grad_x, grad_memory, None, None, grad_extras, None, None, None
 
 
-# transpose_view has no default on purpose: the dispatcher drops trailing defaulted arguments, and the
+# transpose_view and grad_norm have no default on purpose: the dispatcher drops trailing defaulted arguments, and the
 # tensor-list autograd wrapper then expects fewer gradients than the schema has inputs
 _roast_linear_epilogue.register_autograd(_backward, setup_context=_setup_context)
 
 
 def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epilogue, extras=(),
-                          transpose_view: bool = False) -> Tensor:
+                          transpose_view: bool = False, grad_norm: bool = False) -> Tensor:
     """``epilogue(x @ V, extras)`` (``x @ V^T`` when transpose_view): ``mapping`` a TileHash or its 13
-    integers, ``epilogue`` an `Epilogue` or its signature (e.g. ``"add:x0|gelu_tanh|mul:0.5|cast:bfloat16"``)."""
+    integers, ``epilogue`` an `Epilogue` or its signature (e.g. ``"add:x0|gelu_tanh|mul:0.5|cast:bfloat16"``);
+    grad_norm divides the memory's gradient by the RMS of the view's gradient."""
     if isinstance(mapping, TileHash):
         from dataclasses import astuple
 
@@ -175,4 +180,4 @@ def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epil
     else:
         raise TypeError(f"epilogue must be an Epilogue or a signature str, got {type(epilogue).__name__}")
     return _roast_linear_epilogue(x, memory, list(mapping), float(scale), list(extras), epilogue,
-                                  bool(transpose_view))
+                                  bool(transpose_view), bool(grad_norm))

@@ -12,6 +12,8 @@ as its 13 integers (`mapping_to_list`). Schemas other code calls:
     roastfx::linear(x, memory, bias?, residual?, mapping, scale, transposed_view, activation, store_pre) -> (y, pre)
     roastfx::linear_grad_input(grad_z, memory, mapping, scale, transposed_view) -> grad_x (2-D)
     roastfx::linear_grad_memory(x, grad_z, memory, mapping, scale, transposed_view) -> grad_memory
+    roastfx::linear_grad_memory_sumsq(x, grad_z, memory, mapping, scale, transposed_view)
+        -> (grad_memory, sum of dV^2 as a float64 0-d tensor)
     roastfx::gather_rows(memory, ids?, mapping, scale, dtype?) -> rows (the whole view when ids is None)
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor
 from .hashing import TileHash
 from .triton_embedding import gather_rows, scatter_rows_grad
 from .triton_materialize import materialize
-from .triton_matmul import ACTIVATIONS, roast_grad_memory, roast_matmul
+from .triton_matmul import ACTIVATIONS, roast_grad_memory, roast_grad_memory_sumsq, roast_matmul
 
 __all__ = ["roast_linear", "roast_embedding", "roast_embedding_bag", "roast_materialize", "apply_activation",
            "mapping_to_list"]
@@ -111,6 +113,20 @@ def _linear_grad_memory(x: Tensor, grad_z: Tensor, memory: Tensor, mapping: list
 @_linear_grad_memory.register_fake
 def _(x, grad_z, memory, mapping, scale, transposed_view):
     return torch.empty_like(memory)
+
+
+@torch.library.custom_op("roastfx::linear_grad_memory_sumsq", mutates_args=())
+def _linear_grad_memory_sumsq(x: Tensor, grad_z: Tensor, memory: Tensor, mapping: list[int], scale: float,
+                              transposed_view: bool) -> tuple[Tensor, Tensor]:
+    """``linear_grad_memory`` and sum(dV^2) from the same kernel launch (for grad_scaling="site")."""
+    a, c = (x, grad_z) if transposed_view else (grad_z, x)
+    grad, sumsq = roast_grad_memory_sumsq(a, c, memory.numel(), _mapping(mapping), scale)
+    return grad.to(memory.dtype).reshape(memory.shape), sumsq
+
+
+@_linear_grad_memory_sumsq.register_fake
+def _(x, grad_z, memory, mapping, scale, transposed_view):
+    return torch.empty_like(memory), x.new_empty((), dtype=torch.float64)
 
 
 def _linear_setup_context(ctx, inputs, output):

@@ -14,6 +14,7 @@ from dataclasses import astuple, replace
 
 import torch
 
+from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .hashing import PRIME, TileHash
 from .reference import materialize as _materialize
 
@@ -138,9 +139,11 @@ def activation_grad(grad: torch.Tensor, pre: torch.Tensor, name: str) -> torch.T
 
 @torch.library.custom_op("roastfx::roast_linear", mutates_args=())
 def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
-                 bias: torch.Tensor | None = None, act: str = "none", transpose_view: bool = False) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, act: str = "none", transpose_view: bool = False,
+                 grad_norm: bool = False) -> torch.Tensor:
     """``act(x @ V + bias)`` where V is the site's B view read from the memory (the epilogue fused);
-    ``x @ V^T`` instead when transpose_view (a weight read the other way round, e.g. a tied embedding)."""
+    ``x @ V^T`` instead when transpose_view (a weight read the other way round, e.g. a tied embedding).
+    grad_norm: the memory gets this op's view gradient divided by its RMS (grad_norm.py)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act={act!r} is not valid; accepted: {', '.join(ACTIVATIONS)}")
     if use_triton(x):
@@ -152,15 +155,15 @@ def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scal
 
 
 @roast_linear.register_fake
-def _(x, memory, mapping, scale, bias=None, act="none", transpose_view=False):
+def _(x, memory, mapping, scale, bias=None, act="none", transpose_view=False, grad_norm=False):
     return x.new_empty((*x.shape[:-1], mapping[0] if transpose_view else mapping[1]))
 
 
 def _roast_linear_setup(ctx, inputs, output):
-    x, memory, mapping, scale, bias, act, transpose_view = inputs
+    x, memory, mapping, scale, bias, act, transpose_view, grad_norm = inputs
     ctx.save_for_backward(x, memory, bias)
     ctx.mapping, ctx.scale, ctx.has_bias, ctx.act = mapping, scale, bias is not None, act
-    ctx.transpose_view = transpose_view
+    ctx.transpose_view, ctx.grad_norm = transpose_view, grad_norm
 
 
 def _roast_linear_backward(ctx, grad):
@@ -177,13 +180,25 @@ def _roast_linear_backward(ctx, grad):
         _kernels()
         grad2d = grad2d.to(x.dtype).contiguous()
         grad_x = torch.ops.roastfx.linear_grad_input(grad2d, memory, ctx.mapping, ctx.scale, not flip).reshape(x.shape)
-        grad_memory = torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, ctx.mapping, ctx.scale, not flip)
-        return grad_x, grad_memory, None, None, grad_bias, None, None
+        grad_memory = linear_grad_memory(x2d, grad2d, memory, ctx.mapping, ctx.scale, not flip, ctx.grad_norm)
+        return grad_x, grad_memory, None, None, grad_bias, None, None, None
     view = materialize(memory, ctx.mapping, ctx.scale).to(grad.dtype)
     grad_x = grad @ (view if flip else view.t())
     grad_view = grad2d.t() @ x2d if flip else x2d.t() @ grad2d
+    if ctx.grad_norm:
+        grad_view = normalize(grad_view, site_grad_rms(grad_view))
     grad_memory = _memory_grad_op(grad_view, ctx.mapping, ctx.scale, memory.numel()).to(memory.dtype)
-    return grad_x, grad_memory, None, None, grad_bias, None, None
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None
+
+
+def linear_grad_memory(x2d: torch.Tensor, grad2d: torch.Tensor, memory: torch.Tensor, mapping: list[int],
+                       scale: float, view_is_b: bool, grad_norm: bool) -> torch.Tensor:
+    """Triton path: dMemory for dV = x^T dZ (dZ^T x unless view_is_b), divided by rms(dV) when grad_norm
+    (the kernel's sum of squares over the whole view)."""
+    if not grad_norm:
+        return torch.ops.roastfx.linear_grad_memory(x2d, grad2d, memory, mapping, scale, view_is_b)
+    grad_memory, sumsq = torch.ops.roastfx.linear_grad_memory_sumsq(x2d, grad2d, memory, mapping, scale, view_is_b)
+    return normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
 
 
 roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)
@@ -202,10 +217,11 @@ def _row_memory_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHa
 
 @torch.library.custom_op("roastfx::roast_embedding", mutates_args=())
 def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
-                    padding_idx: int | None = None) -> torch.Tensor:
+                    padding_idx: int | None = None, grad_norm: bool = False) -> torch.Tensor:
     """``F.embedding(ids, W, padding_idx)`` reading only the looked-up rows of the site's view from the memory.
 
-    padding_idx (in [0, rows)) changes only the backward: its row gets no gradient.
+    padding_idx (in [0, rows)) changes only the backward: its row gets no gradient. grad_norm: the
+    memory gets the table's gradient divided by its RMS over the whole table (grad_norm.py).
     """
     if use_triton(memory):
         _kernels()
@@ -216,26 +232,37 @@ def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int],
 
 
 @roast_embedding.register_fake
-def _(ids, memory, mapping, scale, padding_idx=None):
+def _(ids, memory, mapping, scale, padding_idx=None, grad_norm=False):
     return memory.new_empty((*ids.shape, mapping[1]))
 
 
 @torch.library.custom_op("roastfx::roast_embedding_grad", mutates_args=())
 def _roast_embedding_grad(grad_rows: torch.Tensor, ids: torch.Tensor, memory: torch.Tensor, mapping: list[int],
-                          scale: float) -> torch.Tensor:
+                          scale: float, grad_norm: bool = False) -> torch.Tensor:
     if use_triton(memory):
         _kernels()
-        return torch.ops.roastfx.gather_rows_grad(grad_rows.contiguous(), memory, ids, mapping, scale)
-    return _row_memory_grad(grad_rows, ids, _mapping(mapping), scale, memory.numel(), memory.dtype)
+        grad = torch.ops.roastfx.gather_rows_grad(grad_rows.contiguous(), memory, ids, mapping, scale)
+    else:
+        grad = _row_memory_grad(grad_rows, ids, _mapping(mapping), scale, memory.numel(), memory.dtype)
+    return normalize(grad, table_grad_rms(grad_rows, ids, mapping)) if grad_norm else grad
+
+
+def table_grad_rms(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: list[int]) -> torch.Tensor:
+    """rms of an embedding table's gradient from its looked-up rows: the table's nonzero rows are the
+    per-id sums of the output gradient rows; the rows no id looked up are zeros."""
+    unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    rows = grad_rows.reshape(-1, mapping[1])
+    summed = rows.new_zeros((unique.numel(), mapping[1])).index_add_(0, inverse, rows)
+    return site_grad_rms(summed, mapping[0] * mapping[1])
 
 
 @_roast_embedding_grad.register_fake
-def _(grad_rows, ids, memory, mapping, scale):
+def _(grad_rows, ids, memory, mapping, scale, grad_norm=False):
     return torch.empty_like(memory)
 
 
 def _embedding_setup(ctx, inputs, output):
-    ids, memory, ctx.mapping, ctx.scale, ctx.padding_idx = inputs
+    ids, memory, ctx.mapping, ctx.scale, ctx.padding_idx, ctx.grad_norm = inputs
     ctx.save_for_backward(ids, memory)
 
 
@@ -243,7 +270,8 @@ def _embedding_backward(ctx, grad):
     ids, memory = ctx.saved_tensors
     if ctx.padding_idx is not None:
         grad = grad.masked_fill((ids == ctx.padding_idx).unsqueeze(-1), 0)
-    return None, _roast_embedding_grad(grad, ids, memory, ctx.mapping, ctx.scale), None, None, None
+    grad_memory = _roast_embedding_grad(grad, ids, memory, ctx.mapping, ctx.scale, ctx.grad_norm)
+    return None, grad_memory, None, None, None, None
 
 
 roast_embedding.register_autograd(_embedding_backward, setup_context=_embedding_setup)

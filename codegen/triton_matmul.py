@@ -10,6 +10,8 @@ Two kernels serve forward and backward of ``y = epilogue(x @ B)``:
 - `_roast_grad_memory_kernel` computes dV = a^T @ c block by block and sends each
   element's signed, scaled gradient to its slot, by atomic add or, for a
   deterministic result, by writing the contributions for a sorted reduction in torch.
+  With SUMSQ each program also writes its block's sum of dV^2 (fp64), which
+  ``grad_scaling="site"`` divides the memory gradient by (as an RMS; codegen/grad_norm.py).
 """
 from __future__ import annotations
 
@@ -128,12 +130,12 @@ def _roast_matmul_kernel(
 
 @triton.jit
 def _roast_grad_memory_kernel(
-    a_ptr, c_ptr, grad_ptr, contrib_ptr,
+    a_ptr, c_ptr, grad_ptr, contrib_ptr, sumsq_ptr,
     M, k_start, k_end, N,
     stride_am, stride_ak, stride_cm, stride_cn,
     scale,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-    DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # one program owns a BLOCK_K x BLOCK_N block of view rows [k_start, k_end) and reduces over all M
@@ -167,6 +169,10 @@ def _roast_grad_memory_kernel(
         offset_range, a_row, a_col, hb, c_row, c_col, hd)
     grad = tl.where(sign > 0, acc, -acc) * scale
     mask = mask_k[:, None] & mask_n[None, :]
+    if SUMSQ:
+        # one partial per program, summed in torch: deterministic, and fp64 squares of fp32 never overflow
+        dv = tl.where(mask, acc, 0.0).to(tl.float64)
+        tl.store(sumsq_ptr + pid_k * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dv * dv, axis=1), axis=0))
     if DETERMINISTIC:
         tl.store(contrib_ptr + (offs_k - k_start)[:, None] * N + offs_n[None, :], grad, mask=mask)
     else:
@@ -296,6 +302,23 @@ def roast_grad_memory(
     ``deterministic`` (default: torch.are_deterministic_algorithms_enabled()) replaces
     atomic adds by per-element contributions reduced with a deterministic index_put_.
     """
+    return _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, False)[0]
+
+
+def roast_grad_memory_sumsq(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    memory_size: int,
+    mapping: TileHash,
+    scale: float,
+    deterministic: bool | None = None,
+    config: configs.BlockConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``roast_grad_memory`` and the sum of dV's squares (a float64 0-d tensor), from the same launch."""
+    return _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, True)
+
+
+def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq):
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if a.dim() != 2 or c.dim() != 2 or a.shape[0] != c.shape[0]:
@@ -308,17 +331,19 @@ def roast_grad_memory(
     _check_kernel_dtype("c", c)
     M, K, N = a.shape[0], mapping.rows, mapping.cols
     grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
+    partials = []  # per launch: one sum of squares per program
     if M == 0:
-        return grad
+        return grad, grad.new_zeros((), dtype=torch.float64) if sumsq else None
 
-    def launch(cfg, k_start, k_end, grad, contrib):
+    def launch(cfg, k_start, k_end, grad, contrib, partial=None):
         grid = (triton.cdiv(k_end - k_start, cfg.block_m), triton.cdiv(N, cfg.block_n))
         return _roast_grad_memory_kernel[grid](
-            a, c, grad, contrib,
+            a, c, grad, contrib, partial if partial is not None else grad,
             M, k_start, k_end, N,
             a.stride(0), a.stride(1), c.stride(0), c.stride(1),
             float(scale), *hash_args(mapping),
-            DETERMINISTIC=deterministic, PRECISION=dot_precision(a.dtype), DOT_IN_FP32=dot_in_fp32(a.dtype),
+            DETERMINISTIC=deterministic, SUMSQ=partial is not None, PRECISION=dot_precision(a.dtype),
+            DOT_IN_FP32=dot_in_fp32(a.dtype),
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -344,9 +369,12 @@ def roast_grad_memory(
     for k_start in range(0, K, chunk):
         k_end = min(K, k_start + chunk)
         contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic else grad
-        launched = launch(cfg, k_start, k_end, grad, contrib)
+        if sumsq:
+            programs = triton.cdiv(k_end - k_start, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+            partials.append(torch.empty(programs, device=a.device, dtype=torch.float64))
+        launched = launch(cfg, k_start, k_end, grad, contrib, partials[-1] if sumsq else None)
         maybe_dump(_roast_grad_memory_kernel, launched)
         if deterministic:
             rows = torch.arange(k_start, k_end, device=a.device, dtype=torch.int64)[:, None]
             grad.index_put_((mapping.index(rows, cols).reshape(-1),), contrib.reshape(-1), accumulate=True)
-    return grad
+    return grad, torch.cat(partials).sum() if sumsq else None

@@ -1,13 +1,13 @@
 """Fold the pointwise chain after each ``roastfx::roast_linear`` into one epilogue op.
 
-For each ``roast_linear(x, memory, mapping, scale, bias, act[, transpose_view])`` node, walk forward
+For each ``roast_linear(x, memory, mapping, scale, bias, act[, transpose_view, grad_norm])`` node, walk forward
 while the value has a single user that is a pointwise op the epilogue IR can express
 (codegen/epilogue.py): +, -, *, / by a constant or by a tensor that broadcasts to the
 output without growing it (bias, residual, per-column scale ...), relu, gelu (erf or
 tanh), silu, tanh, sigmoid, and casts to float32/float16/bfloat16. The walk stops at the
 first op it cannot lower, which stays in the graph with everything after it. The
 roast_linear and the chain become one ``roastfx::roast_linear_epilogue`` node whose
-first steps are the bias and activation the roast_linear already had.
+first steps are the bias and activation the roast_linear already had (and its grad_norm flag).
 
 Runs after fuse_roast_ops; knows nothing about kernels.
 """
@@ -53,11 +53,11 @@ def _roast_linear_op():
 
 
 def _linear_args(node):
-    names = ("x", "memory", "mapping", "scale", "bias", "act", "transpose_view")
+    names = ("x", "memory", "mapping", "scale", "bias", "act", "transpose_view", "grad_norm")
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
     return (args["x"], args["memory"], args["mapping"], args["scale"], args.get("bias"), args.get("act", "none"),
-            bool(args.get("transpose_view", False)))
+            bool(args.get("transpose_view", False)), bool(args.get("grad_norm", False)))
 
 
 def _meta_value(node):
@@ -156,7 +156,7 @@ def _step(lowered, out_shape, extras, chain) -> Step | None:
 
 
 def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
-    x, memory, mapping, scale, bias, act, transpose_view = _linear_args(node)
+    x, memory, mapping, scale, bias, act, transpose_view, grad_norm = _linear_args(node)
     extras: list[torch.fx.Node] = []
     steps: list[Step] = []
     if bias is not None:
@@ -184,7 +184,7 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
         # under dynamic=True dynamo may pass the scale as a symbolic float (a graph node): keep it as is
         scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
         fused = graph.call_function(fused_op(), (x, memory, list(mapping), scale, list(extras),
-                                                 epilogue.signature, transpose_view))
+                                                 epilogue.signature, transpose_view, grad_norm))
     fused.meta.update(last.meta)
     last.replace_all_uses_with(fused)
     for n in reversed(chain):

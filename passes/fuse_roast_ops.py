@@ -13,6 +13,11 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     embedding(ids, W)                         -> roastfx::roast_embedding
     embedding_bag(ids, W, offsets)            -> roast_embedding + a bag sum over the looked-up rows
 
+A read through ``roastfx::site_grad_norm`` (``grad_scaling="site"``) fuses the same
+way, with the roast op's ``grad_norm`` flag on: the op divides its memory gradient by
+the RMS of its view gradient. Only when that normalized weight has one reader: with
+several, eager normalizes the sum of their gradients, which no single op sees.
+
 Anything else keeps its materialize (the correct fallback: materialize, then the
 original op), and the returned ``SiteUse`` list says why, read by read. What a
 weight operand is in terms of V comes from ``weight_reads.weight_read``.
@@ -87,6 +92,20 @@ def _matmul_operands(node):
     return None
 
 
+def _shared(read, op: str) -> str | None:
+    """Why a read cannot become one roast op because its rebuilt weight has other users, or None."""
+    if not any(len(n.users) > 1 for n in read.chain):
+        return None
+    if read.grad_norm:
+        return (f"{op}: the gradient-normalized weight (grad_scaling='site') has other users; their gradients are "
+                "normalized together, which no single fused op can do")
+    return f"{op}: the rebuilt weight has other users"
+
+
+def _norm_kwargs(read) -> dict:
+    return {"grad_norm": True} if read.grad_norm else {}
+
+
 def _same_leading_dims(x, node) -> bool:
     xs, out = example_shape(x), example_shape(node)
     if xs is None or out is None or len(xs) != len(out):
@@ -108,8 +127,8 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{op} is not x @ W or x @ W.T on x's last dim")
     if not read.matrix:
         return SiteUse(node.name, False, f"{op} reads the weight reshaped to {read.shape}, not as the site's matrix")
-    if any(len(n.users) > 1 for n in read.chain):
-        return SiteUse(node.name, False, f"{op}: the rebuilt weight has other users")
+    if _shared(read, op):
+        return SiteUse(node.name, False, _shared(read, op))
     if read.broadcast and not (broadcast_ok and _same_leading_dims(x, node)):
         return SiteUse(node.name, False, f"{op} broadcasts the weight over dims that x does not have")
     if op == "addmm" and (bias is None or example_shape(bias) is None or len(example_shape(bias)) != 1):
@@ -119,11 +138,16 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
     memory, mapping, scale = read.materialize.args
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_linear.default, (x, memory, list(mapping), scale, bias),
-                                    {"transpose_view": True} if flip else {})
+                                    ({"transpose_view": True} if flip else {}) | _norm_kwargs(read))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}")
+    return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}"
+                   + _norm_note(read))
+
+
+def _norm_note(read) -> str:
+    return ", gradient normalized" if read.grad_norm else ""
 
 
 def _conv_padding(padding, kernel, dilation) -> list | str:
@@ -152,8 +176,8 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     cols = read.mapping[1]  # out channels
     if not read.transposed or read.broadcast or len(read.shape) != dims + 2 or read.shape[0] != cols:
         return SiteUse(node.name, False, f"conv{dims}d weight {read.shape} is not the site's V^T reshaped")
-    if any(len(n.users) > 1 for n in read.chain):
-        return SiteUse(node.name, False, f"conv{dims}d: the rebuilt weight has other users")
+    if _shared(read, f"conv{dims}d"):
+        return SiteUse(node.name, False, _shared(read, f"conv{dims}d"))
     kernel = list(read.shape[2:])
     stride = _per_dim(_arg(node, 3, "stride", 1), dims)
     dilation = _per_dim(_arg(node, 5, "dilation", 1), dims)
@@ -165,11 +189,11 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_conv.default,
                                     (node.args[0], memory, list(mapping), scale, _arg(node, 2, "bias"), kernel,
-                                     stride, padding, dilation, groups))
+                                     stride, padding, dilation, groups), _norm_kwargs(read))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return SiteUse(fused.name, True, f"roast_conv ({dims}-d{_groups_note(list(mapping), groups)})")
+    return SiteUse(fused.name, True, f"roast_conv ({dims}-d{_groups_note(list(mapping), groups)})" + _norm_note(read))
 
 
 def _groups_note(mapping: list, groups: int) -> str:
@@ -198,8 +222,8 @@ def _fuse_embedding(graph, node) -> SiteUse | None:
     op = "embedding_bag" if bag else "embedding"
     if read.transposed or not read.matrix or read.broadcast:
         return SiteUse(node.name, False, f"{op} reads the table as {read.shape}, not as the site's view")
-    if any(len(n.users) > 1 for n in read.chain):
-        return SiteUse(node.name, False, f"{op}: the rebuilt table has other users")
+    if _shared(read, op):
+        return SiteUse(node.name, False, _shared(read, op))
     extra = dict(zip(_BAG_NAMES if bag else _EMBEDDING_NAMES, node.args[2:]), **node.kwargs)
     if extra.get("max_norm") is not None or extra.get("scale_grad_by_freq") or extra.get("sparse"):
         return SiteUse(node.name, False, f"{op} with max_norm (renormalizes the table), scale_grad_by_freq or "
@@ -213,7 +237,7 @@ def _fuse_embedding(graph, node) -> SiteUse | None:
     ids = node.args[0]
     with graph.inserting_before(node):
         rows = graph.call_function(torch.ops.roastfx.roast_embedding.default,
-                                   (ids, memory, list(mapping), scale, padding_idx))
+                                   (ids, memory, list(mapping), scale, padding_idx), _norm_kwargs(read))
         fused = rows
         if bag:
             from roastfx.codegen.ops import embedding_bag_of_rows
@@ -224,7 +248,8 @@ def _fuse_embedding(graph, node) -> SiteUse | None:
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return SiteUse(fused.name, True, "roast_embedding" + (" + bag reduce over the looked-up rows" if bag else ""))
+    return SiteUse(fused.name, True, "roast_embedding" + (" + bag reduce over the looked-up rows" if bag else "")
+                   + _norm_note(read))
 
 
 def _fuse_attention(graph, node) -> list[SiteUse] | None:
@@ -247,10 +272,13 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
         why = "nn.MultiheadAttention with separate q/k/v projection weights (kdim/vdim) is not decomposed"
     elif any(r is None or not r.transposed or not r.matrix or r.broadcast for r in reads.values()):
         why = "nn.MultiheadAttention whose in and out projections are not both plain reads of compressed weights"
-    elif any(len(n.users) > 1 for r in reads.values() for n in r.chain):
-        why = "nn.MultiheadAttention: a rebuilt projection weight has other users"
+    elif any(_shared(r, "nn.MultiheadAttention") for r in reads.values()):
+        why = next(_shared(r, "nn.MultiheadAttention") for r in reads.values() if _shared(r, "nn.MultiheadAttention"))
     elif reads["in_proj_weight"].materialize.args[0] is not reads["out_proj_weight"].materialize.args[0]:
         why = "nn.MultiheadAttention whose projections read different memories"
+    elif reads["in_proj_weight"].grad_norm and not a["query"] is a["key"] is a["value"]:
+        why = ("nn.MultiheadAttention with distinct query/key/value inputs and grad_scaling='site': the q, k and v "
+               "projections are separate roast ops, and the in-projection's gradient is normalized as a whole")
     if why is not None:
         return [SiteUse(node.name, False, why)]
     from roastfx.codegen.attention import roast_attention
@@ -260,7 +288,8 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
         fused = graph.call_function(roast_attention, (
             a["query"], a["key"], a["value"], a["num_heads"], memory, list(in_mapping), in_scale, a["in_proj_bias"],
             list(out_mapping), out_scale, a["out_proj_bias"], a["dropout_p"], a["training"], a["key_padding_mask"],
-            a["need_weights"], a["attn_mask"], a["average_attn_weights"]))
+            a["need_weights"], a["attn_mask"], a["average_attn_weights"], reads["in_proj_weight"].grad_norm,
+            reads["out_proj_weight"].grad_norm))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
@@ -286,6 +315,8 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
         why = "nn.TransformerEncoderLayer fast path whose four weights are not all plain reads of compressed weights"
     elif any(len(n.users) > 1 for r in reads.values() for n in r.chain):
         why = "nn.TransformerEncoderLayer fast path: a rebuilt weight has other users"
+    elif any(r.grad_norm for r in reads.values()):  # the fast path runs without gradients: not seen in practice
+        why = "nn.TransformerEncoderLayer fast path with grad_scaling='site' weights is not decomposed"
     elif len({r.materialize.args[0] for r in reads.values()}) != 1:
         why = "nn.TransformerEncoderLayer fast path whose weights read different memories"
     if why is not None:
@@ -316,8 +347,7 @@ _NO_ROAST_OP = {
     "conv_transpose1d": "transposed convolutions have no roast op yet",
     "conv_transpose2d": "transposed convolutions have no roast op yet",
     "output": "the dense weight is itself an output of the graph",
-    "autograd_function_apply": "the weight goes through a torch.autograd.Function (such as the per-site gradient "
-                               "scaling of compress(grad_scaling='site')), which no roast op applies",
+    "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }
 
 

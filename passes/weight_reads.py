@@ -2,9 +2,12 @@
 
 In dynamo's graph of a compressed model a weight is ``roastfx::materialize``
 (the site's B view V, (rows, cols)) followed by ops that rebuild the dense
-weight: reshape/view, t/transpose/permute, expand/unsqueeze. ``weight_read``
-replays that chain and says what the weight is in terms of V, which is what a
-rewrite into a roast op needs to know.
+weight: reshape/view, t/transpose/permute, expand/unsqueeze; with
+``grad_scaling="site"`` also ``roastfx::site_grad_norm`` (identity forward; its
+backward divides the view's gradient by its RMS). ``weight_read`` replays that
+chain and says what the weight is in terms of V, and whether the roast op must
+normalize the gradient (its ``grad_norm`` flag), which is what a rewrite into a
+roast op needs to know.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class WeightRead:
     shape: tuple  # its shape without the broadcast dims
     broadcast: int  # leading dims added by expand/unsqueeze
     chain: list  # the nodes between the materialize and the weight
+    grad_norm: bool = False  # the chain holds a site_grad_norm: the roast op normalizes the view's gradient
 
     @property
     def mapping(self) -> list:
@@ -42,6 +46,15 @@ class WeightRead:
 
 def is_materialize(node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.roastfx.materialize.default
+
+
+def is_site_grad_norm(node) -> bool:
+    if node.op != "call_function":
+        return False
+    try:
+        return node.target is torch.ops.roastfx.site_grad_norm.default
+    except (AttributeError, RuntimeError):  # never registered: no model in this process scales gradients
+        return False
 
 
 def op_name(node) -> str:
@@ -68,19 +81,21 @@ def _swaps_2d(node) -> bool:
 def weight_read(weight) -> WeightRead | None:
     """The read behind a weight operand, or None when it does not come from one materialize
     through reshape / transpose / broadcast ops only."""
-    chain, node = [], weight
+    chain, node, norms = [], weight, 0
     while isinstance(node, torch.fx.Node) and not is_materialize(node):
-        if node.op not in ("call_method", "call_function") or op_name(node) not in CHAIN_OPS:
+        norms += is_site_grad_norm(node)
+        if not is_site_grad_norm(node) and (node.op not in ("call_method", "call_function")
+                                            or op_name(node) not in CHAIN_OPS):
             return None
         chain.append(node)
         node = node.args[0]
-    if not isinstance(node, torch.fx.Node):
+    if not isinstance(node, torch.fx.Node) or norms > 1:
         return None
     mapping = node.args[1]
-    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain)
+    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain, norms == 1)
     for step in reversed(chain):  # replay the chain from the view to the weight
         name, out = op_name(step), example_shape(step)
-        if name in _IDENTITY:
+        if name in _IDENTITY or is_site_grad_norm(step):
             continue
         if name in _RESHAPE and not read.broadcast and out is not None:
             read.shape = out
@@ -118,7 +133,7 @@ def final_users(node) -> list:
     """The users of a weight after the reshape/transpose chain that rebuilds it."""
     out = []
     for user in node.users:
-        if op_name(user) in CHAIN_OPS and user.args and user.args[0] is node:
+        if (op_name(user) in CHAIN_OPS or is_site_grad_norm(user)) and user.args and user.args[0] is node:
             out.extend(final_users(user))
         else:
             out.append(user)

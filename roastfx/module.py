@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from roastfx.codegen import ops
+from roastfx.codegen.grad_norm import site_grad_norm, site_grad_rms  # noqa: F401 (site_grad_rms: public here too)
 from roastfx.codegen.reference import view_to_weight
 from roastfx.plan import Plan
 
@@ -20,43 +21,13 @@ EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the pla
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def site_grad_rms(grad: torch.Tensor) -> torch.Tensor:
-    """Root mean square of one site's weight gradient (float32 0-d tensor; computed as
-    peak * rms(grad / peak), so tiny or huge gradients neither underflow nor overflow)."""
-    g = grad.detach().to(torch.float32)
-    peak = g.abs().amax()
-    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return peak * (g / safe).square().mean().sqrt()
-
-
-class _SiteGradNorm(torch.autograd.Function):
-    """Identity forward; backward divides the site's weight gradient by its RMS.
-
-    With ``grad_scaling="site"`` every site hands the shared memory a weight
-    gradient of unit RMS, so sites whose gradients are orders of magnitude larger
-    (a classifier head, embeddings behind a LayerNorm) cannot drown the others in
-    the slots they share. A zero or non-finite gradient passes unchanged. No
-    data-dependent branch, so it traces under torch.compile.
-    """
-
-    @staticmethod
-    def forward(ctx, view):
-        return view.view_as(view)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rms = site_grad_rms(grad)
-        ok = (rms > 0) & torch.isfinite(rms)
-        factor = torch.where(ok, 1.0 / torch.where(ok, rms, torch.ones_like(rms)), torch.ones_like(rms))
-        return grad * factor.to(grad.dtype)
-
-
 def scale_site_grad(view: torch.Tensor, grad_scaling: str) -> torch.Tensor:
-    """``view`` unchanged, with its gradient scaled as ``grad_scaling`` says ("none" or "site")."""
+    """``view`` unchanged, with its gradient scaled as ``grad_scaling`` says ("none" or "site": divided
+    by its RMS through ``roastfx::site_grad_norm``, which the compiled graph's fused ops apply themselves)."""
     if grad_scaling == "none" or not view.requires_grad:
         return view
     if grad_scaling == "site":
-        return _SiteGradNorm.apply(view)
+        return site_grad_norm(view)
     raise ValueError(f"grad_scaling={grad_scaling!r} is not valid; accepted: 'none', 'site'")
 
 

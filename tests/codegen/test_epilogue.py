@@ -150,15 +150,17 @@ def test_transposed_view_forward_and_gradients(path, monkeypatch, device):
         torch.testing.assert_close(got_t.grad.double().cpu(), want_t.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["triton", "reference"])
-def test_op_passes_opcheck(path, monkeypatch, device):
+@pytest.mark.parametrize("path,grad_norm", [("triton", False), ("reference", False), ("triton", True),
+                                            ("reference", True)])
+def test_op_passes_opcheck(path, grad_norm, monkeypatch, device):
     monkeypatch.setenv("ROASTFX_KERNELS", path)
     mapping, memory = site(seed=8)
     x = randn(2, 5, K, seed=6, device=device).requires_grad_()
     mem = memory.float().to(device).requires_grad_()
     bias = randn(N, seed=7, device=device).requires_grad_()
     residual = randn(5, N, seed=8, device=device).requires_grad_()
-    args = (x, mem, mapping_args(mapping), 0.5, [bias, residual], "add:x0|gelu|mul:0.25|add:x1|cast:bfloat16", False)
+    args = (x, mem, mapping_args(mapping), 0.5, [bias, residual], "add:x0|gelu|mul:0.25|add:x1|cast:bfloat16", False,
+            grad_norm)
     torch.library.opcheck(torch.ops.roastfx.roast_linear_epilogue.default, args)
 
 

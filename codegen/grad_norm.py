@@ -1,0 +1,69 @@
+"""Per-site gradient normalization (``compress(..., grad_scaling="site")``).
+
+Each site hands the shared memory a view gradient dV of unit RMS: the memory gets
+``scatter(dV / rms(dV))``. Sites whose gradients are orders of magnitude larger (a
+classifier head, embeddings behind a LayerNorm) then cannot drown the others in the
+slots they share. A zero or non-finite RMS passes the gradient unchanged. No
+data-dependent branch, so everything here traces under torch.compile.
+
+Two ways to apply it: ``roastfx::site_grad_norm`` on a materialized view (the eager
+module and the compiled fallback), or the fused roast ops' ``grad_norm`` flag, which
+divides the op's memory gradient by the RMS of the op's dV. Scattering is linear, so
+``scatter(dV) / rms(dV) == scatter(dV / rms(dV))``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def site_grad_rms(grad: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    """Root mean square of one site's view gradient (float32 0-d tensor; computed as
+    peak * rms(grad / peak), so tiny or huge gradients neither underflow nor overflow).
+
+    ``numel``: the whole view's element count when ``grad`` holds only its nonzero part
+    (an embedding's looked-up rows); the missing elements count as zeros.
+    """
+    g = grad.detach().to(torch.float32)
+    if g.numel() == 0:
+        return g.new_zeros(())
+    peak = g.abs().amax()
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+    if numel is None:
+        return peak * (g / safe).square().mean().sqrt()
+    return peak * ((g / safe).square().sum() / numel).sqrt()
+
+
+def rms_from_sumsq(sumsq: torch.Tensor, numel: int) -> torch.Tensor:
+    """The float32 RMS of a view of ``numel`` elements whose squares sum to ``sumsq`` (float64, so
+    squares of any float32 gradient neither overflow nor underflow)."""
+    return (sumsq.to(torch.float64) / numel).sqrt().to(torch.float32)
+
+
+def grad_norm_factor(rms: torch.Tensor) -> torch.Tensor:
+    """1 / rms, or 1 where rms is zero or not finite (float32 0-d)."""
+    ok = (rms > 0) & torch.isfinite(rms)
+    return torch.where(ok, 1.0 / torch.where(ok, rms, torch.ones_like(rms)), torch.ones_like(rms))
+
+
+def normalize(grad: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """``grad`` divided by ``rms`` as ``grad_norm_factor`` says, in grad's dtype."""
+    return grad * grad_norm_factor(rms).to(grad.dtype)
+
+
+@torch.library.custom_op("roastfx::site_grad_norm", mutates_args=())
+def site_grad_norm(view: torch.Tensor) -> torch.Tensor:
+    """Identity forward (a copy: a custom op may not return its input); backward divides the
+    view's gradient by its RMS."""
+    return view.clone()
+
+
+@site_grad_norm.register_fake
+def _(view):
+    return torch.empty_like(view)
+
+
+def _site_grad_norm_backward(ctx, grad):
+    return normalize(grad, site_grad_rms(grad))
+
+
+site_grad_norm.register_autograd(_site_grad_norm_backward)
