@@ -233,3 +233,20 @@ def test_transpose_view_and_act_given_as_fuse_roast_ops_writes_them():
     view = ops.materialize(memory, flipped, 0.3)  # (N, K)
     want = torch.sigmoid(F.silu(x @ view.t() + bias) - res)
     torch.testing.assert_close(gm(x, memory, bias, res), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_norm", [False, True])
+def test_grad_norm_flag_is_carried_into_the_epilogue_op(grad_norm):
+    """grad_scaling="site": the folded op normalizes the memory gradient exactly when the roast_linear did."""
+    def fn(x, memory, bias, res):
+        return torch.sigmoid(ROAST_LINEAR(x, memory, MAP, 0.3, bias, "relu", False, grad_norm)) * 2.0
+
+    args = inputs(seed=3)
+    gm = traced(fn, args)
+    memory = args[1].requires_grad_()
+    want = torch.autograd.grad(gm(args[0], memory, *args[2:]).square().sum(), memory)[0]
+    assert fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[-1] is grad_norm
+    got = torch.autograd.grad(gm(args[0], memory, *args[2:]).square().sum(), memory)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

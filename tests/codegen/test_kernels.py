@@ -11,7 +11,7 @@ from roastfx.codegen.kernels import (
 )
 from roastfx.codegen.triton_embedding import gather_rows
 from roastfx.codegen.triton_materialize import materialize
-from roastfx.codegen.triton_matmul import roast_grad_memory, roast_matmul
+from roastfx.codegen.triton_matmul import roast_grad_memory, roast_grad_memory_sumsq, roast_matmul
 
 # (tile_rows, tile_cols, alignment, window_start): tiles that divide no block, straddle blocks, are one row or column
 TILINGS = [(8, 16, 4, 64), (5, 3, 1, 7), (1, 32, 32, 0), (7, 1, 2, 30)]
@@ -157,6 +157,24 @@ def test_deterministic_memory_gradient_is_reproducible_and_equals_atomic(chunk_e
     assert first[mapping.window_start + mapping.window_size:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("deterministic,chunk_elements", [(False, 1 << 24), (True, 1 << 24), (True, 2000)])
+@pytest.mark.parametrize("tiling", [(5, 3, 1, 7), (8, 16, 4, 64)])
+def test_grad_memory_sum_of_squares_matches_torch(deterministic, chunk_elements, tiling, device, monkeypatch):
+    """grad_scaling="site": the kernel's sum of dV^2 (per-program partials, over every chunk) equals
+    torch's on the explicit dV = a^T c, and the memory gradient is roast_grad_memory's."""
+    monkeypatch.setattr("roastfx.codegen.triton_matmul.DETERMINISTIC_CHUNK_ELEMENTS", chunk_elements)
+    mapping = random_mapping(45, 70, *tiling, seed=6)
+    a, c = randn(37, 45, seed=13, device=device), randn(37, 70, seed=14, device=device) * 1e3
+    size = mapping.window_start + mapping.window_size
+    grad, sumsq = roast_grad_memory_sumsq(a, c, size, mapping, 0.7, deterministic=deterministic)
+    want = (a.double().t() @ c.double()).square().sum()
+    assert sumsq.dtype == torch.float64 and sumsq.shape == ()
+    torch.testing.assert_close(sumsq.cpu(), want.cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, roast_grad_memory(a, c, size, mapping, 0.7, deterministic=deterministic))
+    empty = roast_grad_memory_sumsq(a[:0], c[:0], size, mapping, 0.7, deterministic=deterministic)[1]
+    assert float(empty) == 0
+
+
 # -- embeddings and materialize --------------------------------------------------------------
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_embedding_and_its_gradient_match_reference(deterministic, device, deterministic_mode):
@@ -281,6 +299,8 @@ def test_ops_pass_opcheck(device):
     # the gradient ops have no derivative of their own (no double backward)
     torch.library.opcheck(torch.ops.roastfx.linear_grad_input.default, (grad_z, memory.detach(), m, 0.5, True))
     torch.library.opcheck(torch.ops.roastfx.linear_grad_memory.default,
+                          (x.detach().reshape(6, 45), grad_z, memory.detach(), m, 0.5, True))
+    torch.library.opcheck(torch.ops.roastfx.linear_grad_memory_sumsq.default,
                           (x.detach().reshape(6, 45), grad_z, memory.detach(), m, 0.5, True))
     ids = torch.randint(0, 45, (4, 3), device=device)
     torch.library.opcheck(torch.ops.roastfx.gather_rows.default, (memory, ids, m, 0.5, None))
