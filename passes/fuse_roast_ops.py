@@ -273,7 +273,7 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
     elif any(r is None or not r.transposed or not r.matrix or r.broadcast for r in reads.values()):
         why = "nn.MultiheadAttention whose in and out projections are not both plain reads of compressed weights"
     elif any(_shared(r, "nn.MultiheadAttention") for r in reads.values()):
-        why = next(_shared(r, "nn.MultiheadAttention") for r in reads.values() if _shared(r, "nn.MultiheadAttention"))
+        why = " / ".join(filter(None, (_shared(r, "nn.MultiheadAttention") for r in reads.values())))
     elif reads["in_proj_weight"].materialize.args[0] is not reads["out_proj_weight"].materialize.args[0]:
         why = "nn.MultiheadAttention whose projections read different memories"
     elif reads["in_proj_weight"].grad_norm and not a["query"] is a["key"] is a["value"]:

@@ -173,7 +173,7 @@ def test_ops_with_the_flag_pass_opcheck():
                                            [1], [0], [1], 1, True))
 
 
-@pytest.mark.parametrize("kind", ["linear", "epilogue", "conv", "embedding"])
+@pytest.mark.parametrize("kind", ["linear", "epilogue", "conv", "conv-groups", "embedding"])
 def test_triton_path_equals_the_reference_path(kind, monkeypatch):
     """The kernels' sum of squares (linear, conv) and the per-id row sums (embedding) under ROASTFX_KERNELS=triton
     (the Triton interpreter on CPU) against the reference path, float32."""
@@ -184,13 +184,14 @@ def test_triton_path_equals_the_reference_path(kind, monkeypatch):
     elif kind == "epilogue":
         def run(m):
             return roast_linear_epilogue(x, m, ARGS, 0.3, "add:x0|relu", [bias], False, True)
-    elif kind == "conv":
-        x2, mem = rand(2, 3, 7, 6, seed=20, dtype=torch.float32), rand(70, seed=21, dtype=torch.float32)
+    elif kind.startswith("conv"):
+        groups = 2 if kind == "conv-groups" else 1  # two 5-column windows of the view: one GEMM each
+        x2, mem = rand(2, 3 * groups, 7, 6, seed=20, dtype=torch.float32), rand(70, seed=21, dtype=torch.float32)
         mem.requires_grad_()
         up = rand(2, 10, 5, 5, seed=22, dtype=torch.float32, scale=1e3)
 
         def run(m):
-            return ops.roast_conv(x2, m, CONV, 0.4, None, [3, 2], [1, 1], [0, 0], [1, 1], 1, True)
+            return ops.roast_conv(x2, m, CONV, 0.4, None, [3, 2], [1, 1], [0, 0], [1, 1], groups, True)
     else:
         ids = torch.tensor([[0, 5, 5, 12], [3, 5, 0, 7], [1, 1, 1, 2]])
 
