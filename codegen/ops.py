@@ -252,7 +252,7 @@ def table_grad_rms(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: list[int
     per-id sums of the output gradient rows; the rows no id looked up are zeros."""
     unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
     rows = grad_rows.reshape(-1, mapping[1])
-    summed = rows.new_zeros((unique.numel(), mapping[1])).index_add_(0, inverse, rows)
+    summed = rows.new_zeros((unique.numel(), mapping[1])).index_put_((inverse,), rows, accumulate=True)  # deterministic
     return site_grad_rms(summed, mapping[0] * mapping[1])
 
 

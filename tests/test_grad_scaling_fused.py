@@ -250,6 +250,16 @@ def test_compiled_site_scaled_models_fuse_every_read_and_match_eager(build, monk
     assert uses and all(u.fused and u.why.endswith("gradient normalized") for u in uses), uses
 
 
+def test_compiled_site_scaled_model_on_the_triton_path_matches_eager(monkeypatch):
+    """ROASTFX_KERNELS=triton (the interpreter on CPU): the traced backward takes the kernel's sum of squares."""
+    torch.manual_seed(0)
+    inputs = mixed_inputs(2, 5)
+    model = roastfx.compress(Mixed(), "3x", init="random", seed=3, grad_scaling="site", example_inputs=inputs)
+    monkeypatch.setenv("ROASTFX_KERNELS", "triton")
+    uses = compiled_against_eager(model, inputs, monkeypatch)
+    assert uses and all(u.fused and u.why.endswith("gradient normalized") for u in uses), uses
+
+
 def test_compiled_site_scaled_bert_fuses_every_read_and_matches_eager(monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification
 
