@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     train, test, vocab = tweets(max_len, vocab=2000)
     model = gpt2(vocab, max_len)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    roastfx.compress(model, args.compression, seed=args.seed, init="random")
+    roastfx.compress(model, args.compression, seed=args.seed, init="random", grad_scaling="site")
     state = roastfx.roast_state(model)
     print(state.plan.summary())
     bytes_now = sum(p.numel() * p.element_size() for p in model.parameters())
