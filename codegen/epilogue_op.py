@@ -170,9 +170,7 @@ def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epil
     integers, ``epilogue`` an `Epilogue` or its signature (e.g. ``"add:x0|gelu_tanh|mul:0.5|cast:bfloat16"``);
     grad_norm divides the memory's gradient by the RMS of the view's gradient."""
     if isinstance(mapping, TileHash):
-        from dataclasses import astuple
-
-        mapping = [int(v) for v in astuple(mapping)]
+        mapping = mapping.to_list()
     if isinstance(epilogue, Epilogue):
         epilogue = epilogue.signature
     elif isinstance(epilogue, str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -68,6 +68,11 @@ class TileHash:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_list(self) -> list[int]:
+        """The fields in declaration order: how a mapping crosses a custom op's boundary.
+        (Not ``dataclasses.astuple``: it deep-copies, which torch 2.11's dynamo cannot trace.)"""
+        return [int(getattr(self, f.name)) for f in fields(self)]
 
     # -- the formulas, vectorized over index tensors ---------------------------------
     def tile_offset(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

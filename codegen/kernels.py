@@ -18,7 +18,6 @@ as its 13 integers (`mapping_to_list`). Schemas other code calls:
 """
 from __future__ import annotations
 
-from dataclasses import astuple
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ __all__ = ["roast_linear", "roast_embedding", "roast_embedding_bag", "roast_mate
 
 
 def mapping_to_list(mapping: TileHash) -> list[int]:
-    return [int(v) for v in astuple(mapping)]
+    return mapping.to_list()
 
 
 def _mapping(values: list[int]) -> TileHash:

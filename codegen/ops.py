@@ -10,7 +10,7 @@ reference path elsewhere; ROASTFX_KERNELS=triton|reference overrides that
 from __future__ import annotations
 
 import os
-from dataclasses import astuple, replace
+from dataclasses import replace
 
 import torch
 
@@ -23,7 +23,7 @@ __all__ = ["materialize", "roast_linear", "roast_embedding", "roast_conv", "embe
 
 
 def mapping_args(mapping: TileHash) -> list[int]:
-    return [int(v) for v in astuple(mapping)]
+    return mapping.to_list()
 
 
 def _mapping(args) -> TileHash:

@@ -157,3 +157,12 @@ def test_index_cache_budget_errors(monkeypatch):
         hashing._cache_budget()
     with pytest.raises(ValueError, match="got -1"):
         hashing.IndexCache(-1)
+
+
+def test_mapping_crosses_op_boundaries_as_its_fields_in_order():
+    gen = torch.Generator().manual_seed(4)
+    m = random_hash(gen, 37, 45, (8, 16), 4, 0, 500)
+    values = m.to_list()
+    assert values == [m.rows, m.cols, m.tile_rows, m.tile_cols, m.alignment, m.window_start, m.window_size,
+                      m.a_row, m.a_col, m.b, m.c_row, m.c_col, m.d]
+    assert TileHash(*values) == m and all(type(v) is int for v in values)
