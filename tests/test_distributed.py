@@ -46,6 +46,7 @@ def worker(rank, world, port, compiled, out_path):
         memory = train(model, xs[:, shard], ys[:, shard], forward)
         if rank == 0:
             torch.save(memory, out_path)
+        dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
 
