@@ -34,19 +34,25 @@ def train(model, xs, ys, forward):
     return model.roast_memory.detach().clone()
 
 
+def train_shard(rank, world, compiled):
+    model = build()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    forward = torch.compile(ddp, backend="roast", options={"inner": "aot_eager"}) if compiled else ddp
+    xs, ys = data()
+    shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    return train(model, xs[:, shard], ys[:, shard], forward)
+
+
 def worker(rank, world, port, compiled, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = build()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        forward = torch.compile(ddp, backend="roast", options={"inner": "aot_eager"}) if compiled else ddp
-        xs, ys = data()
-        shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        memory = train(model, xs[:, shard], ys[:, shard], forward)
+        # DDP and its gloo work objects are gone when train_shard returns, before the teardown:
+        # a clean-clone run once saw a rank abort at exit with them still alive
+        memory = train_shard(rank, world, compiled)
         if rank == 0:
             torch.save(memory, out_path)
-        dist.barrier()  # no rank tears gloo down while the other still has work in flight
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
