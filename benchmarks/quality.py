@@ -244,14 +244,18 @@ def main(argv=None):
     started = time.time()
     date = datetime.date.today().isoformat()
     json_path = args.json or os.path.join(ROOT, "benchmarks", "results", f"quality-{date}.json")
-    restore = Q.cache_mapping_indices() if not args.no_index_cache else (lambda: None)
+    from roastfx.codegen import hashing
+
+    cache = hashing.INDEX_CACHE
+    if args.no_index_cache:  # the reference path's per-mapping (slot, sign) cache off (ROASTFX_INDEX_CACHE_MB=0)
+        hashing.INDEX_CACHE = hashing.IndexCache(0)
     runs = []
     try:
         for task_name in args.tasks:  # outputs are rewritten after each task, so a cut run keeps its tables
             runs += run_task(args, task_name)
             rows, checks = write_outputs(args, argv, runs, started, json_path)
     finally:
-        restore()
+        hashing.INDEX_CACHE = cache
     for t, v in checks:
         print(f"{t}: {v}")
     print(f"wrote {json_path}" + (f", {args.markdown}" if args.markdown else "") + (f", {args.plot}" if args.plot else ""))

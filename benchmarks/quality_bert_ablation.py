@@ -125,7 +125,6 @@ def slot_divisor(plan, kind: str) -> torch.Tensor:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
-    Q.cache_mapping_indices()
     task = Q.TASKS[args.task](quick=False)
     if args.split == "val":
         task = Q.validation_task(task, args.n_val or len(task.data[1][-1]))

@@ -82,7 +82,6 @@ def main(argv=None):
                    "that get their own window at the end of the memory")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    Q.cache_mapping_indices()
     RoastState.weight = recording_weight
     task = Q.TASKS["tweets"](quick=False)
     lr = args.lr or task.lr

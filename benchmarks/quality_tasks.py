@@ -232,33 +232,6 @@ TASKS = {"digits": digits_task, "mnist": mnist_task, "tweets": tweets_task}
 
 # -- one run ---------------------------------------------------------------------------
 
-def cache_mapping_indices():
-    """Compute each site's (index, sign) once instead of at every forward.
-
-    The reference path rehashes every weight element at each access; the index is
-    a pure function of the frozen mapping, so caching it changes no number, only
-    the time (the hashing was over half of a compressed BERT step). Returns a
-    function that puts the uncached method back.
-    """
-    from roastfx.codegen.hashing import TileHash
-
-    uncached = TileHash.full_index
-    cache = {}
-
-    def full_index(self, device=None):
-        key = (self, str(device))
-        if key not in cache:
-            cache[key] = uncached(self, device)
-        return cache[key]
-
-    TileHash.full_index = full_index
-
-    def restore():
-        TileHash.full_index = uncached
-
-    return restore
-
-
 def memory_lr(model: nn.Module, lr: float, mult: float = 1.0) -> float:
     """Adam moves each memory slot by about lr per step and a weight by scale * lr; dividing by
     the median site scale gives compressed weights the step size dense weights get. ``mult``

@@ -29,6 +29,13 @@ class SiteSpec:
     dtype: str
 
 
+def name_matches(names, patterns) -> bool:
+    """Whether a name pattern (fnmatch) matches one of a weight's names or the path of its
+    module: how ``exclude`` and ``own_window`` pick sites."""
+    paths = [n.rsplit(".", 1)[0] for n in names if "." in n]
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (*names, *paths))
+
+
 def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -165,12 +172,9 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         kept = []
         matched = {pat: False for pat in patterns}
         for spec in specs:
-            hit = False
-            for pat in patterns:
-                module_paths = [b.rsplit(".", 1)[0] for b in spec.bindings if "." in b]
-                if any(fnmatch.fnmatchcase(n, pat) for n in (*spec.bindings, *module_paths)):
-                    matched[pat] = hit = True
-            if not hit:
+            hits = [pat for pat in patterns if name_matches(spec.bindings, (pat,))]
+            matched.update(dict.fromkeys(hits, True))
+            if not hits:
                 kept.append(spec)
         unmatched = [p for p, m in matched.items() if not m]
         if unmatched:

@@ -166,18 +166,11 @@ def _shared_compression(root, found, opts, key) -> InGraphCompression:
     return entry
 
 
-def _excluded(name: str, patterns) -> bool:
-    """As roastfx.compress's exclude: a pattern matches the parameter's name or its module's path."""
-    import fnmatch
-
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (name, name.rpartition(".")[0]))
-
-
 def _new_compression(root, found, opts, key) -> InGraphCompression:
     """Plan the model's sites (all of root's, as roastfx.compress would, plus this graph's functional
     ones; or only this graph's when root is None) and project the dense weights into a memory."""
     from roastfx.compress import _site_scale, initial_memory, parse_compression
-    from roastfx.passes.capture_sites import find_sites
+    from roastfx.passes.capture_sites import find_sites, name_matches
     from roastfx.passes.plan_layout import plan_layout
 
     from .profiles import get_profile
@@ -190,12 +183,12 @@ def _new_compression(root, found, opts, key) -> InGraphCompression:
         params = {s.name: named[s.name] for s in specs}
         known = {id(p) for p in params.values()}
         for _, param, spec in found:  # weights used functionally in this graph
-            if id(param) not in known and not _excluded(spec.name, patterns):
+            if id(param) not in known and not name_matches((spec.name,), patterns):
                 specs.append(spec)
                 params[spec.name] = param
                 known.add(id(param))
     else:
-        found = [f for f in found if not _excluded(f[2].name, patterns)]
+        found = [f for f in found if not name_matches((f[2].name,), patterns)]
         specs = [spec for _, _, spec in found]
         params = {spec.name: p for _, p, spec in found}
     if not specs:

@@ -6,7 +6,6 @@ failed call leaves the model exactly as it was.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
 import re
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from roastfx.codegen.reference import project, weight_to_view
-from roastfx.passes.capture_sites import find_sites
+from roastfx.passes.capture_sites import find_sites, name_matches
 from roastfx.passes.plan_cost import plan_with_cost_model
 from roastfx.passes.plan_layout import plan_layout, seeded_int
 from roastfx.plan import SCHEMES, Plan, check_grad_scaling
@@ -165,8 +164,7 @@ def compress(
                            cache_line=profile.alignment_elements(itemsize), memory_dtype=mem_dtype_name,
                            notes=notes, **tiling)
 
-    own = [s for s in specs if any(fnmatch.fnmatch(s.name, p) or any(fnmatch.fnmatch(b, p) for b in s.bindings)
-                                   for p in own_window)]
+    own = [s for s in specs if name_matches(s.bindings, own_window)]
     if own_window and not own:
         raise ValueError(f"own_window={own_window!r} matches no compressed site; sites: {[s.name for s in specs]}")
     if own and len(own) == len(specs):

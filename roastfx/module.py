@@ -14,7 +14,7 @@ from torch import nn
 from roastfx.codegen import ops
 from roastfx.codegen.grad_norm import site_grad_norm, site_grad_rms  # noqa: F401 (site_grad_rms: public here too)
 from roastfx.codegen.reference import view_to_weight
-from roastfx.plan import Plan
+from roastfx.plan import Plan, check_grad_scaling
 
 MEMORY_ATTR = "roast_memory"  # the root's parameter that holds the memory
 EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the plan
@@ -24,11 +24,10 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 def scale_site_grad(view: torch.Tensor, grad_scaling: str) -> torch.Tensor:
     """``view`` unchanged, with its gradient scaled as ``grad_scaling`` says ("none" or "site": divided
     by its RMS through ``roastfx::site_grad_norm``, which the compiled graph's fused ops apply themselves)."""
-    if grad_scaling == "none" or not view.requires_grad:
-        return view
-    if grad_scaling == "site":
+    if grad_scaling == "site" and view.requires_grad:
         return site_grad_norm(view)
-    raise ValueError(f"grad_scaling={grad_scaling!r} is not valid; accepted: 'none', 'site'")
+    check_grad_scaling(grad_scaling)
+    return view
 
 
 class RoastState:
