@@ -42,10 +42,11 @@ def _mapping(values: list[int]) -> TileHash:
 
 
 def _kernel_applies(x: Tensor, memory: Tensor, extras: list[Tensor], out_dtype: torch.dtype) -> bool:
-    """The generated kernel computes in fp32 on x's device: float64 anywhere, or an extra on another
-    device (other than a 0-dim one), goes to the reference path."""
+    """The generated kernel computes in fp32 on x's device: float64 anywhere (but a 0-dim extra, which
+    promotes like a number and is read as fp32), or an extra on another device (other than a 0-dim one),
+    goes to the reference path."""
     return (use_triton(x) and x.dtype in _KERNEL_DTYPES and memory.dtype in _KERNEL_DTYPES
-            and out_dtype in _KERNEL_DTYPES and all(e.dtype != torch.float64 for e in extras)
+            and out_dtype in _KERNEL_DTYPES and all(e.dtype != torch.float64 or e.dim() == 0 for e in extras)
             and all(e.device == x.device or e.dim() == 0 for e in extras))
 
 

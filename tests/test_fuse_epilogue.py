@@ -1,5 +1,8 @@
 """The fuse_epilogue pass on small graphs: what it folds, where it stops, and that the
 rewritten graph computes what the original did (values and gradients)."""
+import dataclasses
+import logging
+import math
 import random
 import subprocess
 import sys
@@ -139,8 +142,10 @@ def test_operands_it_cannot_prove_safe_stop_the_walk(case):
     want = gm(*args)
     fuse_epilogue(gm)
     fused = nodes(gm, EPILOGUE_OP)
-    if case in ("z + z", "alpha"):
+    if case == "alpha":
         assert not fused and len(nodes(gm, ROAST_LINEAR)) == 1  # nothing to fold beyond the bias
+    elif case == "z + z":
+        assert [f.args[5] for f in fused] == ["add:x0|add(v1,v1)"]  # a value read twice
     else:
         assert [f.args[5] for f in fused] == ["add:x0|mul:0.5"]
         assert len(list(fused[0].users)) == (2 if case == "two users" else 1)
@@ -250,3 +255,130 @@ def test_grad_norm_flag_is_carried_into_the_epilogue_op(grad_norm):
     assert fused.args[-1] is grad_norm
     got = torch.autograd.grad(gm(args[0], memory, *args[2:]).square().sum(), memory)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- graph-shaped epilogues ----------------------------------------------------------------
+def gelu_new(z):
+    """transformers' NewGELUActivation, as GPT-2 writes it: z is read three times."""
+    return 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * torch.pow(z, 3.0))))
+
+
+def test_a_value_read_several_times_folds_gpt2_gelu_new():
+    def fn(x, memory, bias, res):
+        return gelu_new(linear(x, memory, bias)) + res
+
+    args = inputs(9)
+    gm = traced(fn, args)
+    leaves = [a.clone().requires_grad_() for a in args]
+    want = gm(*leaves)
+    want.square().sum().backward()
+    want_grads = [t.grad for t in leaves]
+    report = fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == ("add:x0|mul:0.5|mul(v1,v1)|mul(v3,v1)|mul:0.044715|add(v1,v5)"
+                             f"|mul:{math.sqrt(2.0 / math.pi)!r}|tanh|add:1.0|mul(v2,v9)|add:x1")
+    assert [n.op for n in gm.graph.nodes] == ["placeholder"] * 4 + ["call_function", "output"], report
+    leaves = [a.clone().requires_grad_() for a in args]
+    got = gm(*leaves)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # and it is gelu(approximate="tanh"), computed independently
+    torch.testing.assert_close(got, F.gelu(x_at_v(args) + args[2], approximate="tanh") + args[3], rtol=1e-5,
+                               atol=1e-5)
+    for name, t, w in zip(["x", "memory", "bias", "residual"], leaves, want_grads):
+        torch.testing.assert_close(t.grad, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def x_at_v(args):
+    return args[0] @ ops.materialize(args[1], MAP, 0.3)
+
+
+def test_conv1d_views_residual_and_dropout_off_fold_as_gpt2_writes_them():
+    """GPT-2's MLP: Conv1D flattens to (rows, K), addmm, views back to (B, T, N); eval dropout;
+    the residual (B, T, N) is read after the view, so it is reshaped to the GEMM's layout."""
+    B, T = 1, M
+
+    def fn(x, memory, bias, res):
+        h = linear(x.view(-1, K), memory, bias).view(B, T, N)
+        h = F.dropout(h, 0.1, False, False)
+        return h.contiguous() + res.view(B, T, N)
+
+    args = inputs(10)
+    gm = traced(fn, args)
+    want = gm(*args)
+    report = fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "add:x0|add:x1", report
+    reshaped = fused.args[4][1]
+    assert reshaped.op == "call_method" and reshaped.target == "reshape" and reshaped.args[1:] == (-1, N)
+    (out,) = list(fused.users)
+    assert out.target == "reshape"  # the trailing view, on the fused output
+    got = gm(*args)
+    assert got.shape == (B, T, N)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_dropout_that_is_on_or_an_operand_built_from_the_output_stays():
+    def fn(x, memory, bias, res):
+        z = linear(x, memory) * 2.0
+        return F.dropout(z, 0.5, True) + z.sum(), z.view(torch.int32)
+
+    args = inputs(11)
+    gm = traced(fn, args)
+    fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "mul:2.0"  # dropout in training, the sum and the dtype view stay
+    assert {u.target if u.op == "call_method" else u.target.__name__ for u in fused.users} == \
+        {"dropout", "sum", "view"}
+
+
+def test_gated_product_of_two_gemms_folds_into_one_of_them():
+    """SwiGLU: silu(x @ Vg) * (x @ Vu); the second GEMM's output is an outside operand of the first's epilogue."""
+    up_map = ops.mapping_args(dataclasses.replace(mapping(), a_row=12345, d=777))  # same window, other hash
+
+    def fn(x, memory, bias, res):
+        return F.silu(linear(x, memory)) * ROAST_LINEAR(x, memory, up_map, 0.7, None, "none")
+
+    args = inputs(12)
+    gm = traced(fn, args)
+    want = gm(*args)
+    fuse_epilogue(gm)
+    (fused,) = nodes(gm, EPILOGUE_OP)
+    assert fused.args[5] == "silu|mul:x0" and fused.args[4][0].target is ROAST_LINEAR
+    torch.testing.assert_close(gm(*args), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_real_gpt2_mlp_and_residuals_fold_through_the_backend(dynamic, caplog):
+    """Eval: attention output + residual, c_fc + gelu_new, c_proj + residual fold. With dynamic=True dynamo
+    passes gelu_new's sqrt(2 / pi) as a symbolic float: it becomes a 0-dim tensor operand. Training with
+    p=0 dropout (off, so folded): the same, and gradients equal eager."""
+    import roastfx
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = roastfx.compress(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101,
+                                                        n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                        attn_pdrop=0.0)), "8x", init="random")
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"}, dynamic=dynamic)
+    gen = torch.Generator().manual_seed(1)
+    for train in (False, True):
+        model.train(train)
+        ids = torch.randint(0, 101, (2, 9 if train else 7), generator=gen)
+        want = model(input_ids=ids).logits
+        want.square().mean().backward()
+        grad = model.roast_memory.grad.clone()
+        model.zero_grad()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="roastfx"):
+            got = compiled(input_ids=ids).logits
+        lines = [r.getMessage() for r in caplog.records]
+        summaries = [line for line in lines if "epilogue chains folded" in line]
+        assert summaries and all(" 3 epilogue chains" in line for line in summaries), summaries
+        gelu = [line for line in lines if "-> epilogue" in line and "|tanh|add:1.0|mul(v2,v9)" in line]
+        assert len(gelu) == len(summaries), lines
+        got.square().mean().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.roast_memory.grad, grad, rtol=1e-4, atol=1e-6)
+        model.zero_grad()

@@ -50,6 +50,7 @@ SINGLE_STEPS = [
     ("mul:x0", ["col"]), ("mul:-3.0", []), ("div:x0", ["full"]), ("div:7.0", []),
     ("sigmoid|rdiv:x0", ["col"]), ("sigmoid|rdiv:2.0", []),
     ("relu", []), ("gelu", []), ("gelu_tanh", []), ("silu", []), ("tanh", []), ("sigmoid", []),
+    ("tanh|exp", []), ("erf", []),
 ]
 
 
@@ -73,6 +74,11 @@ CHAINS = [
     ("add:x0|relu|sub:x1|div:4.0|tanh", ["col", "full"]),
     ("rsub:1.0|sigmoid|mul:x0|gelu|cast:float16", ["full"]),
     ("add:x0|cast:bfloat16|mul:3.0|cast:float32|sub:x1", ["col", "row"]),
+    # graphs that read a value more than once: GPT-2's gelu_new after its bias, swish, a gated product
+    ("add:x0|mul:0.5|mul(v1,v1)|mul(v3,v1)|mul:0.044715|add(v1,v5)|mul:0.7978845608028654|tanh|add:1.0"
+     "|mul(v2,v9)", ["col"]),
+    ("sigmoid|mul(v0,v1)|add(v2,x0)|exp|div(v4,v2)", ["full"]),
+    ("mul:x0|erf|sub(v1,v2)|mul(v3,x1)|cast(v3,float16)|add(v4,v5)", ["col", "row"]),
 ]
 
 
@@ -110,6 +116,8 @@ def test_leading_dims_and_half_precision_inputs(path, monkeypatch, device):
     ("add:x0|gelu_tanh|mul:0.5|add:x1", ["col", "full"]),
     ("mul:x0|sigmoid|rsub:x1|tanh", ["row", "col"]),
     ("add:x0|relu|div:x1|silu", ["col", "full"]),
+    ("add:x0|mul:0.5|mul(v1,v1)|mul(v3,v1)|mul:0.044715|add(v1,v5)|mul:0.79788|tanh|add:1.0|mul(v2,v9)", ["col"]),
+    ("sigmoid|mul(v0,v1)|mul(v2,x0)|sub(v3,v0)|erf", ["full"]),
 ])
 def test_gradients_match_float64_reference(path, signature, kinds, monkeypatch, device):
     monkeypatch.setenv("ROASTFX_KERNELS", path)
@@ -222,14 +230,33 @@ def test_dump_writes_readable_source_per_pattern(tmp_path, monkeypatch, kernels,
 
 # -- the IR ------------------------------------------------------------------------------------
 def test_signature_round_trips_and_pattern_hides_constants():
-    epi = Epilogue((Step("add", extra=0), Step("gelu_tanh"), Step("mul", value=0.1), Step("rsub", extra=1),
-                    Step("cast", dtype="bfloat16")))
+    epi = Epilogue((Step("add", ("v0", "x0")), Step("gelu_tanh", ("v1",)), Step("mul", ("v2", 0.1)),
+                    Step("sub", ("x1", "v3")), Step("cast", ("v4",), dtype="bfloat16")))
+    # steps on the value just before them read as a chain
     assert epi.signature == "add:x0|gelu_tanh|mul:0.1|rsub:x1|cast:bfloat16"
     assert Epilogue.parse(epi.signature) == epi
     assert epi.pattern == "add:x0|gelu_tanh|mul:c0|rsub:x1|cast:bfloat16"
     assert epi.constants == (0.1,) and epi.num_extras == 2
     joined = Epilogue.parse("add:x0|relu") + Epilogue.parse("mul:x0")
     assert joined.signature == "add:x0|relu|mul:x1"
+
+
+def test_graph_shaped_epilogues_read_earlier_values():
+    # GPT-2's gelu_new as dynamo traces it: z is read three times
+    sig = ("mul:0.5|mul(v0,v0)|mul(v2,v0)|mul:0.044715|add(v0,v4)|mul:0.7978845608028654|tanh|add:1.0"
+           "|mul(v1,v8)")
+    epi = Epilogue.parse(sig)
+    assert epi.signature == sig and Epilogue.parse(epi.signature) == epi
+    assert epi.pattern == ("mul:c0|mul(v0,v0)|mul(v2,v0)|mul:c1|add(v0,v4)|mul:c2|tanh|add:c3|mul(v1,v8)")
+    z = torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(epi.apply(z), F.gelu(z, approximate="tanh"), rtol=1e-12, atol=1e-12)
+    # a constant on the left of a commutative op is put second: one computation, one signature
+    assert Step("mul", (2.0, "v0")) == Step("mul", ("v0", 2.0))
+    assert Epilogue((Step("sigmoid", ("v0",)), Step("mul", ("v1", "v0")))).signature == "sigmoid|mul(v1,v0)"
+    swish = Epilogue.parse("sigmoid|mul(v0,v1)|cast(v0,float16)|add(v2,v3)")
+    torch.testing.assert_close(swish.apply(z), z * torch.sigmoid(z) + z.half(), rtol=0, atol=0)
+    lines = swish.triton_lines()
+    assert lines[0] == "v0 = z" and lines[-1] == "z = v4" and "v4 = v2 + v3" in lines
 
 
 def test_out_dtype_follows_torch_promotion():
@@ -250,7 +277,15 @@ def test_bad_epilogues_name_the_value():
     with pytest.raises(ValueError, match="'float64'.*float32, float16, bfloat16"):
         Epilogue.parse("cast:float64")
     with pytest.raises(ValueError, match="not finite"):
-        Step("mul", value=float("inf"))
+        Step("mul", ("v0", float("inf")))
+    with pytest.raises(ValueError, match="reads v3, which is not computed before it"):
+        Epilogue.parse("relu|mul(v0,v3)")
+    with pytest.raises(ValueError, match="only constants"):
+        Step("add", (1.0, 2.0))
+    with pytest.raises(ValueError, match="takes 2 operand"):
+        Epilogue.parse("mul(v0)")
+    with pytest.raises(ValueError, match="'q7'"):
+        Epilogue.parse("mul(v0,q7)")
     with pytest.raises(ValueError, match="'y3'"):
         Epilogue.parse("add:y3")
     with pytest.raises(ValueError, match=r"x\[1\]"):
