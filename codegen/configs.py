@@ -20,9 +20,19 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 3
 
-    def shared_memory(self, element_size: int) -> int:
-        """Bytes of shared memory the pipelined A and B tiles take."""
-        return self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * element_size
+    def shared_memory(self, element_size: int, b_element_size: int | None = None) -> int:
+        """Bytes of shared memory the pipelined A and B tiles take (B in ``b_element_size`` bytes, default
+        ``element_size``: a ROAST B tile is read from the memory in the memory's dtype), plus, when the
+        dtypes differ, the B tile converted to the dot's dtype.
+
+        An upper bound on what the compiled kernels ask for, per `benchmarks/compile_check.py`
+        (ptxas, every kernel and config): exact for the dMemory kernel on sm_90; Triton's pipeliner
+        keeps one stage fewer on sm_80/sm_89, and one B stage fewer for the forward kernel on sm_90.
+        A launch the device still refuses for resources falls back to the next config
+        (:func:`run_fitting`)."""
+        b = element_size if b_element_size is None else b_element_size
+        pipelined = self.num_stages * (self.block_m * self.block_k * element_size + self.block_k * self.block_n * b)
+        return pipelined + (self.block_k * self.block_n * element_size if b != element_size else 0)
 
 
 CANDIDATES: tuple[BlockConfig, ...] = (
@@ -40,7 +50,8 @@ CANDIDATES: tuple[BlockConfig, ...] = (
 INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
 
 
-def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] | None = None) -> list[BlockConfig]:
+def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] | None = None,
+               b_element_size: int | None = None) -> list[BlockConfig]:
     """The candidates for a hardware profile: those whose pipelined tiles fit in its shared memory.
 
     ``target`` is a hardware profile (anything with ``smem_per_block_bytes``, e.g.
@@ -55,9 +66,9 @@ def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] |
         raise TypeError(f"candidates takes a hardware profile or a number of bytes, got {target!r}")
     if limit <= 0:
         raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {limit}")
-    fitting = [c for c in CANDIDATES if c.shared_memory(element_size) <= limit]
+    fitting = [c for c in CANDIDATES if c.shared_memory(element_size, b_element_size) <= limit]
     if not fitting:
-        smallest = min(c.shared_memory(element_size) for c in CANDIDATES)
+        smallest = min(c.shared_memory(element_size, b_element_size) for c in CANDIDATES)
         raise ValueError(
             f"no block config fits in {limit} bytes of shared memory "
             f"(the smallest needs {smallest} at {element_size}-byte elements)"
@@ -73,11 +84,13 @@ def _holds_whole_tiles(c: BlockConfig, block_tile: tuple[int, int, int]) -> bool
 
 
 def pick(m: int, n: int, k: int, shared_memory_limit, element_size: int = 2,
-         block_tile: tuple[int, int, int] | None = None) -> BlockConfig:
-    """A good config without timing: the largest tile that still gives the GPU enough programs."""
+         block_tile: tuple[int, int, int] | None = None, b_element_size: int | None = None,
+         exclude=()) -> BlockConfig:
+    """A good config without timing: the largest tile that still gives the GPU enough programs
+    (``exclude``: configs the device refused)."""
     if interpreting():
         return INTERPRETER_CONFIG
-    fitting = candidates(shared_memory_limit, element_size, block_tile)
+    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size), exclude)
 
     def score(c: BlockConfig):
         programs = -(-m // c.block_m) * -(-n // c.block_n)
@@ -160,15 +173,55 @@ def tuned_configs() -> dict[tuple, BlockConfig]:
     return dict(_tuned)
 
 
+def _usable(options: list[BlockConfig], exclude) -> list[BlockConfig]:
+    usable = [c for c in options if c not in exclude]
+    if not usable:
+        raise RuntimeError(f"every block config that fits was refused by the device for resources: {options}")
+    return usable
+
+
+_refused: dict[tuple, set] = {}  # (kernel, dtype, device index) -> configs a launch was refused for
+
+
+def refused_key(device, kernel: str | None, dtype) -> tuple:
+    dev = torch_device(device)
+    return (kernel, str(dtype), dev.index if dev.index is not None else 0)
+
+
+def run_fitting(launch, cfg: BlockConfig, rechoose, key: tuple, explicit: bool = False):
+    """``launch(cfg)``; when the device refuses a chosen config for resources (Triton's OutOfResources:
+    shared memory or registers beyond the device's limit), remember it under ``key`` (see
+    :func:`refused_key`) and launch ``rechoose()``, which no longer offers it. A config the caller
+    gave explicitly (``explicit``) is never replaced: its error is raised."""
+    while True:
+        try:
+            return launch(cfg)
+        except Exception as e:  # noqa: BLE001 - only OutOfResources is handled; the rest is re-raised
+            if explicit or type(e).__name__ != "OutOfResources":
+                raise
+            _refused.setdefault(key, set()).add(cfg)
+            replacement = rechoose()
+            if replacement == cfg:
+                raise
+            cfg = replacement
+
+
+def refused_configs() -> dict[tuple, set]:
+    """Configs a device refused in this process, by (kernel, dtype, device index)."""
+    return {k: set(v) for k, v in _refused.items()}
+
+
 def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None = None, bench=None,
-           block_tile: tuple[int, int, int] | None = None, dtype=None) -> BlockConfig:
+           block_tile: tuple[int, int, int] | None = None, dtype=None,
+           b_element_size: int | None = None) -> BlockConfig:
     """The config a launch on ``device`` uses for an (m x k) @ (k x n) product.
 
     Under the interpreter or off CUDA: INTERPRETER_CONFIG. On CUDA with autotuning on
     (:func:`set_autotune`) and a ``bench(config) -> ms`` given: the fastest candidate
     that fits the device's shared memory (and holds whole hash tiles where possible),
     timed once per (kernel, shape bucket, dtype). Otherwise (and for a shape not yet tuned
-    while a CUDA graph is being captured) the heuristic :func:`pick`.
+    while a CUDA graph is being captured) the heuristic :func:`pick`. Configs the device
+    refused for this (kernel, dtype) (:func:`run_fitting`) are never offered again.
     """
     if interpreting() or torch_device(device).type != "cuda":
         return INTERPRETER_CONFIG
@@ -176,11 +229,15 @@ def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None
     index = dev.index if dev.index is not None else 0
     if index not in _limits:
         _limits[index] = shared_memory_limit(dev)
+    refused = _refused.get(refused_key(dev, kernel, dtype or element_size), set())
     if autotune_enabled() and bench is not None and kernel is not None:
         key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile)
+        if key in _tuned and _tuned[key] in refused:
+            del _tuned[key]
         if key in _tuned or not _capturing():  # no timing inside a CUDA graph capture
-            return tune(key, candidates(_limits[index], element_size, block_tile), bench)
-    return pick(m, n, k, _limits[index], element_size, block_tile)
+            options = _usable(candidates(_limits[index], element_size, block_tile, b_element_size), refused)
+            return tune(key, options, bench)
+    return pick(m, n, k, _limits[index], element_size, block_tile, b_element_size, exclude=refused)
 
 
 def _capturing() -> bool:

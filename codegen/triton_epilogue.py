@@ -24,7 +24,7 @@ import triton
 from .epilogue import Epilogue
 from .hashing import TileHash
 from .triton_hashing import hash_args, maybe_dump
-from .triton_matmul import _check_kernel_dtype, choose_config, dot_in_fp32, dot_precision
+from .triton_matmul import _check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, launch_gemm
 from . import configs
 
 _kernels: dict[str, object] = {}
@@ -193,9 +193,9 @@ def roast_matmul_epilogue(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = config or choose_config(f"roast_matmul_epilogue[{epilogue.pattern}]", a, M, N, R, mapping, view_is_b,
-                                  launch, lambda: (torch.empty_like(out),))
-    launched = launch(cfg)
+    name = f"roast_matmul_epilogue[{epilogue.pattern}]"
+    launched = launch_gemm(name, a, memory, config, launch, lambda: choose_config(
+        name, a, M, N, R, mapping, view_is_b, launch, lambda: (torch.empty_like(out),), memory))
     if getattr(launched, "asm", None):  # compiled (not interpreted): also dump its IR and assembly
         maybe_dump(kernel, launched)
     return out

@@ -222,10 +222,24 @@ def benchmark(launch, scratch):
 
 
 def choose_config(kernel: str, a: torch.Tensor, M: int, N: int, R: int, mapping: TileHash, view_is_b: bool,
-                  launch, scratch) -> configs.BlockConfig:
-    """configs.choose for an (M x R) @ (R x N) launch; see `benchmark` for ``launch`` and ``scratch``."""
+                  launch, scratch, memory: torch.Tensor) -> configs.BlockConfig:
+    """configs.choose for an (M x R) @ (R x N) launch whose B tiles come from ``memory``; see
+    `benchmark` for ``launch`` and ``scratch``."""
     return configs.choose(a.device, M, N, R, a.element_size(), kernel=kernel, bench=benchmark(launch, scratch),
-                          block_tile=block_tile(mapping, view_is_b), dtype=a.dtype)
+                          block_tile=block_tile(mapping, view_is_b), dtype=_dtypes(a, memory),
+                          b_element_size=memory.element_size())
+
+
+def _dtypes(a: torch.Tensor, memory: torch.Tensor) -> str:
+    return f"{a.dtype}/{memory.dtype}"
+
+
+def launch_gemm(kernel: str, a: torch.Tensor, memory: torch.Tensor, config, launch, rechoose):
+    """Launch with ``config`` if given, else the chosen config, falling back past configs the device
+    refuses for resources (configs.run_fitting)."""
+    cfg = config or rechoose()
+    key = configs.refused_key(a.device, kernel, _dtypes(a, memory))
+    return configs.run_fitting(launch, cfg, rechoose, key, explicit=config is not None)
 
 
 def roast_matmul(
@@ -281,9 +295,9 @@ def roast_matmul(
             GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = config or choose_config("roast_matmul", a, M, N, R, mapping, view_is_b, launch,
-                                  lambda: (torch.empty_like(out), torch.empty_like(pre) if store_pre else None))
-    launched = launch(cfg)
+    launched = launch_gemm("roast_matmul", a, memory, config, launch, lambda: choose_config(
+        "roast_matmul", a, M, N, R, mapping, view_is_b, launch,
+        lambda: (torch.empty_like(out), torch.empty_like(pre) if store_pre else None), memory))
     maybe_dump(_roast_matmul_kernel, launched)
     return out, pre
 
@@ -361,20 +375,31 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
         return launch(cfg, 0, rows, grad, contrib[:rows] if deterministic else grad)
 
     # the view's rows run along the kernel's block_m axis, its columns along block_n
-    cfg = config or configs.choose(a.device, K, N, M, a.element_size(), kernel="roast_grad_memory",
-                                   bench=benchmark(first_chunk, scratch), dtype=a.dtype,
-                                   block_tile=(mapping.tile_rows, mapping.tile_cols, 0))
-    chunk = chunk_rows(cfg)
-    cols = torch.arange(N, device=a.device, dtype=torch.int64)[None, :]
-    for k_start in range(0, K, chunk):
-        k_end = min(K, k_start + chunk)
-        contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic else grad
-        if sumsq:
-            programs = triton.cdiv(k_end - k_start, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-            partials.append(torch.empty(programs, device=a.device, dtype=torch.float64))
-        launched = launch(cfg, k_start, k_end, grad, contrib, partials[-1] if sumsq else None)
-        maybe_dump(_roast_grad_memory_kernel, launched)
-        if deterministic:
-            rows = torch.arange(k_start, k_end, device=a.device, dtype=torch.int64)[:, None]
-            grad.index_put_((mapping.index(rows, cols).reshape(-1),), contrib.reshape(-1), accumulate=True)
+    kernel = "roast_grad_memory" + ("[deterministic]" if deterministic else "") + ("[sumsq]" if sumsq else "")
+
+    def rechoose():
+        return configs.choose(a.device, K, N, M, a.element_size(), kernel=kernel,
+                              bench=benchmark(first_chunk, scratch), dtype=a.dtype,
+                              block_tile=(mapping.tile_rows, mapping.tile_cols, 0))
+
+    def run_all(cfg):  # idempotent: a config the device refuses fails at its first launch, before any sum
+        grad.zero_()
+        partials.clear()
+        chunk = chunk_rows(cfg)
+        cols = torch.arange(N, device=a.device, dtype=torch.int64)[None, :]
+        for k_start in range(0, K, chunk):
+            k_end = min(K, k_start + chunk)
+            contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic \
+                else grad
+            if sumsq:
+                programs = triton.cdiv(k_end - k_start, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+                partials.append(torch.empty(programs, device=a.device, dtype=torch.float64))
+            launched = launch(cfg, k_start, k_end, grad, contrib, partials[-1] if sumsq else None)
+            maybe_dump(_roast_grad_memory_kernel, launched)
+            if deterministic:
+                rows = torch.arange(k_start, k_end, device=a.device, dtype=torch.int64)[:, None]
+                grad.index_put_((mapping.index(rows, cols).reshape(-1),), contrib.reshape(-1), accumulate=True)
+
+    configs.run_fitting(run_all, config or rechoose(), rechoose, configs.refused_key(a.device, kernel, a.dtype),
+                        explicit=config is not None)
     return grad, torch.cat(partials).sum() if sumsq else None

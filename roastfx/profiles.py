@@ -42,6 +42,7 @@ class HardwareProfile:
     # fields added after the first release: defaults keep positional construction working
     atomic_gops: float = 0.0  # estimate: 4-byte atomic adds per second to distinct addresses, in 1e9/s
     kernel_block: tuple = (128, 128)  # (M, N) block the cost model assumes a GEMM kernel uses
+    cuda_arch: int = 0  # GPU: CUDA compute capability as major*10+minor (90 = sm_90), what kernels compile for
 
     def alignment_elements(self, itemsize: int) -> int:
         """A cache line, in memory elements: the default alignment of tile offsets."""
@@ -80,25 +81,25 @@ PROFILES: dict[str, HardwareProfile] = {
         # H100 SXM5: 132 SMs at 1.98 GHz boost, 50 MB L2, 3.35 TB/s HBM3, 228 KB smem per SM (227 per block)
         HardwareProfile("h100", "gpu", "NVIDIA H100 SXM5 80GB", 128, 32, 256 * KiB, 227 * KiB, 50 * MiB, 50 * MiB,
                         132, 3350.0, 7000.0, dict(_HOPPER_PEAKS), _GPU_MMA + ((64, 256, 16),),
-                        atomic_gops=700.0, kernel_block=(128, 128)),
+                        atomic_gops=700.0, kernel_block=(128, 128), cuda_arch=90),
         # H200: the same GH100 die as H100 SXM, 141 GB HBM3e at 4.8 TB/s
         HardwareProfile("h200", "gpu", "NVIDIA H200 SXM 141GB", 128, 32, 256 * KiB, 227 * KiB, 50 * MiB, 50 * MiB,
                         132, 4800.0, 7000.0, dict(_HOPPER_PEAKS), _GPU_MMA + ((64, 256, 16),),
-                        atomic_gops=700.0, kernel_block=(128, 128)),
+                        atomic_gops=700.0, kernel_block=(128, 128), cuda_arch=90),
         # A100 SXM4 80GB: 108 SMs, 40 MB L2, 2039 GB/s HBM2e, 164 KB smem per SM (163 per block)
         HardwareProfile("a100", "gpu", "NVIDIA A100 SXM4 80GB", 128, 32, 192 * KiB, 163 * KiB, 40 * MiB, 40 * MiB,
                         108, 2039.0, 5000.0, {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0},
-                        _GPU_MMA, atomic_gops=450.0, kernel_block=(128, 128)),
+                        _GPU_MMA, atomic_gops=450.0, kernel_block=(128, 128), cuda_arch=80),
         # L4 (AD104): 58 SMs, 48 MB L2, 300 GB/s GDDR6, 100 KB smem per SM (99 per block)
         HardwareProfile("l4", "gpu", "NVIDIA L4 24GB", 128, 32, 128 * KiB, 99 * KiB, 48 * MiB, 48 * MiB,
                         58, 300.0, 2000.0,
                         {"float32": 30.3, "tf32": 60.0, "bfloat16": 121.0, "float16": 121.0, "float8_e4m3fn": 242.0},
-                        _GPU_MMA, atomic_gops=200.0, kernel_block=(64, 128)),
+                        _GPU_MMA, atomic_gops=200.0, kernel_block=(64, 128), cuda_arch=89),
         # RTX 4090 (AD102): 128 SMs, 72 MB L2, 1008 GB/s GDDR6X; tensor figures with fp32 accumulate
         HardwareProfile("rtx4090", "gpu", "NVIDIA GeForce RTX 4090 24GB", 128, 32, 128 * KiB, 99 * KiB, 72 * MiB,
                         72 * MiB, 128, 1008.0, 5000.0,
                         {"float32": 82.6, "tf32": 82.6, "bfloat16": 165.2, "float16": 165.2, "float8_e4m3fn": 330.3},
-                        _GPU_MMA, atomic_gops=450.0, kernel_block=(128, 128)),
+                        _GPU_MMA, atomic_gops=450.0, kernel_block=(128, 128), cuda_arch=89),
         # Zen 3, 8 cores: 2x 256-bit FMA per core at ~4 GHz = 32 fp32 FLOP/cycle/core; dual-channel DDR4-3200
         HardwareProfile("cpu-avx2", "cpu", "x86-64 with AVX2/FMA (e.g. Zen 3, 8 cores)", 64, 64, 32 * KiB, 32 * KiB,
                         512 * KiB, 32 * MiB, 8, 51.2, 800.0, {"float32": 1.0, "bfloat16": 1.0}, ((1, 8, 1),),

@@ -58,3 +58,43 @@ def test_summary_compares_planner_and_default_on_measured_time():
     assert infer["planner_speedup_over_default"] == pytest.approx(2.0)
     assert infer["spearman"] == pytest.approx(1.0)
     assert s["fitted_scale"]["infer"] == pytest.approx(3.0) and s["median_abs_log2_error"]["infer"] < 1e-12
+
+
+def test_compile_check_compiles_every_kernel_kind_for_h100_without_a_gpu(tmp_path):
+    """ptxas from the Triton wheel compiles each kernel for sm_90 on this CPU machine; nothing runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--target", "h100",
+                           "--quick", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " 0 failure(s)" in done.stdout
+    import json
+
+    (path,) = tmp_path.glob("compile-h100-*.json")
+    result = json.loads(path.read_text())
+    kernels = {r["kernel"] for r in result["launches"]}
+    for name in ("roast_matmul_kernel", "roast_grad_memory_kernel", "gather_rows_kernel", "scatter_rows_kernel",
+                 "materialize_kernel"):
+        assert name in kernels, kernels
+    assert sum(k.startswith("roast_linear_epilogue_") for k in kernels) == 3
+    for r in result["launches"]:
+        assert r["shared_bytes"] <= 227 * 1024 and r["registers"] and r["registers"] <= 255, r
+        assert r["spill_bytes"] == 0, r
+
+
+def test_compile_check_rejects_cpu_targets():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), "--target",
+                           "cpu-avx2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "GPU profiles" in done.stderr
+
+
+def test_compile_only_refuses_the_interpreter_and_bad_architectures(monkeypatch):
+    from roastfx.codegen.aot import compile_only
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        with compile_only(90):
+            pass
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="'sm90'"):
+        with compile_only("sm90"):
+            pass

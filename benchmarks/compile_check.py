@@ -1,0 +1,216 @@
+"""Compile every ROAST kernel for a GPU target without the GPU, and check its resources.
+
+    python benchmarks/compile_check.py --target h100           # all kernels, dtypes, block configs
+    python benchmarks/compile_check.py --target a100 --quick   # bf16, two configs per GEMM kernel
+
+Each launch a real run would make (forward GEMM with each block config, its fixed
+epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
+epilogues including a graph-shaped one and a 0-dim float64 operand, embedding gather and
+scatter, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
+(codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
+memory the compiled kernel asks for against the target's limit per block, the estimate
+configs.py prunes candidates with, registers per thread and spill bytes. It fails (exit 1)
+when a launch does not compile. It lists the block configs configs.candidates() keeps whose
+compiled kernel does not fit the target's shared memory: the device refuses those at launch
+and configs.run_fitting falls back to the next config, so they cost a compile, not a crash.
+JSON: benchmarks/results/compile-<target>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+M, K, N = 200, 384, 512  # tokens, in, out: odd M, every block config has whole tiles of K and N
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_args(argv=None):
+    from roastfx.profiles import PROFILES
+
+    gpus = [name for name, p in PROFILES.items() if p.kind == "gpu"]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="h100", help=f"a GPU profile: {', '.join(gpus)}")
+    p.add_argument("--quick", action="store_true", help="bf16 only, two block configs per GEMM kernel")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the JSON results")
+    p.add_argument("--no-json", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    if args.target not in gpus:
+        p.error(f"--target {args.target!r}: compile checks are for GPU profiles, one of {', '.join(gpus)}")
+    args.profile = PROFILES[args.target]
+    return args
+
+
+def mapping(rows, cols, tile=(32, 64)):
+    from roastfx.codegen.hashing import TileHash
+
+    return TileHash(rows=rows, cols=cols, tile_rows=tile[0], tile_cols=tile[1], alignment=32, window_start=64,
+                    window_size=8192, a_row=1234577, a_col=7654321, b=99, c_row=31337, c_col=4242, d=17)
+
+
+def launches(quick: bool):
+    """(name, variant, dtype, config or None, B operand's element size, call) for each launch to compile:
+    the forward GEMMs read B from the memory (fp32 unless said), dMemory reads two activations."""
+    out = []
+    for dname in (["bf16"] if quick else list(DTYPES)):
+        out += _launches_for(dname, quick)  # one scope per dtype: the lambdas bind that dtype's tensors
+    return out
+
+
+def _launches_for(dname: str, quick: bool):
+    import torch
+
+    from roastfx.codegen import configs, triton_embedding, triton_epilogue, triton_materialize, triton_matmul
+    from roastfx.codegen.epilogue import Epilogue
+
+    site, head = mapping(K, N), mapping(N, K)  # head: a (N, K) view read transposed (x @ V^T)
+    gemm_configs = configs.CANDIDATES[:2] if quick else configs.CANDIDATES
+    default = configs.BlockConfig(64, 64, 64, num_warps=4, num_stages=3)
+    out = []
+    dtype = getattr(torch, DTYPES[dname])
+    size = torch.empty((), dtype=dtype).element_size()
+    x, dy = torch.zeros(M, K, dtype=dtype), torch.zeros(M, N, dtype=dtype)
+    memory = torch.zeros(site.window_start + site.window_size, dtype=torch.float32)
+    bias, residual = torch.zeros(N, dtype=dtype), torch.zeros(M, N, dtype=dtype)
+    for cfg in gemm_configs:
+        out.append(("roast_matmul", "forward", dname, cfg, 4,
+                    lambda cfg=cfg: triton_matmul.roast_matmul(x, memory, site, 0.5, True, config=cfg)))
+        out.append(("roast_grad_memory", "atomic", dname, cfg, size,
+                    lambda cfg=cfg: triton_matmul.roast_grad_memory(x, dy, memory.numel(), site, 0.5, False,
+                                                                   config=cfg)))
+    out += [
+        ("roast_matmul", "bias+gelu_tanh+residual+store_pre", dname, default, 4,
+         lambda: triton_matmul.roast_matmul(x, memory, site, 0.5, True, bias=bias, activation="gelu_tanh",
+                                            residual=residual, store_pre=True, config=default)),
+        ("roast_matmul", f"memory {dname}", dname, default, size,
+         lambda: triton_matmul.roast_matmul(x, memory.to(dtype), site, 0.5, True, config=default)),
+        ("roast_matmul", "dX = dY @ V^T", dname, default, 4,
+         lambda: triton_matmul.roast_matmul(dy, memory, site, 0.5, False, config=default)),
+        ("roast_matmul", "x @ V^T (tied head)", dname, default, 4,
+         lambda: triton_matmul.roast_matmul(x, memory, head, 0.5, False, config=default)),
+        ("roast_grad_memory", "deterministic", dname, default, size,
+         lambda: triton_matmul.roast_grad_memory(x, dy, memory.numel(), site, 0.5, True, config=default)),
+        ("roast_grad_memory", "sum of squares", dname, default, size,
+         lambda: triton_matmul.roast_grad_memory_sumsq(x, dy, memory.numel(), site, 0.5, False, config=default)),
+    ]
+    epilogues = [
+        ("add:x0|gelu_tanh|mul:0.5|add:x1|cast:bfloat16", [bias, residual]),
+        # GPT-2's bias + gelu_new, as fuse_epilogue writes it
+        ("add:x0|mul:0.5|mul(v1,v1)|mul(v3,v1)|mul:0.044715|add(v1,v5)|mul:0.7978845608028654|tanh|add:1.0"
+         "|mul(v2,v9)", [bias]),
+        # a symbolic float (dynamic=True) enters as a 0-dim float64 tensor
+        ("mul:x0|silu|mul(v2,x1)|erf", [torch.zeros((), dtype=torch.float64), residual]),
+    ]
+    for signature, extras in epilogues:
+        epi = Epilogue.parse(signature)
+        out.append(("roast_linear_epilogue", signature, dname, default, 4,
+                    lambda epi=epi, extras=extras: triton_epilogue.roast_matmul_epilogue(
+                        x, memory, site, 0.5, True, epi, extras, config=default)))
+    ids = torch.zeros(M, dtype=torch.int64)
+    out.append(("gather_rows", "embedding", dname, None, None,
+                lambda: triton_embedding.gather_rows(memory, site, 0.5, ids, dtype=dtype)))
+    out.append(("scatter_rows_grad", "embedding dMemory", dname, None, None,
+                lambda: triton_embedding.scatter_rows_grad(torch.zeros(M, N, dtype=dtype), memory.numel(), site,
+                                                           0.5, ids, deterministic=False)))
+    out.append(("materialize", "fallback", dname, None, None,
+                lambda: triton_materialize.materialize(memory, site, 0.5, dtype=dtype)))
+    return out
+
+
+def run(args):
+    os.environ["ROASTFX_KERNELS"] = "triton"
+    if os.environ.pop("TRITON_INTERPRET", None) == "1":
+        print("compile_check: TRITON_INTERPRET=1 was set; compiling instead", file=sys.stderr)
+    from roastfx.codegen import configs
+    from roastfx.codegen.aot import compile_only
+
+    profile = args.profile
+    limit = profile.smem_per_block_bytes
+    rows, failures, refused = [], [], []
+    for name, variant, dname, cfg, b_size, call in launches(args.quick):
+        with compile_only(profile.cuda_arch) as compiled:
+            try:
+                call()
+                error = None
+            except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        size = 4 if dname == "fp32" else 2
+        kept = None if cfg is None else cfg in configs.candidates(profile, size, b_element_size=b_size)
+        if error or not compiled:
+            failures.append(f"{name} [{variant}] {dname}: {error or 'no launch'}")
+            rows.append(dict(kernel=name, variant=variant, dtype=dname, config=_cfg(cfg), error=error or "no launch"))
+            continue
+        for c in compiled:
+            row = dict(kernel=c.kernel.lstrip("_"), variant=variant, dtype=dname, config=_cfg(cfg),
+                       num_warps=c.num_warps, num_stages=c.num_stages, shared_bytes=c.shared_bytes,
+                       estimate_bytes=cfg.shared_memory(size, b_size) if cfg is not None else None,
+                       fits=c.shared_bytes <= limit, kept_by_candidates=kept, registers=c.registers,
+                       spill_bytes=c.spill_bytes, compile_s=round(c.seconds, 2))
+            rows.append(row)
+            if kept and not row["fits"]:
+                refused.append(f"{name} [{variant}] {dname} {_cfg(cfg)}: needs {c.shared_bytes} B of shared "
+                               f"memory, {profile.name} allows {limit}")
+    _print(rows, profile)
+    missed = [r for r in rows if r.get("fits") and r.get("kept_by_candidates") is False]
+    summary = dict(launches=len(rows), failures=failures, kept_but_refused=refused,
+                   fit_but_pruned=[f"{r['kernel']} [{r['variant']}] {r['dtype']} {r['config']}" for r in missed],
+                   max_registers=max((r["registers"] or 0 for r in rows if "registers" in r), default=None),
+                   any_spills=any((r.get("spill_bytes") or 0) > 0 for r in rows))
+    print(f"\n{len(rows)} launches compiled for {profile.name} (sm_{profile.cuda_arch}); "
+          f"{len(failures)} failure(s); {len(refused)} kept by configs.candidates but over the shared memory "
+          f"(the device refuses them and configs.run_fitting falls back); {len(missed)} that fit but are pruned; "
+          f"max {summary['max_registers']} registers/thread; spills: {'yes' if summary['any_spills'] else 'none'}")
+    for f in failures:
+        print("FAIL", f)
+    for r in refused:
+        print("OVER", r)
+    if not args.no_json:
+        import torch
+        import triton
+
+        os.makedirs(args.out, exist_ok=True)
+        date = datetime.date.today().isoformat()
+        path = os.path.join(args.out, f"compile-{profile.name}-{date}.json")
+        env = dict(target=profile.name, cuda_arch=profile.cuda_arch, smem_per_block_bytes=limit, date=date,
+                   torch=torch.__version__, triton=triton.__version__, quick=args.quick,
+                   note="compiled on CPU with Triton's compiler and ptxas; nothing was run")
+        with open(path, "w") as f:
+            json.dump(dict(environment=env, summary=summary, launches=rows), f, indent=1)
+        print(f"wrote {path}")
+    return 1 if failures else 0
+
+
+def _cfg(cfg):
+    if cfg is None:
+        return "fixed"
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _print(rows, profile):
+    head = f"{'kernel':<22} {'variant':<36} {'dtype':<5} {'block':<20} {'smem KiB':>9} {'est KiB':>8} " \
+           f"{'fits':>5} {'kept':>5} {'regs':>5} {'spill':>6}"
+    print(f"compile check for {profile.name} (sm_{profile.cuda_arch}), shared memory per block "
+          f"{profile.smem_per_block_bytes / 1024:.0f} KiB\n{head}\n{'-' * len(head)}")
+    for r in rows:
+        variant = r["variant"] if len(r["variant"]) <= 36 else r["variant"][:33] + "..."
+        if "error" in r:
+            print(f"{r['kernel']:<22} {variant:<36} {r['dtype']:<5} {r['config']:<20} ERROR {r['error']}")
+            continue
+        est = f"{r['estimate_bytes'] / 1024:.0f}" if r["estimate_bytes"] is not None else "-"
+        kept = "-" if r["kept_by_candidates"] is None else "yes" if r["kept_by_candidates"] else "no"
+        print(f"{r['kernel']:<22} {variant:<36} {r['dtype']:<5} {r['config']:<20} {r['shared_bytes'] / 1024:>9.0f} "
+              f"{est:>8} {'yes' if r['fits'] else 'NO':>5} {kept:>5} {r['registers'] or '?':>5} "
+              f"{r['spill_bytes'] if r['spill_bytes'] is not None else '?':>6}")
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
