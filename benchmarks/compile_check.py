@@ -9,8 +9,10 @@ epilogues including a graph-shaped one and a 0-dim float64 operand, embedding ga
 scatter, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
-configs.py prunes candidates with, registers per thread and spill bytes. It fails (exit 1)
-when a launch does not compile. It lists the block configs configs.candidates() keeps whose
+configs.py prunes candidates with, registers per thread, spill bytes, and the PTX's
+tensor-core instructions ("mma") and asynchronous global-to-shared copies ("cp.async"). It fails (exit 1)
+when a launch does not compile, or when a bf16/fp16 GEMM has no tensor-core instruction
+(wgmma on sm_90, mma.sync on sm_80/sm_89) in its PTX. It lists the block configs configs.candidates() keeps whose
 compiled kernel does not fit the target's shared memory: the device refuses those at launch
 and configs.run_fitting falls back to the next config, so they cost a compile, not a crash.
 JSON: benchmarks/results/compile-<target>-<date>.json.
@@ -150,8 +152,11 @@ def run(args):
                        num_warps=c.num_warps, num_stages=c.num_stages, shared_bytes=c.shared_bytes,
                        estimate_bytes=cfg.shared_memory(size, b_size) if cfg is not None else None,
                        fits=c.shared_bytes <= limit, kept_by_candidates=kept, registers=c.registers,
-                       spill_bytes=c.spill_bytes, compile_s=round(c.seconds, 2))
+                       spill_bytes=c.spill_bytes, tensor_core_ops=c.tensor_core_ops, async_copies=c.async_copies,
+                       compile_s=round(c.seconds, 2))
             rows.append(row)
+            if cfg is not None and dname != "fp32" and not c.tensor_core_ops:
+                failures.append(f"{name} [{variant}] {dname} {_cfg(cfg)}: no tensor-core instruction in the PTX")
             if kept and not row["fits"]:
                 refused.append(f"{name} [{variant}] {dname} {_cfg(cfg)}: needs {c.shared_bytes} B of shared "
                                f"memory, {profile.name} allows {limit}")
@@ -193,7 +198,7 @@ def _cfg(cfg):
 
 def _print(rows, profile):
     head = f"{'kernel':<22} {'variant':<36} {'dtype':<5} {'block':<20} {'smem KiB':>9} {'est KiB':>8} " \
-           f"{'fits':>5} {'kept':>5} {'regs':>5} {'spill':>6}"
+           f"{'fits':>5} {'kept':>5} {'regs':>5} {'spill':>6} {'mma':>5} {'cp.async':>8}"
     print(f"compile check for {profile.name} (sm_{profile.cuda_arch}), shared memory per block "
           f"{profile.smem_per_block_bytes / 1024:.0f} KiB\n{head}\n{'-' * len(head)}")
     for r in rows:
@@ -205,7 +210,8 @@ def _print(rows, profile):
         kept = "-" if r["kept_by_candidates"] is None else "yes" if r["kept_by_candidates"] else "no"
         print(f"{r['kernel']:<22} {variant:<36} {r['dtype']:<5} {r['config']:<20} {r['shared_bytes'] / 1024:>9.0f} "
               f"{est:>8} {'yes' if r['fits'] else 'NO':>5} {kept:>5} {r['registers'] or '?':>5} "
-              f"{r['spill_bytes'] if r['spill_bytes'] is not None else '?':>6}")
+              f"{r['spill_bytes'] if r['spill_bytes'] is not None else '?':>6} {r['tensor_core_ops']:>5} "
+              f"{r['async_copies']:>8}")
 
 
 def main(argv=None):

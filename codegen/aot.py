@@ -9,8 +9,9 @@ Inside the block every Triton launch is compiled, down to a cubin, for the given
 architecture, exactly as the launch would be specialized on that GPU (argument types,
 constexprs, warps and stages), and recorded instead of run; the wrappers' outputs are
 left unwritten. What a compile reports: the dynamic shared memory the kernel asks for
-(Triton's metadata) and, from the cubin (``cuobjdump --dump-resource-usage``, shipped with
-Triton), registers per thread and local-memory (spill) bytes. So a machine without a GPU
+(Triton's metadata); from the cubin (``cuobjdump --dump-resource-usage``, shipped with
+Triton), registers per thread and local-memory (spill) bytes; from the PTX, how many
+tensor-core instructions (wgmma on sm_90, mma.sync before) and asynchronous copies it has. So a machine without a GPU
 can check that every kernel compiles for a target and fits its shared memory, before a GPU
 session spends its time on it (``benchmarks/compile_check.py``).
 
@@ -43,6 +44,8 @@ class CompiledLaunch:
     registers: int | None
     spill_bytes: int | None
     seconds: float
+    tensor_core_ops: int = 0  # wgmma (sm_90) / mma.sync (sm_80, sm_89) instructions in the PTX
+    async_copies: int = 0  # cp.async instructions: global -> shared copies the pipeline overlaps with math
 
 
 class _CompileOnlyDriver:
@@ -118,8 +121,11 @@ def compile_only(arch: int = 90, warp_size: int = 32):
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
         constexprs = {p.name: bound[p.name] for p in self.params if p.is_constexpr and p.name in bound}
+        ptx = compiled.asm.get("ptx", "")
         launches.append(CompiledLaunch(self.fn.__name__, arch, md.num_warps, md.num_stages, constexprs,
-                                       int(md.shared), regs, spill, seconds))
+                                       int(md.shared), regs, spill, seconds,
+                                       len(re.findall(r"\bwgmma\.mma_async|\bmma\.sync", ptx)),
+                                       len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx))))
         return None  # nothing was launched
 
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, warp_size)))
