@@ -3,10 +3,11 @@
     python benchmarks/compile_check.py --target h100           # all kernels, dtypes, block configs
     python benchmarks/compile_check.py --target a100 --quick   # bf16, two configs per GEMM kernel
 
-Each launch a real run would make (forward GEMM with each block config, its fixed
+Each launch a real run would make (forward GEMM with each block config (fp32 at torch's
+default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
-epilogues including a graph-shaped one and a 0-dim float64 operand, embedding gather and
-scatter, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
+epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
+conv, embedding gather and scatter, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
 configs.py prunes candidates with, registers per thread, spill bytes, and the PTX's
@@ -55,6 +56,13 @@ def mapping(rows, cols, tile=(32, 64)):
                     window_size=8192, a_row=1234577, a_col=7654321, b=99, c_row=31337, c_col=4242, d=17)
 
 
+def fma_dot(dname: str) -> bool:
+    """An fp32 dot at torch's default "highest" matmul precision: no TF32, FMA units (configs.FMA_CANDIDATES)."""
+    import torch
+
+    return dname == "fp32" and torch.get_float32_matmul_precision() == "highest"
+
+
 def launches(quick: bool):
     """(name, variant, dtype, config or None, B operand's element size, call) for each launch to compile:
     the forward GEMMs read B from the memory (fp32 unless said), dMemory reads two activations."""
@@ -67,12 +75,16 @@ def launches(quick: bool):
 def _launches_for(dname: str, quick: bool):
     import torch
 
-    from roastfx.codegen import configs, triton_embedding, triton_epilogue, triton_materialize, triton_matmul
+    from roastfx.codegen import (configs, triton_conv, triton_embedding, triton_epilogue, triton_materialize,
+                                 triton_matmul)
     from roastfx.codegen.epilogue import Epilogue
 
     site, head = mapping(K, N), mapping(N, K)  # head: a (N, K) view read transposed (x @ V^T)
-    gemm_configs = configs.CANDIDATES[:2] if quick else configs.CANDIDATES
-    default = configs.BlockConfig(64, 64, 64, num_warps=4, num_stages=3)
+    if fma_dot(dname):  # a full-precision fp32 dot runs on FMA units, with its own configs
+        gemm_configs, default = configs.FMA_CANDIDATES, configs.FMA_CANDIDATES[0]
+    else:
+        gemm_configs = configs.CANDIDATES[:2] if quick else configs.CANDIDATES
+        default = configs.BlockConfig(64, 64, 64, num_warps=4, num_stages=3)
     out = []
     dtype = getattr(torch, DTYPES[dname])
     size = torch.empty((), dtype=dtype).element_size()
@@ -113,6 +125,14 @@ def _launches_for(dname: str, quick: bool):
         out.append(("roast_linear_epilogue", signature, dname, default, 4,
                     lambda epi=epi, extras=extras: triton_epilogue.roast_matmul_epilogue(
                         x, memory, site, 0.5, True, epi, extras, config=default)))
+    # ResNet-style 3x3 conv, 32 -> 64 channels, as an implicit GEMM (reduction 32 * 9 = 288 = site rows)
+    conv_site = mapping(32 * 9, 64)
+    image = torch.zeros(2, 32, 14, 14, dtype=dtype)
+    out.append(("roast_conv", "implicit GEMM 3x3 + bias", dname, default, 4,
+                lambda: triton_conv.roast_conv2d_group(image, memory, conv_site, 0.5,
+                                                       torch.empty(2, 64, 14, 14, dtype=dtype), (3, 3), (1, 1),
+                                                       (1, 1), (1, 1), bias=torch.zeros(64, dtype=dtype),
+                                                       config=default)))
     ids = torch.zeros(M, dtype=torch.int64)
     out.append(("gather_rows", "embedding", dname, None, None,
                 lambda: triton_embedding.gather_rows(memory, site, 0.5, ids, dtype=dtype)))
@@ -142,7 +162,8 @@ def run(args):
             except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
                 error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         size = 4 if dname == "fp32" else 2
-        kept = None if cfg is None else cfg in configs.candidates(profile, size, b_element_size=b_size)
+        kept = None if cfg is None else cfg in configs.candidates(profile, size, b_element_size=b_size,
+                                                                  fma=fma_dot(dname))
         if error or not compiled:
             failures.append(f"{name} [{variant}] {dname}: {error or 'no launch'}")
             rows.append(dict(kernel=name, variant=variant, dtype=dname, config=_cfg(cfg), error=error or "no launch"))

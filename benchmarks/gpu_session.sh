@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one device call (see DEVELOPERS.md):
-# the kernel tests on CUDA, the kernel benchmark, and the cost-model validation.
+# the kernel tests on CUDA, the kernel and conv benchmarks, and the cost-model validation.
 #   bash benchmarks/gpu_session.sh            # results in benchmarks/results/ (and $OUT when set)
 # Runs with whatever torch/triton the machine has (the device image: torch 2.11, triton 3.6,
 # no internet), from the repository root, without installing roastfx: it imports from a
@@ -23,6 +23,8 @@ echo "== kernel tests on CUDA"
 ROASTFX_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider tests/codegen 2>&1 | tee "$OUTDIR/kernel-tests-cuda.txt" | tail -15
 echo "== kernel benchmark"
 python benchmarks/bench_kernels.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_kernels.txt" | tail -40
+echo "== conv benchmark"
+python benchmarks/bench_conv.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_conv.txt" | tail -30
 echo "== cost-model validation"
 python benchmarks/validate_cost_model.py --out benchmarks/results 2>&1 | tee "$OUTDIR/validate_cost_model.txt" | tail -40
 cp benchmarks/results/*.json "$OUTDIR/" 2>/dev/null || true

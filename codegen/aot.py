@@ -78,7 +78,10 @@ def _cuobjdump() -> str | None:
 
 
 def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """(registers per thread, local memory bytes per thread) of a cubin's kernel; None where unknown."""
+    """(registers per thread, stack + local memory bytes per thread) of a cubin's kernel; None where unknown.
+
+    Registers that do not fit are spilled to the thread's stack frame, so a stack above 0 means
+    spills (slow local-memory traffic) in a Triton kernel, which calls no functions."""
     tool = _cuobjdump()
     if tool is None:
         return None, None
@@ -87,8 +90,10 @@ def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
                               timeout=120).stdout
-    regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
-    return (int(regs.group(1)) if regs else None, int(local.group(1)) if local else None)
+    regs, stack, local = (re.search(rf"{name}:(\d+)", text) for name in ("REG", "STACK", "LOCAL"))
+    if regs is None:
+        return None, None
+    return int(regs.group(1)), sum(int(m.group(1)) for m in (stack, local) if m)
 
 
 @contextlib.contextmanager

@@ -47,11 +47,20 @@ CANDIDATES: tuple[BlockConfig, ...] = (
     BlockConfig(32, 32, 32, num_warps=2, num_stages=2),
 )
 
+# A float32 dot at "highest" precision (no TF32) runs on FMA units, and Triton keeps its operand tiles in
+# registers: with block_k >= 32 every such kernel spills (benchmarks/compile_check.py, 2-6 KB of stack per
+# thread). These keep block_k at 16 and spill nothing on sm_80, sm_89 and sm_90.
+FMA_CANDIDATES: tuple[BlockConfig, ...] = (
+    BlockConfig(128, 64, 16, num_warps=8, num_stages=3),
+    BlockConfig(64, 128, 16, num_warps=8, num_stages=3),
+    BlockConfig(32, 64, 16, num_warps=4, num_stages=3),
+)
+
 INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
 
 
 def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] | None = None,
-               b_element_size: int | None = None) -> list[BlockConfig]:
+               b_element_size: int | None = None, fma: bool = False) -> list[BlockConfig]:
     """The candidates for a hardware profile: those whose pipelined tiles fit in its shared memory.
 
     ``target`` is a hardware profile (anything with ``smem_per_block_bytes``, e.g.
@@ -59,16 +68,18 @@ def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] |
     plan's hash tile as seen by the kernel's (block_m, block_n, block_k) axes (0 = no
     constraint on that axis): when some fitting candidates are multiples of it, only
     those are kept, so a block never splits a hash tile; otherwise all fitting ones are
-    (the mapping is hashed per element, so any block reads the same slots).
+    (the mapping is hashed per element, so any block reads the same slots). ``fma``: the dot
+    runs in full fp32 on FMA units (FMA_CANDIDATES).
     """
     limit = getattr(target, "smem_per_block_bytes", target)
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"candidates takes a hardware profile or a number of bytes, got {target!r}")
     if limit <= 0:
         raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {limit}")
-    fitting = [c for c in CANDIDATES if c.shared_memory(element_size, b_element_size) <= limit]
+    pool = FMA_CANDIDATES if fma else CANDIDATES
+    fitting = [c for c in pool if c.shared_memory(element_size, b_element_size) <= limit]
     if not fitting:
-        smallest = min(c.shared_memory(element_size, b_element_size) for c in CANDIDATES)
+        smallest = min(c.shared_memory(element_size, b_element_size) for c in pool)
         raise ValueError(
             f"no block config fits in {limit} bytes of shared memory "
             f"(the smallest needs {smallest} at {element_size}-byte elements)"
@@ -85,12 +96,12 @@ def _holds_whole_tiles(c: BlockConfig, block_tile: tuple[int, int, int]) -> bool
 
 def pick(m: int, n: int, k: int, shared_memory_limit, element_size: int = 2,
          block_tile: tuple[int, int, int] | None = None, b_element_size: int | None = None,
-         exclude=()) -> BlockConfig:
+         exclude=(), fma: bool = False) -> BlockConfig:
     """A good config without timing: the largest tile that still gives the GPU enough programs
     (``exclude``: configs the device refused)."""
     if interpreting():
         return INTERPRETER_CONFIG
-    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size), exclude)
+    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size, fma), exclude)
 
     def score(c: BlockConfig):
         programs = -(-m // c.block_m) * -(-n // c.block_n)
@@ -169,7 +180,7 @@ def tune(key: tuple, options: list[BlockConfig], bench) -> BlockConfig:
 
 
 def tuned_configs() -> dict[tuple, BlockConfig]:
-    """The configs autotuning chose in this process, by (kernel, shape bucket, dtype, device, tile)."""
+    """The configs autotuning chose in this process, by (kernel, shape bucket, dtype, device, tile, fma)."""
     return dict(_tuned)
 
 
@@ -213,7 +224,7 @@ def refused_configs() -> dict[tuple, set]:
 
 def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None = None, bench=None,
            block_tile: tuple[int, int, int] | None = None, dtype=None,
-           b_element_size: int | None = None) -> BlockConfig:
+           b_element_size: int | None = None, fma: bool = False) -> BlockConfig:
     """The config a launch on ``device`` uses for an (m x k) @ (k x n) product.
 
     Under the interpreter or off CUDA: INTERPRETER_CONFIG. On CUDA with autotuning on
@@ -231,13 +242,13 @@ def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None
         _limits[index] = shared_memory_limit(dev)
     refused = _refused.get(refused_key(dev, kernel, dtype or element_size), set())
     if autotune_enabled() and bench is not None and kernel is not None:
-        key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile)
+        key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile, fma)
         if key in _tuned and _tuned[key] in refused:
             del _tuned[key]
         if key in _tuned or not _capturing():  # no timing inside a CUDA graph capture
-            options = _usable(candidates(_limits[index], element_size, block_tile, b_element_size), refused)
+            options = _usable(candidates(_limits[index], element_size, block_tile, b_element_size, fma), refused)
             return tune(key, options, bench)
-    return pick(m, n, k, _limits[index], element_size, block_tile, b_element_size, exclude=refused)
+    return pick(m, n, k, _limits[index], element_size, block_tile, b_element_size, exclude=refused, fma=fma)
 
 
 def _capturing() -> bool:

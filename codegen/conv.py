@@ -1,13 +1,16 @@
 """``roastfx::roast_conv``: conv1d/conv2d whose weight is read from the memory.
 
 The conv weight W (out, in/groups, *kernel) is V^T reshaped, V being the site's
-(in/groups*prod(kernel), out) B view. On the Triton path the conv is im2col
-(F.unfold) followed by the fused ROAST GEMM, so W is never built; a grouped conv
-runs one GEMM per group on the group's column window of V when the window starts
-on hash-tile boundaries (``ops.column_windows``). Elsewhere the op materializes W and
-runs the dense conv.
+(in/groups*prod(kernel), out) B view. On the Triton path W is never built: the forward
+is an implicit GEMM that reads the input in place (triton_conv.py; ROASTFX_CONV=im2col
+runs F.unfold and the fused ROAST GEMM instead), and the backward is im2col/col2im
+around the ROAST dX and dMemory kernels; a grouped conv runs one GEMM per group on the
+group's column window of V when the window starts on hash-tile boundaries
+(``ops.column_windows``). Elsewhere the op materializes W and runs the dense conv.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,19 @@ import torch.nn.functional as F
 from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, use_triton
 from .reference import materialize as _materialize
+
+
+CONV_MODES = ("implicit", "im2col")
+
+
+def conv_mode() -> str:
+    """How the Triton path runs a conv's forward (ROASTFX_CONV): ``implicit`` (default), one implicit-GEMM
+    kernel per group that reads the input in place (triton_conv.py); ``im2col``, F.unfold then the ROAST GEMM.
+    The backward is im2col either way."""
+    mode = os.environ.get("ROASTFX_CONV", "implicit")
+    if mode not in CONV_MODES:
+        raise ValueError(f"ROASTFX_CONV={mode!r} is not valid; accepted: {', '.join(CONV_MODES)}")
+    return mode
 
 
 def _conv_out_size(size, kernel, stride, padding, dilation):
@@ -64,13 +80,23 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
     n, _, h, w = x2.shape
     width = mapping[1] // groups
+    spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
+    if conv_mode() == "implicit":
+        from .triton_conv import roast_conv2d_group
+
+        y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=x.dtype)
+        per_group = x2.shape[1] // groups
+        for g, window in enumerate(windows):
+            roast_conv2d_group(x2, memory, _mapping(window), scale, y, k2, s2, p2, d2, c0=g * per_group,
+                               o0=g * width, bias=bias)
+        y = y.squeeze(2) if len(kernel) == 1 else y
+        return y if xb is x else y.squeeze(0)
     outs = []
     for g, window in enumerate(windows):
         cols = _columns(x2, k2, s2, p2, d2, groups, g)
         b = bias[g * width:(g + 1) * width] if bias is not None else None
         outs.append(torch.ops.roastfx.linear(cols, memory, b, None, window, scale, True, "none", False)[0])
     y = outs[0] if groups == 1 else torch.cat(outs, -1)  # (N, L, out)
-    spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
     y = y.transpose(1, 2).reshape(n, mapping[1], *spatial)
     y = y.squeeze(2) if len(kernel) == 1 else y
     return y if xb is x else y.squeeze(0)

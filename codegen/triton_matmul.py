@@ -43,6 +43,37 @@ def _apply_activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def grouped_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program, in grouped order: neighbouring programs share rows of
+    the A operand, which stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group_size), (pid % (GROUP_M * num_n)) // group_size
+
+
+@triton.jit
+def roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n,
+                 tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+                 VIEW_IS_B: tl.constexpr):
+    """The (len(offs_r), len(offs_n)) B tile of a GEMM, signed, in fp32, read from the memory at its hashed
+    slots: element (r, n) of the B operand is element (r, n) of the view, or (n, r) of it."""
+    if VIEW_IS_B:
+        index, sign = roast_index_and_sign(
+            offs_r[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+            offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    else:
+        index, sign = roast_index_and_sign(
+            offs_n[None, :], offs_r[:, None], tile_rows, tile_cols, alignment, window_start,
+            offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    w = tl.load(mem_ptr + index, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    return tl.where(sign > 0, w, -w)  # sign in fp32: exact, and the interpreter can't negate bf16
+
+
+@triton.jit
 def roast_matmul_block(
     a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
@@ -54,16 +85,7 @@ def roast_matmul_block(
     Every fused GEMM (the fixed epilogue below, the generated ones in triton_epilogue.py)
     runs this main loop and differs only in what it does with the block afterwards.
     """
-    # grouped program order: neighbouring programs share rows of `a`, which stay in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
+    pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -77,17 +99,8 @@ def roast_matmul_block(
             a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
         )
-        # element (r, n) of the B operand is element (r, n) of the view, or (n, r) of it
-        if VIEW_IS_B:
-            index, sign = roast_index_and_sign(
-                offs_r[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-                offset_range, a_row, a_col, hb, c_row, c_col, hd)
-        else:
-            index, sign = roast_index_and_sign(
-                offs_n[None, :], offs_r[:, None], tile_rows, tile_cols, alignment, window_start,
-                offset_range, a_row, a_col, hb, c_row, c_col, hd)
-        w = tl.load(mem_ptr + index, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        w = tl.where(sign > 0, w, -w).to(a.dtype)  # sign in fp32: exact, and the interpreter can't negate bf16
+        w = roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment, window_start,
+                         offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B).to(a.dtype)
         if DOT_IN_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -227,7 +240,7 @@ def choose_config(kernel: str, a: torch.Tensor, M: int, N: int, R: int, mapping:
     `benchmark` for ``launch`` and ``scratch``."""
     return configs.choose(a.device, M, N, R, a.element_size(), kernel=kernel, bench=benchmark(launch, scratch),
                           block_tile=block_tile(mapping, view_is_b), dtype=_dtypes(a, memory),
-                          b_element_size=memory.element_size())
+                          b_element_size=memory.element_size(), fma=dot_precision(a.dtype) == "ieee")
 
 
 def _dtypes(a: torch.Tensor, memory: torch.Tensor) -> str:
@@ -380,7 +393,8 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
     def rechoose():
         return configs.choose(a.device, K, N, M, a.element_size(), kernel=kernel,
                               bench=benchmark(first_chunk, scratch), dtype=a.dtype,
-                              block_tile=(mapping.tile_rows, mapping.tile_cols, 0))
+                              block_tile=(mapping.tile_rows, mapping.tile_cols, 0),
+                              fma=dot_precision(a.dtype) == "ieee")
 
     def run_all(cfg):  # idempotent: a config the device refuses fails at its first launch, before any sum
         grad.zero_()

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     ("bench_kernels.py", ["--dry-run", "--compression", "10"], ["roast", "hashednet", "eager"]),
     ("validate_cost_model.py", ["--dry-run", "--compression", "20", "--layouts", "2"],
      ["planner", "default", "spearman", "median |log2 error|"]),
+    ("bench_conv.py", ["--dry-run", "--compression", "10"], ["dense", "implicit", "im2col", "vs dense fwd"]),
 ])
 def test_benchmark_dry_run(script, args, expect):
     env = dict(os.environ, TRITON_INTERPRET="1")

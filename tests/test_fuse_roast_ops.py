@@ -333,10 +333,13 @@ def test_column_windows_read_the_views_columns():
     assert column_windows(ops.mapping_args(mapping), 6) is None  # 2 columns: windows start inside tiles
 
 
+@pytest.mark.parametrize("mode", ["implicit", "im2col"])
 @pytest.mark.parametrize("case", CONVS[:4], ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d"])
-def test_roast_conv_triton_path_matches_reference(case, monkeypatch):
-    """The Triton path: im2col and the ROAST GEMM kernels (interpreted on CPU), one per group for a grouped
-    conv whose groups start on hash-tile columns; same output and gradients as the reference path."""
+def test_roast_conv_triton_path_matches_reference(case, mode, monkeypatch):
+    """The Triton path (interpreted on CPU): the implicit-GEMM conv kernel, or im2col and the ROAST GEMM, one
+    launch per group for a grouped conv whose groups start on hash-tile columns; the backward im2col around
+    the ROAST dX and dMemory kernels. Same output and gradients as the reference path."""
+    monkeypatch.setenv("ROASTFX_CONV", mode)
     mapping, mem, x, b, conv_args = _conv_case(case, torch.float32, torch.Generator().manual_seed(6))
     args = ops.mapping_args(mapping)
     grad = torch.randn(ops.roast_conv(x, mem, args, 0.3, b, *conv_args).shape, generator=torch.Generator())
@@ -461,13 +464,17 @@ def test_conv_model_runs_the_triton_kernels_through_the_backend(monkeypatch):
     gx, gm = torch.autograd.grad(eager.square().sum(), (x, model.roast_memory))
     import roastfx.codegen.kernels as kernels
 
-    calls = []
-    original = kernels.roast_matmul
+    import roastfx.codegen.triton_conv as triton_conv
+
+    calls, convs = [], []
+    original, original_conv = kernels.roast_matmul, triton_conv.roast_conv2d_group
     monkeypatch.setattr(kernels, "roast_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(triton_conv, "roast_conv2d_group", lambda *a, **k: convs.append(1) or original_conv(*a, **k))
     monkeypatch.setenv("ROASTFX_KERNELS", "triton")
     out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
     cx, cm = torch.autograd.grad(out.square().sum(), (x, model.roast_memory))
-    assert len(calls) >= 3  # two forward GEMMs, one dX GEMM at least
+    assert len(convs) == 2  # the forward: one implicit-GEMM launch per conv
+    assert len(calls) >= 2  # the backward: a dX GEMM per conv that needs one
     assert torch.allclose(out, eager, atol=1e-4)
     assert torch.allclose(cx, gx, atol=1e-4) and torch.allclose(cm, gm, atol=1e-3, rtol=1e-4)
 

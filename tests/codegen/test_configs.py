@@ -25,7 +25,7 @@ def test_estimate_counts_the_memory_dtype_and_its_conversion():
 def test_no_config_the_estimate_keeps_overflows_a_compiled_kernel(target):
     """benchmarks/compile_check.py compiled every kernel with every block config for the target
     (ptxas, no GPU): each config configs.candidates keeps asked for no more shared memory than
-    the target has, and every launch compiled."""
+    the target has and spilled no registers, and every launch compiled."""
     files = sorted(glob.glob(os.path.join(RESULTS, f"compile-{target}-*.json")))
     assert files, f"no compile check results for {target} in benchmarks/results"
     with open(files[-1]) as f:
@@ -37,6 +37,7 @@ def test_no_config_the_estimate_keeps_overflows_a_compiled_kernel(target):
     assert len(rows) >= 20
     for r in rows:
         assert r["shared_bytes"] <= limit, r
+        assert r["spill_bytes"] == 0, r  # fp32 at "highest" precision too: the FMA configs
         assert r["estimate_bytes"] <= limit
 
 
@@ -90,3 +91,9 @@ def test_when_every_config_is_refused_the_error_says_so(monkeypatch):
     fitting = configs.candidates(PROFILES["h100"], 2)
     with pytest.raises(RuntimeError, match="every block config that fits was refused"):
         configs.pick(64, 64, 64, PROFILES["h100"], 2, exclude=set(fitting))
+
+
+def test_full_precision_fp32_dots_get_the_fma_configs():
+    fma = configs.candidates(PROFILES["h100"], 4, fma=True)
+    assert fma == list(configs.FMA_CANDIDATES) and all(c.block_k == 16 for c in fma)
+    assert not set(fma) & set(configs.candidates(PROFILES["h100"], 4))

@@ -1,0 +1,161 @@
+"""Time ROAST convolutions against cuDNN: the implicit-GEMM kernel and im2col + the ROAST GEMM.
+
+    python benchmarks/bench_conv.py                 # CUDA: table, JSON in benchmarks/results/conv-<gpu>-<date>.json
+    python benchmarks/bench_conv.py --dry-run       # CPU: a tiny shape in the Triton interpreter, checks wiring only
+
+Methods, each computing a conv2d with bias:
+  dense     F.conv2d with a dense weight (cuDNN)
+  implicit  roastfx::roast_conv with ROASTFX_CONV=implicit: one kernel reads the input in place
+  im2col    roastfx::roast_conv with ROASTFX_CONV=im2col: F.unfold, then the fused ROAST GEMM
+Forward alone and forward + backward (the backward is im2col for both ROAST methods).
+Before timing, each ROAST method's output is compared with the materialized weight's F.conv2d.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, results_path, select_device, timer  # noqa: E402
+
+SHAPES = {  # name: (batch, in channels, out channels, height = width, kernel, stride, padding)
+    "resnet50-conv2-3x3": (32, 64, 64, 56, 3, 1, 1),
+    "resnet50-conv4-3x3": (32, 256, 256, 14, 3, 1, 1),
+    "resnet50-conv4-1x1": (32, 1024, 256, 14, 1, 1, 0),
+    "resnet50-conv5-3x3-s2": (32, 512, 512, 14, 3, 2, 1),
+}
+DRY_RUN_SHAPES = {"tiny": (2, 8, 16, 9, 3, 1, 1)}
+METHODS = ("dense", "implicit", "im2col")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
+    p.add_argument("--compression", default="10,100", help="comma-separated compression factors")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--warmup", type=int, default=25, help="warmup time per measurement, ms")
+    p.add_argument("--rep", type=int, default=100, help="measurement time per measurement, ms")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--dry-run", action="store_true", help="a tiny shape on CPU in the Triton interpreter; no JSON")
+    args = p.parse_args(argv)
+    table = DRY_RUN_SHAPES if args.dry_run else SHAPES
+    names = list(table) if args.dry_run else [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in names if s not in table]
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
+    args.shape_table = {n: table[n] for n in names}
+    try:
+        args.factors = [float(c) for c in args.compression.split(",") if c]
+    except ValueError:
+        p.error(f"--compression takes numbers, got {args.compression!r}")
+    if not args.factors or any(c < 1 for c in args.factors):
+        p.error(f"compression factors must be >= 1, got {args.compression!r}")
+    return args
+
+
+def run(args):
+    import torch
+    import torch.nn.functional as F
+
+    from bench_kernels import make_mapping, pick_tile
+    from roastfx.codegen import reference
+    from roastfx.codegen.hashing import TileHash
+    from roastfx.codegen.ops import mapping_args, roast_conv
+
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        os.environ["ROASTFX_KERNELS"] = "triton"  # the roast ops' Triton path, interpreted on CPU
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    bench = timer(args.dry_run)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name, (n, cin, cout, hw, k, stride, pad) in args.shape_table.items():
+        x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype, generator=gen)
+        fan_in = cin * k * k
+        dense_w = (torch.randn(cout, cin, k, k, device=device, dtype=dtype, generator=gen) / fan_in**0.5)
+        dense_w.requires_grad_()
+        bias = torch.zeros(cout, device=device, dtype=dtype, requires_grad=True)
+        out_hw = (hw + 2 * pad - k) // stride + 1
+        dy = torch.randn(n, cout, out_hw, out_hw, device=device, dtype=dtype, generator=gen)
+        conv = ([k, k], [stride, stride], [pad, pad], [1, 1], 1)
+        for factor in args.factors:
+            size = max(int(fan_in * cout / factor), 2)
+            tile = pick_tile(size)
+            mapping = make_mapping(TileHash, fan_in, cout, size, tile, seed=1)  # view (in*k*k, out)
+            args_list = mapping_args(mapping)
+            memory = torch.randn(size, device=device, dtype=torch.float32, generator=gen).requires_grad_()
+            scale = 1 / fan_in**0.5
+
+            def roast(x, mode):
+                os.environ["ROASTFX_CONV"] = mode
+                return roast_conv(x, memory, args_list, scale, bias, *conv)
+
+            fns = {
+                "dense": lambda x: F.conv2d(x, dense_w, bias, stride, pad),
+                "implicit": lambda x: roast(x, "implicit"),
+                "im2col": lambda x: roast(x, "im2col"),
+            }
+            with torch.no_grad():
+                view = reference.materialize(memory, mapping, scale).to(dtype)
+                want = F.conv2d(x, view.t().reshape(cout, cin, k, k), bias, stride, pad).float()
+                errors = {m: ((fns[m](x).float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+                          for m in ("implicit", "im2col")}
+            for m, err in errors.items():
+                if err > 2e-2:
+                    print(f"WARNING: {name} at {factor:g}x: {m} differs from the materialized conv by {err:.3g} "
+                          "(relative)", file=sys.stderr)
+            for method in METHODS:
+                fn = fns[method]
+                xg = x.clone().requires_grad_()
+
+                def forward():
+                    with torch.no_grad():
+                        fn(x)
+
+                def forward_backward():
+                    fn(xg).backward(dy)
+
+                fwd = bench(forward, args.warmup, args.rep)
+                fwd_bwd = bench(forward_backward, args.warmup, args.rep)
+                flops = 2 * n * out_hw * out_hw * fan_in * cout
+                rows.append(dict(shape=name, batch=n, cin=cin, cout=cout, hw=hw, kernel=k, stride=stride,
+                                 compression=factor, memory_size=size, tile=list(tile), method=method,
+                                 rel_err_vs_materialized=errors.get(method), forward_ms=fwd,
+                                 forward_backward_ms=fwd_bwd, forward_tflops=flops / fwd / 1e9,
+                                 forward_backward_tflops=3 * flops / fwd_bwd / 1e9))
+    os.environ.pop("ROASTFX_CONV", None)
+    return rows
+
+
+def print_table(rows):
+    header = f"{'shape':<24}{'comp':>7}{'method':>10}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}" \
+             f"{'vs dense fwd':>14}"
+    print(header)
+    print("-" * len(header))
+    dense = {(r["shape"], r["compression"]): r["forward_ms"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        ratio = dense[(r["shape"], r["compression"])] / r["forward_ms"]
+        print(f"{r['shape']:<24}{r['compression']:>6g}x{r['method']:>10}{r['forward_ms']:>10.3f}"
+              f"{r['forward_tflops']:>10.1f}{r['forward_backward_ms']:>10.3f}{r['forward_backward_tflops']:>10.1f}"
+              f"{ratio:>13.2f}x")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    select_device(args.dry_run, "bench_conv.py")
+    rows = run(args)
+    env = environment()
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
+    print_table(rows)
+    if not args.dry_run:
+        path = results_path(args.out, env, prefix="conv-")
+        with open(path, "w") as f:
+            json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
+                      f, indent=1)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Convolution as an implicit ROAST GEMM: neither the im2col matrix nor the weight exists.
+
+The conv weight of a site is V^T reshaped to (out, in/groups, kh, kw), V being the site's
+(in/groups * kh * kw, out) B view. Output pixel m = (image, oh, ow) against reduction index
+r = (channel, kh, kw) -- F.unfold's order, the view's row order -- reads input element
+(image, channel, oh * stride - pad + kh * dilation, ow * stride - pad + kw * dilation), or 0
+outside the image; the B tile comes from the memory at its hashed slots (`roast_b_tile`).
+The kernel writes its block straight into the (N, C_out, OH, OW) output (any strides), so a
+grouped conv runs one launch per group into the same tensor.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .hashing import TileHash
+from .triton_hashing import hash_args, maybe_dump
+from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, grouped_program,
+                            launch_gemm, roast_b_tile)
+
+
+@triton.jit
+def _roast_conv_kernel(
+    x_ptr, mem_ptr, out_ptr, bias_ptr,
+    M, N, R, C0, O0,
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
+    scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # rows (output pixels) and their coordinates in int32 (M < 2**31 is checked on the host); only the
+    # addresses are int64
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    image = offs_m // (OH * OW)
+    pixel = offs_m % (OH * OW)
+    oh = pixel // OW
+    ow = pixel % OW
+    top = (oh * SH - PH)[:, None]
+    left = (ow * SW - PW)[:, None]
+    row_base = image.to(tl.int64)[:, None] * stride_xn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        channel = offs_r // (KH * KW)
+        tap = offs_r % (KH * KW)
+        ih = top + ((tap // KW) * DH)[None, :]
+        iw = left + ((tap % KW) * DW)[None, :]
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & mask_m[:, None] & mask_r[None, :]
+        ih = tl.where(inside, ih, 0)  # padding reads nothing: the address stays inside the tensor
+        iw = tl.where(inside, iw, 0)
+        a = tl.load(x_ptr + row_base + (C0 + channel).to(tl.int64)[None, :] * stride_xc
+                    + (ih * stride_xh + iw * stride_xw).to(tl.int64), mask=inside, other=0.0)
+        w = roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment, window_start,
+                         offset_range, a_row, a_col, hb, c_row, c_col, hd, True).to(a.dtype)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + O0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + image.to(tl.int64)[:, None] * stride_on + (O0 + offs_n).to(tl.int64)[None, :] * stride_oc \
+        + oh.to(tl.int64)[:, None] * stride_oh + ow.to(tl.int64)[:, None] * stride_ow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def roast_conv2d_group(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
+                       kernel, stride, padding, dilation, c0: int = 0, o0: int = 0,
+                       bias: torch.Tensor | None = None, config=None) -> torch.Tensor:
+    """Write into ``out[:, o0:o0 + mapping.cols]`` the conv2d of ``x[:, c0:c0 + in_per_group]`` with the
+    weight V^T reshaped, V = the (in_per_group * kh * kw, cols) view ``mapping`` reads from the memory;
+    ``bias`` is the whole conv's (out,) bias (its slice o0.. is used). Returns ``out``."""
+    if x.dim() != 4 or out.dim() != 4:
+        raise ValueError(f"roast_conv2d_group takes 4-D input and output, got {tuple(x.shape)} and {tuple(out.shape)}")
+    _check_kernel_dtype("input", x)
+    _check_kernel_dtype("memory", memory)
+    kh, kw = kernel
+    R, N = mapping.rows, mapping.cols
+    if R % (kh * kw) or c0 + R // (kh * kw) > x.shape[1] or o0 + N > out.shape[1]:
+        raise ValueError(f"a {R}x{N} view does not fit kernel {kernel} at input channel {c0} and output channel {o0} "
+                         f"of {tuple(x.shape)} -> {tuple(out.shape)}")
+    n, _, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    M = n * oh * ow
+    if M == 0 or N == 0:
+        return out
+    if M >= 2**31 or h * x.stride(2) + w * x.stride(3) >= 2**31:
+        raise ValueError(f"roast_conv2d_group indexes pixels in int32: {n}x{oh}x{ow} output pixels or a {h}x{w} "
+                         f"image plane with strides {x.stride()} is too large; split the batch")
+
+    def launch(cfg, out=out):
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        return _roast_conv_kernel[grid](
+            x, memory.reshape(-1), out, bias if bias is not None else out,
+            M, N, R, c0, o0,
+            h, w, oh, ow, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *x.stride(), *out.stride(),
+            float(scale), *hash_args(mapping),
+            HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    launched = launch_gemm("roast_conv", x, memory, config, launch, lambda: choose_config(
+        "roast_conv", x, M, N, R, mapping, True, launch, lambda: (torch.empty_like(out),), memory))
+    maybe_dump(_roast_conv_kernel, launched)
+    return out
