@@ -7,7 +7,8 @@ Each launch a real run would make (forward GEMM with each block config (fp32 at 
 default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
-conv, embedding gather and scatter, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
+conv alone and with a batch norm + residual + relu epilogue, embedding gather and scatter,
+materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
 configs.py prunes candidates with, registers per thread, spill bytes, and the PTX's
@@ -133,6 +134,13 @@ def _launches_for(dname: str, quick: bool):
                                                        torch.empty(2, 64, 14, 14, dtype=dtype), (3, 3), (1, 1),
                                                        (1, 1), (1, 1), bias=torch.zeros(64, dtype=dtype),
                                                        config=default)))
+    # ResNet's conv + eval batch norm + residual + relu, as fuse_epilogue writes it
+    channel = torch.ones(64, 1, 1, dtype=torch.float32)
+    bn = Epilogue.parse("sub:x0|add(x1,1e-05)|rsqrt|mul(v1,v3)|mul:x2|add:x3|add:x4|relu")
+    out.append(("roast_conv_epilogue", "3x3 + batch norm + residual + relu", dname, default, 4,
+                lambda: triton_epilogue.roast_conv_epilogue(
+                    image, memory, conv_site, 0.5, torch.empty(2, 64, 14, 14, dtype=dtype), (3, 3), (1, 1), (1, 1),
+                    (1, 1), bn, [channel] * 4 + [torch.zeros(2, 64, 14, 14, dtype=dtype)], config=default)))
     ids = torch.zeros(M, dtype=torch.int64)
     out.append(("gather_rows", "embedding", dname, None, None,
                 lambda: triton_embedding.gather_rows(memory, site, 0.5, ids, dtype=dtype)))

@@ -121,18 +121,26 @@ def _conv_backward(ctx, grad):
     mapping, scale, grad_norm = ctx.site
     kernel, stride, padding, dilation, groups = ctx.conv
     need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    xb, gb = _batched(x, kernel), _batched(grad, kernel)
+    gb = _batched(grad, kernel)
     accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
+    grad_x, grad_memory = _conv_grads(x, memory, grad, mapping, scale, ctx.conv, need_x, need_memory, grad_norm)
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
+
+
+def _conv_grads(x, memory, grad, mapping, scale, conv, need_x, need_memory, grad_norm):
+    """(dX, dMemory) of a ROAST conv for the output gradient ``grad``: the GEMM kernels on the Triton
+    path, the dense conv gradients elsewhere."""
+    kernel, groups = conv[0], conv[4]
+    xb, gb = _batched(x, kernel), _batched(grad, kernel)
     windows = column_windows(mapping, groups) if use_triton(x) else None
     if windows is None:
-        grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, ctx.conv, need_x, need_memory,
+        grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory,
                                                    grad_norm)
     else:
-        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, windows, scale, ctx.conv, need_x, need_memory,
+        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory,
                                                   grad_norm)
-    grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
-    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
+    return (grad_x.reshape(x.shape) if grad_x is not None else None), grad_memory
 
 
 def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory, grad_norm):
@@ -186,3 +194,98 @@ def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memo
 
 
 roast_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# -- a conv followed by a generated epilogue -------------------------------------------------------------
+_EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _extras_2d(extras, conv1d: bool):
+    """Extras of a conv1d output (N, C, L) as extras of its (N, C, 1, L) conv2d form."""
+    return [e.unsqueeze(-2) if conv1d and e.dim() >= 2 else e for e in extras]
+
+
+@torch.library.custom_op("roastfx::roast_conv_epilogue", mutates_args=())
+def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                        extras: list[torch.Tensor], epilogue: str, kernel: list[int], stride: list[int],
+                        padding: list[int], dilation: list[int], groups: int, grad_norm: bool) -> torch.Tensor:
+    """``epilogue(roast_conv(x, memory, mapping, scale, None, ...), extras)``: on the Triton path one
+    generated kernel per group computes the conv and the epilogue (triton_epilogue.roast_conv_epilogue)."""
+    from .epilogue_op import parse_epilogue
+
+    epi = parse_epilogue(epilogue)
+    windows = column_windows(mapping, groups) if use_triton(x) else None
+    out_dtype = epi.out_dtype(x.dtype, extras)
+    kernel_ok = (windows is not None and x.dtype in _EPILOGUE_DTYPES and memory.dtype in _EPILOGUE_DTYPES
+                 and out_dtype in _EPILOGUE_DTYPES and all(e.dtype != torch.float64 or e.dim() == 0 for e in extras)
+                 and all(e.device == x.device or e.dim() == 0 for e in extras))
+    if not kernel_ok:
+        y = epi.apply(roast_conv(x, memory, mapping, scale, None, kernel, stride, padding, dilation, groups,
+                                 grad_norm), extras)
+        return y.clone() if any(y is t for t in (x, *extras)) else y
+    _kernels()
+    from .triton_epilogue import roast_conv_epilogue as launch
+
+    xb = _batched(x, kernel)
+    x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+    n, _, h, w = x2.shape
+    spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
+    y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=out_dtype)
+    shape = (n, mapping[1], *spatial) if len(kernel) == 2 else (n, mapping[1], spatial[1])
+    epi.check_extras(shape if xb is x else shape[1:], extras)
+    extras2 = _extras_2d(extras, len(kernel) == 1)
+    per_group, width = x2.shape[1] // groups, mapping[1] // groups
+    for g, window in enumerate(windows):
+        launch(x2, memory, _mapping(window), scale, y, k2, s2, p2, d2, epi, extras2, c0=g * per_group, o0=g * width)
+    y = y.squeeze(2) if len(kernel) == 1 else y
+    return y if xb is x else y.squeeze(0)
+
+
+@roast_conv_epilogue.register_fake
+def _(x, memory, mapping, scale, extras, epilogue, kernel, stride, padding, dilation, groups, grad_norm):
+    from .epilogue_op import parse_epilogue
+
+    epi = parse_epilogue(epilogue)
+    spatial = [_conv_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, dilation)]
+    shape = (*x.shape[:-len(kernel) - 1], mapping[1], *spatial)
+    epi.check_extras(shape, extras)
+    return x.new_empty(shape, dtype=epi.out_dtype(x.dtype, extras))
+
+
+def _conv_epilogue_setup(ctx, inputs, output):
+    x, memory, mapping, scale, extras, epilogue, kernel, stride, padding, dilation, groups, grad_norm = inputs
+    ctx.save_for_backward(x, memory, *extras)
+    ctx.site = (mapping, scale, epilogue, kernel, stride, padding, dilation, groups, grad_norm)
+
+
+def _conv_epilogue_backward(ctx, grad):
+    """The vjp of ``epilogue(roast_conv(...))`` at the saved inputs: the epilogue's (torch.func.vjp of its
+    eager form), then the conv's gradients as roast_conv's backward computes them."""
+    from .epilogue_op import parse_epilogue
+
+    x, memory, *extras = ctx.saved_tensors
+    mapping, scale, epilogue, kernel, stride, padding, dilation, groups, grad_norm = ctx.site
+    epi = parse_epilogue(epilogue)
+    # the epilogue's vjp at the recomputed conv (not kept from the forward), then the conv's own gradients
+    with torch.no_grad():
+        pre = roast_conv(x, memory, mapping, scale, None, kernel, stride, padding, dilation, groups, grad_norm)
+    wants = [i for i, e in enumerate(extras) if e.is_floating_point()]
+
+    def run(z, *differentiable):
+        operands = list(extras)
+        for i, t in zip(wants, differentiable):
+            operands[i] = t
+        return epi.apply(z, operands)
+
+    _, vjp = torch.func.vjp(run, pre, *[extras[i] for i in wants])
+    grad_pre, *grad_wanted = vjp(grad.to(epi.out_dtype(x.dtype, extras)))
+    grad_extras: list[torch.Tensor | None] = [None] * len(extras)
+    for i, g in zip(wants, grad_wanted):
+        grad_extras[i] = g.to(extras[i].device, extras[i].dtype)
+    conv = (kernel, stride, padding, dilation, groups)
+    grad_x, grad_memory = _conv_grads(x, memory, grad_pre.to(x.dtype), mapping, scale, conv,
+                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_norm)
+    return grad_x, grad_memory, None, None, grad_extras, None, None, None, None, None, None, None
+
+
+roast_conv_epilogue.register_autograd(_conv_epilogue_backward, setup_context=_conv_epilogue_setup)

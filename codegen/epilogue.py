@@ -5,7 +5,7 @@ z; step i computes value v(i+1) from earlier values, extra tensors and constants
 epilogue's result is its last value. Each step is one pointwise op:
 
     add / sub / mul / div        two operands: values vK, extras xI or constants
-    relu, gelu (erf), gelu_tanh, silu, tanh, sigmoid, exp, erf
+    relu, gelu (erf), gelu_tanh, silu, tanh, sigmoid, exp, erf, rsqrt
     cast                         to float32, float16 or bfloat16
 
 so a chain (``bias -> gelu -> * 0.5 -> + residual``) and a graph that reads a value several
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 BINARY = ("add", "sub", "mul", "div")
-UNARY = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "exp", "erf")
+UNARY = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "exp", "erf", "rsqrt")
 OPS = BINARY + UNARY + ("cast",)
 CAST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TL_DTYPES = {"float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
@@ -259,16 +259,21 @@ class Epilogue:
         return self.apply(torch.empty((1,), dtype=in_dtype, device="meta"), probes).dtype
 
     # -- Triton lowering ---------------------------------------------------------------------
-    def triton_lines(self) -> list[str]:
+    def triton_lines(self, extra_offsets=None) -> list[str]:
         """The epilogue as Triton statements on an fp32 block ``z``, leaving the result in ``z``.
 
         Names the lines assume: ``z`` (fp32, the scaled GEMM block), ``mask`` (its valid
         elements), ``offs_m`` / ``offs_n`` (its rows and columns), for extra i the arguments
         ``x{i}_ptr``, ``stride_x{i}m``, ``stride_x{i}n`` (its (M, N) broadcast view), and
-        for constant k the fp32 argument ``c{k}``. Value k is the block ``v{k}``; each extra is
-        loaded once, before its first use. Math stays fp32; a cast rounds to its dtype. Each
-        step is preceded by a comment naming the FX ops it stands for.
+        for constant k the fp32 argument ``c{k}``. ``extra_offsets(i)`` replaces the offset
+        expression of extra i (the conv kernels address extras by image, channel and pixel).
+        Value k is the block ``v{k}``; each extra is loaded once, before its first use. Math
+        stays fp32; a cast rounds to its dtype. Each step is preceded by a comment naming the
+        FX ops it stands for.
         """
+        if extra_offsets is None:
+            def extra_offsets(i):
+                return f"offs_m[:, None] * stride_x{i}m + offs_n[None, :] * stride_x{i}n"
         if not self.steps:
             return []
         lines, loaded = ["v0 = z"], set()
@@ -280,8 +285,8 @@ class Epilogue:
             for a in s.args:
                 if _is_ref(a, "x") and a not in loaded:
                     loaded.add(a)
-                    lines.append(f"{a} = tl.load({a}_ptr + offs_m[:, None] * stride_{a}m + offs_n[None, :] * "
-                                 f"stride_{a}n, mask=mask, other=0.0).to(tl.float32)")
+                    lines.append(f"{a} = tl.load({a}_ptr + {extra_offsets(_ref_index(a))}, mask=mask, "
+                                 f"other=0.0).to(tl.float32)")
                 operands.append(a if isinstance(a, str) else next(names))
             out = f"v{i + 1}"
             if s.op in BINARY:
@@ -307,6 +312,7 @@ _EAGER = {
     "sigmoid": torch.sigmoid,
     "exp": torch.exp,
     "erf": torch.erf,
+    "rsqrt": torch.rsqrt,
     "cast": lambda a, dtype: a.to(CAST_DTYPES[dtype]),
 }
 
@@ -323,6 +329,7 @@ _TRITON_UNARY = {
     "sigmoid": "{o} = 1.0 / (1.0 + tl.exp(tl.minimum(-{a}, 80.0)))",
     "exp": "{o} = tl.exp({a})",
     "erf": "{o} = tl.math.erf({a})",
+    "rsqrt": "{o} = 1.0 / tl.sqrt({a})",
 }
 
 _FX_NAMES = {
@@ -338,6 +345,7 @@ _FX_NAMES = {
     "sigmoid": "torch.sigmoid / Tensor.sigmoid",
     "exp": "torch.exp / Tensor.exp",
     "erf": "torch.erf / Tensor.erf",
+    "rsqrt": "torch.rsqrt / Tensor.rsqrt, F.batch_norm (eval)",
     "cast": "Tensor.to(dtype) / .float() / .half() / .bfloat16()",
 }
 
@@ -347,3 +355,10 @@ def fused_op():
     from . import epilogue_op  # noqa: F401 - registers roastfx::roast_linear_epilogue
 
     return torch.ops.roastfx.roast_linear_epilogue.default
+
+
+def conv_fused_op():
+    """The custom op that runs ``epilogue(conv(x, W))`` (registered on first use; no Triton import)."""
+    from . import conv  # noqa: F401 - registers roastfx::roast_conv_epilogue
+
+    return torch.ops.roastfx.roast_conv_epilogue.default

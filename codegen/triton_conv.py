@@ -21,19 +21,20 @@ from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot
 
 
 @triton.jit
-def _roast_conv_kernel(
-    x_ptr, mem_ptr, out_ptr, bias_ptr,
-    M, N, R, C0, O0,
+def roast_conv_block(
+    x_ptr, mem_ptr, M, N, R, C0,
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-    stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
-    scale,
+    stride_xn, stride_xc, stride_xh, stride_xw,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of the conv, and the block's
+    coordinates (image, oh, ow per row; channel within the group per column). Every conv kernel
+    (the one below, the generated epilogues of triton_epilogue.py) runs this main loop."""
     # rows (output pixels) and their coordinates in int32 (M < 2**31 is checked on the host); only the
     # addresses are int64
+    pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -65,13 +66,55 @@ def _roast_conv_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc, offs_n, mask_m, mask_n, image.to(tl.int64), oh.to(tl.int64), ow.to(tl.int64)
 
+
+@triton.jit
+def _roast_conv_kernel(
+    x_ptr, mem_ptr, out_ptr, bias_ptr,
+    M, N, R, C0, O0,
+    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
+    scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    acc, offs_n, mask_m, mask_n, image, oh, ow = roast_conv_block(
+        x_ptr, mem_ptr, M, N, R, C0, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
+        stride_xn, stride_xc, stride_xh, stride_xw,
+        tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+        PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M)
     acc = acc * scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + O0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + image.to(tl.int64)[:, None] * stride_on + (O0 + offs_n).to(tl.int64)[None, :] * stride_oc \
-        + oh.to(tl.int64)[:, None] * stride_oh + ow.to(tl.int64)[:, None] * stride_ow
+    out = out_ptr + image[:, None] * stride_on + (O0 + offs_n).to(tl.int64)[None, :] * stride_oc \
+        + oh[:, None] * stride_oh + ow[:, None] * stride_ow
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def conv_geometry(x: torch.Tensor, mapping: TileHash, out: torch.Tensor, kernel, c0: int, o0: int) -> tuple:
+    """(M, N, R) of one group's implicit GEMM, after checking that it fits ``x`` and ``out``."""
+    if x.dim() != 4 or out.dim() != 4:
+        raise ValueError(f"roast_conv2d_group takes 4-D input and output, got {tuple(x.shape)} and {tuple(out.shape)}")
+    _check_kernel_dtype("input", x)
+    kh, kw = kernel
+    R, N = mapping.rows, mapping.cols
+    if R % (kh * kw) or c0 + R // (kh * kw) > x.shape[1] or o0 + N > out.shape[1]:
+        raise ValueError(f"a {R}x{N} view does not fit kernel {tuple(kernel)} at input channel {c0} and output "
+                         f"channel {o0} of {tuple(x.shape)} -> {tuple(out.shape)}")
+    n, _, h, w = x.shape
+    M = n * out.shape[2] * out.shape[3]
+    if M >= 2**31 or h * x.stride(2) + w * x.stride(3) >= 2**31:
+        raise ValueError(f"roast_conv2d_group indexes pixels in int32: {M} output pixels or a {h}x{w} "
+                         f"image plane with strides {x.stride()} is too large; split the batch")
+    return M, N, R
+
+
+def conv_args(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation) -> tuple:
+    """The geometry arguments ``roast_conv_block`` takes after C0 (through the input's strides)."""
+    return (x.shape[2], x.shape[3], out.shape[2], out.shape[3], kernel[0], kernel[1], stride[0], stride[1],
+            padding[0], padding[1], dilation[0], dilation[1], *x.stride())
 
 
 def roast_conv2d_group(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
@@ -80,31 +123,16 @@ def roast_conv2d_group(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash,
     """Write into ``out[:, o0:o0 + mapping.cols]`` the conv2d of ``x[:, c0:c0 + in_per_group]`` with the
     weight V^T reshaped, V = the (in_per_group * kh * kw, cols) view ``mapping`` reads from the memory;
     ``bias`` is the whole conv's (out,) bias (its slice o0.. is used). Returns ``out``."""
-    if x.dim() != 4 or out.dim() != 4:
-        raise ValueError(f"roast_conv2d_group takes 4-D input and output, got {tuple(x.shape)} and {tuple(out.shape)}")
-    _check_kernel_dtype("input", x)
     _check_kernel_dtype("memory", memory)
-    kh, kw = kernel
-    R, N = mapping.rows, mapping.cols
-    if R % (kh * kw) or c0 + R // (kh * kw) > x.shape[1] or o0 + N > out.shape[1]:
-        raise ValueError(f"a {R}x{N} view does not fit kernel {kernel} at input channel {c0} and output channel {o0} "
-                         f"of {tuple(x.shape)} -> {tuple(out.shape)}")
-    n, _, h, w = x.shape
-    oh, ow = out.shape[2], out.shape[3]
-    M = n * oh * ow
+    M, N, R = conv_geometry(x, mapping, out, kernel, c0, o0)
     if M == 0 or N == 0:
         return out
-    if M >= 2**31 or h * x.stride(2) + w * x.stride(3) >= 2**31:
-        raise ValueError(f"roast_conv2d_group indexes pixels in int32: {n}x{oh}x{ow} output pixels or a {h}x{w} "
-                         f"image plane with strides {x.stride()} is too large; split the batch")
 
     def launch(cfg, out=out):
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
         return _roast_conv_kernel[grid](
             x, memory.reshape(-1), out, bias if bias is not None else out,
-            M, N, R, c0, o0,
-            h, w, oh, ow, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *x.stride(), *out.stride(),
+            M, N, R, c0, o0, *conv_args(x, out, kernel, stride, padding, dilation), *out.stride(),
             float(scale), *hash_args(mapping),
             HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,

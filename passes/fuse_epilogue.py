@@ -32,12 +32,26 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from roastfx.codegen.epilogue import CAST_DTYPES, Epilogue, Step, fused_op
+from roastfx.codegen.epilogue import CAST_DTYPES, Epilogue, Step, conv_fused_op, fused_op
 
 log = logging.getLogger("roastfx")
 
 _aten = torch.ops.aten
 _PREV = object()  # an operand: the step just emitted for the same node (pow's repeated products)
+
+
+class _Local:
+    """An operand: the j-th step emitted for the same node (batch norm's intermediate values)."""
+
+    def __init__(self, j: int):
+        self.j = j
+
+
+class _Channel:
+    """An operand: a (C,) vector along the output's dim 1 (batch norm's statistics and affine)."""
+
+    def __init__(self, node):
+        self.node = node
 _BINARY = {
     "add": {operator.add, torch.add, _aten.add.Tensor, _aten.add.Scalar},
     "sub": {operator.sub, torch.sub, _aten.sub.Tensor, _aten.sub.Scalar},
@@ -57,6 +71,7 @@ _UNARY_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "exp": "
 _NEG = {operator.neg, torch.neg, _aten.neg.default}
 _POW = {operator.pow, torch.pow, _aten.pow.Tensor_Scalar}
 _DROPOUT = {F.dropout, torch.dropout}
+_BATCH_NORM = {F.batch_norm}
 _VIEW_METHODS = ("view", "reshape")
 _IDENTITY_METHODS = ("contiguous",)
 _GELU = {F.gelu, _aten.gelu.default}
@@ -125,6 +140,25 @@ def _pow_steps(base, exponent):
     return steps
 
 
+def _batch_norm_steps(node):
+    """Eval batch norm, (x - mean) * rsqrt(var + eps) * weight + bias, as steps; None in training."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    mean, var = args.get("running_mean"), args.get("running_var")
+    eps = args.get("eps", 1e-5)
+    if set(args) - set(names) or args.get("training", False) is not False or mean is None or var is None \
+            or not _number(eps):
+        return None
+    steps = [("sub", [args["input"], _Channel(mean)]), ("add", [_Channel(var), float(eps)]),
+             ("rsqrt", [_Local(1)]), ("mul", [_Local(0), _Local(2)])]
+    if args.get("weight") is not None:
+        steps.append(("mul", [_PREV, _Channel(args["weight"])]))
+    if args.get("bias") is not None:
+        steps.append(("add", [_PREV, _Channel(args["bias"])]))
+    return "ops", steps
+
+
 def _dropout_is_off(node) -> bool:
     names = ("input", "p", "training", "inplace") if node.target is F.dropout else ("input", "p", "train")
     args = dict(zip(names, node.args))
@@ -187,6 +221,8 @@ def _lower(user):
             return "ops", [("gelu" if approximate == "none" else "gelu_tanh", [args[0]])]
     if target in _DROPOUT and args and _dropout_is_off(user):
         return "same", args[0]
+    if target in _BATCH_NORM:
+        return _batch_norm_steps(user)
     if target is torch.reshape and len(args) == 2 and not kwargs:
         return "view", args[0]
     return None
@@ -207,15 +243,16 @@ def _numel(shape):
 class _Growth:
     """The set of nodes folded into one root's epilogue, grown in graph order."""
 
-    def __init__(self, root, bias, act):
+    def __init__(self, root, bias, act, conv=False):
         self.root = root
         self.root_shape = _shape(root)
+        self.conv = conv  # a conv's output (N, C, *spatial): channels on dim 1, no views
         self.steps: list[Step] = []
         # (node, how it is passed: None as it is, "flat" (1, .., 1, N) -> (N,), "rows" (.., N) -> (rows, N),
-        # "scalar" a symbolic number as a 0-dim float64 tensor)
+        # "scalar" a symbolic number as a 0-dim float64 tensor, "channel" a (C,) vector -> (C, 1, .., 1))
         self.extras: list[tuple[torch.fx.Node, str | None]] = []
         if bias is not None:
-            self.extras.append((bias, None))
+            self.extras.append((bias, "channel" if conv else None))
             self.steps.append(Step("add", ("v0", "x0")))
         if act not in (None, "none"):
             self.steps.append(Step(act, (f"v{len(self.steps)}",)))
@@ -241,14 +278,21 @@ class _Growth:
 
     def _extra(self, node, consumer_shape, pending):
         """The ref of an outside tensor read at ``consumer_shape``, or None if it cannot be one."""
+        channel = isinstance(node, _Channel)
+        node = node.node if channel else node
         if node in self.downstream():
             return None
         shape = _shape(node)
-        if shape is None and _is_scalar(_meta_value(node)) and self.root_shape is not None:
+        if channel:  # a (C,) vector along dim 1: as it is on a 2-D output, else reshaped to (C, 1, .., 1)
+            if consumer_shape is None or shape is None or len(shape) != 1 or len(consumer_shape) < 2 \
+                    or not _known(shape[0] == consumer_shape[1]):
+                return None
+            how = None if len(consumer_shape) == 2 else "channel"
+        elif shape is None and _is_scalar(_meta_value(node)) and self.root_shape is not None:
             how = "scalar"  # a symbolic number (dynamic=True traces floats such as math.pi as inputs)
         elif shape is None or not _fits(shape, consumer_shape):
             return None
-        elif _same_shape(consumer_shape, self.root_shape) or len(shape) <= 1:
+        elif self.conv or _same_shape(consumer_shape, self.root_shape) or len(shape) <= 1:
             how = None
         elif all(_known(d == 1) for d in shape[:-1]):
             how = "flat"  # (1, ..., 1, N) -> (N,)
@@ -275,13 +319,15 @@ class _Growth:
             self._commit(node, self.ref[what], self.shape[what], self.view[what], [], [])
             return True
         if kind == "view":
+            if self.conv:
+                return False  # a conv's output keeps its layout: channels on dim 1
             out_shape, src = _shape(node), self.shape.get(what)
             if what not in self.ref or not out_shape or src is None or not (
                     _known(out_shape[-1] == self.root_shape[-1]) and _known(_numel(out_shape) == _numel(src))):
                 return False  # a view that moves the last dimension would mix the GEMM's columns
             self._commit(node, self.ref[what], out_shape, node, [], [])
             return True
-        inputs = [a for _, operands in what for a in operands if a in self.ref]
+        inputs = [a for _, operands in what for a in operands if isinstance(a, torch.fx.Node) and a in self.ref]
         if not inputs:
             return False
         # a pointwise op on the set's values has their shape: outside operands may not grow it
@@ -303,6 +349,13 @@ class _Growth:
             for a in operands:
                 if a is _PREV:
                     args.append(f"v{len(self.steps) + len(steps)}")
+                elif isinstance(a, _Local):
+                    args.append(f"v{len(self.steps) + a.j + 1}")
+                elif isinstance(a, _Channel):
+                    ref = self._extra(a, out_shape, pending)
+                    if ref is None:
+                        return False
+                    args.append(ref)
                 elif isinstance(a, torch.fx.Node):
                     ref = self.ref.get(a) or self._extra(a, out_shape, pending)
                     if ref is None:
@@ -341,8 +394,8 @@ class _Growth:
         return 0
 
 
-def _grow(node, bias, act) -> _Growth | None:
-    growth = _Growth(node, bias, act)
+def _grow(node, bias, act, conv=False) -> _Growth | None:
+    growth = _Growth(node, bias, act, conv)
     if growth.root_shape is not None and not growth.root_shape:
         return None
     waiting = set(node.users)
@@ -361,9 +414,27 @@ def _reshape_args(view):
     return tuple(view.args[1:]) if view.op == "call_method" else (view.args[1],)
 
 
-def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
-    x, memory, mapping, scale, bias, act, transpose_view, grad_norm = _linear_args(node)
-    growth = _grow(node, bias, act)
+def _conv_args(node):
+    names = ("x", "memory", "mapping", "scale", "bias", "kernel", "stride", "padding", "dilation", "groups",
+             "grad_norm")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    args["grad_norm"] = bool(args.get("grad_norm", False))
+    return args
+
+
+def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False) -> str | None:
+    if conv:
+        c = _conv_args(node)
+        shape = _shape(node)
+        if shape is None or len(shape) != len(c["kernel"]) + 2:
+            return None  # an unbatched conv: its channels are not on dim 1
+        x, memory, mapping, scale, bias, grad_norm = (c[k] for k in ("x", "memory", "mapping", "scale", "bias",
+                                                                   "grad_norm"))
+        act = "none"
+    else:
+        x, memory, mapping, scale, bias, act, transpose_view, grad_norm = _linear_args(node)
+    growth = _grow(node, bias, act, conv)
     p = growth.best_prefix() if growth is not None else 0
     if not p:
         return None
@@ -381,11 +452,19 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
             elif how == "scalar":  # float64 and 0-dim: it promotes like the Python number it stands for
                 extra = graph.call_function(torch.scalar_tensor, (extra,),
                                             {"dtype": torch.float64, "device": _meta_value(node).device})
+            elif how == "channel":
+                extra = graph.call_method("reshape", (extra, -1, *[1] * (len(growth.root_shape) - 2)))
             operands.append(extra)
         # under dynamic=True dynamo may pass the scale as a symbolic float (a graph node): keep it as is
         scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
-        fused = graph.call_function(fused_op(), (x, memory, list(mapping), scale, operands,
-                                                 epilogue.signature, transpose_view, grad_norm))
+        if conv:
+            fused = graph.call_function(conv_fused_op(), (x, memory, list(mapping), scale, operands,
+                                                          epilogue.signature, list(c["kernel"]), list(c["stride"]),
+                                                          list(c["padding"]), list(c["dilation"]),
+                                                          int(c["groups"]), grad_norm))
+        else:
+            fused = graph.call_function(fused_op(), (x, memory, list(mapping), scale, operands,
+                                                     epilogue.signature, transpose_view, grad_norm))
         result = fused
         if growth.view[last] is not None:
             result = graph.call_method("reshape", (fused, *_reshape_args(growth.view[last])))
@@ -410,15 +489,22 @@ def _describe(node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _roast_conv_op():
+    try:
+        return torch.ops.roastfx.roast_conv.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def fuse_epilogue(gm: torch.fx.GraphModule) -> list[str]:
-    """The pass: rewrite every roast_linear with a foldable pointwise chain; return what it folded."""
-    target = _roast_linear_op()
-    if target is None:
+    """The pass: rewrite every roast_linear and roast_conv with foldable pointwise ops; return what it folded."""
+    linear, conv = _roast_linear_op(), _roast_conv_op()
+    if linear is None and conv is None:
         return []
     folded = []
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is target:
-            done = _fuse_one(gm.graph, node)
+        if node.op == "call_function" and node.target in (linear, conv) and node.target is not None:
+            done = _fuse_one(gm.graph, node, conv=node.target is conv)
             if done:
                 folded.append(done)
     if folded:

@@ -382,3 +382,94 @@ def test_real_gpt2_mlp_and_residuals_fold_through_the_backend(dynamic, caplog):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.roast_memory.grad, grad, rtol=1e-4, atol=1e-6)
         model.zero_grad()
+
+
+# -- epilogues after a conv ----------------------------------------------------------------
+class ResidualBlock(torch.nn.Module):
+    """ResNet's basic block: conv-BN-ReLU, conv-BN, + identity, ReLU."""
+
+    def __init__(self, c=6, conv1d=False):
+        super().__init__()
+        Conv, BN = (torch.nn.Conv1d, torch.nn.BatchNorm1d) if conv1d else (torch.nn.Conv2d, torch.nn.BatchNorm2d)
+        self.conv1, self.bn1 = Conv(c, c, 3, padding=1, bias=False), BN(c)
+        self.conv2, self.bn2 = Conv(c, c, 3, padding=1), BN(c)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + x)
+
+
+def _trained_stats(model, x):
+    """Give the batch norms running statistics and affine parameters that are not the identity."""
+    gen = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.num_features, generator=gen))
+                m.bias.copy_(torch.randn(m.num_features, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_conv_bn_relu_residual_fold_into_conv_epilogues_in_eval(conv1d, path, monkeypatch, caplog):
+    import roastfx
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(1)) if conv1d else \
+        torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(1))
+    model = _trained_stats(roastfx.compress(ResidualBlock(conv1d=conv1d), "3x", init="random"), x).eval()
+    want = model(x)
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    import roastfx.codegen.triton_epilogue as triton_epilogue
+
+    launches = []
+    original = triton_epilogue.roast_conv_epilogue
+    monkeypatch.setattr(triton_epilogue, "roast_conv_epilogue", lambda *a, **k: launches.append(1) or original(*a, **k))
+    with caplog.at_level(logging.INFO, logger="roastfx"):
+        got = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    assert len(launches) == (2 if path == "triton" else 0)  # one generated conv kernel per folded epilogue
+    folded = [r.getMessage() for r in caplog.records if "-> epilogue" in r.getMessage()]
+    # conv1 + bn1 + relu; conv2 + bias + bn2 + residual + relu
+    assert len(folded) == 2, folded
+    bn = "sub:x{m}|add(x{v},1e-05)|rsqrt|mul(v{a},v{b})|mul:x{w}|add:x{bb}"  # (z - mean) * rsqrt(var + eps) ...
+    assert "-> epilogue " + bn.format(m=0, v=1, a=1, b=3, w=2, bb=3) + "|relu;" in folded[0]
+    assert "-> epilogue add:x0|" + bn.format(m=1, v=2, a=2, b=4, w=3, bb=4) + "|add:x5|relu" in folded[1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_epilogue_gradients_in_eval_mode_match_eager():
+    """Fine-tuning with frozen batch norm statistics (eval mode) trains through the folded epilogue."""
+    import roastfx
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    model = _trained_stats(roastfx.compress(ResidualBlock(), "3x", init="random"), x).eval()
+    eager = model(x)
+    want = torch.autograd.grad(eager.square().sum(), (x, model.roast_memory, model.bn2.weight))
+    got_out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    got = torch.autograd.grad(got_out.square().sum(), (x, model.roast_memory, model.bn2.weight))
+    for name, g, w in zip(["x", "memory", "bn2.weight"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_batch_norm_in_training_stays():
+    import roastfx
+
+    torch._dynamo.reset()
+    model = roastfx.compress(ResidualBlock(), "3x", init="random").train()
+    x = torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def backend(gm, example_inputs):
+        from roastfx.passes.fuse_roast_ops import fuse_roast_ops
+
+        fuse_roast_ops(gm)
+        seen.extend(fuse_epilogue(gm))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(x)
+    assert seen == []  # batch statistics are a reduction: the conv outputs go to batch_norm unfused

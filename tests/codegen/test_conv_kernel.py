@@ -76,3 +76,31 @@ def test_bad_geometry_names_the_values(device):
     with pytest.raises(ValueError, match="4-D input and output"):
         roast_conv2d_group(x[0], memory, mapping, 1.0, torch.empty(1, 5, 4, 4, device=device), (2, 2), (1, 1),
                            (0, 0), (1, 1))
+
+
+@pytest.mark.parametrize("signature,shapes", [
+    # eval batch norm + relu + residual, per-channel (C, 1, 1) statistics
+    ("sub:x0|add(x1,1e-05)|rsqrt|mul(v1,v3)|mul:x2|add:x3|add:x4|relu",
+     [(9, 1, 1), (9, 1, 1), (9, 1, 1), (9, 1, 1), (2, 9, 4, 7)]),
+    # a scalar, a per-column (OW,) vector and a per-image (N, 1, 1, 1) factor
+    ("mul:x0|add:x1|silu|mul(v3,x2)|cast:bfloat16", [(), (7,), (2, 1, 1, 1)]),
+])
+def test_generated_conv_epilogue_matches_float64(signature, shapes, device):
+    from roastfx.codegen.epilogue import Epilogue
+    from roastfx.codegen.triton_epilogue import roast_conv_epilogue
+
+    cin, cout, kernel, stride, padding, dilation = 5, 9, (3, 2), (2, 1), (1, 1), (1, 2)
+    mapping = random_mapping(cin * 6, cout, 5, 3, seed=8)
+    memory = random_memory(mapping, seed=8)
+    x = randn(2, cin, 7, 7, seed=9, dtype=torch.float64)
+    extras = [randn(*(s or (1,)), seed=20 + i, dtype=torch.float64).reshape(s) for i, s in enumerate(shapes)]
+    if signature.startswith("sub"):
+        extras[1] = extras[1].abs() + 0.5  # a variance
+    epi = Epilogue.parse(signature)
+    pre = conv64(x, memory, mapping, 0.3, cin, kernel, stride, padding, dilation)
+    want = epi.apply(pre, extras)
+    out = torch.empty(want.shape, device=device, dtype=want.dtype if want.dtype != torch.float64 else torch.float32)
+    roast_conv_epilogue(x.float().to(device), memory.float().to(device), mapping, 0.3, out, kernel, stride, padding,
+                        dilation, epi, [e.float().to(device) for e in extras])
+    tol = 2e-2 if "bfloat16" in signature else 1e-4
+    torch.testing.assert_close(out.double().cpu(), want.double(), rtol=tol, atol=tol)
