@@ -259,21 +259,22 @@ class Epilogue:
         return self.apply(torch.empty((1,), dtype=in_dtype, device="meta"), probes).dtype
 
     # -- Triton lowering ---------------------------------------------------------------------
-    def triton_lines(self, extra_offsets=None) -> list[str]:
+    def triton_lines(self, extra_load=None) -> list[str]:
         """The epilogue as Triton statements on an fp32 block ``z``, leaving the result in ``z``.
 
         Names the lines assume: ``z`` (fp32, the scaled GEMM block), ``mask`` (its valid
         elements), ``offs_m`` / ``offs_n`` (its rows and columns), for extra i the arguments
         ``x{i}_ptr``, ``stride_x{i}m``, ``stride_x{i}n`` (its (M, N) broadcast view), and
-        for constant k the fp32 argument ``c{k}``. ``extra_offsets(i)`` replaces the offset
-        expression of extra i (the conv kernels address extras by image, channel and pixel).
+        for constant k the fp32 argument ``c{k}``. ``extra_load(i)`` replaces the expression that
+        loads extra i (kernels specialized to an extra's broadcast, conv kernels' addressing).
         Value k is the block ``v{k}``; each extra is loaded once, before its first use. Math
         stays fp32; a cast rounds to its dtype. Each step is preceded by a comment naming the
         FX ops it stands for.
         """
-        if extra_offsets is None:
-            def extra_offsets(i):
-                return f"offs_m[:, None] * stride_x{i}m + offs_n[None, :] * stride_x{i}n"
+        if extra_load is None:
+            def extra_load(i):
+                return (f"tl.load(x{i}_ptr + offs_m[:, None] * stride_x{i}m + offs_n[None, :] * stride_x{i}n, "
+                        f"mask=mask, other=0.0)")
         if not self.steps:
             return []
         lines, loaded = ["v0 = z"], set()
@@ -285,8 +286,7 @@ class Epilogue:
             for a in s.args:
                 if _is_ref(a, "x") and a not in loaded:
                     loaded.add(a)
-                    lines.append(f"{a} = tl.load({a}_ptr + {extra_offsets(_ref_index(a))}, mask=mask, "
-                                 f"other=0.0).to(tl.float32)")
+                    lines.append(f"{a} = {extra_load(_ref_index(a))}.to(tl.float32)")
                 operands.append(a if isinstance(a, str) else next(names))
             out = f"v{i + 1}"
             if s.op in BINARY:

@@ -88,8 +88,8 @@ def _roast_conv_kernel(
     acc = acc * scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + O0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + image[:, None] * stride_on + (O0 + offs_n).to(tl.int64)[None, :] * stride_oc \
-        + oh[:, None] * stride_oh + ow[:, None] * stride_ow
+    out = out_ptr + (image * stride_on + oh * stride_oh + ow * stride_ow)[:, None] \
+        + ((O0 + offs_n).to(tl.int64) * stride_oc)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 

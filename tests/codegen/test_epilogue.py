@@ -218,12 +218,15 @@ def test_dump_writes_readable_source_per_pattern(tmp_path, monkeypatch, kernels,
     bias, residual = randn(N, seed=13, device=device), randn(M, N, seed=14, device=device)
     roast_linear_epilogue(randn(M, K, seed=15, device=device), memory.float().to(device), mapping, 0.3, epi,
                           [bias, residual])
-    path = tmp_path / f"roast_linear_epilogue_{epi.pattern_hash}.py"
+    # the bias broadcasts down the rows, the residual is full: the kernel loads each as such
+    path = tmp_path / f"{triton_epilogue.kernel_name(epi, 'linear', ('col', 'full'))}.py"
     text = path.read_text()
     ast.parse(text)  # a real Python module
     assert f"Epilogue pattern: {epi.pattern}" in text
     assert "# gelu_tanh: F.gelu(approximate='tanh')" in text
     assert "# add:x1: operator.add" in text and "# cast:bfloat16: Tensor.to(dtype)" in text
+    assert "x0 = tl.load(x0_ptr + offs_n * stride_x0n, mask=offs_n < N, other=0.0)[None, :]" in text  # a row
+    assert "x1 = tl.load(x1_ptr + offs_m[:, None] * stride_x1m + offs_n[None, :] * stride_x1n" in text  # a block
     assert "roast_matmul_block(" in text  # the hashing stays in the shared helper
     assert "roast_index_and_sign" not in text
 
