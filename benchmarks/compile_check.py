@@ -17,7 +17,7 @@ when a launch does not compile, or when a bf16/fp16 GEMM has no tensor-core inst
 (wgmma on sm_90, mma.sync on sm_80/sm_89) in its PTX. It lists the block configs configs.candidates() keeps whose
 compiled kernel does not fit the target's shared memory: the device refuses those at launch
 and configs.run_fitting falls back to the next config, so they cost a compile, not a crash.
-JSON: benchmarks/results/compile-<target>-<date>.json.
+JSON: benchmarks/results/compile-<target>-triton<version>-<date>.json.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def run(args):
 
         os.makedirs(args.out, exist_ok=True)
         date = datetime.date.today().isoformat()
-        path = os.path.join(args.out, f"compile-{profile.name}-{date}.json")
+        path = os.path.join(args.out, f"compile-{profile.name}-triton{triton.__version__}-{date}.json")
         env = dict(target=profile.name, cuda_arch=profile.cuda_arch, smem_per_block_bytes=limit, date=date,
                    torch=torch.__version__, triton=triton.__version__, quick=args.quick,
                    note="compiled on CPU with Triton's compiler and ptxas; nothing was run")

@@ -28,17 +28,18 @@ def test_no_config_the_estimate_keeps_overflows_a_compiled_kernel(target):
     the target has and spilled no registers, and every launch compiled."""
     files = sorted(glob.glob(os.path.join(RESULTS, f"compile-{target}-*.json")))
     assert files, f"no compile check results for {target} in benchmarks/results"
-    with open(files[-1]) as f:
-        result = json.load(f)
     limit = PROFILES[target].smem_per_block_bytes
-    assert result["environment"]["smem_per_block_bytes"] == limit
-    assert not result["summary"]["failures"]
-    rows = [r for r in result["launches"] if r.get("kept_by_candidates")]
-    assert len(rows) >= 20
-    for r in rows:
-        assert r["shared_bytes"] <= limit, r
-        assert r["spill_bytes"] == 0, r  # fp32 at "highest" precision too: the FMA configs
-        assert r["estimate_bytes"] <= limit
+    for path in files:  # one per Triton version checked (3.7.1 here; 3.6.0 is the GPU machines')
+        with open(path) as f:
+            result = json.load(f)
+        assert result["environment"]["smem_per_block_bytes"] == limit
+        assert not result["summary"]["failures"], path
+        rows = [r for r in result["launches"] if r.get("kept_by_candidates")]
+        assert len(rows) >= 20
+        for r in rows:
+            assert r["shared_bytes"] <= limit, (path, r)
+            assert r["spill_bytes"] == 0, (path, r)  # fp32 at "highest" precision too: the FMA configs
+            assert r["estimate_bytes"] <= limit
 
 
 def fake_launch(refuse):
