@@ -249,10 +249,18 @@ def _roast_embedding_grad(grad_rows: torch.Tensor, ids: torch.Tensor, memory: to
 
 def table_grad_rms(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: list[int]) -> torch.Tensor:
     """rms of an embedding table's gradient from its looked-up rows: the table's nonzero rows are the
-    per-id sums of the output gradient rows; the rows no id looked up are zeros."""
-    unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    per-id sums of the output gradient rows; the rows no id looked up are zeros.
+
+    The ids are grouped by a sort, not torch.unique, whose output size the host must learn (a GPU
+    sync every step): each id's group number comes from the sorted order, and the group sums go
+    into a buffer with one row per looked-up token, the rows past the last group staying zero."""
+    flat = ids.reshape(-1)
     rows = grad_rows.reshape(-1, mapping[1])
-    summed = rows.new_zeros((unique.numel(), mapping[1])).index_put_((inverse,), rows, accumulate=True)  # deterministic
+    sorted_ids, order = torch.sort(flat, stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+    summed = rows.new_zeros(rows.shape).index_put_((group,), rows, accumulate=True)  # deterministic
     return site_grad_rms(summed, mapping[0] * mapping[1])
 
 

@@ -115,3 +115,16 @@ def test_bad_grad_scaling_is_a_clear_error_and_leaves_the_model_alone(bad):
     plan["grad_scaling"] = "per-slot"
     with pytest.raises(ValueError, match="grad_scaling='per-slot'"):
         Plan.from_dict(plan)
+
+
+@pytest.mark.parametrize("tokens,vocab,dim", [(1, 5, 3), (37, 11, 7), (200, 3, 4), (0, 4, 2)])
+def test_embedding_table_rms_from_looked_up_rows_matches_the_dense_table(tokens, vocab, dim):
+    """Repeated ids sum into one table row; rows never looked up are zeros (float64 reference)."""
+    from roastfx.codegen.ops import table_grad_rms
+
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, vocab, (tokens,), generator=gen)
+    rows = torch.randn(tokens, dim, generator=gen, dtype=torch.float64)
+    table = torch.zeros(vocab, dim, dtype=torch.float64).index_add_(0, ids, rows)
+    got = table_grad_rms(rows.float().reshape(tokens, 1, dim), ids.reshape(tokens, 1), [vocab, dim])
+    torch.testing.assert_close(got.double(), table.square().mean().sqrt(), rtol=1e-6, atol=0)
