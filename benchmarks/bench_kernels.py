@@ -9,6 +9,8 @@ Methods, each computing y = x @ W^T for a (out, in) = (N, K) weight:
   roast-mat  the same ROAST mapping, materialized by a kernel, then F.linear
   hashednet  HashedNets style: per-element hash (1x1 tiles), materialize W with a kernel, then F.linear
   eager      the PyTorch reference path: gather W with torch indexing, then F.linear
+  dense+gelu F.linear with a bias, then F.gelu(approximate="tanh")
+  roast+gelu the same in one kernel: the fused GEMM with a generated bias + gelu_tanh epilogue
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_arguments, environment, parse_common, results_path, select_device, timer  # noqa: E402
 
 DRY_RUN_SHAPES = {"tiny": (33, 64, 48)}
-METHODS = ("dense", "roast", "roast-mat", "hashednet", "eager")
+METHODS = ("dense", "roast", "roast-mat", "hashednet", "eager", "dense+gelu", "roast+gelu")
 TILE_CHOICES = ((64, 64), (32, 64), (16, 64), (8, 64), (4, 64), (1, 64), (1, 32), (1, 8), (1, 1))
 
 
@@ -60,6 +62,7 @@ def run(args):
 
     from roastfx.codegen import reference
     from roastfx.codegen.hashing import TileHash
+    from roastfx.codegen.epilogue_op import roast_linear_epilogue
     from roastfx.codegen.kernels import roast_linear, roast_materialize
 
     device = "cpu" if args.dry_run else "cuda"
@@ -79,12 +82,16 @@ def run(args):
             memory = (torch.randn(size, device=device, dtype=dtype, generator=gen)).requires_grad_()
             scale = 1 / K**0.5
             dense_w_param = dense_w.clone().requires_grad_()
+            bias = torch.zeros(N, device=device, dtype=dtype, requires_grad=True)
             fns = {
                 "dense": lambda x: F.linear(x, dense_w_param),
                 "roast": lambda x: roast_linear(x, memory, roast_map, scale, True),
                 "roast-mat": lambda x: x @ roast_materialize(memory, roast_map, scale, dtype),
                 "hashednet": lambda x: x @ roast_materialize(memory, hashed_map, scale, dtype),
                 "eager": lambda x: x @ reference.materialize(memory, roast_map, scale).to(dtype),
+                "dense+gelu": lambda x: F.gelu(F.linear(x, dense_w_param, bias), approximate="tanh"),
+                # the view is (K, N) = W^T: x @ V, as roast_linear(..., True) reads it
+                "roast+gelu": lambda x: roast_linear_epilogue(x, memory, roast_map, scale, "add:x0|gelu_tanh", [bias]),
             }
             # a GPU miscompile must not pass as a fast kernel: compare fused against materialize-then-GEMM
             with torch.no_grad():
