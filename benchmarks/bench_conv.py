@@ -13,12 +13,11 @@ Before timing, each ROAST method's output is compared with the materialized weig
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, results_path, select_device, timer  # noqa: E402
+from common import add_common_arguments, parse_common, run_script, time_forward_backward, timer  # noqa: E402
 
 SHAPES = {  # name: (batch, in channels, out channels, height = width, kernel, stride, padding)
     "resnet50-conv2-3x3": (32, 64, 64, 56, 3, 1, 1),
@@ -32,27 +31,8 @@ METHODS = ("dense", "implicit", "im2col")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
-    p.add_argument("--compression", default="10,100", help="comma-separated compression factors")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--warmup", type=int, default=25, help="warmup time per measurement, ms")
-    p.add_argument("--rep", type=int, default=100, help="measurement time per measurement, ms")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--dry-run", action="store_true", help="a tiny shape on CPU in the Triton interpreter; no JSON")
-    args = p.parse_args(argv)
-    table = DRY_RUN_SHAPES if args.dry_run else SHAPES
-    names = list(table) if args.dry_run else [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in names if s not in table]
-    if unknown:
-        p.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
-    args.shape_table = {n: table[n] for n in names}
-    try:
-        args.factors = [float(c) for c in args.compression.split(",") if c]
-    except ValueError:
-        p.error(f"--compression takes numbers, got {args.compression!r}")
-    if not args.factors or any(c < 1 for c in args.factors):
-        p.error(f"compression factors must be >= 1, got {args.compression!r}")
-    return args
+    add_common_arguments(p, SHAPES, compression="10,100")
+    return parse_common(p, argv, DRY_RUN_SHAPES, SHAPES)
 
 
 def run(args):
@@ -107,18 +87,7 @@ def run(args):
                     print(f"WARNING: {name} at {factor:g}x: {m} differs from the materialized conv by {err:.3g} "
                           "(relative)", file=sys.stderr)
             for method in METHODS:
-                fn = fns[method]
-                xg = x.clone().requires_grad_()
-
-                def forward():
-                    with torch.no_grad():
-                        fn(x)
-
-                def forward_backward():
-                    fn(xg).backward(dy)
-
-                fwd = bench(forward, args.warmup, args.rep)
-                fwd_bwd = bench(forward_backward, args.warmup, args.rep)
+                fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep)
                 flops = 2 * n * out_hw * out_hw * fan_in * cout
                 rows.append(dict(shape=name, batch=n, cin=cin, cout=cout, hw=hw, kernel=k, stride=stride,
                                  compression=factor, memory_size=size, tile=list(tile), method=method,
@@ -143,18 +112,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    select_device(args.dry_run, "bench_conv.py")
-    rows = run(args)
-    env = environment()
-    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
-    print_table(rows)
-    if not args.dry_run:
-        path = results_path(args.out, env, prefix="conv-")
-        with open(path, "w") as f:
-            json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
-                      f, indent=1)
-        print(f"wrote {path}")
+    run_script("bench_conv.py", parse_args, run, print_table, argv, prefix="conv-")
 
 
 if __name__ == "__main__":

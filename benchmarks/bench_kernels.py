@@ -15,12 +15,11 @@ Methods, each computing y = x @ W^T for a (out, in) = (N, K) weight:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_arguments, environment, parse_common, results_path, select_device, timer  # noqa: E402
+from common import add_common_arguments, parse_common, run_script, time_forward_backward, timer  # noqa: E402
 
 DRY_RUN_SHAPES = {"tiny": (33, 64, 48)}
 METHODS = ("dense", "roast", "roast-mat", "hashednet", "eager", "dense+gelu", "roast+gelu")
@@ -101,18 +100,7 @@ def run(args):
                 print(f"WARNING: {name} at {factor:g}x: fused kernel differs from materialize-then-GEMM "
                       f"by {rel_err:.3g} (relative)", file=sys.stderr)
             for method in args.method_list:
-                fn = fns[method]
-                xg = x.clone().requires_grad_()
-
-                def forward():
-                    with torch.no_grad():
-                        fn(x)
-
-                def forward_backward():
-                    fn(xg).backward(dy)
-
-                fwd = bench(forward, args.warmup, args.rep)
-                fwd_bwd = bench(forward_backward, args.warmup, args.rep)
+                fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep)
                 rows.append(dict(
                     shape=name, M=M, K=K, N=N, compression=factor, memory_size=size, tile=list(tile),
                     method=method, fused_vs_materialized_rel_err=rel_err, forward_ms=fwd, forward_backward_ms=fwd_bwd,
@@ -133,23 +121,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    select_device(args.dry_run, "bench_kernels.py")
-    rows = run(args)
-    env = environment()
-    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
-    print_table(rows)
-    if not args.dry_run:
-        print(f"wrote {write_results(rows, env, args)}")
-
-
-def write_results(rows, env, args) -> str:
-    """benchmarks/results/<gpu>-<date>.json with the environment and every row."""
-    path = results_path(args.out, env)
-    with open(path, "w") as f:
-        json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
-                  f, indent=1)
-    return path
+    run_script("bench_kernels.py", parse_args, run, print_table, argv, prefix="")
 
 
 if __name__ == "__main__":

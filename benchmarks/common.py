@@ -62,9 +62,9 @@ def select_device(dry_run: bool, script: str) -> None:
                          "use --dry-run to check the script on CPU with the Triton interpreter")
 
 
-def add_common_arguments(p) -> None:
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
-    p.add_argument("--compression", default="10,100,1000", help="comma-separated compression factors")
+def add_common_arguments(p, shapes: dict = SHAPES, compression: str = "10,100,1000") -> None:
+    p.add_argument("--shapes", default=",".join(shapes), help=f"comma-separated names from {list(shapes)}")
+    p.add_argument("--compression", default=compression, help="comma-separated compression factors")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--warmup", type=int, default=25, help="warmup time per measurement, ms")
     p.add_argument("--rep", type=int, default=100, help="measurement time per measurement, ms")
@@ -73,10 +73,10 @@ def add_common_arguments(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in the Triton interpreter; no JSON")
 
 
-def parse_common(p, argv, dry_run_shapes: dict):
-    """Parse, then check --shapes and --compression: args.shape_table and args.factors."""
+def parse_common(p, argv, dry_run_shapes: dict, shapes: dict = SHAPES):
+    """Parse, then check --shapes (names from ``shapes``) and --compression: args.shape_table and args.factors."""
     args = p.parse_args(argv)
-    table = dry_run_shapes if args.dry_run else SHAPES
+    table = dry_run_shapes if args.dry_run else shapes
     names = list(table) if args.dry_run else [s for s in args.shapes.split(",") if s]
     unknown = [s for s in names if s not in table]
     if unknown:
@@ -89,3 +89,38 @@ def parse_common(p, argv, dry_run_shapes: dict):
     if not args.factors or any(c < 1 for c in args.factors):
         p.error(f"compression factors must be >= 1, got {args.compression!r}")
     return args
+
+
+def time_forward_backward(bench, fn, x, dy, warmup: int, rep: int) -> tuple[float, float]:
+    """(forward ms without autograd, forward + backward ms into ``dy``) of ``fn(x)``."""
+    import torch
+
+    xg = x.clone().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            fn(x)
+
+    def forward_backward():
+        fn(xg).backward(dy)
+
+    return bench(forward, warmup, rep), bench(forward_backward, warmup, rep)
+
+
+def run_script(script: str, parse_args, run, print_table, argv=None, prefix: str = "") -> None:
+    """What a timing script's main does: parse, pick the device, run, print the table, and (not in a dry
+    run) write benchmarks/results/<prefix><gpu>-<date>.json with the environment and every row."""
+    import json
+
+    args = parse_args(argv)
+    select_device(args.dry_run, script)
+    rows = run(args)
+    env = environment()
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
+    print_table(rows)
+    if not args.dry_run:
+        path = results_path(args.out, env, prefix)
+        with open(path, "w") as f:
+            json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
+                      f, indent=1)
+        print(f"wrote {path}")

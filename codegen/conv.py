@@ -269,19 +269,7 @@ def _conv_epilogue_backward(ctx, grad):
     # the epilogue's vjp at the recomputed conv (not kept from the forward), then the conv's own gradients
     with torch.no_grad():
         pre = roast_conv(x, memory, mapping, scale, None, kernel, stride, padding, dilation, groups, grad_norm)
-    wants = [i for i, e in enumerate(extras) if e.is_floating_point()]
-
-    def run(z, *differentiable):
-        operands = list(extras)
-        for i, t in zip(wants, differentiable):
-            operands[i] = t
-        return epi.apply(z, operands)
-
-    _, vjp = torch.func.vjp(run, pre, *[extras[i] for i in wants])
-    grad_pre, *grad_wanted = vjp(grad.to(epi.out_dtype(x.dtype, extras)))
-    grad_extras: list[torch.Tensor | None] = [None] * len(extras)
-    for i, g in zip(wants, grad_wanted):
-        grad_extras[i] = g.to(extras[i].device, extras[i].dtype)
+    grad_pre, grad_extras = epi.vjp(pre, extras, grad)
     conv = (kernel, stride, padding, dilation, groups)
     grad_x, grad_memory = _conv_grads(x, memory, grad_pre.to(x.dtype), mapping, scale, conv,
                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_norm)

@@ -236,6 +236,26 @@ class Epilogue:
             values.append(_EAGER[s.op](*operands, s.dtype) if s.op == "cast" else _EAGER[s.op](*operands))
         return values[-1]
 
+    def vjp(self, z: torch.Tensor, extras, grad_out: torch.Tensor):
+        """(dz, [d extra_i or None]) of ``apply(z, extras)`` for the output gradient ``grad_out``: the
+        vjp of the eager form (torch.func), for z and every floating-point extra, each extra's
+        gradient in its own dtype and device."""
+        extras = list(extras)
+        wants = [i for i, e in enumerate(extras) if e.is_floating_point()]
+
+        def run(z, *differentiable):
+            operands = list(extras)
+            for i, t in zip(wants, differentiable):
+                operands[i] = t
+            return self.apply(z, operands)
+
+        _, pullback = torch.func.vjp(run, z, *[extras[i] for i in wants])
+        grad_z, *grad_wanted = pullback(grad_out.to(self.out_dtype(z.dtype, extras)))
+        grad_extras: list[torch.Tensor | None] = [None] * len(extras)
+        for i, g in zip(wants, grad_wanted):
+            grad_extras[i] = g.to(extras[i].device, extras[i].dtype)
+        return grad_z, grad_extras
+
     def check_extras(self, out_shape, extras) -> None:
         """Each extra must broadcast to the output shape without growing it."""
         if len(extras) != self.num_extras:

@@ -127,19 +127,7 @@ def _backward(ctx, grad):
     epi = parse_epilogue(epilogue)
     # the epilogue's vjp at the recomputed product: d/dz and d/d(each floating extra)
     pre = _product(x, memory, mapping, scale, flip)
-    wants = [i for i, e in enumerate(extras) if e.is_floating_point()]
-
-    def run(z, *differentiable):
-        operands = list(extras)
-        for i, t in zip(wants, differentiable):
-            operands[i] = t
-        return epi.apply(z, operands)
-
-    _, vjp = torch.func.vjp(run, pre, *[extras[i] for i in wants])
-    grad_pre, *grad_wanted = vjp(grad.to(epi.out_dtype(x.dtype, extras)))
-    grad_extras: list[Tensor | None] = [None] * len(extras)
-    for i, g in zip(wants, grad_wanted):
-        grad_extras[i] = g.to(extras[i].device, extras[i].dtype)
+    grad_pre, grad_extras = epi.vjp(pre, extras, grad)
 
     n = _features(mapping, flip)[1]
     grad2d = grad_pre.reshape(-1, n).to(x.dtype).contiguous()

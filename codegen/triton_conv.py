@@ -15,9 +15,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args, maybe_dump
-from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, grouped_program,
-                            launch_gemm, roast_b_tile)
+from .triton_matmul import _check_kernel_dtype, accumulate_dot, grouped_program, roast_b_tile
 
 
 @triton.jit
@@ -30,8 +28,8 @@ def roast_conv_block(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of the conv, and the block's
-    coordinates (image, oh, ow per row; channel within the group per column). Every conv kernel
-    (the one below, the generated epilogues of triton_epilogue.py) runs this main loop."""
+    coordinates (image, oh, ow per row; channel within the group per column). The conv kernels
+    generated per epilogue (triton_epilogue.py) run this main loop."""
     # rows (output pixels) and their coordinates in int32 (M < 2**31 is checked on the host); only the
     # addresses are int64
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -61,36 +59,9 @@ def roast_conv_block(
         a = tl.load(x_ptr + row_base + (C0 + channel).to(tl.int64)[None, :] * stride_xc
                     + (ih * stride_xh + iw * stride_xw).to(tl.int64), mask=inside, other=0.0)
         w = roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment, window_start,
-                         offset_range, a_row, a_col, hb, c_row, c_col, hd, True).to(a.dtype)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                         offset_range, a_row, a_col, hb, c_row, c_col, hd, True)
+        acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     return acc, offs_n, mask_m, mask_n, image.to(tl.int64), oh.to(tl.int64), ow.to(tl.int64)
-
-
-@triton.jit
-def _roast_conv_kernel(
-    x_ptr, mem_ptr, out_ptr, bias_ptr,
-    M, N, R, C0, O0,
-    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-    stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
-    scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    acc, offs_n, mask_m, mask_n, image, oh, ow = roast_conv_block(
-        x_ptr, mem_ptr, M, N, R, C0, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-        stride_xn, stride_xc, stride_xh, stride_xw,
-        tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M)
-    acc = acc * scale
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + O0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + (image * stride_on + oh * stride_oh + ow * stride_ow)[:, None] \
-        + ((O0 + offs_n).to(tl.int64) * stride_oc)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def conv_geometry(x: torch.Tensor, mapping: TileHash, out: torch.Tensor, kernel, c0: int, o0: int) -> tuple:
@@ -122,24 +93,16 @@ def roast_conv2d_group(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash,
                        bias: torch.Tensor | None = None, config=None) -> torch.Tensor:
     """Write into ``out[:, o0:o0 + mapping.cols]`` the conv2d of ``x[:, c0:c0 + in_per_group]`` with the
     weight V^T reshaped, V = the (in_per_group * kh * kw, cols) view ``mapping`` reads from the memory;
-    ``bias`` is the whole conv's (out,) bias (its slice o0.. is used). Returns ``out``."""
-    _check_kernel_dtype("memory", memory)
-    M, N, R = conv_geometry(x, mapping, out, kernel, c0, o0)
-    if M == 0 or N == 0:
-        return out
+    ``bias`` is the whole conv's (out,) bias (its slice o0.. is used). Returns ``out``.
 
-    def launch(cfg, out=out):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        return _roast_conv_kernel[grid](
-            x, memory.reshape(-1), out, bias if bias is not None else out,
-            M, N, R, c0, o0, *conv_args(x, out, kernel, stride, padding, dilation), *out.stride(),
-            float(scale), *hash_args(mapping),
-            HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    The kernel is the generated conv kernel (triton_epilogue.py) whose epilogue adds the bias as a
+    per-channel vector, or has no step without one."""
+    from .epilogue import Epilogue
+    from .triton_epilogue import roast_conv_epilogue
 
-    launched = launch_gemm("roast_conv", x, memory, config, launch, lambda: choose_config(
-        "roast_conv", x, M, N, R, mapping, True, launch, lambda: (torch.empty_like(out),), memory))
-    maybe_dump(_roast_conv_kernel, launched)
-    return out
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out.shape[1]):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out.shape[1]},)")
+    epilogue = Epilogue.parse("add:x0" if bias is not None else "")
+    extras = [bias.reshape(-1, 1, 1)] if bias is not None else []
+    return roast_conv_epilogue(x, memory, mapping, scale, out, kernel, stride, padding, dilation, epilogue, extras,
+                               c0=c0, o0=o0, config=config)

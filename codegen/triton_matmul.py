@@ -74,6 +74,17 @@ def roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n,
 
 
 @triton.jit
+def accumulate_dot(acc, a, w, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ w, w (the signed fp32 B tile) rounded to a's dtype first, as a dense weight in that dtype
+    would be; in fp32 where the interpreter's 16-bit dot cannot be trusted (DOT_IN_FP32)."""
+    w = w.to(a.dtype)
+    if DOT_IN_FP32:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(a, w, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def roast_matmul_block(
     a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
@@ -100,11 +111,8 @@ def roast_matmul_block(
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
         )
         w = roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment, window_start,
-                         offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B).to(a.dtype)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                         offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B)
+        acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     return acc, offs_m, offs_n
 
 
