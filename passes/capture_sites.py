@@ -46,6 +46,9 @@ def module_weight_attrs(module: nn.Module) -> list[tuple[str, str, bool]]:
         return [("weight", "linear", True)]
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return [("weight", "conv", True)]
+    # ConvTranspose weights are (in, out/groups, *kernel): the GEMM is x (pixels, in) @ W2d, then col2im
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return [("weight", "conv_transpose", False)]
     if isinstance(module, nn.EmbeddingBag):
         return [("weight", "embedding_bag", False)]
     if isinstance(module, nn.Embedding):
@@ -72,13 +75,16 @@ _CONSUMERS = {
     "einsum": ("matmul", False), "baddbmm": ("matmul", False), "addmv": ("matmul", False),
     "conv1d": ("conv", True), "conv2d": ("conv", True), "conv3d": ("conv", True),
     "convolution": ("conv", True), "embedding": ("embedding", False),
+    "conv_transpose1d": ("conv_transpose", False), "conv_transpose2d": ("conv_transpose", False),
+    "conv_transpose3d": ("conv_transpose", False),
     "embedding_bag": ("embedding_bag", False), "_embedding_bag": ("embedding_bag", False),
     "lstm": ("rnn", True), "gru": ("rnn", True), "rnn_tanh": ("rnn", True), "rnn_relu": ("rnn", True),
     "_native_multi_head_attention": ("attention", True),
 }
 
 
-_WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution"}
+_WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                  "conv_transpose3d"}
 _BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
 
 
