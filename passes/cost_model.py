@@ -155,6 +155,15 @@ class Geometry:
     uses: int
 
 
+def default_compute_dtype(dtype: str) -> str:
+    """The dtype a site's GEMM computes in: float32 follows torch's float32 matmul precision, as the
+    kernels do (codegen.triton_matmul.dot_precision): TF32 tensor cores unless it is "highest", where
+    the dot runs on FMA units at the float32 peak."""
+    if dtype == "float32" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return dtype
+
+
 def geometry(layout, op: str, dtype: str, profile: HardwareProfile, *, memory_size: int, memory_itemsize: int,
              compute_dtype: str | None = None, uses: int = 1, run_overhead_bytes: int | None = None) -> Geometry:
     """Token-independent cost inputs of a site laid out as ``layout``."""
@@ -172,7 +181,7 @@ def geometry(layout, op: str, dtype: str, profile: HardwareProfile, *, memory_si
     in_flight = min(numel, profile.units * profile.kernel_block[0] * profile.kernel_block[1])
     contention = in_flight / (layout.window_size - layout.tile_rows * layout.tile_cols + 1)
     atomic_s = numel * (1.0 + contention) / profile.atomic_rate()
-    cdtype = compute_dtype or dtype
+    cdtype = compute_dtype or default_compute_dtype(dtype)
     return Geometry(op, layout.rows, layout.cols, numel, itemsize(cdtype), cdtype, weight_bytes, resident, reuse,
                     profile.kernel_block[0], atomic_s, uses)
 

@@ -138,6 +138,26 @@ def test_roofline_is_compute_bound_for_many_tokens_on_a_gpu():
     assert one["t_forward"] == pytest.approx(memory_time(one["dram_bytes"], one["l2_bytes"], p))
 
 
+def test_float32_compute_follows_torch_matmul_precision_as_the_kernels_do():
+    """"highest" (torch's default): the kernels' dot runs on FMA units, so the float32 peak; "high": TF32
+    tensor cores, so the tf32 peak (codegen.triton_matmul.dot_precision makes the same choice)."""
+    from roastfx.codegen.triton_matmul import dot_precision
+
+    p = PROFILES["h100"]
+    layout = Layout(8192, 8192, 32, 32, 32, 0, 10**7)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision, cdtype, kernel_precision in (("highest", "float32", "ieee"), ("high", "tf32", "tf32")):
+            torch.set_float32_matmul_precision(precision)
+            g = geometry(layout, "linear", "float32", p, memory_size=10**7, memory_itemsize=4)
+            assert g.compute_dtype == cdtype and dot_precision(torch.float32) == kernel_precision
+            assert costs(g, p, 8192)["t_compute"] == pytest.approx(2 * 8192**3 / (p.peak(cdtype) * 1e12))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    bf16 = geometry(layout, "linear", "bfloat16", p, memory_size=10**7, memory_itemsize=2)
+    assert bf16.compute_dtype == "bfloat16"
+
+
 def small_plan(memory, profile="h100", seed=0, shapes=((100, 70), (33, 129), (256, 64)), scheme="roast"):
     specs = specs_of(shapes)
     return plan_with_cost_model(specs, memory, {s.name: 0.1 for s in specs}, profile, seed, scheme=scheme)
