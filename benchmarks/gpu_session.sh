@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in one device call (see DEVELOPERS.md):
-# the kernel tests on CUDA, the kernel and conv benchmarks, and the cost-model validation.
-#   bash benchmarks/gpu_session.sh            # results in benchmarks/results/ (and $OUT when set)
+# Everything a session with a lent GPU should run (see DEVELOPERS.md), in two device calls:
+#   bash benchmarks/gpu_session.sh kernels    # kernel tests on CUDA, kernel and conv benchmarks, cost model
+#   bash benchmarks/gpu_session.sh models     # whole models (BERT-base, GPT-2 small): dense vs ROAST
+# (no argument: both, which may not fit one 10-minute call). Results in benchmarks/results/ (and $OUT).
 # Runs with whatever torch/triton the machine has (the device image: torch 2.11, triton 3.6,
 # no internet), from the repository root, without installing roastfx: it imports from a
 # temporary package link, since passes/ and codegen/ install as roastfx.passes/roastfx.codegen.
@@ -19,13 +20,20 @@ mkdir -p "$OUTDIR" benchmarks/results
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUTDIR/gpu.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-echo "== kernel tests on CUDA"
-ROASTFX_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider tests/codegen 2>&1 | tee "$OUTDIR/kernel-tests-cuda.txt" | tail -15
-echo "== kernel benchmark"
-python benchmarks/bench_kernels.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_kernels.txt" | tail -40
-echo "== conv benchmark"
-python benchmarks/bench_conv.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_conv.txt" | tail -30
-echo "== cost-model validation"
-python benchmarks/validate_cost_model.py --out benchmarks/results 2>&1 | tee "$OUTDIR/validate_cost_model.txt" | tail -40
+STAGE=${1:-all}   # kernels (tests, kernel/conv benchmarks, cost model) | models | all; each fits one 10-minute call
+if [ "$STAGE" = kernels ] || [ "$STAGE" = all ]; then
+  echo "== kernel tests on CUDA"
+  ROASTFX_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider tests/codegen 2>&1 | tee "$OUTDIR/kernel-tests-cuda.txt" | tail -15
+  echo "== kernel benchmark"
+  python benchmarks/bench_kernels.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_kernels.txt" | tail -40
+  echo "== conv benchmark"
+  python benchmarks/bench_conv.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_conv.txt" | tail -30
+  echo "== cost-model validation"
+  python benchmarks/validate_cost_model.py --out benchmarks/results 2>&1 | tee "$OUTDIR/validate_cost_model.txt" | tail -40
+fi
+if [ "$STAGE" = models ] || [ "$STAGE" = all ]; then
+  echo "== whole models"
+  python benchmarks/bench_models.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_models.txt" | tail -20
+fi
 cp benchmarks/results/*.json "$OUTDIR/" 2>/dev/null || true
 rm -rf "$LINK"

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     ("validate_cost_model.py", ["--dry-run", "--compression", "20", "--layouts", "2"],
      ["planner", "default", "spearman", "median |log2 error|"]),
     ("bench_conv.py", ["--dry-run", "--compression", "10"], ["dense", "implicit", "im2col", "vs dense fwd"]),
+    ("bench_models.py", ["--dry-run", "--compression", "100", "--steps", "1", "--warmup", "1"],
+     ["bert-tiny", "gpt2-tiny", "dense-compile", "roast-100x", "train x"]),
 ])
 def test_benchmark_dry_run(script, args, expect):
     env = dict(os.environ, TRITON_INTERPRET="1")
