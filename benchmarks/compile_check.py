@@ -7,8 +7,8 @@ Each launch a real run would make (forward GEMM with each block config (fp32 at 
 default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
-conv alone and with a batch norm + residual + relu epilogue, embedding gather and scatter,
-materialize) is compiled by Triton and ptxas for the target's CUDA architecture
+conv alone and with a batch norm + residual + relu epilogue, embedding gather and scatter
+and BERT's summed embeddings as a gather epilogue, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
 configs.py prunes candidates with, registers per thread, spill bytes, and the PTX's
@@ -142,6 +142,12 @@ def _launches_for(dname: str, quick: bool):
                     image, memory, conv_site, 0.5, torch.empty(2, 64, 14, 14, dtype=dtype), (3, 3), (1, 1), (1, 1),
                     (1, 1), bn, [channel] * 4 + [torch.zeros(2, 64, 14, 14, dtype=dtype)], config=default)))
     ids = torch.zeros(M, dtype=torch.int64)
+    # BERT's embeddings: word rows + token type rows + a position table broadcast over the batch
+    words = mapping(M, N)
+    out.append(("roast_embedding_epilogue", "word + token type + position", dname, None, None,
+                lambda: triton_epilogue.roast_embedding_epilogue(
+                    memory, words, 0.5, ids.reshape(4, M // 4), Epilogue.parse("add:x0|add:x1"),
+                    [torch.zeros(4, M // 4, N, dtype=dtype), torch.zeros(M // 4, N, dtype=dtype)])))
     out.append(("gather_rows", "embedding", dname, None, None,
                 lambda: triton_embedding.gather_rows(memory, site, 0.5, ids, dtype=dtype)))
     out.append(("scatter_rows_grad", "embedding dMemory", dname, None, None,

@@ -382,3 +382,10 @@ def conv_fused_op():
     from . import conv  # noqa: F401 - registers roastfx::roast_conv_epilogue
 
     return torch.ops.roastfx.roast_conv_epilogue.default
+
+
+def embedding_fused_op():
+    """The custom op that runs ``epilogue(view[ids])`` (registered on first use; no Triton import)."""
+    from . import epilogue_op  # noqa: F401 - registers roastfx::roast_embedding_epilogue
+
+    return torch.ops.roastfx.roast_embedding_epilogue.default

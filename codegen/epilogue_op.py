@@ -168,3 +168,54 @@ def roast_linear_epilogue(x: Tensor, memory: Tensor, mapping, scale: float, epil
         raise TypeError(f"epilogue must be an Epilogue or a signature str, got {type(epilogue).__name__}")
     return _roast_linear_epilogue(x, memory, list(mapping), float(scale), list(extras), epilogue,
                                   bool(transpose_view), bool(grad_norm))
+
+
+# -- an embedding lookup followed by a generated epilogue --------------------------------------------
+@torch.library.custom_op("roastfx::roast_embedding_epilogue", mutates_args=())
+def _roast_embedding_epilogue(ids: Tensor, memory: Tensor, mapping: list[int], scale: float, extras: list[Tensor],
+                              epilogue: str, padding_idx: int | None, grad_norm: bool) -> Tensor:
+    """``epilogue(roast_embedding(ids, memory, mapping, scale, padding_idx), extras)``: on the Triton path one
+    generated kernel looks the rows up and applies the epilogue (triton_epilogue.roast_embedding_epilogue)."""
+    epi = parse_epilogue(epilogue)
+    out_dtype = epi.out_dtype(memory.dtype, extras)
+    if (use_triton(memory) and memory.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
+            and all(e.dtype != torch.float64 or e.dim() == 0 for e in extras)
+            and all(e.device == memory.device or e.dim() == 0 for e in extras)):
+        from .triton_epilogue import roast_embedding_epilogue
+
+        return roast_embedding_epilogue(memory, _mapping(mapping), scale, ids, epi, extras, out_dtype)
+    rows = torch.ops.roastfx.roast_embedding(ids, memory, mapping, scale, padding_idx, grad_norm)
+    y = epi.apply(rows, extras)
+    return y.clone() if any(y is t for t in extras) else y
+
+
+@_roast_embedding_epilogue.register_fake
+def _(ids, memory, mapping, scale, extras, epilogue, padding_idx, grad_norm):
+    epi = parse_epilogue(epilogue)
+    shape = (*ids.shape, mapping[1])
+    epi.check_extras(shape, extras)
+    return memory.new_empty(shape, dtype=epi.out_dtype(memory.dtype, extras))
+
+
+def _embedding_epilogue_setup(ctx, inputs, output):
+    ids, memory, mapping, scale, extras, epilogue, padding_idx, grad_norm = inputs
+    ctx.save_for_backward(ids, memory, *extras)
+    ctx.site = (mapping, scale, epilogue, padding_idx, grad_norm)
+
+
+def _embedding_epilogue_backward(ctx, grad):
+    """The epilogue's vjp at the recomputed rows, then the lookup's memory gradient (padding_idx's rows get
+    none; with grad_norm, divided by the table gradient's RMS)."""
+    ids, memory, *extras = ctx.saved_tensors
+    mapping, scale, epilogue, padding_idx, grad_norm = ctx.site
+    epi = parse_epilogue(epilogue)
+    rows = torch.ops.roastfx.roast_embedding(ids, memory, mapping, scale, padding_idx, grad_norm)
+    grad_rows, grad_extras = epi.vjp(rows, extras, grad)
+    if padding_idx is not None:
+        grad_rows = grad_rows.masked_fill((ids == padding_idx).unsqueeze(-1), 0)
+    grad_memory = torch.ops.roastfx.roast_embedding_grad(grad_rows.to(memory.dtype), ids, memory, mapping, scale,
+                                                         grad_norm)
+    return None, grad_memory, None, None, grad_extras, None, None, None
+
+
+_roast_embedding_epilogue.register_autograd(_embedding_epilogue_backward, setup_context=_embedding_epilogue_setup)

@@ -17,12 +17,14 @@ BLOCK_N = 32
 
 
 @triton.jit
-def _gather_rows_kernel(
-    ids_ptr, mem_ptr, out_ptr,
-    T, N, scale,
+def roast_gather_block(
+    ids_ptr, mem_ptr, T, N,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """This program's (BLOCK_T tokens, BLOCK_N columns) block of looked-up rows, signed, in fp32 (without
+    the site's scale), with its token and column offsets and mask. The plain gather below and the
+    embedding kernels generated per epilogue (triton_epilogue.py) run it."""
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_t = offs_t < T
@@ -32,8 +34,20 @@ def _gather_rows_kernel(
         rows[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
         offset_range, a_row, a_col, hb, c_row, c_col, hd)
     w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
-    w = tl.where(sign > 0, w, -w) * scale
-    tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    return tl.where(sign > 0, w, -w), offs_t, offs_n, mask
+
+
+@triton.jit
+def _gather_rows_kernel(
+    ids_ptr, mem_ptr, out_ptr,
+    T, N, scale,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    w, offs_t, offs_n, mask = roast_gather_block(
+        ids_ptr, mem_ptr, T, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb,
+        c_row, c_col, hd, BLOCK_T, BLOCK_N)
+    tl.store(out_ptr + offs_t[:, None] * N + offs_n[None, :], (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -55,7 +69,7 @@ def _scatter_rows_kernel(
     tl.atomic_add(grad_mem_ptr + index, tl.where(sign > 0, g, -g) * scale, mask=mask)
 
 
-def _check_ids(ids: torch.Tensor, mapping: TileHash) -> torch.Tensor:
+def check_ids(ids: torch.Tensor, mapping: TileHash) -> torch.Tensor:
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"embedding ids must be int32 or int64, got {ids.dtype}")
     flat = ids.reshape(-1).contiguous()
@@ -70,7 +84,7 @@ def _check_ids(ids: torch.Tensor, mapping: TileHash) -> torch.Tensor:
 def gather_rows(memory: torch.Tensor, mapping: TileHash, scale: float, ids: torch.Tensor,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rows ``ids`` of the view, shape ids.shape + (cols,), in ``dtype`` (default memory's)."""
-    flat = _check_ids(ids, mapping)
+    flat = check_ids(ids, mapping)
     T, N = flat.numel(), mapping.cols
     out = torch.empty((T, N), device=memory.device, dtype=dtype or memory.dtype)
     if T:
@@ -90,7 +104,7 @@ def scatter_rows_grad(grad_out: torch.Tensor, memory_size: int, mapping: TileHas
     sorted index_put_ in torch instead of atomic adds."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    flat = _check_ids(ids, mapping)
+    flat = check_ids(ids, mapping)
     T, N = flat.numel(), mapping.cols
     grad_rows = grad_out.reshape(T, N)
     grad = torch.zeros(memory_size, device=grad_out.device, dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""Fold the pointwise ops after each ``roastfx::roast_linear`` into one epilogue op.
+"""Fold the pointwise ops after each ``roastfx::roast_linear``, ``roast_conv`` and ``roast_embedding`` into one
+epilogue op.
 
 For each ``roast_linear(x, memory, mapping, scale, bias, act[, transpose_view, grad_norm])`` node
 the pass grows, in graph order, the set of nodes that read it (or read nodes already in the
@@ -32,7 +33,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from roastfx.codegen.epilogue import CAST_DTYPES, Epilogue, Step, conv_fused_op, fused_op
+from roastfx.codegen.epilogue import CAST_DTYPES, Epilogue, Step, conv_fused_op, embedding_fused_op, fused_op
 
 log = logging.getLogger("roastfx")
 
@@ -59,6 +60,9 @@ _BINARY = {
     "div": {operator.truediv, torch.div, torch.true_divide, _aten.div.Tensor, _aten.div.Scalar},
 }
 _BINARY_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "true_divide": "div"}
+# x += y and friends: foldable when x is a value of the set (nobody else can see it change)
+_INPLACE = {operator.iadd: "add", operator.isub: "sub", operator.imul: "mul", operator.itruediv: "div"}
+_INPLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
 _UNARY = {
     "relu": {torch.relu, F.relu, _aten.relu.default},
     "silu": {F.silu, torch._C._nn.silu, _aten.silu.default},
@@ -174,6 +178,7 @@ def _lower(user):
     """What a node does, if the epilogue can express it:
 
     ("ops", [(op, operands), ...]) IR steps, each operand a Node, a number or _PREV;
+    ("inplace", [(op, [target, operand])]) the same for ``target op= operand``;
     ("same", node) the value of ``node`` (dropout that is off, contiguous);
     ("view", node) ``node`` reshaped; None otherwise.
     """
@@ -182,6 +187,8 @@ def _lower(user):
         name = user.target
         if name in _BINARY_METHODS and len(args) == 2 and not kwargs:
             return "ops", [(_BINARY_METHODS[name], list(args))]
+        if name in _INPLACE_METHODS and len(args) == 2 and not kwargs:
+            return "inplace", [(_INPLACE_METHODS[name], list(args))]
         if name in _UNARY_METHODS and len(args) == 1 and not kwargs:
             return "ops", [(_UNARY_METHODS[name], list(args))]
         if name == "neg" and len(args) == 1 and not kwargs:
@@ -204,6 +211,8 @@ def _lower(user):
     if user.op != "call_function":
         return None
     target = user.target
+    if target in _INPLACE and len(args) == 2 and not kwargs:
+        return "inplace", [(_INPLACE[target], list(args))]
     if target in _NEG and len(args) == 1 and not kwargs:
         return "ops", [("mul", [args[0], -1.0])]
     if target in _POW and len(args) == 2 and not kwargs:
@@ -313,6 +322,10 @@ class _Growth:
         if lowered is None:
             return False
         kind, what = lowered
+        if kind == "inplace":
+            if what[0][1][0] not in self.ref:
+                return False  # it would change a tensor outside the set
+            kind = "ops"
         if kind == "same":
             if what not in self.ref:
                 return False
@@ -423,8 +436,19 @@ def _conv_args(node):
     return args
 
 
-def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False) -> str | None:
-    if conv:
+def _embedding_args(node):
+    names = ("ids", "memory", "mapping", "scale", "padding_idx", "grad_norm")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False, embedding: bool = False) -> str | None:
+    if embedding:
+        e = _embedding_args(node)
+        x, memory, mapping, scale, bias, act = e["ids"], e["memory"], e["mapping"], e["scale"], None, "none"
+        grad_norm = bool(e.get("grad_norm", False))
+    elif conv:
         c = _conv_args(node)
         shape = _shape(node)
         if shape is None or len(shape) != len(c["kernel"]) + 2:
@@ -457,7 +481,10 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False) ->
             operands.append(extra)
         # under dynamic=True dynamo may pass the scale as a symbolic float (a graph node): keep it as is
         scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
-        if conv:
+        if embedding:
+            fused = graph.call_function(embedding_fused_op(), (x, memory, list(mapping), scale, operands,
+                                                               epilogue.signature, e.get("padding_idx"), grad_norm))
+        elif conv:
             fused = graph.call_function(conv_fused_op(), (x, memory, list(mapping), scale, operands,
                                                           epilogue.signature, list(c["kernel"]), list(c["stride"]),
                                                           list(c["padding"]), list(c["dilation"]),
@@ -496,15 +523,24 @@ def _roast_conv_op():
         return None
 
 
+def _roast_embedding_op():
+    try:
+        return torch.ops.roastfx.roast_embedding.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def fuse_epilogue(gm: torch.fx.GraphModule) -> list[str]:
-    """The pass: rewrite every roast_linear and roast_conv with foldable pointwise ops; return what it folded."""
-    linear, conv = _roast_linear_op(), _roast_conv_op()
-    if linear is None and conv is None:
+    """The pass: rewrite every roast_linear, roast_conv and roast_embedding with foldable pointwise ops;
+    return what it folded."""
+    linear, conv, embedding = _roast_linear_op(), _roast_conv_op(), _roast_embedding_op()
+    roots = {op for op in (linear, conv, embedding) if op is not None}
+    if not roots:
         return []
     folded = []
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in (linear, conv) and node.target is not None:
-            done = _fuse_one(gm.graph, node, conv=node.target is conv)
+        if node.op == "call_function" and node.target in roots:
+            done = _fuse_one(gm.graph, node, conv=node.target is conv, embedding=node.target is embedding)
             if done:
                 folded.append(done)
     if folded:

@@ -81,6 +81,7 @@ def test_compile_check_compiles_every_kernel_kind_for_h100_without_a_gpu(tmp_pat
     assert sum(k.startswith("roast_linear_epilogue_") for k in kernels) == 3
     # the plain conv (bias as a per-channel epilogue) and ResNet's conv + batch norm + residual + relu
     assert sum(k.startswith("roast_conv_epilogue_") for k in kernels) == 2
+    assert sum(k.startswith("roast_embedding_epilogue_") for k in kernels) == 1
     for r in result["launches"]:
         assert r["shared_bytes"] <= 227 * 1024 and r["registers"] and r["registers"] <= 255, r
         assert r["spill_bytes"] == 0, r

@@ -350,7 +350,8 @@ def test_gated_product_of_two_gemms_folds_into_one_of_them():
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_real_gpt2_mlp_and_residuals_fold_through_the_backend(dynamic, caplog):
-    """Eval: attention output + residual, c_fc + gelu_new, c_proj + residual fold. With dynamic=True dynamo
+    """Eval: token + position embeddings, attention output + residual, c_fc + gelu_new, c_proj + residual
+    fold. With dynamic=True dynamo
     passes gelu_new's sqrt(2 / pi) as a symbolic float: it becomes a 0-dim tensor operand. Training with
     p=0 dropout (off, so folded): the same, and gradients equal eager."""
     import roastfx
@@ -375,9 +376,12 @@ def test_real_gpt2_mlp_and_residuals_fold_through_the_backend(dynamic, caplog):
             got = compiled(input_ids=ids).logits
         lines = [r.getMessage() for r in caplog.records]
         summaries = [line for line in lines if "epilogue chains folded" in line]
-        assert summaries and all(" 3 epilogue chains" in line for line in summaries), summaries
+        # the token + position embeddings, then the layer's three
+        assert summaries and all(" 4 epilogue chains" in line for line in summaries), summaries
         gelu = [line for line in lines if "-> epilogue" in line and "|tanh|add:1.0|mul(v2,v9)" in line]
         assert len(gelu) == len(summaries), lines
+        embeddings = [line for line in lines if line.startswith("roast backend: roast_embedding_epilogue")]
+        assert len(embeddings) == len(summaries) and all("-> epilogue add:x0;" in line for line in embeddings)
         got.square().mean().backward()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.roast_memory.grad, grad, rtol=1e-4, atol=1e-6)
@@ -473,3 +477,45 @@ def test_batch_norm_in_training_stays():
 
     torch.compile(model, backend=backend)(x)
     assert seen == []  # batch statistics are a reduction: the conv outputs go to batch_norm unfused
+
+
+# -- epilogues after an embedding lookup ----------------------------------------------------------
+class EmbeddingSum(torch.nn.Module):
+    def __init__(self, into_outside=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 16)
+        self.pos = torch.nn.Parameter(torch.randn(5, 16))
+        self.into_outside = into_outside
+
+    def forward(self, ids):
+        if self.into_outside:  # the lookup is added into a tensor from outside: folding would hide the write
+            h = self.pos.repeat(ids.shape[0], 1, 1)
+            h += self.emb(ids)
+            return h * 2.0
+        h = self.emb(ids)
+        h += self.pos  # in place on the lookup's own output: foldable
+        return h * 2.0
+
+
+@pytest.mark.parametrize("into_outside", [False, True], ids=["into-lookup", "into-outside"])
+def test_in_place_adds_fold_only_into_the_lookups_own_values(into_outside, caplog):
+    import roastfx
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = roastfx.compress(EmbeddingSum(into_outside), "4x", init="random")
+    ids = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(2))
+    want = model(ids)
+    want_grad = torch.autograd.grad(want.square().sum(), (model.roast_memory, model.pos))
+    with caplog.at_level(logging.INFO, logger="roastfx"):
+        got = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(ids)
+    folded = [r.getMessage() for r in caplog.records if "-> epilogue" in r.getMessage()]
+    if into_outside:
+        assert folded == []
+    else:
+        assert len(folded) == 1 and "roast_embedding_epilogue" in folded[0] and folded[0].endswith(
+            "-> epilogue add:x0|mul:2.0")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    got_grad = torch.autograd.grad(got.square().sum(), (model.roast_memory, model.pos))
+    for g, w in zip(got_grad, want_grad):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -451,3 +451,52 @@ def test_autotune_timings_run_every_kernel_into_scratch_buffers(deterministic, m
     assert sorted(k[0].split("[")[0] for k in configs.tuned_configs()) == [
         "roast_grad_memory", "roast_matmul", "roast_matmul_epilogue"]
     assert all(c == options[0] for c in configs.tuned_configs().values())  # the first timed is "fastest"
+
+
+# -- after an embedding lookup -------------------------------------------------------------------
+def embedding_case(seed=0):
+    mapping = random_mapping(50, 40, 4, 8, alignment=2, window_start=6, seed=seed)
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(seed))
+    ids[0, :2] = 4  # a repeated id, and the padding row below
+    return mapping, random_memory(mapping, seed=seed), ids
+
+
+@pytest.mark.parametrize("signature,shapes", [
+    ("mul:2.5|add:x0|add:x1", [(7, 40), (3, 7, 40)]),  # BERT: scaled word + position + token type
+    ("add:x0|mul:x1|gelu|cast:bfloat16", [(40,), (3, 7, 1)]),  # a per-column vector, a per-token factor
+    ("mul(v0,v0)|add:x0", [()]),
+])
+def test_embedding_epilogue_kernel_matches_float64(signature, shapes, device):
+    from roastfx.codegen.triton_epilogue import roast_embedding_epilogue
+
+    mapping, memory, ids = embedding_case(seed=len(shapes))
+    extras = [randn(*(s or (1,)), seed=40 + i, dtype=torch.float64).reshape(s) for i, s in enumerate(shapes)]
+    epi = Epilogue.parse(signature)
+    got = roast_embedding_epilogue(memory.float().to(device), mapping, 0.3, ids.to(device), epi,
+                                   [e.float().to(device) for e in extras])
+    want = epi.apply(reference.materialize(memory.double(), mapping, 0.3)[ids], extras)
+    assert got.shape == (3, 7, 40) and got.dtype == epi.out_dtype(torch.float32, [e.float() for e in extras])
+    tol = 2e-2 if "bfloat16" in signature else 1e-5
+    torch.testing.assert_close(got.double().cpu(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_embedding_epilogue_op_gradients_and_padding_idx(path, monkeypatch, device):
+    """The memory's gradient is nn.Embedding's (the padding row gets none) under the epilogue's vjp."""
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    mapping, memory, ids = embedding_case(seed=9)
+    pos = randn(7, 40, seed=50, dtype=torch.float64)
+    grad = randn(3, 7, 40, seed=51, dtype=torch.float64)
+    sig = "mul:2.0|add:x0|silu"
+    op = torch.ops.roastfx.roast_embedding_epilogue.default
+    mem_k, pos_k = memory.float().to(device).requires_grad_(), pos.float().to(device).requires_grad_()
+    op(ids.to(device), mem_k, mapping_args(mapping), 0.3, [pos_k], sig, 4, False).backward(grad.float().to(device))
+    # the reference: the dense table rebuilt from the memory in float64, torch's embedding with padding_idx
+    mem_r, pos_r = memory.double().requires_grad_(), pos.clone().requires_grad_()
+    table = reference.materialize(mem_r, mapping, 0.3)
+    want = F.silu(F.embedding(ids, table, padding_idx=4) * 2.0 + pos_r)
+    want.backward(grad)
+    torch.testing.assert_close(mem_k.grad.double().cpu(), mem_r.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pos_k.grad.double().cpu(), pos_r.grad, rtol=1e-4, atol=1e-5)
+    torch.library.opcheck(op, (ids.to(device), mem_k.detach().requires_grad_(), mapping_args(mapping), 0.3,
+                               [pos_k.detach()], sig, None, False))
