@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, results_path, select_device  # noqa: E402
+from common import environment, parse_factors, results_path, select_device  # noqa: E402
 
 MODELS = {  # name: (batch, sequence length)
     "bert-base": (32, 128),
@@ -47,12 +47,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(table)}")
     args.model_table = {n: table[n] for n in names}
-    try:
-        args.factors = [float(c) for c in args.compression.split(",") if c]
-    except ValueError:
-        p.error(f"--compression takes numbers, got {args.compression!r}")
-    if not args.factors or any(c < 1 for c in args.factors):
-        p.error(f"compression factors must be >= 1, got {args.compression!r}")
+    args.factors = parse_factors(p, args.compression)
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1")
     return args

@@ -82,13 +82,19 @@ def parse_common(p, argv, dry_run_shapes: dict, shapes: dict = SHAPES):
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
     args.shape_table = {n: table[n] for n in names}
-    try:
-        args.factors = [float(c) for c in args.compression.split(",") if c]
-    except ValueError:
-        p.error(f"--compression takes numbers, got {args.compression!r}")
-    if not args.factors or any(c < 1 for c in args.factors):
-        p.error(f"compression factors must be >= 1, got {args.compression!r}")
+    args.factors = parse_factors(p, args.compression)
     return args
+
+
+def parse_factors(p, text: str) -> list[float]:
+    """--compression as numbers >= 1, or the parser's error (exit 2)."""
+    try:
+        factors = [float(c) for c in text.split(",") if c]
+    except ValueError:
+        p.error(f"--compression takes numbers, got {text!r}")
+    if not factors or any(c < 1 for c in factors):
+        p.error(f"compression factors must be >= 1, got {text!r}")
+    return factors
 
 
 def time_forward_backward(bench, fn, x, dy, warmup: int, rep: int) -> tuple[float, float]:

@@ -116,9 +116,11 @@ def _(x, memory, mapping, scale, extras, epilogue, transpose_view, grad_norm):
 
 
 def _setup_context(ctx, inputs, output):
-    x, memory, mapping, scale, extras, epilogue, transpose_view, grad_norm = inputs
+    """Both epilogue ops here take (x or ids, memory, mapping, scale, extras, epilogue, flag, grad_norm), the
+    flag being transpose_view or padding_idx."""
+    x, memory, mapping, scale, extras, epilogue, flag, grad_norm = inputs
     ctx.save_for_backward(x, memory, *extras)
-    ctx.site = (mapping, scale, epilogue, transpose_view, grad_norm)
+    ctx.site = (mapping, scale, epilogue, flag, grad_norm)
 
 
 def _backward(ctx, grad):
@@ -197,12 +199,6 @@ def _(ids, memory, mapping, scale, extras, epilogue, padding_idx, grad_norm):
     return memory.new_empty(shape, dtype=epi.out_dtype(memory.dtype, extras))
 
 
-def _embedding_epilogue_setup(ctx, inputs, output):
-    ids, memory, mapping, scale, extras, epilogue, padding_idx, grad_norm = inputs
-    ctx.save_for_backward(ids, memory, *extras)
-    ctx.site = (mapping, scale, epilogue, padding_idx, grad_norm)
-
-
 def _embedding_epilogue_backward(ctx, grad):
     """The epilogue's vjp at the recomputed rows, then the lookup's memory gradient (padding_idx's rows get
     none; with grad_norm, divided by the table gradient's RMS)."""
@@ -218,4 +214,4 @@ def _embedding_epilogue_backward(ctx, grad):
     return None, grad_memory, None, None, grad_extras, None, None, None
 
 
-_roast_embedding_epilogue.register_autograd(_embedding_epilogue_backward, setup_context=_embedding_epilogue_setup)
+_roast_embedding_epilogue.register_autograd(_embedding_epilogue_backward, setup_context=_setup_context)

@@ -17,14 +17,13 @@ BLOCK_N = 32
 
 
 @triton.jit
-def roast_gather_block(
-    ids_ptr, mem_ptr, T, N,
+def _row_slots(
+    ids_ptr, T, N,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """This program's (BLOCK_T tokens, BLOCK_N columns) block of looked-up rows, signed, in fp32 (without
-    the site's scale), with its token and column offsets and mask. The plain gather below and the
-    embedding kernels generated per epilogue (triton_epilogue.py) run it."""
+    """The memory slots and signs of this program's (BLOCK_T tokens, BLOCK_N columns) block of looked-up
+    rows, with its token and column offsets and mask."""
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_t = offs_t < T
@@ -33,6 +32,21 @@ def roast_gather_block(
     index, sign = roast_index_and_sign(
         rows[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
         offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    return index, sign, offs_t, offs_n, mask
+
+
+@triton.jit
+def roast_gather_block(
+    ids_ptr, mem_ptr, T, N,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """This program's block of looked-up rows, signed, in fp32 (without the site's scale), with its token
+    and column offsets and mask. The plain gather below and the embedding kernels generated per epilogue
+    (triton_epilogue.py) run it."""
+    index, sign, offs_t, offs_n, mask = _row_slots(
+        ids_ptr, T, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
+        hd, BLOCK_T, BLOCK_N)
     w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
     return tl.where(sign > 0, w, -w), offs_t, offs_n, mask
 
@@ -57,14 +71,9 @@ def _scatter_rows_kernel(
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_t = offs_t < T
-    mask = mask_t[:, None] & (offs_n < N)[None, :]
-    rows = tl.load(ids_ptr + offs_t, mask=mask_t, other=0)
-    index, sign = roast_index_and_sign(
-        rows[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    index, sign, offs_t, offs_n, mask = _row_slots(
+        ids_ptr, T, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
+        hd, BLOCK_T, BLOCK_N)
     g = tl.load(grad_out_ptr + offs_t[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.atomic_add(grad_mem_ptr + index, tl.where(sign > 0, g, -g) * scale, mask=mask)
 
