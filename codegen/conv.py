@@ -10,6 +10,7 @@ group's column window of V when the window starts on hash-tile boundaries
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -277,3 +278,103 @@ def _conv_epilogue_backward(ctx, grad):
 
 
 roast_conv_epilogue.register_autograd(_conv_epilogue_backward, setup_context=_conv_epilogue_setup)
+
+
+# -- transposed convolution ------------------------------------------------------------------------------
+def _transposed_out_size(size, kernel, stride, padding, output_padding, dilation):
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def _transposed_2d(x, kernel, stride, padding, output_padding, dilation):
+    """A conv_transpose1d problem as 2-D with height 1 (fold/unfold only know 2-D)."""
+    if len(kernel) == 2:
+        return x, list(kernel), list(stride), list(padding), list(output_padding), list(dilation)
+    return (x.unsqueeze(2), [1, kernel[0]], [1, stride[0]], [0, padding[0]], [0, output_padding[0]],
+            [1, dilation[0]])
+
+
+@torch.library.custom_op("roastfx::roast_conv_transpose", mutates_args=())
+def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                         bias: torch.Tensor | None, kernel: list[int], stride: list[int], padding: list[int],
+                         output_padding: list[int], dilation: list[int], grad_norm: bool = False) -> torch.Tensor:
+    """``F.conv_transpose1d/2d(x, W, bias, stride, padding, output_padding, 1, dilation)`` (by ``len(kernel)``)
+    where W = V reshaped to (in, out, *kernel) and V is the site's (in, out * prod(kernel)) view. On the
+    Triton path the columns x @ V come from the fused ROAST GEMM and F.fold sums them into the output (W is
+    never built); elsewhere the op materializes W and runs the dense op."""
+    if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, output_padding,
+                                                                            dilation)):
+        raise ValueError(f"roast_conv_transpose takes 1 or 2 spatial dims with one stride/padding/output_padding/"
+                         f"dilation each, got kernel={kernel} stride={stride} padding={padding} "
+                         f"output_padding={output_padding} dilation={dilation}")
+    xb = _batched(x, kernel)
+    out_channels = mapping[1] // math.prod(kernel)
+    if not use_triton(x):
+        conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
+        weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], out_channels, *kernel)
+        return conv(x, weight, bias, stride, padding, output_padding, 1, dilation)
+    _kernels()
+    x2, k2, s2, p2, o2, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
+    n, c, h, w = x2.shape
+    size = [_transposed_out_size(*a) for a in zip((h, w), k2, s2, p2, o2, d2)]
+    rows = x2.flatten(2).transpose(1, 2)  # (N, H*W, in)
+    cols = torch.ops.roastfx.linear(rows, memory, None, None, mapping, scale, True, "none", False)[0]
+    y = F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2)  # (N, out, H_out, W_out)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(1, -1, 1, 1)
+    y = y.squeeze(2) if len(kernel) == 1 else y
+    return y if xb is x else y.squeeze(0)
+
+
+@roast_conv_transpose.register_fake
+def _(x, memory, mapping, scale, bias, kernel, stride, padding, output_padding, dilation, grad_norm=False):
+    spatial = [_transposed_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, output_padding,
+                                                     dilation)]
+    return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1] // math.prod(kernel), *spatial))
+
+
+def _conv_transpose_setup(ctx, inputs, output):
+    x, memory, mapping, scale, bias, kernel, stride, padding, output_padding, dilation, grad_norm = inputs
+    ctx.save_for_backward(x, memory)
+    ctx.site = (mapping, scale, grad_norm, bias is not None)
+    ctx.conv = (kernel, stride, padding, output_padding, dilation)
+
+
+def _conv_transpose_backward(ctx, grad):
+    """dX = the columns of dY (F.unfold) @ V^T; dMemory from x^T @ those columns; dBias the sum of dY. The
+    reference path differentiates the dense op at the materialized weight."""
+    x, memory = ctx.saved_tensors
+    mapping, scale, grad_norm, has_bias = ctx.site
+    kernel, stride, padding, output_padding, dilation = ctx.conv
+    gb = _batched(grad, kernel)
+    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
+    grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if has_bias else None
+    if not use_triton(x):
+        conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
+        view = materialize(memory, mapping, scale).to(x.dtype)  # the op, opaque to tracing
+        weight = view.reshape(mapping[0], -1, *kernel)
+        _, pullback = torch.func.vjp(lambda xv, wv: conv(xv, wv, None, stride, padding, output_padding, 1, dilation),
+                                     x, weight)
+        grad_x, grad_weight = pullback(grad)
+        grad_view = grad_weight.reshape(view.shape)
+        if grad_norm:
+            grad_view = normalize(grad_view, site_grad_rms(grad_view))
+        grad_memory = _memory_grad_op(grad_view, mapping, scale, memory.numel()).to(memory.dtype)
+        return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
+    _kernels()
+    xb = _batched(x, kernel)
+    x2, k2, s2, p2, _, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
+    g2 = gb.unsqueeze(2) if len(kernel) == 1 else gb
+    n, c = x2.shape[:2]
+    cols = F.unfold(g2, k2, d2, p2, s2).transpose(1, 2).reshape(-1, mapping[1]).to(x.dtype).contiguous()
+    rows = x2.flatten(2).transpose(1, 2).reshape(-1, c)
+    grad_rows = torch.ops.roastfx.linear_grad_input(cols, memory, mapping, scale, True)  # (N*H*W, in)
+    grad_x = grad_rows.reshape(n, -1, c).transpose(1, 2).reshape(x2.shape).reshape(x.shape)
+    if grad_norm:
+        grad_memory, sumsq = torch.ops.roastfx.linear_grad_memory_sumsq(rows, cols, memory, mapping, scale, True)
+        grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
+    else:
+        grad_memory = torch.ops.roastfx.linear_grad_memory(rows, cols, memory, mapping, scale, True)
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
+
+
+roast_conv_transpose.register_autograd(_conv_transpose_backward, setup_context=_conv_transpose_setup)

@@ -296,4 +296,4 @@ def embedding_bag_of_rows(rows: torch.Tensor, ids: torch.Tensor, offsets: torch.
                                              include_last_offset=include_last_offset)
 
 
-from .conv import roast_conv  # noqa: E402  (registers roastfx::roast_conv; it builds on the ops above)
+from .conv import roast_conv, roast_conv_transpose  # noqa: E402,F401 (registers the conv ops, built on the above)

@@ -8,6 +8,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
     conv1d/conv2d(x, W, b, ...)               -> roastfx::roast_conv
+    conv_transpose1d/2d(x, W, b, ...)         -> roastfx::roast_conv_transpose (groups=1)
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
     _transformer_encoder_layer_fwd            -> roast_encoder_layer (attention + feed-forward over roast_linear)
     embedding(ids, W)                         -> roastfx::roast_embedding
@@ -43,6 +44,7 @@ _MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
 _ADDMM = {torch.addmm}
 _EINSUM = {torch.einsum}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2}  # F.conv1d / F.conv2d are these same functions
+_CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2}  # F.conv_transpose1d/2d too
 _EMBEDDING = {F.embedding}
 _EMBEDDING_BAG = {F.embedding_bag}
 
@@ -196,6 +198,35 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     return SiteUse(fused.name, True, f"roast_conv ({dims}-d{_groups_note(list(mapping), groups)})" + _norm_note(read))
 
 
+def _fuse_conv_transpose(graph, node) -> SiteUse | None:
+    if node.op != "call_function" or node.target not in _CONV_TRANSPOSE:
+        return None
+    dims = _CONV_TRANSPOSE[node.target]
+    name = f"conv_transpose{dims}d"
+    read = weight_read(_arg(node, 1, "weight"))
+    if read is None:
+        return None
+    if read.transposed or read.broadcast or len(read.shape) != dims + 2 or read.shape[0] != read.mapping[0]:
+        return SiteUse(node.name, False, f"{name} weight {read.shape} is not the site's V reshaped")
+    if _shared(read, name):
+        return SiteUse(node.name, False, _shared(read, name))
+    if int(_arg(node, 6, "groups", 1)) != 1:
+        return SiteUse(node.name, False, f"grouped {name} is not fused")
+    kernel = list(read.shape[2:])
+    conv = [_per_dim(_arg(node, i, key, default), dims)
+            for i, key, default in ((3, "stride", 1), (4, "padding", 0), (5, "output_padding", 0), (7, "dilation", 1))]
+    memory, mapping, scale = read.materialize.args
+    with graph.inserting_before(node):
+        fused = graph.call_function(torch.ops.roastfx.roast_conv_transpose.default,
+                                    (node.args[0], memory, list(mapping), scale, _arg(node, 2, "bias"), kernel,
+                                     *conv), _norm_kwargs(read))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return SiteUse(fused.name, True, f"roast_conv_transpose ({dims}-d, columns from the ROAST GEMM, then F.fold)"
+                   + _norm_note(read))
+
+
 def _groups_note(mapping: list, groups: int) -> str:
     from roastfx.codegen.ops import column_windows
 
@@ -335,7 +366,7 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
     return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
 
 
-_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
+_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {
