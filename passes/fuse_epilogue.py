@@ -296,6 +296,8 @@ class _Growth:
             if consumer_shape is None or shape is None or len(shape) != 1 or len(consumer_shape) < 2 \
                     or not _known(shape[0] == consumer_shape[1]):
                 return None
+            if not self.conv and not _same_shape(consumer_shape, self.root_shape):
+                return None  # after a view dim 1 is not the fused op's dim 1
             how = None if len(consumer_shape) == 2 else "channel"
         elif shape is None and _is_scalar(_meta_value(node)) and self.root_shape is not None:
             how = "scalar"  # a symbolic number (dynamic=True traces floats such as math.pi as inputs)

@@ -519,3 +519,36 @@ def test_in_place_adds_fold_only_into_the_lookups_own_values(into_outside, caplo
     got_grad = torch.autograd.grad(got.square().sum(), (model.roast_memory, model.pos))
     for g, w in zip(got_grad, want_grad):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_batch_norm_folds_after_a_linear_but_not_after_a_view():
+    """BatchNorm1d on a linear's (N, C) output: its statistics are per column, extras as they are. After a
+    view the channel dim is not the fused op's: the walk stops there."""
+    import roastfx
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(8)
+            self.fc2, self.bn2 = torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.fc(x))), self.bn2(self.fc2(x).view(-1, 4, 2))
+
+    torch._dynamo.reset()
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(1))
+    model = _trained_stats(roastfx.compress(Head(), "2x", init="random"), x).eval()
+    want = model(x)
+    seen = []
+
+    def backend(gm, example_inputs):
+        from roastfx.passes.fuse_roast_ops import fuse_roast_ops
+
+        fuse_roast_ops(gm)
+        seen.extend(fuse_epilogue(gm))
+        return gm.forward
+
+    got = torch.compile(model, backend=backend)(x)
+    assert len(seen) == 1 and "add:x0|sub:x1|add(x2,1e-05)|rsqrt|mul(v2,v4)|mul:x3|add:x4|relu" in seen[0], seen
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
