@@ -11,7 +11,7 @@ Variants of each model (transformers, built from a config: no weights are downlo
 Per variant: inference (no_grad forward) and training step (forward, backward, AdamW step) times,
 the median of --steps timed iterations after warm-up (compiles included in warm-up, not in the
 times); parameter bytes; peak CUDA memory of the training step. Ratios are against dense-compile
-measured in the same run. JSON: benchmarks/results/models-<gpu>-<date>.json.
+measured in the same run. JSON: benchmarks/results/models-<models>-<gpu>-<date>.json.
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def main(argv=None):
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  autocast {args.dtype}")
     print_table(rows)
     if not args.dry_run:
-        path = results_path(args.out, env, prefix="models-")
+        path = results_path(args.out, env, prefix=f"models-{'-'.join(args.model_table)}-")
         with open(path, "w") as f:
             json.dump(dict(environment=env, dtype=args.dtype, steps=args.steps, warmup=args.warmup, results=rows),
                       f, indent=1)

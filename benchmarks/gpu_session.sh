@@ -32,8 +32,12 @@ if [ "$STAGE" = kernels ] || [ "$STAGE" = all ]; then
   python benchmarks/validate_cost_model.py --out benchmarks/results 2>&1 | tee "$OUTDIR/validate_cost_model.txt" | tail -40
 fi
 if [ "$STAGE" = models ] || [ "$STAGE" = all ]; then
-  echo "== whole models"
-  python benchmarks/bench_models.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_models.txt" | tail -20
+  # one model per run, each bounded, so a slow compile of one cannot lose the other's results
+  for model in bert-base gpt2-small; do
+    echo "== whole model: $model"
+    timeout 280 python benchmarks/bench_models.py --models "$model" --out benchmarks/results 2>&1 \
+      | tee "$OUTDIR/bench_models-$model.txt" | tail -12
+  done
 fi
 cp benchmarks/results/*.json "$OUTDIR/" 2>/dev/null || true
 rm -rf "$LINK"
