@@ -2,7 +2,8 @@
 # Everything a session with a lent GPU should run (see DEVELOPERS.md), in two device calls:
 #   bash benchmarks/gpu_session.sh kernels    # kernel tests on CUDA, kernel and conv benchmarks, cost model
 #   bash benchmarks/gpu_session.sh models     # whole models (BERT-base, GPT-2 small): dense vs ROAST
-# (no argument: both, which may not fit one 10-minute call). Results in benchmarks/results/ (and $OUT).
+# (no argument: both, which may not fit one 10-minute call). Every step is bounded by a timeout and writes
+# its JSON and log straight to $OUT when set (the device's return folder), else benchmarks/results/.
 # Runs with whatever torch/triton the machine has (the device image: torch 2.11, triton 3.6,
 # no internet), from the repository root, without installing roastfx: it imports from a
 # temporary package link, since passes/ and codegen/ install as roastfx.passes/roastfx.codegen.
@@ -23,21 +24,22 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 STAGE=${1:-all}   # kernels (tests, kernel/conv benchmarks, cost model) | models | all; each fits one 10-minute call
 if [ "$STAGE" = kernels ] || [ "$STAGE" = all ]; then
   echo "== kernel tests on CUDA"
-  ROASTFX_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider tests/codegen 2>&1 | tee "$OUTDIR/kernel-tests-cuda.txt" | tail -15
+  ROASTFX_TEST_CUDA=1 timeout 200 python -m pytest -q -p no:cacheprovider tests/codegen 2>&1 \
+    | tee "$OUTDIR/kernel-tests-cuda.txt" | tail -15
   echo "== kernel benchmark"
-  python benchmarks/bench_kernels.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_kernels.txt" | tail -40
+  timeout 150 python benchmarks/bench_kernels.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/bench_kernels.txt" | tail -40
   echo "== conv benchmark"
-  python benchmarks/bench_conv.py --out benchmarks/results 2>&1 | tee "$OUTDIR/bench_conv.txt" | tail -30
+  timeout 90 python benchmarks/bench_conv.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/bench_conv.txt" | tail -30
   echo "== cost-model validation"
-  python benchmarks/validate_cost_model.py --out benchmarks/results 2>&1 | tee "$OUTDIR/validate_cost_model.txt" | tail -40
+  timeout 120 python benchmarks/validate_cost_model.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/validate_cost_model.txt" \
+    | tail -40
 fi
 if [ "$STAGE" = models ] || [ "$STAGE" = all ]; then
   # one model per run, each bounded, so a slow compile of one cannot lose the other's results
   for model in bert-base gpt2-small; do
     echo "== whole model: $model"
-    timeout 280 python benchmarks/bench_models.py --models "$model" --out benchmarks/results 2>&1 \
+    timeout 280 python benchmarks/bench_models.py --models "$model" --out "$OUTDIR" 2>&1 \
       | tee "$OUTDIR/bench_models-$model.txt" | tail -12
   done
 fi
-cp benchmarks/results/*.json "$OUTDIR/" 2>/dev/null || true
 rm -rf "$LINK"
