@@ -10,10 +10,11 @@ architecture, exactly as the launch would be specialized on that GPU (argument t
 constexprs, warps and stages), and recorded instead of run; the wrappers' outputs are
 left unwritten. What a compile reports: the dynamic shared memory the kernel asks for
 (Triton's metadata); from the cubin (``cuobjdump --dump-resource-usage``, shipped with
-Triton), registers per thread and local-memory (spill) bytes; from the PTX, how many
-tensor-core instructions (wgmma on sm_90, mma.sync before) and asynchronous copies it has. So a machine without a GPU
-can check that every kernel compiles for a target and fits its shared memory, before a GPU
-session spends its time on it (``benchmarks/compile_check.py``).
+Triton), registers per thread and stack + local (spill) bytes; from the PTX, how many
+tensor-core instructions (wgmma on sm_90, mma.sync before) and asynchronous copies it
+has. So a machine without a GPU can check that every kernel compiles for a target, fits
+its shared memory and spills nothing, before a GPU session spends its time on it
+(``benchmarks/compile_check.py``).
 
 Needs Triton's NVIDIA backend (the default wheel has it) and Triton kernels that are not
 interpreted: TRITON_INTERPRET must be unset when the kernel modules are imported.
@@ -42,7 +43,7 @@ class CompiledLaunch:
     constexprs: dict
     shared_bytes: int
     registers: int | None
-    spill_bytes: int | None
+    spill_bytes: int | None  # stack + local memory per thread: registers that did not fit
     seconds: float
     tensor_core_ops: int = 0  # wgmma (sm_90) / mma.sync (sm_80, sm_89) instructions in the PTX
     async_copies: int = 0  # cp.async instructions: global -> shared copies the pipeline overlaps with math
