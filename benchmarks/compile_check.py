@@ -58,10 +58,13 @@ def mapping(rows, cols, tile=(32, 64)):
 
 
 def fma_dot(dname: str) -> bool:
-    """An fp32 dot at torch's default "highest" matmul precision: no TF32, FMA units (configs.FMA_CANDIDATES)."""
+    """An fp32 dot the kernels run in full precision on FMA units (configs.FMA_CANDIDATES), as
+    triton_matmul.dot_precision decides from torch's matmul precision."""
     import torch
 
-    return dname == "fp32" and torch.get_float32_matmul_precision() == "highest"
+    from roastfx.codegen.triton_matmul import dot_precision
+
+    return dname == "fp32" and dot_precision(torch.float32) == "ieee"
 
 
 def launches(quick: bool):

@@ -33,6 +33,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -274,9 +275,9 @@ class Epilogue:
 
     def out_dtype(self, in_dtype: torch.dtype, extras=()) -> torch.dtype:
         """The dtype ``apply`` returns for an input of ``in_dtype`` (torch's promotion rules), found by
-        running the epilogue on meta tensors (a 0-dim extra promotes as a scalar, as in eager torch)."""
-        probes = [torch.empty(() if e.dim() == 0 else (1,), dtype=e.dtype, device="meta") for e in extras]
-        return self.apply(torch.empty((1,), dtype=in_dtype, device="meta"), probes).dtype
+        running the epilogue on meta tensors (a 0-dim extra promotes as a scalar, as in eager torch).
+        Every op call asks, so the answer is cached per (epilogue, dtypes)."""
+        return _out_dtype(self, in_dtype, tuple((e.dtype, e.dim() == 0) for e in extras))
 
     # -- Triton lowering ---------------------------------------------------------------------
     def triton_lines(self, extra_load=None) -> list[str]:
@@ -317,6 +318,12 @@ class Epilogue:
                 lines.extend(_TRITON_UNARY[s.op].format(a=operands[0], o=out).split("\n"))
         lines.append(f"z = v{len(self.steps)}")
         return lines
+
+
+@lru_cache(maxsize=4096)
+def _out_dtype(epilogue: Epilogue, in_dtype: torch.dtype, extras: tuple) -> torch.dtype:
+    probes = [torch.empty(() if scalar else (1,), dtype=dtype, device="meta") for dtype, scalar in extras]
+    return epilogue.apply(torch.empty((1,), dtype=in_dtype, device="meta"), probes).dtype
 
 
 _EAGER = {
