@@ -5,10 +5,12 @@
 
 Methods, each computing a conv2d with bias:
   dense     F.conv2d with a dense weight (cuDNN)
-  implicit  roastfx::roast_conv with ROASTFX_CONV=implicit: one kernel reads the input in place
-  im2col    roastfx::roast_conv with ROASTFX_CONV=im2col: F.unfold, then the fused ROAST GEMM
-Forward alone and forward + backward (the backward is im2col for both ROAST methods).
-Before timing, each ROAST method's output is compared with the materialized weight's F.conv2d.
+  implicit  roastfx::roast_conv with ROASTFX_CONV=implicit: the forward, dX and dMemory kernels read the
+            input and the output gradient in place (implicit GEMMs)
+  im2col    roastfx::roast_conv with ROASTFX_CONV=im2col: F.unfold, then the fused ROAST GEMM; backward
+            F.fold / F.unfold around the ROAST dX and dMemory GEMM kernels
+Forward alone and forward + backward. Before timing, each ROAST method's output and input gradient
+are compared with the materialized weight's F.conv2d.
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ def run(args):
     import torch.nn.functional as F
 
     from bench_kernels import make_mapping, pick_tile
-    from roastfx.codegen import reference
     from roastfx.codegen.hashing import TileHash
     from roastfx.codegen.ops import mapping_args, roast_conv
 
@@ -77,38 +78,57 @@ def run(args):
                 "implicit": lambda x: roast(x, "implicit"),
                 "im2col": lambda x: roast(x, "im2col"),
             }
-            with torch.no_grad():
-                view = reference.materialize(memory, mapping, scale).to(dtype)
-                want = F.conv2d(x, view.t().reshape(cout, cin, k, k), bias, stride, pad).float()
-                errors = {m: ((fns[m](x).float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-                          for m in ("implicit", "im2col")}
-            for m, err in errors.items():
-                if err > 2e-2:
+            errors = {m: conv_errors(fns[m], x, dy, mapping, memory, scale, bias, (cout, cin, k, k), stride, pad)
+                      for m in ("implicit", "im2col")}
+            for m, (err, grad_err) in errors.items():
+                if max(err, grad_err) > 2e-2:
                     print(f"WARNING: {name} at {factor:g}x: {m} differs from the materialized conv by {err:.3g} "
-                          "(relative)", file=sys.stderr)
+                          f"(output) / {grad_err:.3g} (input gradient), relative", file=sys.stderr)
             for method in METHODS:
                 fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep)
                 flops = 2 * n * out_hw * out_hw * fan_in * cout
                 rows.append(dict(shape=name, batch=n, cin=cin, cout=cout, hw=hw, kernel=k, stride=stride,
                                  compression=factor, memory_size=size, tile=list(tile), method=method,
-                                 rel_err_vs_materialized=errors.get(method), forward_ms=fwd,
+                                 rel_err_vs_materialized=errors.get(method, (None,))[0],
+                                 grad_rel_err_vs_materialized=errors.get(method, (None, None))[1], forward_ms=fwd,
                                  forward_backward_ms=fwd_bwd, forward_tflops=flops / fwd / 1e9,
                                  forward_backward_tflops=3 * flops / fwd_bwd / 1e9))
     os.environ.pop("ROASTFX_CONV", None)
     return rows
 
 
+def conv_errors(fn, x, dy, mapping, memory, scale, bias, weight_shape, stride, pad):
+    """(output, input gradient) of ``fn`` against F.conv2d with the materialized weight: the largest
+    difference over the largest reference value."""
+    import torch
+    import torch.nn.functional as F
+
+    from roastfx.codegen import reference
+
+    def relative(got, want):
+        return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+
+    x = x.detach().requires_grad_()
+    with torch.no_grad():
+        weight = reference.materialize(memory, mapping, scale).to(x.dtype).t().reshape(weight_shape)
+    want = F.conv2d(x, weight, bias.detach(), stride, pad)
+    (want_dx,) = torch.autograd.grad(want, x, dy)
+    got = fn(x)
+    (got_dx,) = torch.autograd.grad(got, x, dy)
+    return relative(got, want), relative(got_dx, want_dx)
+
+
 def print_table(rows):
     header = f"{'shape':<24}{'comp':>7}{'method':>10}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}" \
-             f"{'vs dense fwd':>14}"
+             f"{'vs dense fwd':>14}{'vs dense f+b':>14}"
     print(header)
     print("-" * len(header))
-    dense = {(r["shape"], r["compression"]): r["forward_ms"] for r in rows if r["method"] == "dense"}
+    dense = {(r["shape"], r["compression"]): r for r in rows if r["method"] == "dense"}
     for r in rows:
-        ratio = dense[(r["shape"], r["compression"])] / r["forward_ms"]
+        d = dense[(r["shape"], r["compression"])]
         print(f"{r['shape']:<24}{r['compression']:>6g}x{r['method']:>10}{r['forward_ms']:>10.3f}"
               f"{r['forward_tflops']:>10.1f}{r['forward_backward_ms']:>10.3f}{r['forward_backward_tflops']:>10.1f}"
-              f"{ratio:>13.2f}x")
+              f"{d['forward_ms'] / r['forward_ms']:>13.2f}x{d['forward_backward_ms'] / r['forward_backward_ms']:>13.2f}x")
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ Each launch a real run would make (forward GEMM with each block config (fp32 at 
 default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
-conv alone and with a batch norm + residual + relu epilogue, embedding gather and scatter
+conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
+every conv config (configs.CONV_CANDIDATES), embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
@@ -129,21 +130,33 @@ def _launches_for(dname: str, quick: bool):
         out.append(("roast_linear_epilogue", signature, dname, default, 4,
                     lambda epi=epi, extras=extras: triton_epilogue.roast_matmul_epilogue(
                         x, memory, site, 0.5, True, epi, extras, config=default)))
-    # ResNet-style 3x3 conv, 32 -> 64 channels, as an implicit GEMM (reduction 32 * 9 = 288 = site rows)
+    # ResNet-style 3x3 conv, 32 -> 64 channels, as implicit GEMMs (reduction 32 * 9 = 288 = site rows): the
+    # forward alone and with ResNet's eval batch norm + residual + relu (as fuse_epilogue writes it), dX over
+    # the input's pixels and dMemory over the output's, each with every conv config
     conv_site = mapping(32 * 9, 64)
-    image = torch.zeros(2, 32, 14, 14, dtype=dtype)
-    out.append(("roast_conv", "implicit GEMM 3x3 + bias", dname, default, 4,
-                lambda: triton_conv.roast_conv2d_group(image, memory, conv_site, 0.5,
-                                                       torch.empty(2, 64, 14, 14, dtype=dtype), (3, 3), (1, 1),
-                                                       (1, 1), (1, 1), bias=torch.zeros(64, dtype=dtype),
-                                                       config=default)))
-    # ResNet's conv + eval batch norm + residual + relu, as fuse_epilogue writes it
+    image, grad_image = torch.zeros(2, 32, 14, 14, dtype=dtype), torch.zeros(2, 64, 14, 14, dtype=dtype)
     channel = torch.ones(64, 1, 1, dtype=torch.float32)
     bn = Epilogue.parse("sub:x0|add(x1,1e-05)|rsqrt|mul(v1,v3)|mul:x2|add:x3|add:x4|relu")
-    out.append(("roast_conv_epilogue", "3x3 + batch norm + residual + relu", dname, default, 4,
-                lambda: triton_epilogue.roast_conv_epilogue(
-                    image, memory, conv_site, 0.5, torch.empty(2, 64, 14, 14, dtype=dtype), (3, 3), (1, 1), (1, 1),
-                    (1, 1), bn, [channel] * 4 + [torch.zeros(2, 64, 14, 14, dtype=dtype)], config=default)))
+    conv_configs = configs.FMA_CANDIDATES if fma_dot(dname) else configs.CONV_CANDIDATES
+    for cfg in conv_configs[:1] if quick else conv_configs:
+        out += [
+            ("roast_conv", "implicit GEMM 3x3 + bias", dname, cfg, 4,
+             lambda cfg=cfg: triton_conv.roast_conv2d_group(
+                 image, memory, conv_site, 0.5, torch.empty_like(grad_image), (3, 3), (1, 1), (1, 1), (1, 1),
+                 bias=torch.zeros(64, dtype=dtype), config=cfg)),
+            ("roast_conv_epilogue", "3x3 + batch norm + residual + relu", dname, cfg, 4,
+             lambda cfg=cfg: triton_epilogue.roast_conv_epilogue(
+                 image, memory, conv_site, 0.5, torch.empty_like(grad_image), (3, 3), (1, 1), (1, 1), (1, 1), bn,
+                 [channel] * 4 + [torch.zeros_like(grad_image)], config=cfg)),
+            ("roast_conv_grad_input", "3x3 dX", dname, cfg, 4,
+             lambda cfg=cfg: triton_conv.roast_conv2d_grad_input(
+                 grad_image, memory, conv_site, 0.5, torch.empty_like(image), (3, 3), (1, 1), (1, 1), (1, 1),
+                 config=cfg)),
+            ("roast_conv_grad_memory", "3x3 dMemory", dname, cfg, size,
+             lambda cfg=cfg: triton_conv.roast_conv2d_grad_memory(
+                 image, grad_image, memory.numel(), conv_site, 0.5, (3, 3), (1, 1), (1, 1), (1, 1),
+                 deterministic=False, config=cfg)),
+        ]
     ids = torch.zeros(M, dtype=torch.int64)
     # BERT's embeddings: word rows + token type rows + a position table broadcast over the batch
     words = mapping(M, N)
@@ -180,7 +193,8 @@ def run(args):
                 error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         size = 4 if dname == "fp32" else 2
         kept = None if cfg is None else cfg in configs.candidates(profile, size, b_element_size=b_size,
-                                                                  fma=fma_dot(dname))
+                                                                  fma=fma_dot(dname),
+                                                                  conv=name.startswith("roast_conv"))
         if error or not compiled:
             failures.append(f"{name} [{variant}] {dname}: {error or 'no launch'}")
             rows.append(dict(kernel=name, variant=variant, dtype=dname, config=_cfg(cfg), error=error or "no launch"))

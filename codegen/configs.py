@@ -58,11 +58,22 @@ FMA_CANDIDATES: tuple[BlockConfig, ...] = (
     BlockConfig(64, 32, 16, num_warps=4, num_stages=3),
 )
 
+# The conv kernels (triton_conv.py: forward with any epilogue, dX, dMemory) compute every A element's address
+# from its pixel and tap, on top of the B tile's per-element hashing, and an epilogue with a residual holds a
+# second 2-D tile of 64-bit addresses: most CANDIDATES spill there (0.1 to 2.3 KB of stack per thread on
+# sm_90, bf16; 128x64x32 with 8 warps, and 64x64x32 with 4, in ResNet's conv + batch norm + residual + relu).
+# These spill nothing in any conv kernel, in bf16, fp16 and TF32, on sm_80, sm_89 and sm_90
+# (benchmarks/compile_check.py compiles each); at "highest" fp32 the FMA_CANDIDATES spill nothing there either.
+CONV_CANDIDATES: tuple[BlockConfig, ...] = (
+    BlockConfig(64, 64, 32, num_warps=8, num_stages=4),
+    BlockConfig(32, 64, 32, num_warps=4, num_stages=3),
+)
+
 INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
 
 
 def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] | None = None,
-               b_element_size: int | None = None, fma: bool = False) -> list[BlockConfig]:
+               b_element_size: int | None = None, fma: bool = False, conv: bool = False) -> list[BlockConfig]:
     """The candidates for a hardware profile: those whose pipelined tiles fit in its shared memory.
 
     ``target`` is a hardware profile (anything with ``smem_per_block_bytes``, e.g.
@@ -71,14 +82,14 @@ def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] |
     constraint on that axis): when some fitting candidates are multiples of it, only
     those are kept, so a block never splits a hash tile; otherwise all fitting ones are
     (the mapping is hashed per element, so any block reads the same slots). ``fma``: the dot
-    runs in full fp32 on FMA units (FMA_CANDIDATES).
+    runs in full fp32 on FMA units (FMA_CANDIDATES); else ``conv``: a conv kernel (CONV_CANDIDATES).
     """
     limit = getattr(target, "smem_per_block_bytes", target)
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"candidates takes a hardware profile or a number of bytes, got {target!r}")
     if limit <= 0:
         raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {limit}")
-    pool = FMA_CANDIDATES if fma else CANDIDATES
+    pool = FMA_CANDIDATES if fma else CONV_CANDIDATES if conv else CANDIDATES
     fitting = [c for c in pool if c.shared_memory(element_size, b_element_size) <= limit]
     if not fitting:
         smallest = min(c.shared_memory(element_size, b_element_size) for c in pool)
@@ -98,12 +109,12 @@ def _holds_whole_tiles(c: BlockConfig, block_tile: tuple[int, int, int]) -> bool
 
 def pick(m: int, n: int, k: int, shared_memory_limit, element_size: int = 2,
          block_tile: tuple[int, int, int] | None = None, b_element_size: int | None = None,
-         exclude=(), fma: bool = False) -> BlockConfig:
+         exclude=(), fma: bool = False, conv: bool = False) -> BlockConfig:
     """A good config without timing: the largest tile that still gives the GPU enough programs
     (``exclude``: configs the device refused)."""
     if interpreting():
         return INTERPRETER_CONFIG
-    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size, fma), exclude)
+    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size, fma, conv), exclude)
 
     def score(c: BlockConfig):
         programs = -(-m // c.block_m) * -(-n // c.block_n)
@@ -182,7 +193,7 @@ def tune(key: tuple, options: list[BlockConfig], bench) -> BlockConfig:
 
 
 def tuned_configs() -> dict[tuple, BlockConfig]:
-    """The configs autotuning chose in this process, by (kernel, shape bucket, dtype, device, tile, fma)."""
+    """The configs autotuning chose in this process, by (kernel, shape bucket, dtype, device, tile, fma, conv)."""
     return dict(_tuned)
 
 
@@ -226,7 +237,7 @@ def refused_configs() -> dict[tuple, set]:
 
 def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None = None, bench=None,
            block_tile: tuple[int, int, int] | None = None, dtype=None,
-           b_element_size: int | None = None, fma: bool = False) -> BlockConfig:
+           b_element_size: int | None = None, fma: bool = False, conv: bool = False) -> BlockConfig:
     """The config a launch on ``device`` uses for an (m x k) @ (k x n) product.
 
     Under the interpreter or off CUDA: INTERPRETER_CONFIG. On CUDA with autotuning on
@@ -244,13 +255,15 @@ def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None
         _limits[index] = shared_memory_limit(dev)
     refused = _refused.get(refused_key(dev, kernel, dtype or element_size), set())
     if autotune_enabled() and bench is not None and kernel is not None:
-        key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile, fma)
+        key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile, fma, conv)
         if key in _tuned and _tuned[key] in refused:
             del _tuned[key]
         if key in _tuned or not _capturing():  # no timing inside a CUDA graph capture
-            options = _usable(candidates(_limits[index], element_size, block_tile, b_element_size, fma), refused)
+            options = _usable(candidates(_limits[index], element_size, block_tile, b_element_size, fma, conv),
+                              refused)
             return tune(key, options, bench)
-    return pick(m, n, k, _limits[index], element_size, block_tile, b_element_size, exclude=refused, fma=fma)
+    return pick(m, n, k, _limits[index], element_size, block_tile, b_element_size, exclude=refused, fma=fma,
+                conv=conv)
 
 
 def _capturing() -> bool:

@@ -2,11 +2,12 @@
 
 The conv weight W (out, in/groups, *kernel) is V^T reshaped, V being the site's
 (in/groups*prod(kernel), out) B view. On the Triton path W is never built: the forward
-is an implicit GEMM that reads the input in place (triton_conv.py; ROASTFX_CONV=im2col
-runs F.unfold and the fused ROAST GEMM instead), and the backward is im2col/col2im
-around the ROAST dX and dMemory kernels; a grouped conv runs one GEMM per group on the
-group's column window of V when the window starts on hash-tile boundaries
-(``ops.column_windows``). Elsewhere the op materializes W and runs the dense conv.
+is an implicit GEMM that reads the input in place, and so are the backward's dX (over
+the input's pixels) and dMemory (over the output's) (triton_conv.py); ROASTFX_CONV=im2col
+runs F.unfold/F.fold around the ROAST GEMM, dX and dMemory kernels instead. A grouped
+conv runs one GEMM per group on the group's column window of V when the window starts
+on hash-tile boundaries (``ops.column_windows``). Elsewhere the op materializes W and
+runs the dense conv.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
-from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, use_triton
+from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, row_windows, use_triton
 from .reference import materialize as _materialize
 
 
@@ -25,9 +26,10 @@ CONV_MODES = ("implicit", "im2col")
 
 
 def conv_mode() -> str:
-    """How the Triton path runs a conv's forward (ROASTFX_CONV): ``implicit`` (default), one implicit-GEMM
-    kernel per group that reads the input in place (triton_conv.py); ``im2col``, F.unfold then the ROAST GEMM.
-    The backward is im2col either way."""
+    """How the Triton path runs a conv (ROASTFX_CONV): ``implicit`` (default), implicit-GEMM kernels per group
+    for the forward, dX and dMemory, reading the input and the output gradient in place (triton_conv.py);
+    ``im2col``, F.unfold then the ROAST GEMM forward, and F.fold / F.unfold around the dX and dMemory
+    kernels backward."""
     mode = os.environ.get("ROASTFX_CONV", "implicit")
     if mode not in CONV_MODES:
         raise ValueError(f"ROASTFX_CONV={mode!r} is not valid; accepted: {', '.join(CONV_MODES)}")
@@ -139,25 +141,45 @@ def _conv_grads(x, memory, grad, mapping, scale, conv, need_x, need_memory, grad
         grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory,
                                                    grad_norm)
     else:
-        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory,
-                                                  grad_norm)
+        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, mapping, windows, scale, conv, need_x,
+                                                  need_memory, grad_norm)
     return (grad_x.reshape(x.shape) if grad_x is not None else None), grad_memory
 
 
-def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memory, grad_norm):
-    """dX: the view-transposed GEMM per group, then col2im (F.fold); dMemory: the ROAST weight-gradient
-    kernel on the recomputed columns, summed over groups (with grad_norm, divided by the RMS of the
-    whole view's gradient: the groups' windows tile the view, so their sums of squares add up)."""
+def _gemm_conv_backward(xb, gb, memory, mapping, windows, scale, conv, need_x, need_memory, grad_norm):
+    """dX and dMemory by the Triton kernels, per group, summed over groups (with grad_norm, the memory
+    gradient is divided by the RMS of the whole view's gradient: the groups' windows tile the view, so their
+    sums of squares add up)."""
     _kernels()
     kernel, stride, padding, dilation, groups = conv
     x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+    g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(xb.dtype)
+    geometry = (k2, s2, p2, d2)
+    grad_x = grad_memory = sumsq = None
+    if conv_mode() == "implicit":
+        if need_x:
+            grad_x = torch.ops.roastfx.conv2d_grad_input(g2, memory, mapping, scale, list(x2.shape), *geometry, groups)
+        if need_memory:
+            grad_memory, sumsq = torch.ops.roastfx.conv2d_grad_memory(x2, g2, memory, mapping, scale, *geometry,
+                                                                      groups, grad_norm)
+    else:
+        grad_x, grad_memory, sumsq = _im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory,
+                                                   grad_norm)
+    if need_memory and grad_norm:
+        grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
+    return grad_x, grad_memory
+
+
+def _im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory, grad_norm):
+    """(dX, dMemory, sum of dV^2 or None) by the GEMM kernels around F.fold / F.unfold, group by group."""
+    k2, s2, p2, d2 = geometry
     n, _, h, w = x2.shape
-    out = gb.shape[1]
-    width = out // groups
-    grad2d = gb.reshape(n, out, -1).transpose(1, 2).reshape(-1, out).to(xb.dtype)  # (N*L, out)
+    groups = len(windows)
+    width = g2.shape[1] // groups
     grad_xs, grad_memory, sumsq = [], None, 0.0
     for g, window in enumerate(windows):
-        grad_g = grad2d[:, g * width:(g + 1) * width].contiguous()
+        grad_g = g2[:, g * width:(g + 1) * width].reshape(n, width, -1).transpose(1, 2).reshape(-1, width)
+        grad_g = grad_g.contiguous()
         if need_x:
             grad_cols = torch.ops.roastfx.linear_grad_input(grad_g, memory, window, scale, True)
             grad_cols = grad_cols.reshape(n, -1, grad_cols.shape[-1]).transpose(1, 2)
@@ -171,10 +193,85 @@ def _gemm_conv_backward(xb, gb, memory, windows, scale, conv, need_x, need_memor
             else:
                 part = torch.ops.roastfx.linear_grad_memory(*args)
             grad_memory = part if grad_memory is None else grad_memory + part
-    if need_memory and grad_norm:
-        grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, windows[0][0] * windows[0][1] * groups))
     grad_x = (grad_xs[0] if groups == 1 else torch.cat(grad_xs, 1)) if need_x else None
-    return grad_x, grad_memory
+    return grad_x, grad_memory, sumsq
+
+
+def _conv_windows(mapping: list[int], groups: int, transposed: bool) -> list[list[int]] | None:
+    """Each group's window of the view: columns of a conv's (in/groups * kernel, out) view, rows of a
+    transposed conv's (in, out/groups * kernel) view; None when a window splits hash tiles."""
+    return row_windows(mapping, groups) if transposed else column_windows(mapping, groups)
+
+
+# The implicit-GEMM kernels as ops, in the terms of a conv2d C whose (in/groups * kh * kw, out) weight view is
+# the site's view, or its transpose (``transposed``: the site is a transposed conv, which is C's adjoint).
+# Backward formulas call them, so AOTAutograd sees opaque ops, not Triton launches.
+@torch.library.custom_op("roastfx::conv2d_implicit", mutates_args=())
+def _conv2d_implicit(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                     output_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, transposed: bool) -> torch.Tensor:
+    """C(x) (``output_size``, x's dtype), no bias: one implicit-GEMM launch per group
+    (triton_conv.roast_conv2d_group)."""
+    from .triton_conv import roast_conv2d_group
+
+    out = x.new_empty(output_size)
+    per_group, width = x.shape[1] // groups, output_size[1] // groups
+    for g, window in enumerate(_conv_windows(mapping, groups, transposed)):
+        roast_conv2d_group(x, memory.reshape(-1), _mapping(window), scale, out, kernel, stride, padding, dilation,
+                           c0=g * per_group, o0=g * width, view_is_b=not transposed)
+    return out
+
+
+@_conv2d_implicit.register_fake
+def _(x, memory, mapping, scale, output_size, kernel, stride, padding, dilation, groups, transposed):
+    return x.new_empty(output_size)
+
+
+@torch.library.custom_op("roastfx::conv2d_grad_input", mutates_args=())
+def _conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                       input_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int, transposed: bool = False) -> torch.Tensor:
+    """C's input gradient (``input_size``, grad's dtype) for its output gradient ``grad`` (with
+    ``transposed``, the transposed conv's forward): one implicit-GEMM launch per group
+    (triton_conv.roast_conv2d_grad_input)."""
+    from .triton_conv import roast_conv2d_grad_input
+
+    grad_x = grad.new_empty(input_size)
+    per_group, width = input_size[1] // groups, grad.shape[1] // groups
+    for g, window in enumerate(_conv_windows(mapping, groups, transposed)):
+        roast_conv2d_grad_input(grad, memory.reshape(-1), _mapping(window), scale, grad_x, kernel, stride, padding,
+                                dilation, c0=g * per_group, o0=g * width, transposed=transposed)
+    return grad_x
+
+
+@_conv2d_grad_input.register_fake
+def _(grad, memory, mapping, scale, input_size, kernel, stride, padding, dilation, groups, transposed=False):
+    return grad.new_empty(input_size)
+
+
+@torch.library.custom_op("roastfx::conv2d_grad_memory", mutates_args=())
+def _conv2d_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory: torch.Tensor, mapping: list[int],
+                        scale: float, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                        groups: int, sumsq: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dMemory in memory's dtype, sum of the view gradient's squares as a float64 0-d tensor, 0 unless
+    ``sumsq``) of C at input ``x`` for its output gradient ``grad``: one implicit-GEMM launch per group,
+    summed in fp32 (triton_conv.roast_conv2d_grad_memory)."""
+    from .triton_conv import roast_conv2d_grad_memory
+
+    total, squares = None, x.new_zeros((), dtype=torch.float64)
+    per_group, width = x.shape[1] // groups, grad.shape[1] // groups
+    for g, window in enumerate(_conv_windows(mapping, groups, transposed)):
+        part, part_sumsq = roast_conv2d_grad_memory(x, grad, memory.numel(), _mapping(window), scale, kernel, stride,
+                                                    padding, dilation, c0=g * per_group, o0=g * width, sumsq=sumsq,
+                                                    transposed=transposed)
+        total = part if total is None else total + part
+        squares = squares + part_sumsq if sumsq else squares
+    return total.to(memory.dtype).reshape(memory.shape), squares
+
+
+@_conv2d_grad_memory.register_fake
+def _(x, grad, memory, mapping, scale, kernel, stride, padding, dilation, groups, sumsq, transposed=False):
+    return torch.empty_like(memory), x.new_empty((), dtype=torch.float64)
 
 
 def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory, grad_norm):
@@ -296,29 +393,41 @@ def _transposed_2d(x, kernel, stride, padding, output_padding, dilation):
 @torch.library.custom_op("roastfx::roast_conv_transpose", mutates_args=())
 def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
                          bias: torch.Tensor | None, kernel: list[int], stride: list[int], padding: list[int],
-                         output_padding: list[int], dilation: list[int], grad_norm: bool = False) -> torch.Tensor:
-    """``F.conv_transpose1d/2d(x, W, bias, stride, padding, output_padding, 1, dilation)`` (by ``len(kernel)``)
-    where W = V reshaped to (in, out, *kernel) and V is the site's (in, out * prod(kernel)) view. On the
-    Triton path the columns x @ V come from the fused ROAST GEMM and F.fold sums them into the output (W is
-    never built); elsewhere the op materializes W and runs the dense op."""
+                         output_padding: list[int], dilation: list[int], groups: int = 1,
+                         grad_norm: bool = False) -> torch.Tensor:
+    """``F.conv_transpose1d/2d(x, W, bias, stride, padding, output_padding, groups, dilation)`` (by
+    ``len(kernel)``) where W = V reshaped to (in, out/groups, *kernel) and V is the site's (in, out/groups *
+    prod(kernel)) view. On the Triton path W is never built: per group, the forward is the implicit-GEMM conv
+    input-gradient kernel reading V transposed, the backward the implicit conv (dX) and weight-gradient
+    (dMemory) kernels (ROASTFX_CONV=im2col: the ROAST GEMM's columns summed by F.fold, and F.unfold
+    backward); a group's rows of V must start on hash-tile boundaries (``ops.row_windows``). Elsewhere the
+    op materializes W and runs the dense op."""
     if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, output_padding,
                                                                             dilation)):
         raise ValueError(f"roast_conv_transpose takes 1 or 2 spatial dims with one stride/padding/output_padding/"
                          f"dilation each, got kernel={kernel} stride={stride} padding={padding} "
                          f"output_padding={output_padding} dilation={dilation}")
     xb = _batched(x, kernel)
-    out_channels = mapping[1] // math.prod(kernel)
-    if not use_triton(x):
+    windows = row_windows(mapping, groups) if use_triton(x) else None
+    if windows is None:
         conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
-        weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], out_channels, *kernel)
-        return conv(x, weight, bias, stride, padding, output_padding, 1, dilation)
+        weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], -1, *kernel)
+        return conv(x, weight, bias, stride, padding, output_padding, groups, dilation)
     _kernels()
     x2, k2, s2, p2, o2, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
     n, c, h, w = x2.shape
     size = [_transposed_out_size(*a) for a in zip((h, w), k2, s2, p2, o2, d2)]
-    rows = x2.flatten(2).transpose(1, 2)  # (N, H*W, in)
-    cols = torch.ops.roastfx.linear(rows, memory, None, None, mapping, scale, True, "none", False)[0]
-    y = F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2)  # (N, out, H_out, W_out)
+    out_channels = mapping[1] // math.prod(kernel) * groups
+    if conv_mode() == "implicit":
+        y = torch.ops.roastfx.conv2d_grad_input(x2, memory, mapping, scale, [n, out_channels, *size], k2, s2, p2, d2,
+                                                groups, True)
+    else:
+        outs = []
+        for g, window in enumerate(windows):
+            rows = x2[:, g * c // groups:(g + 1) * c // groups].flatten(2).transpose(1, 2)  # (N, H*W, in/groups)
+            cols = torch.ops.roastfx.linear(rows, memory, None, None, window, scale, True, "none", False)[0]
+            outs.append(F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2))  # (N, out/groups, H_out, W_out)
+        y = outs[0] if groups == 1 else torch.cat(outs, 1)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(1, -1, 1, 1)
     y = y.squeeze(2) if len(kernel) == 1 else y
@@ -326,55 +435,87 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
 
 
 @roast_conv_transpose.register_fake
-def _(x, memory, mapping, scale, bias, kernel, stride, padding, output_padding, dilation, grad_norm=False):
+def _(x, memory, mapping, scale, bias, kernel, stride, padding, output_padding, dilation, groups=1, grad_norm=False):
     spatial = [_transposed_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, output_padding,
                                                      dilation)]
-    return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1] // math.prod(kernel), *spatial))
+    return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1] // math.prod(kernel) * groups, *spatial))
 
 
 def _conv_transpose_setup(ctx, inputs, output):
-    x, memory, mapping, scale, bias, kernel, stride, padding, output_padding, dilation, grad_norm = inputs
+    x, memory, mapping, scale, bias, kernel, stride, padding, output_padding, dilation, groups, grad_norm = inputs
     ctx.save_for_backward(x, memory)
     ctx.site = (mapping, scale, grad_norm, bias is not None)
-    ctx.conv = (kernel, stride, padding, output_padding, dilation)
+    ctx.conv = (kernel, stride, padding, output_padding, dilation, groups)
 
 
 def _conv_transpose_backward(ctx, grad):
-    """dX = the columns of dY (F.unfold) @ V^T; dMemory from x^T @ those columns; dBias the sum of dY. The
-    reference path differentiates the dense op at the materialized weight."""
+    """dX is the conv of dY with W, dMemory the conv weight gradient with dY as the conv's input and x as its
+    output gradient, read into V transposed; dBias the sum of dY. The reference path differentiates the dense
+    op at the materialized weight."""
     x, memory = ctx.saved_tensors
     mapping, scale, grad_norm, has_bias = ctx.site
-    kernel, stride, padding, output_padding, dilation = ctx.conv
+    kernel, stride, padding, output_padding, dilation, groups = ctx.conv
     gb = _batched(grad, kernel)
     accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if has_bias else None
-    if not use_triton(x):
+    windows = row_windows(mapping, groups) if use_triton(x) else None
+    if windows is None:
         conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
         view = materialize(memory, mapping, scale).to(x.dtype)  # the op, opaque to tracing
         weight = view.reshape(mapping[0], -1, *kernel)
-        _, pullback = torch.func.vjp(lambda xv, wv: conv(xv, wv, None, stride, padding, output_padding, 1, dilation),
-                                     x, weight)
+        _, pullback = torch.func.vjp(
+            lambda xv, wv: conv(xv, wv, None, stride, padding, output_padding, groups, dilation), x, weight)
         grad_x, grad_weight = pullback(grad)
         grad_view = grad_weight.reshape(view.shape)
         if grad_norm:
             grad_view = normalize(grad_view, site_grad_rms(grad_view))
         grad_memory = _memory_grad_op(grad_view, mapping, scale, memory.numel()).to(memory.dtype)
-        return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None
     _kernels()
     xb = _batched(x, kernel)
     x2, k2, s2, p2, _, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
-    g2 = gb.unsqueeze(2) if len(kernel) == 1 else gb
-    n, c = x2.shape[:2]
-    cols = F.unfold(g2, k2, d2, p2, s2).transpose(1, 2).reshape(-1, mapping[1]).to(x.dtype).contiguous()
-    rows = x2.flatten(2).transpose(1, 2).reshape(-1, c)
-    grad_rows = torch.ops.roastfx.linear_grad_input(cols, memory, mapping, scale, True)  # (N*H*W, in)
-    grad_x = grad_rows.reshape(n, -1, c).transpose(1, 2).reshape(x2.shape).reshape(x.shape)
-    if grad_norm:
-        grad_memory, sumsq = torch.ops.roastfx.linear_grad_memory_sumsq(rows, cols, memory, mapping, scale, True)
-        grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
+    g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(x.dtype)
+    need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x = grad_memory = sumsq = None
+    if conv_mode() == "implicit":
+        if need_x:
+            grad_x = torch.ops.roastfx.conv2d_implicit(g2, memory, mapping, scale, list(x2.shape), k2, s2, p2, d2,
+                                                       groups, True)
+        if need_memory:
+            grad_memory, sumsq = torch.ops.roastfx.conv2d_grad_memory(g2, x2, memory, mapping, scale, k2, s2, p2, d2,
+                                                                      groups, grad_norm, True)
     else:
-        grad_memory = torch.ops.roastfx.linear_grad_memory(rows, cols, memory, mapping, scale, True)
-    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
+        grad_x, grad_memory, sumsq = _transposed_im2col_grads(x2, g2, memory, windows, scale, (k2, s2, p2, d2),
+                                                              need_x, need_memory, grad_norm)
+    if need_memory and grad_norm:
+        grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
+    grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None
+
+
+def _transposed_im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory, grad_norm):
+    """(dX, dMemory, sum of dV^2 or None) per group: the columns of dY (F.unfold) @ V^T, and x^T @ them."""
+    k2, s2, p2, d2 = geometry
+    n, c = x2.shape[:2]
+    groups = len(windows)
+    per_group, width = c // groups, g2.shape[1] // groups
+    grad_xs, grad_memory, sumsq = [], None, 0.0
+    for g, window in enumerate(windows):
+        cols = F.unfold(g2[:, g * width:(g + 1) * width], k2, d2, p2, s2).transpose(1, 2).reshape(-1, window[1])
+        cols = cols.contiguous()
+        if need_x:
+            grad_rows = torch.ops.roastfx.linear_grad_input(cols, memory, window, scale, True)  # (N*H*W, in/groups)
+            grad_xs.append(grad_rows.reshape(n, -1, per_group).transpose(1, 2))
+        if need_memory:
+            rows = x2[:, g * per_group:(g + 1) * per_group].flatten(2).transpose(1, 2).reshape(-1, per_group)
+            if grad_norm:
+                part, window_sumsq = torch.ops.roastfx.linear_grad_memory_sumsq(rows, cols, memory, window, scale, True)
+                sumsq = sumsq + window_sumsq
+            else:
+                part = torch.ops.roastfx.linear_grad_memory(rows, cols, memory, window, scale, True)
+            grad_memory = part if grad_memory is None else grad_memory + part
+    grad_x = torch.cat(grad_xs, 1).reshape(x2.shape) if need_x else None
+    return grad_x, grad_memory, sumsq
 
 
 roast_conv_transpose.register_autograd(_conv_transpose_backward, setup_context=_conv_transpose_setup)

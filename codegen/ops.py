@@ -37,15 +37,27 @@ def column_windows(mapping: list[int], parts: int) -> list[list[int]] | None:
     Tile (i, j0 + j') of a window at column n0 = j0 * tile_cols hashes like tile (i, j') of a mapping
     whose constants absorb the shift: b + a_col * j0 and d + c_col * n0 (mod P). Same slots, same signs.
     """
+    return _windows(mapping, parts, rows=False)
+
+
+def row_windows(mapping: list[int], parts: int) -> list[list[int]] | None:
+    """``column_windows`` along the view's rows (a grouped transposed conv's groups, whose (in, out/groups *
+    kernel) view is cut by input channels): b + a_row * i0 and d + c_row * r0."""
+    return _windows(mapping, parts, rows=True)
+
+
+def _windows(mapping: list[int], parts: int, rows: bool) -> list[list[int]] | None:
     m = _mapping(mapping)
     if parts == 1:
         return [list(mapping)]
-    width = m.cols // parts
-    if width * parts != m.cols or width % m.tile_cols:
+    size, tile = (m.rows, m.tile_rows) if rows else (m.cols, m.tile_cols)
+    a, c = (m.a_row, m.c_row) if rows else (m.a_col, m.c_col)
+    width = size // parts
+    if width * parts != size or width % tile:
         return None
-    return [mapping_args(replace(m, cols=width, b=(m.b + m.a_col * (start // m.tile_cols)) % PRIME,
-                                 d=(m.d + m.c_col * start) % PRIME))
-            for start in range(0, m.cols, width)]
+    return [mapping_args(replace(m, **{"rows" if rows else "cols": width}, b=(m.b + a * (start // tile)) % PRIME,
+                                 d=(m.d + c * start) % PRIME))
+            for start in range(0, size, width)]
 
 
 def _memory_grad(memory: torch.Tensor, mapping: TileHash, scale: float, grad_view: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,23 @@ def grouped_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M:
 
 
 @triton.jit
+def signed_values(mem_ptr, index, sign, mask):
+    """The memory at ``index`` (0 where not ``mask``) in fp32, times ``sign``."""
+    w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(sign > 0, w, -w)  # sign in fp32: exact, and the interpreter can't negate bf16
+
+
+@triton.jit
+def roast_view_values(mem_ptr, k, n, mask,
+                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd):
+    """Elements (k, n) of a site's view, signed, in fp32, read from the memory at their hashed slots; k and n
+    are index tensors that broadcast against each other and ``mask`` (masked elements read 0)."""
+    index, sign = roast_index_and_sign(k, n, tile_rows, tile_cols, alignment, window_start, offset_range,
+                                       a_row, a_col, hb, c_row, c_col, hd)
+    return signed_values(mem_ptr, index, sign, mask)
+
+
+@triton.jit
 def roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n,
                  tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
                  VIEW_IS_B: tl.constexpr):
@@ -69,8 +86,9 @@ def roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n,
         index, sign = roast_index_and_sign(
             offs_n[None, :], offs_r[:, None], tile_rows, tile_cols, alignment, window_start,
             offset_range, a_row, a_col, hb, c_row, c_col, hd)
-    w = tl.load(mem_ptr + index, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    return tl.where(sign > 0, w, -w)  # sign in fp32: exact, and the interpreter can't negate bf16
+    # index and sign first, then the mask: the order the compiled kernels were checked in (compile_check.py);
+    # building the mask first cost the transposed read 8 bytes of spills on sm_80
+    return signed_values(mem_ptr, index, sign, mask_r[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -150,6 +168,36 @@ def _roast_matmul_kernel(
 
 
 @triton.jit
+def grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr, contrib_ptr, sumsq_ptr, scale,
+                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+                      DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr):
+    """Send a program's (BLOCK_K, BLOCK_N) block ``acc`` of dV (view rows offs_k, columns offs_n; with
+    VIEW_TRANSPOSED, the view's columns and rows) to the memory: signed and scaled, by atomic add into
+    ``grad_ptr`` at each element's slot, or (DETERMINISTIC) written to ``contrib_ptr`` (rows from k_start,
+    N wide) for a sorted reduction in torch. With SUMSQ the program also writes its block's sum of dV^2 in
+    fp64 to ``sumsq_ptr`` (one per program)."""
+    if VIEW_TRANSPOSED:
+        index, sign = roast_index_and_sign(
+            offs_n[None, :], offs_k[:, None], tile_rows, tile_cols, alignment, window_start,
+            offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    else:
+        index, sign = roast_index_and_sign(
+            offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+            offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    grad = tl.where(sign > 0, acc, -acc) * scale
+    mask = mask_k[:, None] & mask_n[None, :]
+    if SUMSQ:
+        # one partial per program, summed in torch: deterministic, and fp64 squares of fp32 never overflow
+        dv = tl.where(mask, acc, 0.0).to(tl.float64)
+        tl.store(sumsq_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                 tl.sum(tl.sum(dv * dv, axis=1), axis=0))
+    if DETERMINISTIC:
+        tl.store(contrib_ptr + (offs_k - k_start)[:, None] * N + offs_n[None, :], grad, mask=mask)
+    else:
+        tl.atomic_add(grad_ptr + index, grad, mask=mask)
+
+
+@triton.jit
 def _roast_grad_memory_kernel(
     a_ptr, c_ptr, grad_ptr, contrib_ptr, sumsq_ptr,
     M, k_start, k_end, N,
@@ -185,19 +233,9 @@ def _roast_grad_memory_kernel(
             c = c.to(tl.float32)
         acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
 
-    index, sign = roast_index_and_sign(
-        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd)
-    grad = tl.where(sign > 0, acc, -acc) * scale
-    mask = mask_k[:, None] & mask_n[None, :]
-    if SUMSQ:
-        # one partial per program, summed in torch: deterministic, and fp64 squares of fp32 never overflow
-        dv = tl.where(mask, acc, 0.0).to(tl.float64)
-        tl.store(sumsq_ptr + pid_k * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dv * dv, axis=1), axis=0))
-    if DETERMINISTIC:
-        tl.store(contrib_ptr + (offs_k - k_start)[:, None] * N + offs_n[None, :], grad, mask=mask)
-    else:
-        tl.atomic_add(grad_ptr + index, grad, mask=mask)
+    grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr, contrib_ptr, sumsq_ptr, scale,
+                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
+                      hd, DETERMINISTIC, SUMSQ, False)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -242,13 +280,15 @@ def benchmark(launch, scratch):
     return bench
 
 
-def choose_config(kernel: str, a: torch.Tensor, M: int, N: int, R: int, mapping: TileHash, view_is_b: bool,
-                  launch, scratch, memory: torch.Tensor) -> configs.BlockConfig:
-    """configs.choose for an (M x R) @ (R x N) launch whose B tiles come from ``memory``; see
-    `benchmark` for ``launch`` and ``scratch``."""
+def choose_config(kernel: str, a: torch.Tensor, M: int, N: int, R: int, mapping: TileHash | None, view_is_b: bool,
+                  launch, scratch, memory: torch.Tensor, conv: bool = False) -> configs.BlockConfig:
+    """configs.choose for an (M x R) @ (R x N) launch whose B tiles come from ``memory`` (``conv``: a conv
+    kernel's); see `benchmark` for ``launch`` and ``scratch``. ``mapping`` None: no block shape holds whole
+    hash tiles, none is preferred."""
     return configs.choose(a.device, M, N, R, a.element_size(), kernel=kernel, bench=benchmark(launch, scratch),
-                          block_tile=block_tile(mapping, view_is_b), dtype=_dtypes(a, memory),
-                          b_element_size=memory.element_size(), fma=dot_precision(a.dtype) == "ieee")
+                          block_tile=block_tile(mapping, view_is_b) if mapping is not None else None,
+                          dtype=_dtypes(a, memory), b_element_size=memory.element_size(),
+                          fma=dot_precision(a.dtype) == "ieee", conv=conv)
 
 
 def _dtypes(a: torch.Tensor, memory: torch.Tensor) -> str:
@@ -354,8 +394,6 @@ def roast_grad_memory_sumsq(
 
 
 def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq):
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     if a.dim() != 2 or c.dim() != 2 or a.shape[0] != c.shape[0]:
         raise ValueError(f"roast_grad_memory takes (M, rows) and (M, cols), got {tuple(a.shape)} and {tuple(c.shape)}")
     if (a.shape[1], c.shape[1]) != (mapping.rows, mapping.cols):
@@ -364,17 +402,12 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
         )
     _check_kernel_dtype("a", a)
     _check_kernel_dtype("c", c)
-    M, K, N = a.shape[0], mapping.rows, mapping.cols
-    grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
-    partials = []  # per launch: one sum of squares per program
-    if M == 0:
-        return grad, grad.new_zeros((), dtype=torch.float64) if sumsq else None
 
-    def launch(cfg, k_start, k_end, grad, contrib, partial=None):
-        grid = (triton.cdiv(k_end - k_start, cfg.block_m), triton.cdiv(N, cfg.block_n))
+    def launch(cfg, k_start, k_end, grad, contrib, partial, deterministic):
+        grid = (triton.cdiv(k_end - k_start, cfg.block_m), triton.cdiv(mapping.cols, cfg.block_n))
         return _roast_grad_memory_kernel[grid](
             a, c, grad, contrib, partial if partial is not None else grad,
-            M, k_start, k_end, N,
+            a.shape[0], k_start, k_end, mapping.cols,
             a.stride(0), a.stride(1), c.stride(0), c.stride(1),
             float(scale), *hash_args(mapping),
             DETERMINISTIC=deterministic, SUMSQ=partial is not None, PRECISION=dot_precision(a.dtype),
@@ -382,6 +415,30 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    return run_grad_memory("roast_grad_memory", _roast_grad_memory_kernel, launch, a, a.shape[0], memory_size,
+                           mapping, deterministic, config, sumsq)
+
+
+def run_grad_memory(name: str, kernel, launch, a: torch.Tensor, M: int, memory_size: int, mapping: TileHash,
+                    deterministic: bool | None, config, sumsq: bool,
+                    conv: bool = False, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drive a weight-gradient kernel that reduces over ``M`` products of the A operand ``a`` into the
+    (rows, cols) view of ``mapping``: the config, the chunks of view rows the deterministic path takes
+    (contributions then a sorted index_put_), the per-program sums of squares. ``launch(cfg, k_start, k_end,
+    grad, contrib, partial, deterministic)`` runs ``kernel`` over view rows [k_start, k_end) with programs
+    (row block, column block) of (cfg.block_m, cfg.block_n) and the reduction in steps of cfg.block_k.
+    ``conv``: a conv kernel (configs.CONV_CANDIDATES). ``transposed``: the kernel's rows are the view's columns
+    and its columns the view's rows. Returns (the fp32 memory gradient, the float64 sum of dV's squares or
+    None)."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    K, N = (mapping.cols, mapping.rows) if transposed else (mapping.rows, mapping.cols)
+    tile = (mapping.tile_cols, mapping.tile_rows) if transposed else (mapping.tile_rows, mapping.tile_cols)
+    grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
+    partials = []  # per launch: one sum of squares per program
+    if M == 0:
+        return grad, grad.new_zeros((), dtype=torch.float64) if sumsq else None
 
     def chunk_rows(cfg):
         # the deterministic path holds a contribution and an index per element: bound them by rows
@@ -393,16 +450,15 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
 
     def first_chunk(cfg, grad, contrib):  # what is timed: the first chunk, into buffers nobody reads
         rows = min(K, chunk_rows(cfg))
-        return launch(cfg, 0, rows, grad, contrib[:rows] if deterministic else grad)
+        return launch(cfg, 0, rows, grad, contrib[:rows] if deterministic else grad, None, deterministic)
 
     # the view's rows run along the kernel's block_m axis, its columns along block_n
-    kernel = "roast_grad_memory" + ("[deterministic]" if deterministic else "") + ("[sumsq]" if sumsq else "")
+    name = name + ("[deterministic]" if deterministic else "") + ("[sumsq]" if sumsq else "")
 
     def rechoose():
-        return configs.choose(a.device, K, N, M, a.element_size(), kernel=kernel,
+        return configs.choose(a.device, K, N, M, a.element_size(), kernel=name,
                               bench=benchmark(first_chunk, scratch), dtype=a.dtype,
-                              block_tile=(mapping.tile_rows, mapping.tile_cols, 0),
-                              fma=dot_precision(a.dtype) == "ieee")
+                              block_tile=(*tile, 0), fma=dot_precision(a.dtype) == "ieee", conv=conv)
 
     def run_all(cfg):  # idempotent: a config the device refuses fails at its first launch, before any sum
         grad.zero_()
@@ -416,12 +472,13 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
             if sumsq:
                 programs = triton.cdiv(k_end - k_start, cfg.block_m) * triton.cdiv(N, cfg.block_n)
                 partials.append(torch.empty(programs, device=a.device, dtype=torch.float64))
-            launched = launch(cfg, k_start, k_end, grad, contrib, partials[-1] if sumsq else None)
-            maybe_dump(_roast_grad_memory_kernel, launched)
+            launched = launch(cfg, k_start, k_end, grad, contrib, partials[-1] if sumsq else None, deterministic)
+            maybe_dump(kernel, launched)
             if deterministic:
                 rows = torch.arange(k_start, k_end, device=a.device, dtype=torch.int64)[:, None]
-                grad.index_put_((mapping.index(rows, cols).reshape(-1),), contrib.reshape(-1), accumulate=True)
+                index = mapping.index(cols, rows) if transposed else mapping.index(rows, cols)
+                grad.index_put_((index.reshape(-1),), contrib.reshape(-1), accumulate=True)
 
-    configs.run_fitting(run_all, config or rechoose(), rechoose, configs.refused_key(a.device, kernel, a.dtype),
+    configs.run_fitting(run_all, config or rechoose(), rechoose, configs.refused_key(a.device, name, a.dtype),
                         explicit=config is not None)
     return grad, torch.cat(partials).sum() if sumsq else None

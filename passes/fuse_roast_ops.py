@@ -8,7 +8,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
     conv1d/conv2d(x, W, b, ...)               -> roastfx::roast_conv
-    conv_transpose1d/2d(x, W, b, ...)         -> roastfx::roast_conv_transpose (groups=1)
+    conv_transpose1d/2d(x, W, b, ...)         -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
     _transformer_encoder_layer_fwd            -> roast_encoder_layer (attention + feed-forward over roast_linear)
     embedding(ids, W)                         -> roastfx::roast_embedding
@@ -210,8 +210,7 @@ def _fuse_conv_transpose(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{name} weight {read.shape} is not the site's V reshaped")
     if _shared(read, name):
         return SiteUse(node.name, False, _shared(read, name))
-    if int(_arg(node, 6, "groups", 1)) != 1:
-        return SiteUse(node.name, False, f"grouped {name} is not fused")
+    groups = int(_arg(node, 6, "groups", 1))
     kernel = list(read.shape[2:])
     conv = [_per_dim(_arg(node, i, key, default), dims)
             for i, key, default in ((3, "stride", 1), (4, "padding", 0), (5, "output_padding", 0), (7, "dilation", 1))]
@@ -219,23 +218,25 @@ def _fuse_conv_transpose(graph, node) -> SiteUse | None:
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_conv_transpose.default,
                                     (node.args[0], memory, list(mapping), scale, _arg(node, 2, "bias"), kernel,
-                                     *conv), _norm_kwargs(read))
+                                     *conv, groups), _norm_kwargs(read))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return SiteUse(fused.name, True, f"roast_conv_transpose ({dims}-d, columns from the ROAST GEMM, then F.fold)"
-                   + _norm_note(read))
+    return SiteUse(fused.name, True, f"roast_conv_transpose ({dims}-d, implicit GEMM)"
+                   + _groups_note(list(mapping), groups, transposed=True) + _norm_note(read))
 
 
-def _groups_note(mapping: list, groups: int) -> str:
-    from roastfx.codegen.ops import column_windows
+def _groups_note(mapping: list, groups: int, transposed: bool = False) -> str:
+    from roastfx.codegen.ops import column_windows, row_windows
 
     if groups == 1:
         return ""
-    if column_windows(mapping, groups) is not None:
+    if (row_windows if transposed else column_windows)(mapping, groups) is not None:
         return f", groups={groups}: one ROAST GEMM per group"
-    return (f", groups={groups}: groups of {mapping[1] // groups} out channels are not whole hash tiles "
-            f"({mapping[3]} columns), so the op materializes W and runs the dense conv")
+    what, size, tile = ("in channels", mapping[0], f"{mapping[2]} rows") if transposed else \
+        ("out channels", mapping[1], f"{mapping[3]} columns")
+    return (f", groups={groups}: groups of {size // groups} {what} are not whole hash tiles ({tile}), so the op "
+            f"materializes W and runs the dense conv")
 
 
 _EMBEDDING_NAMES = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
@@ -375,8 +376,7 @@ _NO_ROAST_OP = {
     "rnn_tanh": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
     "rnn_relu": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
     "conv3d": "conv3d has no roast op yet",
-    "conv_transpose1d": "transposed convolutions have no roast op yet",
-    "conv_transpose2d": "transposed convolutions have no roast op yet",
+    "conv_transpose3d": "3-D transposed convolutions have no roast op yet",
     "output": "the dense weight is itself an output of the graph",
     "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }

@@ -338,8 +338,9 @@ def test_column_windows_read_the_views_columns():
 @pytest.mark.parametrize("case", CONVS[:4], ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d"])
 def test_roast_conv_triton_path_matches_reference(case, mode, monkeypatch):
     """The Triton path (interpreted on CPU): the implicit-GEMM conv kernel, or im2col and the ROAST GEMM, one
-    launch per group for a grouped conv whose groups start on hash-tile columns; the backward im2col around
-    the ROAST dX and dMemory kernels. Same output and gradients as the reference path."""
+    launch per group for a grouped conv whose groups start on hash-tile columns; the backward the implicit-GEMM
+    dX and dMemory kernels, or F.fold/F.unfold around the ROAST GEMM ones. Same output and gradients as the
+    reference path."""
     monkeypatch.setenv("ROASTFX_CONV", mode)
     mapping, mem, x, b, conv_args = _conv_case(case, torch.float32, torch.Generator().manual_seed(6))
     args = ops.mapping_args(mapping)
@@ -467,15 +468,19 @@ def test_conv_model_runs_the_triton_kernels_through_the_backend(monkeypatch):
 
     import roastfx.codegen.triton_conv as triton_conv
 
-    calls, convs = [], []
-    original, original_conv = kernels.roast_matmul, triton_conv.roast_conv2d_group
-    monkeypatch.setattr(kernels, "roast_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(triton_conv, "roast_conv2d_group", lambda *a, **k: convs.append(1) or original_conv(*a, **k))
+    launches = {name: [] for name in ("roast_conv2d_group", "roast_conv2d_grad_input", "roast_conv2d_grad_memory")}
+    for name, calls in launches.items():
+        original = getattr(triton_conv, name)
+        monkeypatch.setattr(triton_conv, name, lambda *a, _f=original, _c=calls, **k: _c.append(1) or _f(*a, **k))
+    matmuls = []
+    original_matmul = kernels.roast_matmul
+    monkeypatch.setattr(kernels, "roast_matmul", lambda *a, **k: matmuls.append(1) or original_matmul(*a, **k))
     monkeypatch.setenv("ROASTFX_KERNELS", "triton")
     out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
     cx, cm = torch.autograd.grad(out.square().sum(), (x, model.roast_memory))
-    assert len(convs) == 2  # the forward: one implicit-GEMM launch per conv
-    assert len(calls) >= 2  # the backward: a dX GEMM per conv that needs one
+    # one implicit-GEMM launch per conv for each of the forward, dX and dMemory; no GEMM over im2col columns
+    assert {name: len(calls) for name, calls in launches.items()} == dict.fromkeys(launches, 2)
+    assert not matmuls
     assert torch.allclose(out, eager, atol=1e-4)
     assert torch.allclose(cx, gx, atol=1e-4) and torch.allclose(cm, gm, atol=1e-3, rtol=1e-4)
 
@@ -577,35 +582,41 @@ def test_transformer_encoder_inference_fast_path_fuses(norm_first, activation, m
     assert len(uses) == 8 and all(u.fused and u.why.startswith("roast_encoder_layer") for u in uses)
 
 
-TRANSPOSED = [  # (in, out, kernel, stride, padding, output_padding, dilation, spatial)
-    (3, 4, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5)),
-    (3, 5, (4,), (2,), (1,), (1,), (1,), (6,)),
-    (2, 3, (1, 1), (1, 1), (0, 0), (0, 0), (1, 1), (3, 3)),
+TRANSPOSED = [  # (in, out, kernel, stride, padding, output_padding, dilation, spatial, groups)
+    (3, 4, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5), 1),
+    (3, 5, (4,), (2,), (1,), (1,), (1,), (6,), 1),
+    (2, 3, (1, 1), (1, 1), (0, 0), (0, 0), (1, 1), (3, 3), 1),
+    (4, 6, (2, 3), (1, 2), (0, 1), (0, 1), (2, 1), (5, 4), 2),
 ]
 
 
-@pytest.mark.parametrize("case", TRANSPOSED, ids=["2d-strided-dilated", "1d", "1x1"])
-def test_roast_conv_transpose_matches_dense_and_passes_opcheck(case, monkeypatch):
+@pytest.mark.parametrize("mode", ["implicit", "im2col"])
+@pytest.mark.parametrize("case", TRANSPOSED, ids=["2d-strided-dilated", "1d", "1x1", "2d-groups"])
+def test_roast_conv_transpose_matches_dense_and_passes_opcheck(case, mode, monkeypatch):
     """Reference path in float64 against F.conv_transpose on the materialized weight (opcheck, gradcheck);
-    the Triton path (ROAST GEMM columns + F.fold, interpreted on CPU) against the reference, values and grads."""
-    cin, cout, kernel, stride, padding, output_padding, dilation, spatial = case
+    the Triton path (interpreted on CPU: the implicit-GEMM kernels, or the ROAST GEMM's columns + F.fold,
+    one launch per group) against the reference, values and grads."""
+    cin, cout, kernel, stride, padding, output_padding, dilation, spatial, groups = case
     gen = torch.Generator().manual_seed(7)
-    mapping = TileHash(cin, cout * math.prod(kernel), 1, 4, 1, 0, 60, 123457, 7654321, 99, 31337, 4242, 17)
+    mapping = TileHash(cin, cout // groups * math.prod(kernel), 1, 4, 1, 0, 60, 123457, 7654321, 99, 31337, 4242, 17)
     args = ops.mapping_args(mapping)
     mem = torch.randn(70, dtype=torch.float64, generator=gen, requires_grad=True)
     x = torch.randn(2, cin, *spatial, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(cout, dtype=torch.float64, generator=gen, requires_grad=True)
-    conv = (list(kernel), list(stride), list(padding), list(output_padding), list(dilation))
+    conv = (list(kernel), list(stride), list(padding), list(output_padding), list(dilation), groups)
     out = ops.roast_conv_transpose(x, mem, args, 0.3, b, *conv)
-    weight = ops.materialize(mem.detach(), args, 0.3).reshape(cin, cout, *kernel)
+    weight = ops.materialize(mem.detach(), args, 0.3).reshape(cin, cout // groups, *kernel)
     dense = F.conv_transpose2d if len(kernel) == 2 else F.conv_transpose1d
-    torch.testing.assert_close(out, dense(x, weight, b, stride, padding, output_padding, 1, dilation), rtol=0,
+    torch.testing.assert_close(out, dense(x, weight, b, stride, padding, output_padding, groups, dilation), rtol=0,
                                atol=1e-12)
-    torch.library.opcheck(ops.roast_conv_transpose, (x, mem, args, 0.3, b, *conv))
-    assert torch.autograd.gradcheck(lambda x, m, b: ops.roast_conv_transpose(x, m, args, 0.3, b, *conv), (x, mem, b))
+    if mode == "implicit":  # the reference path does not depend on the mode
+        torch.library.opcheck(ops.roast_conv_transpose, (x, mem, args, 0.3, b, *conv))
+        assert torch.autograd.gradcheck(lambda x, m, b: ops.roast_conv_transpose(x, m, args, 0.3, b, *conv),
+                                        (x, mem, b))
     grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     want = torch.autograd.grad((out * grad).sum(), (x, mem, b))
     monkeypatch.setenv("ROASTFX_KERNELS", "triton")
+    monkeypatch.setenv("ROASTFX_CONV", mode)
     leaves = [t.detach().float().requires_grad_() for t in (x, mem, b)]
     got_out = ops.roast_conv_transpose(*leaves[:2], args, 0.3, leaves[2], *conv)
     got = torch.autograd.grad((got_out * grad.float()).sum(), leaves)
@@ -614,15 +625,29 @@ def test_roast_conv_transpose_matches_dense_and_passes_opcheck(case, monkeypatch
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
+def test_a_tile_that_splits_the_groups_falls_back_with_the_reason(monkeypatch):
+    """An explicit tile is the user's: where it splits a group's rows, the op says so and materializes W."""
+    torch._dynamo.reset()
+    model = roastfx.compress(torch.nn.ConvTranspose2d(6, 4, 2, groups=2), "2x", init="random", tile=(2, 4))
+    x = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(5))
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+    assert [u.why for u in uses] == ["roast_conv_transpose (2-d, implicit GEMM), groups=2: groups of 3 in channels "
+                                     "are not whole hash tiles (2 rows), so the op materializes W and runs the dense "
+                                     "conv"]
+
+
 class Decoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.up = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, dilation=1)
-        self.up1d = torch.nn.ConvTranspose1d(6, 2, 2, stride=2, groups=2)
+        self.up = torch.nn.ConvTranspose2d(4, 32, 3, stride=2, padding=1, output_padding=1, dilation=1)
+        self.grouped = torch.nn.ConvTranspose2d(32, 6, 2, groups=2)
+        self.up1d = torch.nn.ConvTranspose1d(6, 2, 2, stride=2, groups=2)  # 3 in channels per group: 1-row tiles
 
     def forward(self, x):
         h = F.relu(self.up(x))
-        return self.up1d(h.flatten(2))
+        return self.up1d(self.grouped(h).flatten(2))
 
 
 @pytest.mark.parametrize("path", ["reference", "triton"])
@@ -637,7 +662,43 @@ def test_transposed_convs_fuse_through_the_backend(path, monkeypatch):
     out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
     got = torch.autograd.grad(out.square().sum(), model.roast_memory)[0]
     whys = sorted(u.why for u in uses)
-    assert whys == ["grouped conv_transpose1d is not fused",
-                    "roast_conv_transpose (2-d, columns from the ROAST GEMM, then F.fold)"], whys
+    # the planner cuts a grouped layer's tiles on its group boundaries, so each group is one GEMM
+    assert whys == ["roast_conv_transpose (1-d, implicit GEMM), groups=2: one ROAST GEMM per group",
+                    "roast_conv_transpose (2-d, implicit GEMM)",
+                    "roast_conv_transpose (2-d, implicit GEMM), groups=2: one ROAST GEMM per group"], whys
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class FunctionalGroups(torch.nn.Module):
+    """Grouped convs called functionally: only a trace of the model shows their groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(30, 2, 3, 3) / 4)  # conv2d 6 -> 30, groups=3
+        self.v = torch.nn.Parameter(torch.randn(30, 2, 2, 2) / 4)  # conv_transpose2d 30 -> 4, groups=2
+
+    def forward(self, x):
+        return F.conv_transpose2d(F.relu(F.conv2d(x, self.w, groups=3)), self.v, groups=2)
+
+
+@pytest.mark.parametrize("how", ["compress", "backend"])
+def test_functional_grouped_convs_get_group_aligned_tiles(how, monkeypatch):
+    """The groups of a functional conv come from the traced call (find_sites with example inputs, or the
+    dynamo graph when the backend compresses an uncompressed model): each group is still one GEMM."""
+    torch._dynamo.reset()
+    model = FunctionalGroups()
+    x = torch.randn(2, 6, 7, 7, generator=torch.Generator().manual_seed(2))
+    uses = record_uses(monkeypatch)
+    with torch.no_grad():  # inference: the backend may compress the weights itself
+        if how == "compress":
+            model = roastfx.compress(model, "2x", example_inputs=(x,), init="random")
+            want = model(x)
+            out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        else:
+            out = torch.compile(model, backend="roast", options={"compression": "2x", "inner": "aot_eager"})(x)
+    assert out.shape == (2, 4, 6, 6)
+    assert sorted(u.why for u in uses) == ["roast_conv (2-d, groups=3: one ROAST GEMM per group)",
+                                           "roast_conv_transpose (2-d, implicit GEMM), groups=2: one ROAST GEMM per "
+                                           "group"], [u.why for u in uses]

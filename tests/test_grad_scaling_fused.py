@@ -173,10 +173,11 @@ def test_ops_with_the_flag_pass_opcheck():
                                            [1], [0], [1], 1, True))
 
 
-@pytest.mark.parametrize("kind", ["linear", "epilogue", "conv", "conv-groups", "embedding"])
+@pytest.mark.parametrize("kind", ["linear", "epilogue", "conv", "conv-groups", "conv-groups-im2col", "embedding"])
 def test_triton_path_equals_the_reference_path(kind, monkeypatch):
-    """The kernels' sum of squares (linear, conv) and the per-id row sums (embedding) under ROASTFX_KERNELS=triton
-    (the Triton interpreter on CPU) against the reference path, float32."""
+    """The kernels' sum of squares (linear, conv: implicit GEMM or im2col) and the per-id row sums (embedding)
+    under ROASTFX_KERNELS=triton (the Triton interpreter on CPU) against the reference path, float32."""
+    monkeypatch.setenv("ROASTFX_CONV", "im2col" if kind.endswith("im2col") else "implicit")
     x, bias, mem, up = linear_case(torch.float32)
     if kind == "linear":
         def run(m):
@@ -185,7 +186,7 @@ def test_triton_path_equals_the_reference_path(kind, monkeypatch):
         def run(m):
             return roast_linear_epilogue(x, m, ARGS, 0.3, "add:x0|relu", [bias], False, True)
     elif kind.startswith("conv"):
-        groups = 2 if kind == "conv-groups" else 1  # two 5-column windows of the view: one GEMM each
+        groups = 2 if kind.startswith("conv-groups") else 1  # two 5-column windows of the view: one GEMM each
         x2, mem = rand(2, 3 * groups, 7, 6, seed=20, dtype=torch.float32), rand(70, seed=21, dtype=torch.float32)
         mem.requires_grad_()
         up = rand(2, 10, 5, 5, seed=22, dtype=torch.float32, scale=1e3)

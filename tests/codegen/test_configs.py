@@ -98,3 +98,34 @@ def test_full_precision_fp32_dots_get_the_fma_configs():
     fma = configs.candidates(PROFILES["h100"], 4, fma=True)
     assert fma == list(configs.FMA_CANDIDATES) and all(c.block_k == 16 for c in fma)
     assert not set(fma) & set(configs.candidates(PROFILES["h100"], 4))
+
+
+def test_conv_kernels_choose_among_the_conv_configs(monkeypatch, device):
+    """The three conv kernels ask configs.choose for CONV_CANDIDATES (the configs that spill nothing there);
+    the plain GEMM does not."""
+    import torch
+
+    from roastfx.codegen import triton_conv, triton_matmul
+    from test_kernels import random_mapping, random_memory
+
+    assert configs.candidates(PROFILES["h100"], 2, conv=True) == list(configs.CONV_CANDIDATES)
+    assert configs.candidates(PROFILES["h100"], 4, fma=True, conv=True) == list(configs.FMA_CANDIDATES)
+    asked = {}
+    choose = configs.choose
+
+    def recording(*args, kernel=None, conv=False, **kwargs):
+        asked[kernel] = conv
+        return choose(*args, kernel=kernel, conv=conv, **kwargs)
+
+    monkeypatch.setattr(configs, "choose", recording)
+    mapping = random_mapping(2 * 4, 6, 4, 3, seed=1)
+    memory = random_memory(mapping).float().to(device)
+    x, g = torch.randn(1, 2, 5, 5, device=device), torch.randn(1, 6, 4, 4, device=device)
+    triton_conv.roast_conv2d_group(x, memory, mapping, 1.0, torch.empty_like(g), (2, 2), (1, 1), (0, 0), (1, 1))
+    triton_conv.roast_conv2d_grad_input(g, memory, mapping, 1.0, torch.empty_like(x), (2, 2), (1, 1), (0, 0), (1, 1))
+    triton_conv.roast_conv2d_grad_memory(x, g, memory.numel(), mapping, 1.0, (2, 2), (1, 1), (0, 0), (1, 1))
+    triton_matmul.roast_matmul(torch.randn(3, 8, device=device), memory, mapping, 1.0, True)
+    assert len(asked) == 4, asked
+    assert {kernel.split("[")[0]: conv for kernel, conv in asked.items()} == {
+        "roast_conv_epilogue": True, "roast_conv_grad_input": True, "roast_conv_grad_memory": True,
+        "roast_matmul": False}

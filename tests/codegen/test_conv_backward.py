@@ -1,0 +1,142 @@
+"""The implicit-GEMM conv backward kernels (triton_conv.py) against float64 autograd of F.conv2d on the
+reference view: dX from roast_conv2d_grad_input, the memory gradient from roast_conv2d_grad_memory."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from roastfx.codegen import configs, reference
+from roastfx.codegen.triton_conv import roast_conv2d_grad_input, roast_conv2d_grad_memory
+from test_conv_kernel import CASES
+from test_kernels import random_mapping, random_memory, randn
+
+
+def reference_grads(x, memory, mapping, scale, grad, cin, kernel, stride, padding, dilation):
+    """(dX, dMemory, sum of dV^2) in float64 by autograd through the materialized view and F.conv2d."""
+    x = x.double().requires_grad_()
+    memory = memory.double().requires_grad_()
+    view = reference.materialize(memory, mapping, scale)
+    view.retain_grad()
+    weight = view.t().reshape(mapping.cols, cin, *kernel)
+    F.conv2d(x, weight, None, stride, padding, dilation).backward(grad.double())
+    return x.grad, memory.grad, view.grad.square().sum()  # the view's gradient dV, before the scale
+
+
+def output_shape(batch, cout, hw, kernel, stride, padding, dilation):
+    return (batch, cout, *[(s + 2 * p - d * (k - 1) - 1) // st + 1
+                           for s, k, st, p, d in zip(hw, kernel, stride, padding, dilation)])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-s{c[5]}-p{c[6]}-d{c[7]}")
+@pytest.mark.parametrize("tiling", [(5, 3), (8, 16)])
+def test_input_gradient_matches_float64_autograd(case, tiling, device):
+    batch, cin, cout, hw, kernel, stride, padding, dilation = case
+    mapping = random_mapping(cin * kernel[0] * kernel[1], cout, *tiling, alignment=2, window_start=10, seed=cin)
+    memory = random_memory(mapping, seed=cout)
+    x = randn(batch, cin, *hw, seed=1, dtype=torch.float64)
+    grad = randn(*output_shape(batch, cout, hw, kernel, stride, padding, dilation), seed=3, dtype=torch.float64)
+    want, _, _ = reference_grads(x, memory, mapping, 0.4, grad, cin, kernel, stride, padding, dilation)
+    dx = torch.full(x.shape, float("nan"), device=device)  # every element must be written
+    got = roast_conv2d_grad_input(grad.float().to(device), memory.float().to(device), mapping, 0.4, dx, kernel,
+                                  stride, padding, dilation)
+    assert got is dx
+    torch.testing.assert_close(dx.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-s{c[5]}-p{c[6]}-d{c[7]}")
+def test_memory_gradient_and_its_sum_of_squares_match_float64_autograd(case, deterministic, device):
+    batch, cin, cout, hw, kernel, stride, padding, dilation = case
+    mapping = random_mapping(cin * kernel[0] * kernel[1], cout, 5, 3, alignment=1, window_start=7, seed=cout)
+    memory = random_memory(mapping, seed=cin)
+    x = randn(batch, cin, *hw, seed=4, dtype=torch.float64)
+    grad = randn(*output_shape(batch, cout, hw, kernel, stride, padding, dilation), seed=5, dtype=torch.float64)
+    _, want, want_sumsq = reference_grads(x, memory, mapping, 0.7, grad, cin, kernel, stride, padding, dilation)
+    got, sumsq = roast_conv2d_grad_memory(x.float().to(device), grad.float().to(device), memory.numel(), mapping,
+                                          0.7, kernel, stride, padding, dilation, deterministic=deterministic,
+                                          sumsq=True)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sumsq.cpu(), want_sumsq, rtol=1e-4, atol=1e-6)
+    plain, none = roast_conv2d_grad_memory(x.float().to(device), grad.float().to(device), memory.numel(), mapping,
+                                           0.7, kernel, stride, padding, dilation, deterministic=deterministic)
+    assert none is None
+    torch.testing.assert_close(plain, got, rtol=1e-6, atol=1e-6)
+
+
+def test_one_group_at_any_strides_and_block(device):
+    """c0/o0 pick one group's channels of a channels_last input and gradient; a block config that splits
+    the hash tiles; dX is written in the group's channels only."""
+    cin_total, cin, cout_total, cout, kernel, stride, padding = 7, 3, 12, 5, (2, 3), (2, 1), (1, 2)
+    mapping = random_mapping(cin * 6, cout, 4, 3, seed=8)
+    memory = random_memory(mapping, seed=8)
+    x = randn(2, cin_total, 9, 8, seed=6, dtype=torch.float64)
+    shape = output_shape(2, cout_total, (9, 8), kernel, stride, padding, (1, 1))
+    grad = randn(*shape, seed=7, dtype=torch.float64)
+    want_dx, want_mem, _ = reference_grads(x[:, 4:7], memory, mapping, 0.3, grad[:, 6:11], cin, kernel, stride,
+                                           padding, (1, 1))
+    cfg = configs.BlockConfig(32, 32, 64, num_warps=4, num_stages=2)
+    xs = x.float().to(device).to(memory_format=torch.channels_last)
+    gs = grad.float().to(device).to(memory_format=torch.channels_last)
+    dx = torch.full(x.shape, 5.0, device=device).to(memory_format=torch.channels_last)
+    roast_conv2d_grad_input(gs, memory.float().to(device), mapping, 0.3, dx, kernel, stride, padding, (1, 1),
+                            c0=4, o0=6, config=cfg)
+    torch.testing.assert_close(dx[:, 4:7].double().cpu(), want_dx, rtol=1e-4, atol=1e-4)
+    assert torch.equal(dx[:, :4], torch.full_like(dx[:, :4], 5.0))
+    got, _ = roast_conv2d_grad_memory(xs, gs, memory.numel(), mapping, 0.3, kernel, stride, padding, (1, 1),
+                                      c0=4, o0=6, config=cfg)
+    torch.testing.assert_close(got.double().cpu(), want_mem, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision(device):
+    mapping = random_mapping(4 * 9, 12, 8, 4, seed=9)
+    memory = random_memory(mapping, seed=9)
+    x = randn(2, 4, 6, 6, seed=10, dtype=torch.float64).bfloat16()
+    grad = randn(2, 12, 6, 6, seed=11, dtype=torch.float64).bfloat16()
+    want_dx, want_mem, _ = reference_grads(x, memory.bfloat16(), mapping, 0.5, grad, 4, (3, 3), (1, 1), (1, 1),
+                                           (1, 1))
+    dx = torch.empty(x.shape, device=device, dtype=torch.bfloat16)
+    roast_conv2d_grad_input(grad.to(device), memory.float().to(device), mapping, 0.5, dx, (3, 3), (1, 1), (1, 1),
+                            (1, 1))
+    torch.testing.assert_close(dx.double().cpu(), want_dx, rtol=3e-2, atol=5e-2)
+    got, _ = roast_conv2d_grad_memory(x.to(device), grad.to(device), memory.numel(), mapping, 0.5, (3, 3), (1, 1),
+                                      (1, 1), (1, 1))
+    torch.testing.assert_close(got.double().cpu(), want_mem, rtol=3e-2, atol=5e-2)
+
+
+def test_bad_arguments_name_the_values(device):
+    mapping = random_mapping(3 * 4, 5, 4, 5, seed=7)
+    memory = random_memory(mapping).float().to(device)
+    x = torch.zeros(1, 3, 5, 5, device=device)
+    with pytest.raises(ValueError, match=r"output gradient \(torch.float16 on .*\) must match the input"):
+        roast_conv2d_grad_memory(x, torch.zeros(1, 5, 4, 4, device=device, dtype=torch.float16), memory.numel(),
+                                 mapping, 1.0, (2, 2), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(ValueError, match=r"12x5 view does not fit kernel \(3, 3\)"):
+        roast_conv2d_grad_input(torch.zeros(1, 5, 3, 3, device=device), memory, mapping, 1.0, x, (3, 3), (1, 1),
+                                (0, 0), (1, 1))
+
+
+def test_the_backward_ops_pass_opcheck_and_sum_their_groups(device):
+    """roastfx::conv2d_grad_input / conv2d_grad_memory over two groups (one launch each) against autograd of
+    F.conv2d with groups=2; opcheck checks their schemas and fake implementations."""
+    import roastfx.codegen.conv  # noqa: F401  (registers the ops)
+    from roastfx.codegen.ops import mapping_args
+
+    mapping = random_mapping(3 * 4, 10, 4, 5, seed=12)  # two 5-column windows: one hash tile wide each
+    memory = random_memory(mapping, seed=12)
+    x = randn(2, 6, 7, 6, seed=13, dtype=torch.float64)
+    grad = randn(2, 10, 4, 5, seed=14, dtype=torch.float64)
+    xd, md = x.clone().requires_grad_(), memory.clone().requires_grad_()
+    view = reference.materialize(md, mapping, 0.6)
+    view.retain_grad()
+    F.conv2d(xd, view.t().reshape(10, 3, 2, 2), None, (2, 1), (1, 0), (1, 1), 2).backward(grad)
+    args = (memory.float().to(device), mapping_args(mapping), 0.6)
+    geometry = ([2, 2], [2, 1], [1, 0], [1, 1], 2)
+    dx = torch.ops.roastfx.conv2d_grad_input(grad.float().to(device), *args, list(x.shape), *geometry)
+    dm, sumsq = torch.ops.roastfx.conv2d_grad_memory(x.float().to(device), grad.float().to(device), *args,
+                                                    *geometry, True)
+    torch.testing.assert_close(dx.double().cpu(), xd.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sumsq.cpu(), view.grad.square().sum(), rtol=1e-4, atol=1e-6)
+    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_input.default,
+                          (grad.float().to(device), *args, list(x.shape), *geometry))
+    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_memory.default,
+                          (x.float().to(device), grad.float().to(device), *args, *geometry, False))
