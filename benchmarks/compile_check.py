@@ -8,7 +8,7 @@ default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
-every conv config (configs.CONV_CANDIDATES), embedding gather and scatter
+every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
@@ -137,11 +137,11 @@ def _launches_for(dname: str, quick: bool):
     image, grad_image = torch.zeros(2, 32, 14, 14, dtype=dtype), torch.zeros(2, 64, 14, 14, dtype=dtype)
     channel = torch.ones(64, 1, 1, dtype=torch.float32)
     bn = Epilogue.parse("sub:x0|add(x1,1e-05)|rsqrt|mul(v1,v3)|mul:x2|add:x3|add:x4|relu")
-    conv_configs = configs.FMA_CANDIDATES if fma_dot(dname) else configs.CONV_CANDIDATES
+    conv_configs = configs.FMA_CONV_CANDIDATES if fma_dot(dname) else configs.CONV_CANDIDATES
     for cfg in conv_configs[:1] if quick else conv_configs:
         out += [
             ("roast_conv", "implicit GEMM 3x3 + bias", dname, cfg, 4,
-             lambda cfg=cfg: triton_conv.roast_conv2d_group(
+             lambda cfg=cfg: triton_conv.roast_conv2d(
                  image, memory, conv_site, 0.5, torch.empty_like(grad_image), (3, 3), (1, 1), (1, 1), (1, 1),
                  bias=torch.zeros(64, dtype=dtype), config=cfg)),
             ("roast_conv_epilogue", "3x3 + batch norm + residual + relu", dname, cfg, 4,

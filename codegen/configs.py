@@ -61,12 +61,21 @@ FMA_CANDIDATES: tuple[BlockConfig, ...] = (
 # The conv kernels (triton_conv.py: forward with any epilogue, dX, dMemory) compute every A element's address
 # from its pixel and tap, on top of the B tile's per-element hashing, and an epilogue with a residual holds a
 # second 2-D tile of 64-bit addresses: most CANDIDATES spill there (0.1 to 2.3 KB of stack per thread on
-# sm_90, bf16; 128x64x32 with 8 warps, and 64x64x32 with 4, in ResNet's conv + batch norm + residual + relu).
+# sm_90, bf16; 128x64x32 with 8 warps, and 64x64x32 with 4, in ResNet's conv + batch norm + residual + relu;
+# 8 bytes here and there at 32x64x32 with 3 stages, 32x32x32, 64x32x32).
 # These spill nothing in any conv kernel, in bf16, fp16 and TF32, on sm_80, sm_89 and sm_90
-# (benchmarks/compile_check.py compiles each); at "highest" fp32 the FMA_CANDIDATES spill nothing there either.
+# (benchmarks/compile_check.py compiles each).
 CONV_CANDIDATES: tuple[BlockConfig, ...] = (
     BlockConfig(64, 64, 32, num_warps=8, num_stages=4),
-    BlockConfig(32, 64, 32, num_warps=4, num_stages=3),
+    BlockConfig(32, 64, 32, num_warps=4, num_stages=4),
+)
+# ... and at "highest" fp32 (FMA units): two of the FMA_CANDIDATES spilled 8 bytes in the conv dX or dMemory
+# kernel on sm_80 or, under Triton 3.6, sm_90; these spill in no conv kernel on sm_80/sm_89/sm_90 with
+# Triton 3.6 or 3.7.
+FMA_CONV_CANDIDATES: tuple[BlockConfig, ...] = (
+    BlockConfig(64, 64, 16, num_warps=8, num_stages=2),
+    BlockConfig(32, 64, 16, num_warps=8, num_stages=3),
+    BlockConfig(32, 64, 16, num_warps=4, num_stages=2),
 )
 
 INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
@@ -82,14 +91,16 @@ def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] |
     constraint on that axis): when some fitting candidates are multiples of it, only
     those are kept, so a block never splits a hash tile; otherwise all fitting ones are
     (the mapping is hashed per element, so any block reads the same slots). ``fma``: the dot
-    runs in full fp32 on FMA units (FMA_CANDIDATES); else ``conv``: a conv kernel (CONV_CANDIDATES).
+    runs in full fp32 on FMA units (FMA_CANDIDATES); ``conv``: a conv kernel (CONV_CANDIDATES, or with
+    ``fma`` FMA_CONV_CANDIDATES).
     """
     limit = getattr(target, "smem_per_block_bytes", target)
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"candidates takes a hardware profile or a number of bytes, got {target!r}")
     if limit <= 0:
         raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {limit}")
-    pool = FMA_CANDIDATES if fma else CONV_CANDIDATES if conv else CANDIDATES
+    pool = ((FMA_CONV_CANDIDATES if conv else FMA_CANDIDATES) if fma else
+            (CONV_CANDIDATES if conv else CANDIDATES))
     fitting = [c for c in pool if c.shared_memory(element_size, b_element_size) <= limit]
     if not fitting:
         smallest = min(c.shared_memory(element_size, b_element_size) for c in pool)

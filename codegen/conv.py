@@ -3,11 +3,11 @@
 The conv weight W (out, in/groups, *kernel) is V^T reshaped, V being the site's
 (in/groups*prod(kernel), out) B view. On the Triton path W is never built: the forward
 is an implicit GEMM that reads the input in place, and so are the backward's dX (over
-the input's pixels) and dMemory (over the output's) (triton_conv.py); ROASTFX_CONV=im2col
-runs F.unfold/F.fold around the ROAST GEMM, dX and dMemory kernels instead. A grouped
-conv runs one GEMM per group on the group's column window of V when the window starts
-on hash-tile boundaries (``ops.column_windows``). Elsewhere the op materializes W and
-runs the dense conv.
+the input's pixels) and dMemory (over the output's) (triton_conv.py), each one launch for
+all groups. ROASTFX_CONV=im2col runs F.unfold/F.fold around the ROAST GEMM, dX and
+dMemory kernels instead, one GEMM per group on the group's window of V where windows
+start on hash-tile boundaries (``ops.column_windows``; else the reference path).
+Elsewhere the op materializes W and runs the dense conv.
 """
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def conv_mode() -> str:
     if mode not in CONV_MODES:
         raise ValueError(f"ROASTFX_CONV={mode!r} is not valid; accepted: {', '.join(CONV_MODES)}")
     return mode
+
+
+def _triton_path(x, mapping, groups, transposed=False):
+    """(conv mode, the groups' windows of the view for im2col) on the Triton path, or None for the reference
+    path: off the Triton path, or under ROASTFX_CONV=im2col where a group's window splits hash tiles. The
+    implicit kernels take any groups (each element is hashed on its own): no windows."""
+    if not use_triton(x):
+        return None
+    mode = conv_mode()
+    if mode == "implicit":
+        return mode, None
+    windows = (row_windows if transposed else column_windows)(mapping, groups)
+    return (mode, windows) if windows is not None else None
 
 
 def _conv_out_size(size, kernel, stride, padding, dilation):
@@ -72,8 +85,8 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, dilation)):
         raise ValueError(f"roast_conv takes 1 or 2 spatial dims with one stride/padding/dilation each, got "
                          f"kernel={kernel} stride={stride} padding={padding} dilation={dilation}")
-    windows = column_windows(mapping, groups) if use_triton(x) else None
-    if windows is None:
+    path = _triton_path(x, mapping, groups)
+    if path is None:
         conv = F.conv1d if len(kernel) == 1 else F.conv2d
         view = _materialize(memory, _mapping(mapping), scale)
         weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
@@ -82,25 +95,22 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     xb = _batched(x, kernel)
     x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
     n, _, h, w = x2.shape
-    width = mapping[1] // groups
     spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
-    if conv_mode() == "implicit":
-        from .triton_conv import roast_conv2d_group
+    mode, windows = path
+    if mode == "implicit":
+        from .triton_conv import roast_conv2d
 
         y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=x.dtype)
-        per_group = x2.shape[1] // groups
+        roast_conv2d(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias)
+    else:
+        width = mapping[1] // groups
+        outs = []
         for g, window in enumerate(windows):
-            roast_conv2d_group(x2, memory, _mapping(window), scale, y, k2, s2, p2, d2, c0=g * per_group,
-                               o0=g * width, bias=bias)
-        y = y.squeeze(2) if len(kernel) == 1 else y
-        return y if xb is x else y.squeeze(0)
-    outs = []
-    for g, window in enumerate(windows):
-        cols = _columns(x2, k2, s2, p2, d2, groups, g)
-        b = bias[g * width:(g + 1) * width] if bias is not None else None
-        outs.append(torch.ops.roastfx.linear(cols, memory, b, None, window, scale, True, "none", False)[0])
-    y = outs[0] if groups == 1 else torch.cat(outs, -1)  # (N, L, out)
-    y = y.transpose(1, 2).reshape(n, mapping[1], *spatial)
+            cols = _columns(x2, k2, s2, p2, d2, groups, g)
+            b = bias[g * width:(g + 1) * width] if bias is not None else None
+            outs.append(torch.ops.roastfx.linear(cols, memory, b, None, window, scale, True, "none", False)[0])
+        y = outs[0] if groups == 1 else torch.cat(outs, -1)  # (N, L, out)
+        y = y.transpose(1, 2).reshape(n, mapping[1], *spatial)
     y = y.squeeze(2) if len(kernel) == 1 else y
     return y if xb is x else y.squeeze(0)
 
@@ -136,27 +146,27 @@ def _conv_grads(x, memory, grad, mapping, scale, conv, need_x, need_memory, grad
     path, the dense conv gradients elsewhere."""
     kernel, groups = conv[0], conv[4]
     xb, gb = _batched(x, kernel), _batched(grad, kernel)
-    windows = column_windows(mapping, groups) if use_triton(x) else None
-    if windows is None:
+    path = _triton_path(x, mapping, groups)
+    if path is None:
         grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory,
                                                    grad_norm)
     else:
-        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, mapping, windows, scale, conv, need_x,
+        grad_x, grad_memory = _gemm_conv_backward(xb, gb, memory, mapping, path, scale, conv, need_x,
                                                   need_memory, grad_norm)
     return (grad_x.reshape(x.shape) if grad_x is not None else None), grad_memory
 
 
-def _gemm_conv_backward(xb, gb, memory, mapping, windows, scale, conv, need_x, need_memory, grad_norm):
-    """dX and dMemory by the Triton kernels, per group, summed over groups (with grad_norm, the memory
-    gradient is divided by the RMS of the whole view's gradient: the groups' windows tile the view, so their
-    sums of squares add up)."""
+def _gemm_conv_backward(xb, gb, memory, mapping, path, scale, conv, need_x, need_memory, grad_norm):
+    """dX and dMemory by the Triton kernels (with grad_norm, the memory gradient is divided by the RMS of the
+    whole view's gradient: per group the sums of squares add up)."""
     _kernels()
     kernel, stride, padding, dilation, groups = conv
     x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
     g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(xb.dtype)
     geometry = (k2, s2, p2, d2)
     grad_x = grad_memory = sumsq = None
-    if conv_mode() == "implicit":
+    mode, windows = path
+    if mode == "implicit":
         if need_x:
             grad_x = torch.ops.roastfx.conv2d_grad_input(g2, memory, mapping, scale, list(x2.shape), *geometry, groups)
         if need_memory:
@@ -197,29 +207,18 @@ def _im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory,
     return grad_x, grad_memory, sumsq
 
 
-def _conv_windows(mapping: list[int], groups: int, transposed: bool) -> list[list[int]] | None:
-    """Each group's window of the view: columns of a conv's (in/groups * kernel, out) view, rows of a
-    transposed conv's (in, out/groups * kernel) view; None when a window splits hash tiles."""
-    return row_windows(mapping, groups) if transposed else column_windows(mapping, groups)
-
-
 # The implicit-GEMM kernels as ops, in the terms of a conv2d C whose (in/groups * kh * kw, out) weight view is
-# the site's view, or its transpose (``transposed``: the site is a transposed conv, which is C's adjoint).
-# Backward formulas call them, so AOTAutograd sees opaque ops, not Triton launches.
+# the site's view, or its transpose (``transposed``: the site is a transposed conv, which is C's adjoint); each
+# is one launch for all groups. Backward formulas call them, so AOTAutograd sees opaque ops, not Triton launches.
 @torch.library.custom_op("roastfx::conv2d_implicit", mutates_args=())
 def _conv2d_implicit(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
                      output_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
                      dilation: list[int], groups: int, transposed: bool) -> torch.Tensor:
-    """C(x) (``output_size``, x's dtype), no bias: one implicit-GEMM launch per group
-    (triton_conv.roast_conv2d_group)."""
-    from .triton_conv import roast_conv2d_group
+    """C(x) (``output_size``, x's dtype), no bias (triton_conv.roast_conv2d)."""
+    from .triton_conv import roast_conv2d
 
-    out = x.new_empty(output_size)
-    per_group, width = x.shape[1] // groups, output_size[1] // groups
-    for g, window in enumerate(_conv_windows(mapping, groups, transposed)):
-        roast_conv2d_group(x, memory.reshape(-1), _mapping(window), scale, out, kernel, stride, padding, dilation,
-                           c0=g * per_group, o0=g * width, view_is_b=not transposed)
-    return out
+    return roast_conv2d(x, memory.reshape(-1), _mapping(mapping), scale, x.new_empty(output_size), kernel, stride,
+                        padding, dilation, groups=groups, view_is_b=not transposed)
 
 
 @_conv2d_implicit.register_fake
@@ -232,16 +231,11 @@ def _conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: list[i
                        input_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, transposed: bool = False) -> torch.Tensor:
     """C's input gradient (``input_size``, grad's dtype) for its output gradient ``grad`` (with
-    ``transposed``, the transposed conv's forward): one implicit-GEMM launch per group
-    (triton_conv.roast_conv2d_grad_input)."""
+    ``transposed``, the transposed conv's forward) (triton_conv.roast_conv2d_grad_input)."""
     from .triton_conv import roast_conv2d_grad_input
 
-    grad_x = grad.new_empty(input_size)
-    per_group, width = input_size[1] // groups, grad.shape[1] // groups
-    for g, window in enumerate(_conv_windows(mapping, groups, transposed)):
-        roast_conv2d_grad_input(grad, memory.reshape(-1), _mapping(window), scale, grad_x, kernel, stride, padding,
-                                dilation, c0=g * per_group, o0=g * width, transposed=transposed)
-    return grad_x
+    return roast_conv2d_grad_input(grad, memory.reshape(-1), _mapping(mapping), scale, grad.new_empty(input_size),
+                                   kernel, stride, padding, dilation, groups=groups, transposed=transposed)
 
 
 @_conv2d_grad_input.register_fake
@@ -254,19 +248,14 @@ def _conv2d_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory: torch.Tenso
                         scale: float, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, sumsq: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(dMemory in memory's dtype, sum of the view gradient's squares as a float64 0-d tensor, 0 unless
-    ``sumsq``) of C at input ``x`` for its output gradient ``grad``: one implicit-GEMM launch per group,
-    summed in fp32 (triton_conv.roast_conv2d_grad_memory)."""
+    ``sumsq``) of C at input ``x`` for its output gradient ``grad`` (triton_conv.roast_conv2d_grad_memory)."""
     from .triton_conv import roast_conv2d_grad_memory
 
-    total, squares = None, x.new_zeros((), dtype=torch.float64)
-    per_group, width = x.shape[1] // groups, grad.shape[1] // groups
-    for g, window in enumerate(_conv_windows(mapping, groups, transposed)):
-        part, part_sumsq = roast_conv2d_grad_memory(x, grad, memory.numel(), _mapping(window), scale, kernel, stride,
-                                                    padding, dilation, c0=g * per_group, o0=g * width, sumsq=sumsq,
+    grad_memory, squares = roast_conv2d_grad_memory(x, grad, memory.numel(), _mapping(mapping), scale, kernel, stride,
+                                                    padding, dilation, groups=groups, sumsq=sumsq,
                                                     transposed=transposed)
-        total = part if total is None else total + part
-        squares = squares + part_sumsq if sumsq else squares
-    return total.to(memory.dtype).reshape(memory.shape), squares
+    squares = squares if sumsq else x.new_zeros((), dtype=torch.float64)
+    return grad_memory.to(memory.dtype).reshape(memory.shape), squares
 
 
 @_conv2d_grad_memory.register_fake
@@ -308,13 +297,13 @@ def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int
                         extras: list[torch.Tensor], epilogue: str, kernel: list[int], stride: list[int],
                         padding: list[int], dilation: list[int], groups: int, grad_norm: bool) -> torch.Tensor:
     """``epilogue(roast_conv(x, memory, mapping, scale, None, ...), extras)``: on the Triton path one
-    generated kernel per group computes the conv and the epilogue (triton_epilogue.roast_conv_epilogue)."""
+    generated kernel launch computes the conv of every group and the epilogue
+    (triton_epilogue.roast_conv_epilogue)."""
     from .epilogue_op import parse_epilogue
 
     epi = parse_epilogue(epilogue)
-    windows = column_windows(mapping, groups) if use_triton(x) else None
     out_dtype = epi.out_dtype(x.dtype, extras)
-    kernel_ok = (windows is not None and x.dtype in _EPILOGUE_DTYPES and memory.dtype in _EPILOGUE_DTYPES
+    kernel_ok = (use_triton(x) and x.dtype in _EPILOGUE_DTYPES and memory.dtype in _EPILOGUE_DTYPES
                  and out_dtype in _EPILOGUE_DTYPES and all(e.dtype != torch.float64 or e.dim() == 0 for e in extras)
                  and all(e.device == x.device or e.dim() == 0 for e in extras))
     if not kernel_ok:
@@ -331,10 +320,8 @@ def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int
     y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=out_dtype)
     shape = (n, mapping[1], *spatial) if len(kernel) == 2 else (n, mapping[1], spatial[1])
     epi.check_extras(shape if xb is x else shape[1:], extras)
-    extras2 = _extras_2d(extras, len(kernel) == 1)
-    per_group, width = x2.shape[1] // groups, mapping[1] // groups
-    for g, window in enumerate(windows):
-        launch(x2, memory, _mapping(window), scale, y, k2, s2, p2, d2, epi, extras2, c0=g * per_group, o0=g * width)
+    launch(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, epi, _extras_2d(extras, len(kernel) == 1),
+           groups=groups)
     y = y.squeeze(2) if len(kernel) == 1 else y
     return y if xb is x else y.squeeze(0)
 
@@ -397,28 +384,29 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
                          grad_norm: bool = False) -> torch.Tensor:
     """``F.conv_transpose1d/2d(x, W, bias, stride, padding, output_padding, groups, dilation)`` (by
     ``len(kernel)``) where W = V reshaped to (in, out/groups, *kernel) and V is the site's (in, out/groups *
-    prod(kernel)) view. On the Triton path W is never built: per group, the forward is the implicit-GEMM conv
+    prod(kernel)) view. On the Triton path W is never built: the forward is the implicit-GEMM conv
     input-gradient kernel reading V transposed, the backward the implicit conv (dX) and weight-gradient
-    (dMemory) kernels (ROASTFX_CONV=im2col: the ROAST GEMM's columns summed by F.fold, and F.unfold
-    backward); a group's rows of V must start on hash-tile boundaries (``ops.row_windows``). Elsewhere the
-    op materializes W and runs the dense op."""
+    (dMemory) kernels, each one launch for all groups. ROASTFX_CONV=im2col: per group, the ROAST GEMM's
+    columns summed by F.fold, F.unfold backward, where each group's rows of V start on hash-tile boundaries
+    (``ops.row_windows``). Elsewhere the op materializes W and runs the dense op."""
     if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, output_padding,
                                                                             dilation)):
         raise ValueError(f"roast_conv_transpose takes 1 or 2 spatial dims with one stride/padding/output_padding/"
                          f"dilation each, got kernel={kernel} stride={stride} padding={padding} "
                          f"output_padding={output_padding} dilation={dilation}")
     xb = _batched(x, kernel)
-    windows = row_windows(mapping, groups) if use_triton(x) else None
-    if windows is None:
+    path = _triton_path(x, mapping, groups, transposed=True)
+    if path is None:
         conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
         weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], -1, *kernel)
         return conv(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    mode, windows = path
     _kernels()
     x2, k2, s2, p2, o2, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
     n, c, h, w = x2.shape
     size = [_transposed_out_size(*a) for a in zip((h, w), k2, s2, p2, o2, d2)]
     out_channels = mapping[1] // math.prod(kernel) * groups
-    if conv_mode() == "implicit":
+    if mode == "implicit":
         y = torch.ops.roastfx.conv2d_grad_input(x2, memory, mapping, scale, [n, out_channels, *size], k2, s2, p2, d2,
                                                 groups, True)
     else:
@@ -458,8 +446,8 @@ def _conv_transpose_backward(ctx, grad):
     gb = _batched(grad, kernel)
     accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if has_bias else None
-    windows = row_windows(mapping, groups) if use_triton(x) else None
-    if windows is None:
+    path = _triton_path(x, mapping, groups, transposed=True)
+    if path is None:
         conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
         view = materialize(memory, mapping, scale).to(x.dtype)  # the op, opaque to tracing
         weight = view.reshape(mapping[0], -1, *kernel)
@@ -477,7 +465,8 @@ def _conv_transpose_backward(ctx, grad):
     g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(x.dtype)
     need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_memory = sumsq = None
-    if conv_mode() == "implicit":
+    mode, windows = path
+    if mode == "implicit":
         if need_x:
             grad_x = torch.ops.roastfx.conv2d_implicit(g2, memory, mapping, scale, list(x2.shape), k2, s2, p2, d2,
                                                        groups, True)

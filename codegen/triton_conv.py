@@ -1,12 +1,18 @@
-"""Convolution as an implicit ROAST GEMM: neither the im2col matrix nor the weight exists.
+"""Convolution as implicit ROAST GEMMs: neither the im2col matrix nor the weight exists.
 
 The conv weight of a site is V^T reshaped to (out, in/groups, kh, kw), V being the site's
-(in/groups * kh * kw, out) B view. Output pixel m = (image, oh, ow) against reduction index
-r = (channel, kh, kw) -- F.unfold's order, the view's row order -- reads input element
-(image, channel, oh * stride - pad + kh * dilation, ow * stride - pad + kw * dilation), or 0
-outside the image; the B tile comes from the memory at its hashed slots (`roast_b_tile`).
-The kernel writes its block straight into the (N, C_out, OH, OW) output (any strides), so a
-grouped conv runs one launch per group into the same tensor.
+(in/groups * kh * kw, out) B view; a transposed conv's (in, out/groups * kh * kw) view is the
+B view of the conv it is the adjoint of, read transposed. Output pixel m = (image, oh, ow)
+against reduction index r = (channel, kh, kw) -- F.unfold's order, the view's row order --
+reads input element (image, channel, oh * stride - pad + kh * dilation, ow * stride - pad +
+kw * dilation), or 0 outside the image; the B tile comes from the memory at its hashed slots
+(`roast_b_tile`). Group g is program axis 1 of every kernel: it reads input channels from
+g * in/groups and the view's columns (output channels) from g * out/groups, and writes its
+block straight into the (N, C, H, W) output (any strides). Each element is hashed on its own,
+so groups need not start on hash-tile boundaries, and a grouped conv is one launch.
+
+Three kernels: the forward (`roast_conv_block`, the main loop of the conv kernels generated
+per epilogue in triton_epilogue.py), dX over the input's pixels, dMemory over the output's.
 """
 from __future__ import annotations
 
@@ -41,19 +47,22 @@ def conv_input_tile(x_ptr, pixel_base, top, left, mask_m, offs_r, mask_r, C0, H,
 
 @triton.jit
 def roast_conv_block(
-    x_ptr, mem_ptr, M, N, R, C0,
+    x_ptr, mem_ptr, M, N, R,
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
     stride_xn, stride_xc, stride_xh, stride_xw,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of the conv, and the block's
-    coordinates (image, oh, ow per row; channel within the group per column). The conv kernels
-    generated per epilogue (triton_epilogue.py) run this main loop."""
+    """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of group program_id(1)'s conv (N output
+    and R / (KH * KW) input channels per group), and the block's coordinates: image, oh, ow per row, the
+    output channel (across groups) per column. The conv kernels generated per epilogue run this main loop."""
     # rows (output pixels) and their coordinates in int32 (M < 2**31 is checked on the host); only the
     # addresses are int64
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    group = tl.program_id(1)
+    c0 = group * (R // (KH * KW))  # the group's first input channel ...
+    o0 = group * N  # ... and output channel: the view's column
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -70,47 +79,52 @@ def roast_conv_block(
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        a = conv_input_tile(x_ptr, row_base, top, left, mask_m[:, None], offs_r[None, :], mask_r[None, :], C0, H, W,
+        a = conv_input_tile(x_ptr, row_base, top, left, mask_m[:, None], offs_r[None, :], mask_r[None, :], c0, H, W,
                             KH, KW, DH, DW, stride_xc, stride_xh, stride_xw)
-        w = roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment, window_start,
-                         offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B)
+        w = roast_b_tile(mem_ptr, offs_r, o0 + offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment,
+                         window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
-    return acc, offs_n, mask_m, mask_n, image.to(tl.int64), oh.to(tl.int64), ow.to(tl.int64)
+    channel = (o0 + offs_n).to(tl.int64)
+    return acc, channel, mask_m, mask_n, image.to(tl.int64), oh.to(tl.int64), ow.to(tl.int64)
 
 
-def conv_geometry(x: torch.Tensor, mapping: TileHash, out: torch.Tensor, kernel, c0: int, o0: int,
-                  transposed: bool = False) -> tuple:
-    """(M, N, R) of one group's implicit GEMM, after checking that it fits ``x`` and ``out``; the conv's
-    (in * kh * kw, out) weight view is the mapping's view, or its transpose when ``transposed``."""
+def conv_geometry(x: torch.Tensor, mapping: TileHash, out: torch.Tensor, kernel, groups: int,
+                  transposed: bool = False) -> tuple[int, int, int]:
+    """(M output pixels, N output channels per group, R reduction length) of a grouped conv's implicit GEMM,
+    after checking that the view fits ``x`` and ``out``: the conv's (in/groups * kh * kw, out) weight view is
+    the mapping's view, or (``transposed``) its transpose."""
     if x.dim() != 4 or out.dim() != 4:
-        raise ValueError(f"roast_conv2d_group takes 4-D input and output, got {tuple(x.shape)} and {tuple(out.shape)}")
+        raise ValueError(f"the conv kernels take 4-D input and output, got {tuple(x.shape)} and {tuple(out.shape)}")
     _check_kernel_dtype("input", x)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
     kh, kw = kernel
-    R, N = (mapping.cols, mapping.rows) if transposed else (mapping.rows, mapping.cols)
-    if R % (kh * kw) or c0 + R // (kh * kw) > x.shape[1] or o0 + N > out.shape[1]:
-        raise ValueError(f"a {R}x{N} view does not fit kernel {tuple(kernel)} at input channel {c0} and output "
-                         f"channel {o0} of {tuple(x.shape)} -> {tuple(out.shape)}")
+    R, cols = (mapping.cols, mapping.rows) if transposed else (mapping.rows, mapping.cols)
+    if R % (kh * kw) or R // (kh * kw) * groups != x.shape[1] or cols != out.shape[1] or cols % groups:
+        raise ValueError(f"a {R}x{cols} weight view does not fit kernel {tuple(kernel)} with groups={groups} from "
+                         f"{tuple(x.shape)} to {tuple(out.shape)}: expected in/groups * kh * kw rows and out columns")
     n, _, h, w = x.shape
     M = n * out.shape[2] * out.shape[3]
-    if M >= 2**31 or h * x.stride(2) + w * x.stride(3) >= 2**31:
-        raise ValueError(f"roast_conv2d_group indexes pixels in int32: {M} output pixels or a {h}x{w} "
-                         f"image plane with strides {x.stride()} is too large; split the batch")
-    return M, N, R
+    for name, t in (("input", x), ("output", out)):
+        if t.shape[0] * t.shape[2] * t.shape[3] >= 2**31 or t.shape[2] * t.stride(2) + t.shape[3] * t.stride(3) >= 2**31:
+            raise ValueError(f"the conv kernels index pixels in int32: the {name} of shape {tuple(t.shape)} and "
+                             f"strides {t.stride()} is too large; split the batch")
+    return M, cols // groups, R
 
 
 def conv_args(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation) -> tuple:
-    """The geometry arguments ``roast_conv_block`` takes after C0 (through the input's strides)."""
+    """The geometry arguments ``roast_conv_block`` takes after R (through the input's strides)."""
     return (x.shape[2], x.shape[3], out.shape[2], out.shape[3], kernel[0], kernel[1], stride[0], stride[1],
             padding[0], padding[1], dilation[0], dilation[1], *x.stride())
 
 
-def roast_conv2d_group(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
-                       kernel, stride, padding, dilation, c0: int = 0, o0: int = 0,
-                       bias: torch.Tensor | None = None, config=None, view_is_b: bool = True) -> torch.Tensor:
-    """Write into ``out[:, o0:o0 + mapping.cols]`` the conv2d of ``x[:, c0:c0 + in_per_group]`` with the
-    weight V^T reshaped, V = the (in_per_group * kh * kw, cols) view ``mapping`` reads from the memory;
-    ``bias`` is the whole conv's (out,) bias (its slice o0.. is used). ``view_is_b=False``: W = V reshaped,
-    V being a transposed conv's (out, in * kh * kw) view read transposed. Returns ``out``.
+def roast_conv2d(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
+                 kernel, stride, padding, dilation, groups: int = 1, bias: torch.Tensor | None = None, config=None,
+                 view_is_b: bool = True) -> torch.Tensor:
+    """Write into ``out`` the conv2d of ``x`` with ``groups`` groups and the weight V^T reshaped, V = the
+    (in/groups * kh * kw, out) view ``mapping`` reads from the memory, plus ``bias`` (out,) if given.
+    ``view_is_b=False``: W = V reshaped, V being a transposed conv's (out, in/groups * kh * kw) view (the conv
+    in the transposed conv's backward). Returns ``out``.
 
     The kernel is the generated conv kernel (triton_epilogue.py) whose epilogue adds the bias as a
     per-channel vector, or has no step without one."""
@@ -122,14 +136,14 @@ def roast_conv2d_group(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash,
     epilogue = Epilogue.parse("add:x0" if bias is not None else "")
     extras = [bias.reshape(-1, 1, 1)] if bias is not None else []
     return roast_conv_epilogue(x, memory, mapping, scale, out, kernel, stride, padding, dilation, epilogue, extras,
-                               c0=c0, o0=o0, config=config, view_is_b=view_is_b)
+                               groups=groups, config=config, view_is_b=view_is_b)
 
 
 # -- backward ----------------------------------------------------------------------------------------------
 @triton.jit
 def _roast_conv_grad_memory_kernel(
     x_ptr, g_ptr, grad_ptr, contrib_ptr, sumsq_ptr,
-    M, k_start, k_end, N, C0, O0,
+    M, k_start, k_end, N, N_TOTAL, R,
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
     stride_xn, stride_xc, stride_xh, stride_xw, stride_gn, stride_gc, stride_gh, stride_gw,
     scale,
@@ -137,10 +151,16 @@ def _roast_conv_grad_memory_kernel(
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dV = im2col(x)^T @ dY for one group (its transpose into a transposed conv's view: VIEW_TRANSPOSED), the im2col tiles read from x in place: a program owns a
-    (BLOCK_K view rows, BLOCK_N output channels) block and reduces over all M output pixels."""
+    """dV = im2col(x)^T @ dY, the im2col tiles read from x in place: a program owns a (BLOCK_K reduction
+    indices in [k_start, k_end), BLOCK_N output channels) block of one group's columns of dV (N per group,
+    N_TOTAL in all) and reduces over all M output pixels; with VIEW_TRANSPOSED dV is stored into the view
+    transposed (a transposed conv's view)."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    group = tl.program_id(1) // n_blocks
+    c0 = group * (R // (KH * KW))
+    o0 = group * N
     offs_k = k_start + tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(1) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < k_end
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -152,9 +172,9 @@ def _roast_conv_grad_memory_kernel(
         oh = pixel // OW
         ow = pixel % OW
         a_t = conv_input_tile(x_ptr, image.to(tl.int64)[None, :] * stride_xn, (oh * SH - PH)[None, :],
-                              (ow * SW - PW)[None, :], mask_m[None, :], offs_k[:, None], mask_k[:, None], C0, H, W,
+                              (ow * SW - PW)[None, :], mask_m[None, :], offs_k[:, None], mask_k[:, None], c0, H, W,
                               KH, KW, DH, DW, stride_xc, stride_xh, stride_xw)
-        c = tl.load(g_ptr + image.to(tl.int64)[:, None] * stride_gn + (O0 + offs_n).to(tl.int64)[None, :] * stride_gc
+        c = tl.load(g_ptr + image.to(tl.int64)[:, None] * stride_gn + (o0 + offs_n).to(tl.int64)[None, :] * stride_gc
                     + (oh * stride_gh + ow * stride_gw).to(tl.int64)[:, None],
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         c = c.to(a_t.dtype)
@@ -162,14 +182,14 @@ def _roast_conv_grad_memory_kernel(
             a_t = a_t.to(tl.float32)
             c = c.to(tl.float32)
         acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
-    grad_memory_store(acc, offs_k.to(tl.int64), offs_n.to(tl.int64), mask_k, mask_n, k_start, N, grad_ptr,
-                      contrib_ptr, sumsq_ptr, scale, tile_rows, tile_cols, alignment, window_start, offset_range,
-                      a_row, a_col, hb, c_row, c_col, hd, DETERMINISTIC, SUMSQ, VIEW_TRANSPOSED)
+    grad_memory_store(acc, offs_k.to(tl.int64), (o0 + offs_n).to(tl.int64), mask_k, mask_n, k_start, N_TOTAL,
+                      grad_ptr, contrib_ptr, sumsq_ptr, scale, tile_rows, tile_cols, alignment, window_start,
+                      offset_range, a_row, a_col, hb, c_row, c_col, hd, DETERMINISTIC, SUMSQ, VIEW_TRANSPOSED)
 
 
 @triton.jit
 def _roast_conv_grad_input_kernel(
-    g_ptr, mem_ptr, dx_ptr, M, N, OC, C0, O0,
+    g_ptr, mem_ptr, dx_ptr, M, N, OC,
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
     stride_gn, stride_gc, stride_gh, stride_gw, stride_dn, stride_dc, stride_dh, stride_dw,
     scale,
@@ -177,13 +197,17 @@ def _roast_conv_grad_input_kernel(
     VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dX of one group as an implicit GEMM over input pixels: row m = (image, ih, iw), column = input channel
-    c, reduction over the taps (kh, kw) and, per tap, the output channels oc in blocks of BLOCK_R:
-    A[m, oc] = dY[image, O0 + oc, oh, ow] where ih = oh * SH - PH + kh * DH and likewise for w (0 where no
-    such output pixel exists: a per-row mask), B[oc, c] = W[oc, c, kh, kw] = V[c * KH * KW + kh * KW + kw, oc]
-    read at its hashed slot (V^T's element with VIEW_TRANSPOSED: the kernel is then a transposed conv's
-    forward, whose view is (in, out * KH * KW))."""
+    """dX of group program_id(1) (N input and OC output channels per group) as an implicit GEMM over input
+    pixels: row m = (image, ih, iw), column = input channel c, reduction over the taps (kh, kw) and, per
+    tap, the output channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, oh, ow] where
+    ih = oh * SH - PH + kh * DH and likewise for w (0 where no such output pixel exists: a per-row mask),
+    B[oc, c] = W[o0 + oc, c, kh, kw] = V[c * KH * KW + kh * KW + kw, o0 + oc] read at its hashed slot
+    (V^T's element with VIEW_TRANSPOSED: the kernel is then a transposed conv's forward, whose view is
+    (in, out/groups * KH * KW))."""
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    group = tl.program_id(1)
+    c0 = group * N
+    o0 = group * OC
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -208,27 +232,20 @@ def _roast_conv_grad_input_kernel(
         for oc0 in range(0, OC, BLOCK_R):
             oc = oc0 + tl.arange(0, BLOCK_R)
             mask_oc = oc < OC
-            a = tl.load(g_ptr + row[:, None] + (O0 + oc).to(tl.int64)[None, :] * stride_gc,
+            a = tl.load(g_ptr + row[:, None] + (o0 + oc).to(tl.int64)[None, :] * stride_gc,
                         mask=hit[:, None] & mask_oc[None, :], other=0.0)
             mask_w = mask_oc[:, None] & mask_n[None, :]
             if VIEW_TRANSPOSED:
-                w = roast_view_values(mem_ptr, oc[:, None], view_row[None, :], mask_w, tile_rows, tile_cols,
+                w = roast_view_values(mem_ptr, (o0 + oc)[:, None], view_row[None, :], mask_w, tile_rows, tile_cols,
                                       alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd)
             else:
-                w = roast_view_values(mem_ptr, view_row[None, :], oc[:, None], mask_w, tile_rows, tile_cols,
+                w = roast_view_values(mem_ptr, view_row[None, :], (o0 + oc)[:, None], mask_w, tile_rows, tile_cols,
                                       alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd)
             acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     acc = acc * scale
-    out = (image.to(tl.int64)[:, None] * stride_dn + (C0 + offs_n).to(tl.int64)[None, :] * stride_dc
+    out = (image.to(tl.int64)[:, None] * stride_dn + (c0 + offs_n).to(tl.int64)[None, :] * stride_dc
            + (ih * stride_dh + iw * stride_dw).to(tl.int64)[:, None])
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _check_pixels(name: str, t: torch.Tensor) -> None:
-    n, _, h, w = t.shape
-    if n * h * w >= 2**31 or h * t.stride(2) + w * t.stride(3) >= 2**31:
-        raise ValueError(f"the conv backward indexes pixels in int32: {name} of shape {tuple(t.shape)} and strides "
-                         f"{t.stride()} is too large; split the batch")
 
 
 def _check_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -238,29 +255,27 @@ def _check_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 def roast_conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float,
-                            dx: torch.Tensor, kernel, stride, padding, dilation, c0: int = 0, o0: int = 0,
-                            config=None, transposed: bool = False) -> torch.Tensor:
-    """Write into ``dx[:, c0:c0 + in_per_group]`` the input gradient of the conv2d that
-    ``roast_conv2d_group(.., c0, o0)`` computes, for its output gradient ``grad`` (its channels o0..): one
-    implicit GEMM over dx's pixels; neither the columns of dY nor the weight is built. ``transposed``: the
-    conv's weight view is the mapping's view transposed; this is then the forward of the transposed conv
-    whose (in, out * kh * kw) view the mapping reads, ``grad`` its input and ``dx`` its output. Returns
-    ``dx``."""
+                            dx: torch.Tensor, kernel, stride, padding, dilation, groups: int = 1, config=None,
+                            transposed: bool = False) -> torch.Tensor:
+    """Write into ``dx`` the input gradient of the conv2d that ``roast_conv2d`` computes, for its output
+    gradient ``grad``: one implicit GEMM over dx's pixels, all groups in one launch; neither the columns of
+    dY nor the weight is built. ``transposed``: the conv's weight view is the mapping's view transposed;
+    this is then the forward of the transposed conv whose (in, out/groups * kh * kw) view the mapping reads,
+    ``grad`` its input and ``dx`` its output. Returns ``dx``."""
     from .triton_matmul import choose_config, dot_in_fp32, dot_precision, launch_gemm
 
     _check_kernel_dtype("memory", memory)
     _check_grad(dx, grad)
-    _, grad_channels, R = conv_geometry(dx, mapping, grad, kernel, c0, o0, transposed)
-    _check_pixels("dY", grad)
+    _, OC, R = conv_geometry(dx, mapping, grad, kernel, groups, transposed)
     n, _, h, w = dx.shape
-    M, N, OC = n * h * w, R // (kernel[0] * kernel[1]), grad_channels
+    M, N = n * h * w, R // (kernel[0] * kernel[1])
     if M == 0 or N == 0:
         return dx
 
     def launch(cfg, dx=dx):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), groups)
         return _roast_conv_grad_input_kernel[grid](
-            grad, memory.reshape(-1), dx, M, N, OC, c0, o0,
+            grad, memory.reshape(-1), dx, M, N, OC,
             h, w, grad.shape[2], grad.shape[3], *kernel, *stride, *padding, *dilation,
             *grad.stride(), *dx.stride(), float(scale), *hash_args(mapping),
             VIEW_TRANSPOSED=transposed, PRECISION=dot_precision(grad.dtype), DOT_IN_FP32=dot_in_fp32(grad.dtype),
@@ -278,31 +293,35 @@ def roast_conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: T
 
 
 def roast_conv2d_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int, mapping: TileHash, scale: float,
-                             kernel, stride, padding, dilation, c0: int = 0, o0: int = 0,
-                             deterministic: bool | None = None, sumsq: bool = False,
-                             config=None, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fp32 memory gradient of the conv2d ``roast_conv2d_group(x, .., c0, o0)`` computes, for its output
-    gradient ``grad``: dV = im2col(x)^T @ dY with the im2col tiles read from x in place, sent to the slots as
-    `triton_matmul.roast_grad_memory` does (atomics, or a deterministic reduction); ``transposed``: into the
-    mapping's view transposed (a transposed conv's memory gradient, ``x`` being its output gradient and
-    ``grad`` its input). Returns (gradient, the float64 sum of dV's squares when ``sumsq``, else None)."""
+                             kernel, stride, padding, dilation, groups: int = 1, deterministic: bool | None = None,
+                             sumsq: bool = False, config=None,
+                             transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fp32 memory gradient of the conv2d ``roast_conv2d(x, ..)`` computes, for its output gradient
+    ``grad``: dV = im2col(x)^T @ dY per group with the im2col tiles read from x in place, all groups in one
+    launch, sent to the slots as `triton_matmul.roast_grad_memory` does (atomics, or a deterministic
+    reduction); ``transposed``: into the mapping's view transposed (a transposed conv's memory gradient,
+    ``x`` being its output gradient and ``grad`` its input). Returns (gradient, the float64 sum of dV's
+    squares when ``sumsq``, else None)."""
     from .triton_matmul import dot_in_fp32, dot_precision, run_grad_memory
 
     _check_grad(x, grad)
-    M, N, R = conv_geometry(x, mapping, grad, kernel, c0, o0, transposed)
-    _check_pixels("dY", grad)
+    M, N, R = conv_geometry(x, mapping, grad, kernel, groups, transposed)
+
+    def columns(cfg):  # program axis 1: the column blocks of every group
+        return triton.cdiv(N, cfg.block_n) * groups
 
     def launch(cfg, k_start, k_end, grad_memory, contrib, partial, deterministic):
-        programs = (triton.cdiv(k_end - k_start, cfg.block_m), triton.cdiv(N, cfg.block_n))
+        programs = (triton.cdiv(k_end - k_start, cfg.block_m), columns(cfg))
         return _roast_conv_grad_memory_kernel[programs](
             x, grad, grad_memory, contrib, partial if partial is not None else grad_memory,
-            M, k_start, k_end, N, c0, o0, *conv_args(x, grad, kernel, stride, padding, dilation), *grad.stride(),
-            float(scale), *hash_args(mapping),
+            M, k_start, k_end, N, N * groups, R, *conv_args(x, grad, kernel, stride, padding, dilation),
+            *grad.stride(), float(scale), *hash_args(mapping),
             DETERMINISTIC=deterministic, SUMSQ=partial is not None, VIEW_TRANSPOSED=transposed,
-            PRECISION=dot_precision(x.dtype),
-            DOT_IN_FP32=dot_in_fp32(x.dtype), BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
+            PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
+            BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     return run_grad_memory("roast_conv_grad_memory", _roast_conv_grad_memory_kernel, launch, x, M, memory_size,
-                           mapping, deterministic, config, sumsq, conv=True, transposed=transposed)
+                           mapping, deterministic, config, sumsq, conv=True, transposed=transposed,
+                           column_programs=columns)

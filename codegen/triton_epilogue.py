@@ -89,7 +89,7 @@ from roastfx.codegen.triton_conv import roast_conv_block
 @triton.jit
 def {name}(
     x_ptr, mem_ptr, out_ptr,
-    M, N, R, C0, O0,
+    M, N, R,
     H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
     stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
     scale,
@@ -97,14 +97,14 @@ def {name}(
 {operand_args}    VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # the conv: this program's fp32 block of output pixels x channels, the weight never materialized
-    acc, offs_n, mask_m, mask_n, image, oh, ow = roast_conv_block(
-        x_ptr, mem_ptr, M, N, R, C0, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
+    # the conv: this program's fp32 block of output pixels x channels of its group (program axis 1), the
+    # weight never materialized
+    acc, channel, mask_m, mask_n, image, oh, ow = roast_conv_block(
+        x_ptr, mem_ptr, M, N, R, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
         stride_xn, stride_xc, stride_xh, stride_xw,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
         VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M)
     mask = mask_m[:, None] & mask_n[None, :]
-    channel = (O0 + offs_n).to(tl.int64)
     z = acc * scale  # the site's ROAST scale: part of the product, not of the epilogue
 
     # the epilogue, in fp32, one FX op after another
@@ -345,20 +345,19 @@ def roast_conv_epilogue(
     kernel, stride, padding, dilation,
     epilogue: Epilogue,
     extras=(),
-    c0: int = 0,
-    o0: int = 0,
+    groups: int = 1,
     config: configs.BlockConfig | None = None,
     view_is_b: bool = True,
 ) -> torch.Tensor:
-    """Write ``epilogue(conv * scale, extras)`` into ``out[:, o0:o0 + mapping.cols]``: the conv2d of
-    ``x[:, c0:..]`` with the group's weight V^T reshaped (as triton_conv.roast_conv2d_group). Each extra
+    """Write ``epilogue(conv * scale, extras)`` into ``out``: the conv2d of ``x`` with ``groups`` groups and
+    the weight V^T reshaped (as triton_conv.roast_conv2d), all groups in one launch. Each extra
     broadcasts to the whole (N, C, OH, OW) ``out`` (a (C, 1, 1) per-channel vector, an (N, C, OH, OW)
     residual, a 0-dim scalar). ``view_is_b=False``: the weight is V reshaped instead, V being a transposed
     conv's (out, in * kh * kw) view (the conv in its backward). Returns ``out``."""
     from .triton_conv import conv_args, conv_geometry
 
     _check_kernel_dtype("memory", memory)
-    M, N, R = conv_geometry(x, mapping, out, kernel, c0, o0, transposed=not view_is_b)
+    M, N, R = conv_geometry(x, mapping, out, kernel, groups, transposed=not view_is_b)
     extras = list(extras)
     epilogue.check_extras(tuple(out.shape), extras)
     if M == 0 or N == 0:
@@ -372,10 +371,10 @@ def roast_conv_epilogue(
     operands = [arg for v in views for arg in (v, *v.stride())] + list(epilogue.constants)
 
     def launch(cfg, out=out):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), groups)
         return kern[grid](
             x, memory.reshape(-1), out,
-            M, N, R, c0, o0, *conv_args(x, out, kernel, stride, padding, dilation), *out.stride(),
+            M, N, R, *conv_args(x, out, kernel, stride, padding, dilation), *out.stride(),
             float(scale), *hash_args(mapping), *operands,
             VIEW_IS_B=view_is_b, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,

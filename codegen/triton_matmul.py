@@ -422,14 +422,16 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
 
 def run_grad_memory(name: str, kernel, launch, a: torch.Tensor, M: int, memory_size: int, mapping: TileHash,
                     deterministic: bool | None, config, sumsq: bool,
-                    conv: bool = False, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    conv: bool = False, transposed: bool = False,
+                    column_programs=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Drive a weight-gradient kernel that reduces over ``M`` products of the A operand ``a`` into the
     (rows, cols) view of ``mapping``: the config, the chunks of view rows the deterministic path takes
     (contributions then a sorted index_put_), the per-program sums of squares. ``launch(cfg, k_start, k_end,
     grad, contrib, partial, deterministic)`` runs ``kernel`` over view rows [k_start, k_end) with programs
     (row block, column block) of (cfg.block_m, cfg.block_n) and the reduction in steps of cfg.block_k.
     ``conv``: a conv kernel (configs.CONV_CANDIDATES). ``transposed``: the kernel's rows are the view's columns
-    and its columns the view's rows. Returns (the fp32 memory gradient, the float64 sum of dV's squares or
+    and its columns the view's rows. ``column_programs(cfg)``: the launch's programs along axis 1 (default one
+    per column block). Returns (the fp32 memory gradient, the float64 sum of dV's squares or
     None)."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -470,7 +472,8 @@ def run_grad_memory(name: str, kernel, launch, a: torch.Tensor, M: int, memory_s
             contrib = torch.empty((k_end - k_start, N), device=a.device, dtype=torch.float32) if deterministic \
                 else grad
             if sumsq:
-                programs = triton.cdiv(k_end - k_start, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+                columns = column_programs(cfg) if column_programs else triton.cdiv(N, cfg.block_n)
+                programs = triton.cdiv(k_end - k_start, cfg.block_m) * columns
                 partials.append(torch.empty(programs, device=a.device, dtype=torch.float64))
             launched = launch(cfg, k_start, k_end, grad, contrib, partials[-1] if sumsq else None, deterministic)
             maybe_dump(kernel, launched)

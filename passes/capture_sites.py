@@ -27,7 +27,6 @@ class SiteSpec:
     op: str
     transposed: bool
     dtype: str
-    groups: int = 1  # a grouped conv's or transposed conv's groups: each is one GEMM on its window of the view
 
 
 def name_matches(names, patterns) -> bool:
@@ -87,17 +86,6 @@ _CONSUMERS = {
 _WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d"}
 _BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
-_GROUPS_ARG = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "conv_transpose1d": 6, "conv_transpose2d": 6,
-               "conv_transpose3d": 6, "convolution": 8}
-
-
-def _groups(node: torch.fx.Node, name: str) -> int:
-    """The ``groups`` a conv node is called with (1 for other ops, or where it is not a plain int)."""
-    if name not in _GROUPS_ARG:
-        return 1
-    index = _GROUPS_ARG[name]
-    value = node.args[index] if len(node.args) > index else node.kwargs.get("groups", 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -106,9 +94,8 @@ def _op_name(node: torch.fx.Node) -> str:
     return name.split(".")[0]
 
 
-def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> list[tuple[str, bool, int]]:
-    """Follow a parameter through view-like ops to the matmul-like ops that consume it: (op, transposed,
-    groups) per use."""
+def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> list[tuple[str, bool]]:
+    """Follow a parameter through view-like ops to the matmul-like ops that consume it."""
     uses = []
     for user in node.users:
         if user.op != "call_function" or depth > 8:
@@ -119,14 +106,14 @@ def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> list
             if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1:
                 continue  # the tensor is a bias here, not a matmul operand
             op, transposed = _CONSUMERS[name]
-            uses.append((op, transposed ^ bool(transposes % 2), _groups(user, name)))
+            uses.append((op, transposed ^ bool(transposes % 2)))
         elif name in _VIEW_OPS:
             uses.extend(trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1))
     return uses
 
 
-def traced_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool, int]]:
-    """Parameter name -> (op, transposed, groups) for each parameter a trace shows feeding a matmul."""
+def traced_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]]:
+    """Parameter name -> (op, transposed) for each parameter a trace shows feeding a matmul."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = {}
     if len(args) == 1 and isinstance(args[0], dict):
@@ -151,13 +138,12 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         by_param.setdefault(id(p), []).append(name)
         params[id(p)] = p
 
-    kinds: dict[int, tuple[str, bool, int]] = {}
+    kinds: dict[int, tuple[str, bool]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for attr, op, transposed in module_weight_attrs(module):
             p = getattr(module, attr, None)
             if isinstance(p, nn.Parameter) and p.dim() >= 2:
-                groups = int(getattr(module, "groups", 1)) if op in ("conv", "conv_transpose") else 1
-                kinds.setdefault(id(p), (op, transposed, groups))
+                kinds.setdefault(id(p), (op, transposed))
 
     if example_inputs is not None:
         name_to_id = {n: pid for pid, names in by_param.items() for n in names}
@@ -184,8 +170,8 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         if pid not in kinds:
             continue
         p = params[pid]
-        op, transposed, groups = kinds[pid]
-        specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p), groups))
+        op, transposed = kinds[pid]
+        specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p)))
 
     patterns = tuple(exclude)
     if patterns:

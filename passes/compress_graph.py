@@ -46,10 +46,10 @@ def graph_sites(gm: torch.fx.GraphModule, example_inputs) -> list[tuple[torch.fx
             continue
         uses = trace_uses(node)
         if uses:
-            op, transposed, groups = uses[0]
+            op, transposed = uses[0]
             name = _param_name(node)
             found.append((node, value, SiteSpec(name, (name,), tuple(value.shape), op, transposed,
-                                                dtype_name(value), groups)))
+                                                dtype_name(value))))
     return found
 
 

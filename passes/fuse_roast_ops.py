@@ -222,8 +222,8 @@ def _fuse_conv_transpose(graph, node) -> SiteUse | None:
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return SiteUse(fused.name, True, f"roast_conv_transpose ({dims}-d, implicit GEMM)"
-                   + _groups_note(list(mapping), groups, transposed=True) + _norm_note(read))
+    return SiteUse(fused.name, True, f"roast_conv_transpose ({dims}-d{_groups_note(list(mapping), groups, True)})"
+                   + _norm_note(read))
 
 
 def _groups_note(mapping: list, groups: int, transposed: bool = False) -> str:
@@ -231,12 +231,13 @@ def _groups_note(mapping: list, groups: int, transposed: bool = False) -> str:
 
     if groups == 1:
         return ""
+    note = f", groups={groups} in one launch"
     if (row_windows if transposed else column_windows)(mapping, groups) is not None:
-        return f", groups={groups}: one ROAST GEMM per group"
+        return note
     what, size, tile = ("in channels", mapping[0], f"{mapping[2]} rows") if transposed else \
         ("out channels", mapping[1], f"{mapping[3]} columns")
-    return (f", groups={groups}: groups of {size // groups} {what} are not whole hash tiles ({tile}), so the op "
-            f"materializes W and runs the dense conv")
+    return (note + f"; groups of {size // groups} {what} split the hash tiles ({tile}), so under "
+            "ROASTFX_CONV=im2col the op materializes W")
 
 
 _EMBEDDING_NAMES = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

@@ -18,8 +18,7 @@ from roastfx.profiles import HardwareProfile, get_profile
 
 from .capture_sites import SiteSpec
 from .cost_model import EMBEDDING_OPS, Layout, geometry, itemsize, positions, predicted_time
-from .plan_layout import (MIN_POSITIONS, _pow2_at_least, _validate_tile, choose_tile, group_divisors, make_site,
-                          site_windows, view_shape)
+from .plan_layout import MIN_POSITIONS, _pow2_at_least, _validate_tile, choose_tile, make_site, site_windows, view_shape
 
 DEFAULT_TOKENS = (1, 16, 256, 4096)  # decode to prefill
 MODES = ("infer", "train")
@@ -49,9 +48,8 @@ def execution_graph(specs: list[SiteSpec], order: Iterable[str] | None = None) -
 
 
 def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elements: int, *, tile=None,
-               alignment=None, chunk=None, divisors=(0, 0)) -> list[tuple[int, int, int]]:
-    """(tile_rows, tile_cols, alignment) choices that keep >= MIN_POSITIONS aligned positions; without an
-    explicit ``tile``, tiles whose sides divide ``divisors`` (a grouped conv's windows, `group_divisors`)."""
+               alignment=None, chunk=None) -> list[tuple[int, int, int]]:
+    """(tile_rows, tile_cols, alignment) choices that keep >= MIN_POSITIONS aligned positions."""
     start, size = window
     sides = [2**e for e in range(int(math.log2(MAX_TILE_SIDE)) + 1)]
     if tile is not None:
@@ -59,11 +57,9 @@ def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elem
     elif op in EMBEDDING_OPS:
         shapes = [(1, chunk)] if chunk else [(1, c) for c in sides if c <= _pow2_at_least(cols)]
     else:
-        shapes = [(r, c) for r in sides if r <= _pow2_at_least(rows) for c in sides if c <= _pow2_at_least(cols)
-                  if all(not d or d % t == 0 for t, d in zip((r, c), divisors))]  # whole groups (side 1 always)
+        shapes = [(r, c) for r in sides if r <= _pow2_at_least(rows) for c in sides if c <= _pow2_at_least(cols)]
         small = min(line_elements, _pow2_at_least(rows) * _pow2_at_least(cols))
-        # runs shorter than a line only waste lines (unless the groups allow nothing longer)
-        shapes = [s for s in shapes if s[0] * s[1] >= small] or shapes
+        shapes = [s for s in shapes if s[0] * s[1] >= small]  # runs shorter than a line only waste lines
     aligns = [alignment] if alignment is not None else [2**e for e in range(int(math.log2(line_elements)) + 1)]
     out = []
     for tk, tn in shapes:
@@ -75,7 +71,7 @@ def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elem
             out.append((tk, tn, a))
     if not out:
         # a window too small for every candidate: the default planner's shrinking rule
-        out = [choose_tile(rows, cols, op, size, line_elements, tile, alignment, chunk, divisors)]
+        out = [choose_tile(rows, cols, op, size, line_elements, tile, alignment, chunk)]
     return out
 
 
@@ -88,7 +84,7 @@ def choose_layout(spec: SiteSpec, window: tuple[int, int], profile: HardwareProf
     line_elements = profile.alignment_elements(memory_itemsize)
     scored = []
     for tk, tn, a in candidates(rows, cols, spec.op, window, line_elements, tile=tile, alignment=alignment,
-                                chunk=chunk, divisors=group_divisors(spec)):
+                                chunk=chunk):
         lay = Layout(rows, cols, tk, tn, a, start, size)
         g = geometry(lay, spec.op, spec.dtype, profile, memory_size=memory_size, memory_itemsize=memory_itemsize,
                      compute_dtype=compute_dtype)
@@ -161,7 +157,7 @@ def plan_with_cost_model(
     for done, name in enumerate(names, 1):
         spec = graph.nodes[name]["spec"]
         window = windows[name]
-        key = (view_shape(spec), spec.op, spec.dtype, window, group_divisors(spec))
+        key = (view_shape(spec), spec.op, spec.dtype, window)
         if key not in chosen:
             chosen[key] = choose_layout(
                 spec, window, profile, memory_size=memory_size, memory_itemsize=mem_itemsize,

@@ -8,7 +8,6 @@ mapping is bit-identical on any machine and never touches a global RNG.
 from __future__ import annotations
 
 import hashlib
-import math
 
 from roastfx.codegen.hashing import PRIME, TileHash
 from roastfx.plan import SCHEMES, Plan, Site
@@ -41,32 +40,14 @@ def view_shape(spec: SiteSpec) -> tuple[int, int]:
     return (cols, rows) if spec.transposed else (rows, cols)
 
 
-def group_divisors(spec: SiteSpec) -> tuple[int, int]:
-    """(rows, cols) that a hash tile's rows and columns must divide (0: anything) so that each group of a
-    grouped conv (its columns of the view) or transposed conv (its rows) starts on tile boundaries: the
-    kernels then run one GEMM per group on the group's window (codegen.ops.column_windows / row_windows);
-    otherwise the op materializes the weight."""
-    if spec.groups <= 1:
-        return 0, 0
-    rows, cols = view_shape(spec)
-    if spec.op == "conv":
-        return 0, cols // spec.groups
-    if spec.op == "conv_transpose":
-        return rows // spec.groups, 0
-    return 0, 0
-
-
-def choose_tile(rows: int, cols: int, op: str, window: int, cache_line: int, tile=None, alignment=None, chunk=None,
-                divisors=(0, 0)):
-    """(tile_rows, tile_cols, alignment) for one site in a window of ``window`` slots; without an explicit
-    ``tile``, each side of the tile divides its ``divisors`` entry (`group_divisors`)."""
+def choose_tile(rows: int, cols: int, op: str, window: int, cache_line: int, tile=None, alignment=None, chunk=None):
+    """(tile_rows, tile_cols, alignment) for one site in a window of ``window`` slots."""
     if tile is not None:
         tk, tn = tile
     elif op in ("embedding", "embedding_bag"):
         tk, tn = 1, min(chunk or DEFAULT_CHUNK, _pow2_at_least(cols))
     else:
         tk, tn = min(DEFAULT_TILE[0], _pow2_at_least(rows)), min(DEFAULT_TILE[1], _pow2_at_least(cols))
-        tk, tn = (math.gcd(t, d) if d else t for t, d in zip((tk, tn), divisors))
     align = alignment if alignment is not None else cache_line
     if tile is None:
         # shrink until the window holds enough distinct positions: first alignment, then the tile
@@ -128,7 +109,7 @@ def plan_layout(
     for spec, (start, size) in zip(specs, windows):
         rows, cols = view_shape(spec)
         line = _start_alignment(start, cache_line) if alignment is None else cache_line
-        tk, tn, align = choose_tile(rows, cols, spec.op, size, line, tile, alignment, chunk, group_divisors(spec))
+        tk, tn, align = choose_tile(rows, cols, spec.op, size, line, tile, alignment, chunk)
         if tk * tn > size:
             raise ValueError(
                 f"memory too small: site {spec.name!r} needs a hash tile of {tk}x{tn} = {tk * tn} slots but its "

@@ -279,33 +279,3 @@ def test_planner_errors_name_the_bad_value():
         plan_with_cost_model(specs, 10_000, {}, "h100")
     with pytest.raises(ValueError, match="memory too small"):
         plan_with_cost_model(specs, 10_000, {"s0.weight": 1.0}, "h100", tile=(128, 128))
-
-
-@pytest.mark.parametrize("planner", ["default", "cost"])
-def test_grouped_convs_get_tiles_that_start_every_group_on_a_tile_boundary(planner):
-    """A grouped conv's groups are column windows of its view, a grouped transposed conv's are row windows:
-    both planners pick tiles that divide them (the kernels then run one GEMM per group; split groups would
-    make the op materialize W), from the module's groups, found by find_sites."""
-    import roastfx
-    from roastfx.codegen.ops import column_windows, row_windows
-    from roastfx.passes.plan_layout import group_divisors
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(8, 96, 3, groups=4),  # 24 out channels per group
-                                torch.nn.Conv2d(96, 96, 3, groups=96),  # depthwise: 1 per group
-                                torch.nn.ConvTranspose2d(96, 9, 2, groups=3),  # 32 in channels per group
-                                torch.nn.ConvTranspose2d(9, 6, 2, groups=3),  # 3 per group
-                                torch.nn.Conv2d(6, 40, 1))
-    roastfx.compress(model, "4x", init="random", planner=planner, target="h100")
-    state = roastfx.roast_state(model)
-    groups = {"0.weight": 4, "1.weight": 96, "2.weight": 3, "3.weight": 3, "4.weight": 1}
-    for site in state.plan.sites:
-        m, g = site.mapping, groups[site.name]
-        windows = (row_windows if site.op == "conv_transpose" else column_windows)(m.to_list(), g)
-        assert windows is not None, (site.name, m.tile_rows, m.tile_cols)
-    by_name = {s.name: s.mapping for s in state.plan.sites}
-    assert by_name["0.weight"].tile_cols in (1, 2, 4, 8) and by_name["1.weight"].tile_cols == 1
-    assert by_name["3.weight"].tile_rows == 1 and by_name["4.weight"].tile_cols > 1  # groups=1: unconstrained
-    spec = SiteSpec("c", ("c",), (96, 24, 3, 3), "conv", True, "float32", groups=4)
-    assert group_divisors(spec) == (0, 24)
-    assert group_divisors(dataclasses.replace(spec, op="conv_transpose", transposed=False)) == (24, 0)
-    assert group_divisors(dataclasses.replace(spec, groups=1)) == (0, 0)

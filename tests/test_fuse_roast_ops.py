@@ -282,6 +282,7 @@ CONVS = [
     (4, 6, (3, 2), (1, 2), (1, 0), (2, 1), 2, (7, 6)),
     (3, 5, (3,), (2,), (1,), (2,), 1, (9,)),
     (6, 6, (3,), (1,), (1,), (1,), 3, (8,)),
+    (4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, (5, 6)),  # depthwise: 1-column groups split the 3-column tiles
 ]
 
 
@@ -335,12 +336,13 @@ def test_column_windows_read_the_views_columns():
 
 
 @pytest.mark.parametrize("mode", ["implicit", "im2col"])
-@pytest.mark.parametrize("case", CONVS[:4], ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d"])
+@pytest.mark.parametrize("case", CONVS[:4] + CONVS[5:],
+                         ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d", "depthwise"])
 def test_roast_conv_triton_path_matches_reference(case, mode, monkeypatch):
-    """The Triton path (interpreted on CPU): the implicit-GEMM conv kernel, or im2col and the ROAST GEMM, one
-    launch per group for a grouped conv whose groups start on hash-tile columns; the backward the implicit-GEMM
-    dX and dMemory kernels, or F.fold/F.unfold around the ROAST GEMM ones. Same output and gradients as the
-    reference path."""
+    """The Triton path (interpreted on CPU): the implicit-GEMM kernels (forward, dX, dMemory; every group in one
+    launch, whatever the hash tiles), or im2col with the ROAST GEMM kernels, one per group where groups start on
+    hash-tile columns (the depthwise conv's do not: the op takes the reference path then). Same output and
+    gradients as the reference path."""
     monkeypatch.setenv("ROASTFX_CONV", mode)
     mapping, mem, x, b, conv_args = _conv_case(case, torch.float32, torch.Generator().manual_seed(6))
     args = ops.mapping_args(mapping)
@@ -468,7 +470,7 @@ def test_conv_model_runs_the_triton_kernels_through_the_backend(monkeypatch):
 
     import roastfx.codegen.triton_conv as triton_conv
 
-    launches = {name: [] for name in ("roast_conv2d_group", "roast_conv2d_grad_input", "roast_conv2d_grad_memory")}
+    launches = {name: [] for name in ("roast_conv2d", "roast_conv2d_grad_input", "roast_conv2d_grad_memory")}
     for name, calls in launches.items():
         original = getattr(triton_conv, name)
         monkeypatch.setattr(triton_conv, name, lambda *a, _f=original, _c=calls, **k: _c.append(1) or _f(*a, **k))
@@ -625,17 +627,24 @@ def test_roast_conv_transpose_matches_dense_and_passes_opcheck(case, mode, monke
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
-def test_a_tile_that_splits_the_groups_falls_back_with_the_reason(monkeypatch):
-    """An explicit tile is the user's: where it splits a group's rows, the op says so and materializes W."""
+@pytest.mark.parametrize("mode", ["implicit", "im2col"])
+def test_groups_that_split_the_hash_tiles(mode, monkeypatch):
+    """An explicit tile is the user's: where it splits a group's rows, the implicit kernels still run every
+    group (in one launch), and under ROASTFX_CONV=im2col the op materializes W, as the pass's note says."""
     torch._dynamo.reset()
     model = roastfx.compress(torch.nn.ConvTranspose2d(6, 4, 2, groups=2), "2x", init="random", tile=(2, 4))
-    x = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    want = torch.autograd.grad(model(x).square().sum(), (x, model.roast_memory))
     uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
-    assert [u.why for u in uses] == ["roast_conv_transpose (2-d, implicit GEMM), groups=2: groups of 3 in channels "
-                                     "are not whole hash tiles (2 rows), so the op materializes W and runs the dense "
-                                     "conv"]
+    monkeypatch.setenv("ROASTFX_KERNELS", "triton")
+    monkeypatch.setenv("ROASTFX_CONV", mode)
+    got = torch.autograd.grad(torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x).square().sum(),
+                              (x, model.roast_memory))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert [u.why for u in uses] == ["roast_conv_transpose (2-d, groups=2 in one launch; groups of 3 in channels "
+                                     "split the hash tiles (2 rows), so under ROASTFX_CONV=im2col the op "
+                                     "materializes W)"]
 
 
 class Decoder(torch.nn.Module):
@@ -643,7 +652,7 @@ class Decoder(torch.nn.Module):
         super().__init__()
         self.up = torch.nn.ConvTranspose2d(4, 32, 3, stride=2, padding=1, output_padding=1, dilation=1)
         self.grouped = torch.nn.ConvTranspose2d(32, 6, 2, groups=2)
-        self.up1d = torch.nn.ConvTranspose1d(6, 2, 2, stride=2, groups=2)  # 3 in channels per group: 1-row tiles
+        self.up1d = torch.nn.ConvTranspose1d(6, 6, 2, stride=2, groups=6)  # depthwise
 
     def forward(self, x):
         h = F.relu(self.up(x))
@@ -662,43 +671,8 @@ def test_transposed_convs_fuse_through_the_backend(path, monkeypatch):
     out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
     got = torch.autograd.grad(out.square().sum(), model.roast_memory)[0]
     whys = sorted(u.why for u in uses)
-    # the planner cuts a grouped layer's tiles on its group boundaries, so each group is one GEMM
-    assert whys == ["roast_conv_transpose (1-d, implicit GEMM), groups=2: one ROAST GEMM per group",
-                    "roast_conv_transpose (2-d, implicit GEMM)",
-                    "roast_conv_transpose (2-d, implicit GEMM), groups=2: one ROAST GEMM per group"], whys
+    assert [w.split(";")[0] for w in whys] == ["roast_conv_transpose (1-d, groups=6 in one launch",
+                                               "roast_conv_transpose (2-d)",
+                                               "roast_conv_transpose (2-d, groups=2 in one launch"], whys
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-class FunctionalGroups(torch.nn.Module):
-    """Grouped convs called functionally: only a trace of the model shows their groups."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(30, 2, 3, 3) / 4)  # conv2d 6 -> 30, groups=3
-        self.v = torch.nn.Parameter(torch.randn(30, 2, 2, 2) / 4)  # conv_transpose2d 30 -> 4, groups=2
-
-    def forward(self, x):
-        return F.conv_transpose2d(F.relu(F.conv2d(x, self.w, groups=3)), self.v, groups=2)
-
-
-@pytest.mark.parametrize("how", ["compress", "backend"])
-def test_functional_grouped_convs_get_group_aligned_tiles(how, monkeypatch):
-    """The groups of a functional conv come from the traced call (find_sites with example inputs, or the
-    dynamo graph when the backend compresses an uncompressed model): each group is still one GEMM."""
-    torch._dynamo.reset()
-    model = FunctionalGroups()
-    x = torch.randn(2, 6, 7, 7, generator=torch.Generator().manual_seed(2))
-    uses = record_uses(monkeypatch)
-    with torch.no_grad():  # inference: the backend may compress the weights itself
-        if how == "compress":
-            model = roastfx.compress(model, "2x", example_inputs=(x,), init="random")
-            want = model(x)
-            out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-        else:
-            out = torch.compile(model, backend="roast", options={"compression": "2x", "inner": "aot_eager"})(x)
-    assert out.shape == (2, 4, 6, 6)
-    assert sorted(u.why for u in uses) == ["roast_conv (2-d, groups=3: one ROAST GEMM per group)",
-                                           "roast_conv_transpose (2-d, implicit GEMM), groups=2: one ROAST GEMM per "
-                                           "group"], [u.why for u in uses]

@@ -62,28 +62,68 @@ def test_memory_gradient_and_its_sum_of_squares_match_float64_autograd(case, det
     torch.testing.assert_close(plain, got, rtol=1e-6, atol=1e-6)
 
 
-def test_one_group_at_any_strides_and_block(device):
-    """c0/o0 pick one group's channels of a channels_last input and gradient; a block config that splits
-    the hash tiles; dX is written in the group's channels only."""
-    cin_total, cin, cout_total, cout, kernel, stride, padding = 7, 3, 12, 5, (2, 3), (2, 1), (1, 2)
-    mapping = random_mapping(cin * 6, cout, 4, 3, seed=8)
+def reference_group_grads(x, memory, mapping, scale, grad, groups, kernel, stride, padding, dilation):
+    """(dX, dMemory) in float64 by autograd of a grouped F.conv2d through the materialized view."""
+    x = x.double().requires_grad_()
+    memory = memory.double().requires_grad_()
+    weight = reference.materialize(memory, mapping, scale).t().reshape(mapping.cols, x.shape[1] // groups, *kernel)
+    F.conv2d(x, weight, None, stride, padding, dilation, groups).backward(grad.double())
+    return x.grad, memory.grad
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("groups,cout", [(3, 12), (6, 6)], ids=["groups3", "depthwise"])
+def test_groups_in_one_launch_at_any_strides_and_block(groups, cout, deterministic, device):
+    """All groups in one launch each for dX and dMemory: groups of 4 and of 1 output channel split the
+    5-column hash tiles; channels_last input and gradient; a block config that splits the hash tiles."""
+    cin, kernel, stride, padding = 6, (2, 3), (2, 1), (1, 2)
+    mapping = random_mapping(cin // groups * 6, cout, 4, 5, seed=8)
     memory = random_memory(mapping, seed=8)
-    x = randn(2, cin_total, 9, 8, seed=6, dtype=torch.float64)
-    shape = output_shape(2, cout_total, (9, 8), kernel, stride, padding, (1, 1))
-    grad = randn(*shape, seed=7, dtype=torch.float64)
-    want_dx, want_mem, _ = reference_grads(x[:, 4:7], memory, mapping, 0.3, grad[:, 6:11], cin, kernel, stride,
-                                           padding, (1, 1))
+    x = randn(2, cin, 9, 8, seed=6, dtype=torch.float64)
+    grad = randn(*output_shape(2, cout, (9, 8), kernel, stride, padding, (1, 1)), seed=7, dtype=torch.float64)
+    want_dx, want_mem = reference_group_grads(x, memory, mapping, 0.3, grad, groups, kernel, stride, padding, (1, 1))
     cfg = configs.BlockConfig(32, 32, 64, num_warps=4, num_stages=2)
     xs = x.float().to(device).to(memory_format=torch.channels_last)
     gs = grad.float().to(device).to(memory_format=torch.channels_last)
-    dx = torch.full(x.shape, 5.0, device=device).to(memory_format=torch.channels_last)
+    dx = torch.full(x.shape, float("nan"), device=device).to(memory_format=torch.channels_last)
     roast_conv2d_grad_input(gs, memory.float().to(device), mapping, 0.3, dx, kernel, stride, padding, (1, 1),
-                            c0=4, o0=6, config=cfg)
-    torch.testing.assert_close(dx[:, 4:7].double().cpu(), want_dx, rtol=1e-4, atol=1e-4)
-    assert torch.equal(dx[:, :4], torch.full_like(dx[:, :4], 5.0))
+                            groups=groups, config=cfg)
+    torch.testing.assert_close(dx.double().cpu(), want_dx, rtol=1e-4, atol=1e-4)
     got, _ = roast_conv2d_grad_memory(xs, gs, memory.numel(), mapping, 0.3, kernel, stride, padding, (1, 1),
-                                      c0=4, o0=6, config=cfg)
+                                      groups=groups, deterministic=deterministic, config=cfg)
     torch.testing.assert_close(got.double().cpu(), want_mem, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_view_gives_the_transposed_conv(groups, deterministic, device):
+    """With ``transposed`` the mapping is a transposed conv's (in, out/groups * kh * kw) view: the dX kernel is
+    its forward (F.conv_transpose2d), the conv kernel reading V transposed its input gradient, and the
+    dMemory kernel, with dY as the conv's input and x as its output gradient, its memory gradient."""
+    from roastfx.codegen.triton_conv import roast_conv2d
+
+    cin, cout, kernel, stride, padding, output_padding, dilation = 4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2)
+    mapping = random_mapping(cin, cout // groups * 6, 3, 4, seed=groups)  # 3-row tiles split groups of 2 rows
+    memory = random_memory(mapping, seed=5)
+    x = randn(2, cin, 4, 5, seed=9, dtype=torch.float64).requires_grad_()
+    md = memory.clone().requires_grad_()
+    weight = reference.materialize(md, mapping, 0.6).reshape(cin, cout // groups, *kernel)
+    y = F.conv_transpose2d(x, weight, None, stride, padding, output_padding, groups, dilation)
+    dy = randn(*y.shape, seed=10, dtype=torch.float64)
+    y.backward(dy)
+    mem32 = memory.float().to(device)
+    out = torch.empty(y.shape, device=device)
+    roast_conv2d_grad_input(x.detach().float().to(device), mem32, mapping, 0.6, out, kernel, stride, padding,
+                            dilation, groups=groups, transposed=True)
+    torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
+    dx = torch.empty(x.shape, device=device)
+    roast_conv2d(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation, groups=groups,
+                 view_is_b=False)
+    torch.testing.assert_close(dx.double().cpu(), x.grad, rtol=1e-4, atol=1e-4)
+    dm, _ = roast_conv2d_grad_memory(dy.float().to(device), x.detach().float().to(device), memory.numel(), mapping,
+                                     0.6, kernel, stride, padding, dilation, groups=groups,
+                                     deterministic=deterministic, transposed=True)
+    torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_half_precision(device):
@@ -109,34 +149,36 @@ def test_bad_arguments_name_the_values(device):
     with pytest.raises(ValueError, match=r"output gradient \(torch.float16 on .*\) must match the input"):
         roast_conv2d_grad_memory(x, torch.zeros(1, 5, 4, 4, device=device, dtype=torch.float16), memory.numel(),
                                  mapping, 1.0, (2, 2), (1, 1), (0, 0), (1, 1))
-    with pytest.raises(ValueError, match=r"12x5 view does not fit kernel \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"12x5 weight view does not fit kernel \(3, 3\) with groups=1"):
         roast_conv2d_grad_input(torch.zeros(1, 5, 3, 3, device=device), memory, mapping, 1.0, x, (3, 3), (1, 1),
                                 (0, 0), (1, 1))
 
 
-def test_the_backward_ops_pass_opcheck_and_sum_their_groups(device):
-    """roastfx::conv2d_grad_input / conv2d_grad_memory over two groups (one launch each) against autograd of
+def test_the_backward_ops_pass_opcheck(device):
+    """roastfx::conv2d_grad_input / conv2d_grad_memory / conv2d_implicit over two groups against autograd of
     F.conv2d with groups=2; opcheck checks their schemas and fake implementations."""
     import roastfx.codegen.conv  # noqa: F401  (registers the ops)
     from roastfx.codegen.ops import mapping_args
 
-    mapping = random_mapping(3 * 4, 10, 4, 5, seed=12)  # two 5-column windows: one hash tile wide each
+    mapping = random_mapping(3 * 4, 10, 4, 3, seed=12)  # groups of 5 columns split the 3-column hash tiles
     memory = random_memory(mapping, seed=12)
     x = randn(2, 6, 7, 6, seed=13, dtype=torch.float64)
     grad = randn(2, 10, 4, 5, seed=14, dtype=torch.float64)
     xd, md = x.clone().requires_grad_(), memory.clone().requires_grad_()
     view = reference.materialize(md, mapping, 0.6)
     view.retain_grad()
-    F.conv2d(xd, view.t().reshape(10, 3, 2, 2), None, (2, 1), (1, 0), (1, 1), 2).backward(grad)
+    y = F.conv2d(xd, view.t().reshape(10, 3, 2, 2), None, (2, 1), (1, 0), (1, 1), 2)
+    y.backward(grad)
     args = (memory.float().to(device), mapping_args(mapping), 0.6)
     geometry = ([2, 2], [2, 1], [1, 0], [1, 1], 2)
-    dx = torch.ops.roastfx.conv2d_grad_input(grad.float().to(device), *args, list(x.shape), *geometry)
-    dm, sumsq = torch.ops.roastfx.conv2d_grad_memory(x.float().to(device), grad.float().to(device), *args,
-                                                    *geometry, True)
+    xf, gf = x.float().to(device), grad.float().to(device)
+    dx = torch.ops.roastfx.conv2d_grad_input(gf, *args, list(x.shape), *geometry)
+    dm, sumsq = torch.ops.roastfx.conv2d_grad_memory(xf, gf, *args, *geometry, True)
+    out = torch.ops.roastfx.conv2d_implicit(xf, *args, list(y.shape), *geometry, False)
     torch.testing.assert_close(dx.double().cpu(), xd.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sumsq.cpu(), view.grad.square().sum(), rtol=1e-4, atol=1e-6)
-    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_input.default,
-                          (grad.float().to(device), *args, list(x.shape), *geometry))
-    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_memory.default,
-                          (x.float().to(device), grad.float().to(device), *args, *geometry, False))
+    torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_input.default, (gf, *args, list(x.shape), *geometry))
+    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_memory.default, (xf, gf, *args, *geometry, False))
+    torch.library.opcheck(torch.ops.roastfx.conv2d_implicit.default, (xf, *args, list(y.shape), *geometry, False))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from roastfx.codegen import configs, reference
-from roastfx.codegen.triton_conv import roast_conv2d_group
+from roastfx.codegen.triton_conv import roast_conv2d
 from test_kernels import random_mapping, random_memory, randn
 
 
@@ -33,27 +33,35 @@ def test_matches_float64_conv(case, tiling, device):
     bias = randn(cout, seed=2, dtype=torch.float64)
     want = conv64(x, memory, mapping, 0.4, cin, kernel, stride, padding, dilation, bias)
     out = torch.empty(want.shape, device=device)
-    got = roast_conv2d_group(x.float().to(device), memory.float().to(device), mapping, 0.4, out, kernel, stride,
+    got = roast_conv2d(x.float().to(device), memory.float().to(device), mapping, 0.4, out, kernel, stride,
                              padding, dilation, bias=bias.float().to(device))
     assert got is out
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_one_group_writes_its_channels_only_at_any_strides_and_block(device):
-    """c0/o0 place a group; a channels_last input and output; a block config that splits the hash tiles."""
-    cin_total, cin, cout, kernel = 6, 3, 8, (2, 3)
-    mapping = random_mapping(cin * 6, cout, 5, 3, seed=4)
+def conv64_groups(x, memory, mapping, scale, groups, kernel, stride, padding, dilation):
+    """The float64 reference of a grouped conv: W = V^T reshaped to (out, in/groups, *kernel)."""
+    view = reference.materialize(memory.double(), mapping, scale)
+    weight = view.t().reshape(mapping.cols, x.shape[1] // groups, *kernel)
+    return F.conv2d(x.double(), weight, None, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("groups,cout", [(3, 12), (6, 6)], ids=["groups3", "depthwise"])
+def test_groups_in_one_launch_at_any_strides_and_block(groups, cout, device):
+    """Every group in one launch (program axis 1), its view columns from g * out/groups whatever the hash
+    tiles (5 columns wide here: groups of 4 and of 1 channel split them); channels_last input and output; a
+    block config that splits the hash tiles."""
+    cin, kernel = 6, (2, 3)
+    mapping = random_mapping(cin // groups * 6, cout, 4, 5, seed=4)
     memory = random_memory(mapping, seed=4)
-    x = randn(2, cin_total, 7, 8, seed=3, dtype=torch.float64)
-    want = conv64(x[:, 3:6], memory, mapping, 0.7, cin, kernel, (1, 2), (1, 1), (1, 1))
-    out = torch.full((2, 20, *want.shape[2:]), 5.0, device=device).to(memory_format=torch.channels_last)
+    x = randn(2, cin, 7, 8, seed=3, dtype=torch.float64)
+    want = conv64_groups(x, memory, mapping, 0.7, groups, kernel, (1, 2), (1, 1), (1, 1))
+    out = torch.full(want.shape, float("nan"), device=device).to(memory_format=torch.channels_last)
     xs = x.float().to(device).to(memory_format=torch.channels_last)
     cfg = configs.BlockConfig(64, 32, 32, num_warps=4, num_stages=2)
-    roast_conv2d_group(xs, memory.float().to(device), mapping, 0.7, out, kernel, (1, 2), (1, 1), (1, 1),
-                       c0=3, o0=10, config=cfg)
-    torch.testing.assert_close(out[:, 10:18].double().cpu(), want, rtol=1e-4, atol=1e-4)
-    untouched = torch.cat([out[:, :10], out[:, 18:]], 1)
-    assert torch.equal(untouched, torch.full_like(untouched, 5.0))
+    roast_conv2d(xs, memory.float().to(device), mapping, 0.7, out, kernel, (1, 2), (1, 1), (1, 1), groups=groups,
+                 config=cfg)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_half_precision_input(device):
@@ -61,7 +69,7 @@ def test_half_precision_input(device):
     memory = random_memory(mapping, seed=5)
     x = randn(2, 4, 6, 6, seed=6, dtype=torch.float64).bfloat16()
     out = torch.empty(2, 12, 6, 6, device=device, dtype=torch.bfloat16)
-    roast_conv2d_group(x.to(device), memory.float().to(device), mapping, 0.5, out, (3, 3), (1, 1), (1, 1), (1, 1))
+    roast_conv2d(x.to(device), memory.float().to(device), mapping, 0.5, out, (3, 3), (1, 1), (1, 1), (1, 1))
     want = conv64(x, memory.bfloat16(), mapping, 0.5, 4, (3, 3), (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(out.double().cpu(), want, rtol=3e-2, atol=3e-2)
 
@@ -70,11 +78,11 @@ def test_bad_geometry_names_the_values(device):
     mapping = random_mapping(3 * 4, 5, 4, 5, seed=7)
     memory = random_memory(mapping).float().to(device)
     x = torch.zeros(1, 3, 5, 5, device=device)
-    with pytest.raises(ValueError, match=r"12x5 view does not fit kernel \(3, 3\)"):
-        roast_conv2d_group(x, memory, mapping, 1.0, torch.empty(1, 5, 3, 3, device=device), (3, 3), (1, 1), (0, 0),
+    with pytest.raises(ValueError, match=r"12x5 weight view does not fit kernel \(3, 3\) with groups=1"):
+        roast_conv2d(x, memory, mapping, 1.0, torch.empty(1, 5, 3, 3, device=device), (3, 3), (1, 1), (0, 0),
                            (1, 1))
-    with pytest.raises(ValueError, match="4-D input and output"):
-        roast_conv2d_group(x[0], memory, mapping, 1.0, torch.empty(1, 5, 4, 4, device=device), (2, 2), (1, 1),
+    with pytest.raises(ValueError, match="take 4-D input and output"):
+        roast_conv2d(x[0], memory, mapping, 1.0, torch.empty(1, 5, 4, 4, device=device), (2, 2), (1, 1),
                            (0, 0), (1, 1))
 
 
