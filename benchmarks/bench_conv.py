@@ -1,10 +1,11 @@
-"""Time ROAST convolutions against cuDNN: the implicit-GEMM kernel and im2col + the ROAST GEMM.
+"""Time ROAST convolutions against cuDNN: the implicit-GEMM kernels and im2col + the ROAST GEMM.
 
     python benchmarks/bench_conv.py                 # CUDA: table, JSON in benchmarks/results/conv-<gpu>-<date>.json
     python benchmarks/bench_conv.py --dry-run       # CPU: a tiny shape in the Triton interpreter, checks wiring only
 
-Methods, each computing a conv2d with bias:
-  dense     F.conv2d with a dense weight (cuDNN)
+Shapes: ResNet-50's convs, a ResNeXt grouped conv, a MobileNet depthwise conv and a U-Net
+decoder's transposed conv. Methods, each computing the conv with bias:
+  dense     F.conv2d / F.conv_transpose2d with a dense weight (cuDNN)
   implicit  roastfx::roast_conv with ROASTFX_CONV=implicit: the forward, dX and dMemory kernels read the
             input and the output gradient in place (implicit GEMMs)
   im2col    roastfx::roast_conv with ROASTFX_CONV=im2col: F.unfold, then the fused ROAST GEMM; backward
@@ -21,13 +22,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_arguments, parse_common, run_script, time_forward_backward, timer  # noqa: E402
 
-SHAPES = {  # name: (batch, in channels, out channels, height = width, kernel, stride, padding)
-    "resnet50-conv2-3x3": (32, 64, 64, 56, 3, 1, 1),
-    "resnet50-conv4-3x3": (32, 256, 256, 14, 3, 1, 1),
-    "resnet50-conv4-1x1": (32, 1024, 256, 14, 1, 1, 0),
-    "resnet50-conv5-3x3-s2": (32, 512, 512, 14, 3, 2, 1),
+SHAPES = {  # name: (batch, in channels, out channels, height = width, kernel, stride, padding, groups, transposed)
+    "resnet50-conv2-3x3": (32, 64, 64, 56, 3, 1, 1, 1, False),
+    "resnet50-conv4-3x3": (32, 256, 256, 14, 3, 1, 1, 1, False),
+    "resnet50-conv4-1x1": (32, 1024, 256, 14, 1, 1, 0, 1, False),
+    "resnet50-conv5-3x3-s2": (32, 512, 512, 14, 3, 2, 1, 1, False),
+    "resnext50-3x3-g32": (32, 256, 256, 28, 3, 1, 1, 32, False),
+    "mobilenetv2-dw-3x3": (32, 144, 144, 56, 3, 1, 1, 144, False),
+    "unet-up-2x2-s2": (32, 256, 128, 32, 2, 2, 0, 1, True),
 }
-DRY_RUN_SHAPES = {"tiny": (2, 8, 16, 9, 3, 1, 1)}
+DRY_RUN_SHAPES = {"tiny": (2, 8, 16, 9, 3, 1, 1, 1, False), "tiny-depthwise": (2, 8, 8, 7, 3, 2, 1, 8, False),
+                  "tiny-transposed-g2": (2, 8, 6, 5, 3, 2, 1, 2, True)}
 METHODS = ("dense", "implicit", "im2col")
 
 
@@ -43,7 +48,7 @@ def run(args):
 
     from bench_kernels import make_mapping, pick_tile
     from roastfx.codegen.hashing import TileHash
-    from roastfx.codegen.ops import mapping_args, roast_conv
+    from roastfx.codegen.ops import mapping_args, roast_conv, roast_conv_transpose
 
     device = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
@@ -52,33 +57,46 @@ def run(args):
     bench = timer(args.dry_run)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
-    for name, (n, cin, cout, hw, k, stride, pad) in args.shape_table.items():
+    for name, (n, cin, cout, hw, k, stride, pad, groups, transposed) in args.shape_table.items():
         x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype, generator=gen)
-        fan_in = cin * k * k
-        dense_w = (torch.randn(cout, cin, k, k, device=device, dtype=dtype, generator=gen) / fan_in**0.5)
+        if transposed:  # weight (in, out/groups, k, k); view (in, out/groups * k * k)
+            weight_shape, view_rows, view_cols = (cin, cout // groups, k, k), cin, cout // groups * k * k
+            out_hw = (hw - 1) * stride - 2 * pad + k
+            fan_in = cin // groups * k * k
+        else:  # weight (out, in/groups, k, k); view (in/groups * k * k, out)
+            weight_shape, view_rows, view_cols = (cout, cin // groups, k, k), cin // groups * k * k, cout
+            out_hw = (hw + 2 * pad - k) // stride + 1
+            fan_in = view_rows
+        dense_w = (torch.randn(*weight_shape, device=device, dtype=dtype, generator=gen) / fan_in**0.5)
         dense_w.requires_grad_()
         bias = torch.zeros(cout, device=device, dtype=dtype, requires_grad=True)
-        out_hw = (hw + 2 * pad - k) // stride + 1
         dy = torch.randn(n, cout, out_hw, out_hw, device=device, dtype=dtype, generator=gen)
-        conv = ([k, k], [stride, stride], [pad, pad], [1, 1], 1)
         for factor in args.factors:
-            size = max(int(fan_in * cout / factor), 2)
+            size = max(int(view_rows * view_cols / factor), 2)
             tile = pick_tile(size)
-            mapping = make_mapping(TileHash, fan_in, cout, size, tile, seed=1)  # view (in*k*k, out)
+            mapping = make_mapping(TileHash, view_rows, view_cols, size, tile, seed=1)
             args_list = mapping_args(mapping)
             memory = torch.randn(size, device=device, dtype=torch.float32, generator=gen).requires_grad_()
             scale = 1 / fan_in**0.5
 
             def roast(x, mode):
                 os.environ["ROASTFX_CONV"] = mode
-                return roast_conv(x, memory, args_list, scale, bias, *conv)
+                if transposed:
+                    return roast_conv_transpose(x, memory, args_list, scale, bias, [k, k], [stride] * 2, [pad] * 2,
+                                                [0, 0], [1, 1], groups)
+                return roast_conv(x, memory, args_list, scale, bias, [k, k], [stride] * 2, [pad] * 2, [1, 1], groups)
+
+            def dense(x, w=dense_w):
+                if transposed:
+                    return F.conv_transpose2d(x, w, bias, stride, pad, 0, groups)
+                return F.conv2d(x, w, bias, stride, pad, 1, groups)
 
             fns = {
-                "dense": lambda x: F.conv2d(x, dense_w, bias, stride, pad),
+                "dense": dense,
                 "implicit": lambda x: roast(x, "implicit"),
                 "im2col": lambda x: roast(x, "im2col"),
             }
-            errors = {m: conv_errors(fns[m], x, dy, mapping, memory, scale, bias, (cout, cin, k, k), stride, pad)
+            errors = {m: conv_errors(fns[m], dense, x, dy, mapping, memory, scale, weight_shape, transposed)
                       for m in ("implicit", "im2col")}
             for m, (err, grad_err) in errors.items():
                 if max(err, grad_err) > 2e-2:
@@ -86,10 +104,11 @@ def run(args):
                           f"(output) / {grad_err:.3g} (input gradient), relative", file=sys.stderr)
             for method in METHODS:
                 fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep)
-                flops = 2 * n * out_hw * out_hw * fan_in * cout
-                rows.append(dict(shape=name, batch=n, cin=cin, cout=cout, hw=hw, kernel=k, stride=stride,
-                                 compression=factor, memory_size=size, tile=list(tile), method=method,
-                                 rel_err_vs_materialized=errors.get(method, (None,))[0],
+                flops = 2 * n * (hw * hw if transposed else out_hw * out_hw) * view_rows * view_cols
+                row = dict(shape=name, batch=n, cin=cin, cout=cout, hw=hw, kernel=k, stride=stride,
+                                groups=groups, transposed=transposed, compression=factor, memory_size=size,
+                                tile=list(tile), method=method)
+                rows.append(dict(row, rel_err_vs_materialized=errors.get(method, (None,))[0],
                                  grad_rel_err_vs_materialized=errors.get(method, (None, None))[1], forward_ms=fwd,
                                  forward_backward_ms=fwd_bwd, forward_tflops=flops / fwd / 1e9,
                                  forward_backward_tflops=3 * flops / fwd_bwd / 1e9))
@@ -97,11 +116,10 @@ def run(args):
     return rows
 
 
-def conv_errors(fn, x, dy, mapping, memory, scale, bias, weight_shape, stride, pad):
-    """(output, input gradient) of ``fn`` against F.conv2d with the materialized weight: the largest
-    difference over the largest reference value."""
+def conv_errors(fn, dense, x, dy, mapping, memory, scale, weight_shape, transposed):
+    """(output, input gradient) of ``fn`` against the dense op (``dense(x, w)``) with the materialized weight:
+    the largest difference over the largest reference value."""
     import torch
-    import torch.nn.functional as F
 
     from roastfx.codegen import reference
 
@@ -110,8 +128,9 @@ def conv_errors(fn, x, dy, mapping, memory, scale, bias, weight_shape, stride, p
 
     x = x.detach().requires_grad_()
     with torch.no_grad():
-        weight = reference.materialize(memory, mapping, scale).to(x.dtype).t().reshape(weight_shape)
-    want = F.conv2d(x, weight, bias.detach(), stride, pad)
+        view = reference.materialize(memory, mapping, scale).to(x.dtype)
+        weight = (view if transposed else view.t()).reshape(weight_shape)
+    want = dense(x, weight)
     (want_dx,) = torch.autograd.grad(want, x, dy)
     got = fn(x)
     (got_dx,) = torch.autograd.grad(got, x, dy)
