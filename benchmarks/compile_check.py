@@ -8,7 +8,8 @@ default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
-every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), embedding gather and scatter
+every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a grouped conv3d's three
+kernels, embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
@@ -141,7 +142,7 @@ def _launches_for(dname: str, quick: bool):
     for cfg in conv_configs[:1] if quick else conv_configs:
         out += [
             ("roast_conv", "implicit GEMM 3x3 + bias", dname, cfg, 4,
-             lambda cfg=cfg: triton_conv.roast_conv2d(
+             lambda cfg=cfg: triton_conv.roast_conv_forward(
                  image, memory, conv_site, 0.5, torch.empty_like(grad_image), (3, 3), (1, 1), (1, 1), (1, 1),
                  bias=torch.zeros(64, dtype=dtype), config=cfg)),
             ("roast_conv_epilogue", "3x3 + batch norm + residual + relu", dname, cfg, 4,
@@ -149,14 +150,29 @@ def _launches_for(dname: str, quick: bool):
                  image, memory, conv_site, 0.5, torch.empty_like(grad_image), (3, 3), (1, 1), (1, 1), (1, 1), bn,
                  [channel] * 4 + [torch.zeros_like(grad_image)], config=cfg)),
             ("roast_conv_grad_input", "3x3 dX", dname, cfg, 4,
-             lambda cfg=cfg: triton_conv.roast_conv2d_grad_input(
+             lambda cfg=cfg: triton_conv.roast_conv_grad_input(
                  grad_image, memory, conv_site, 0.5, torch.empty_like(image), (3, 3), (1, 1), (1, 1), (1, 1),
                  config=cfg)),
             ("roast_conv_grad_memory", "3x3 dMemory", dname, cfg, size,
-             lambda cfg=cfg: triton_conv.roast_conv2d_grad_memory(
+             lambda cfg=cfg: triton_conv.roast_conv_grad_memory(
                  image, grad_image, memory.numel(), conv_site, 0.5, (3, 3), (1, 1), (1, 1), (1, 1),
                  deterministic=False, config=cfg)),
         ]
+    # a 3x3x3 conv3d, 16 -> 64 channels, groups=2 (video models): the same kernels with a depth
+    volume, grad_volume = torch.zeros(2, 16, 6, 8, 8, dtype=dtype), torch.zeros(2, 64, 6, 8, 8, dtype=dtype)
+    site3d, geometry3d = mapping(8 * 27, 64), ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    out += [
+        ("roast_conv", "conv3d 3x3x3 groups=2 + bias", dname, conv_configs[0], 4,
+         lambda: triton_conv.roast_conv_forward(volume, memory, site3d, 0.5, torch.empty_like(grad_volume),
+                                                *geometry3d, groups=2, bias=torch.zeros(64, dtype=dtype),
+                                                config=conv_configs[0])),
+        ("roast_conv_grad_input", "conv3d dX", dname, conv_configs[0], 4,
+         lambda: triton_conv.roast_conv_grad_input(grad_volume, memory, site3d, 0.5, torch.empty_like(volume),
+                                                   *geometry3d, groups=2, config=conv_configs[0])),
+        ("roast_conv_grad_memory", "conv3d dMemory", dname, conv_configs[0], size,
+         lambda: triton_conv.roast_conv_grad_memory(volume, grad_volume, memory.numel(), site3d, 0.5, *geometry3d,
+                                                    groups=2, deterministic=False, config=conv_configs[0])),
+    ]
     ids = torch.zeros(M, dtype=torch.int64)
     # BERT's embeddings: word rows + token type rows + a position table broadcast over the batch
     words = mapping(M, N)

@@ -69,13 +69,11 @@ CONV_CANDIDATES: tuple[BlockConfig, ...] = (
     BlockConfig(64, 64, 32, num_warps=8, num_stages=4),
     BlockConfig(32, 64, 32, num_warps=4, num_stages=4),
 )
-# ... and at "highest" fp32 (FMA units): two of the FMA_CANDIDATES spilled 8 bytes in the conv dX or dMemory
-# kernel on sm_80 or, under Triton 3.6, sm_90; these spill in no conv kernel on sm_80/sm_89/sm_90 with
-# Triton 3.6 or 3.7.
+# ... and at "highest" fp32 (FMA units) the one 16-deep block that spills in no conv kernel (2-D and 3-D) on
+# sm_80, sm_89 and sm_90 under Triton 3.6 and 3.7.1; every other one tried (the FMA_CANDIDATES, 32x64 with 4
+# or 8 warps, 64x32, 32x32, 2 to 3 stages) spilled 8 bytes somewhere.
 FMA_CONV_CANDIDATES: tuple[BlockConfig, ...] = (
     BlockConfig(64, 64, 16, num_warps=8, num_stages=2),
-    BlockConfig(32, 64, 16, num_warps=8, num_stages=3),
-    BlockConfig(32, 64, 16, num_warps=4, num_stages=2),
 )
 
 INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)

@@ -1,4 +1,5 @@
-"""``roastfx::roast_conv``: conv1d/conv2d whose weight is read from the memory.
+"""``roastfx::roast_conv`` and ``roast_conv_transpose``: conv1d/2d/3d and their transposes whose weight is
+read from the memory.
 
 The conv weight W (out, in/groups, *kernel) is V^T reshaped, V being the site's
 (in/groups*prod(kernel), out) B view. On the Triton path W is never built: the forward
@@ -36,15 +37,18 @@ def conv_mode() -> str:
     return mode
 
 
-def _triton_path(x, mapping, groups, transposed=False):
+def _triton_path(x, mapping, groups, dims, transposed=False):
     """(conv mode, the groups' windows of the view for im2col) on the Triton path, or None for the reference
-    path: off the Triton path, or under ROASTFX_CONV=im2col where a group's window splits hash tiles. The
-    implicit kernels take any groups (each element is hashed on its own): no windows."""
+    path: off the Triton path, or under ROASTFX_CONV=im2col for a 3-D conv (F.unfold is 2-D) or where a
+    group's window splits hash tiles. The implicit kernels take any groups (each element is hashed on its
+    own): no windows."""
     if not use_triton(x):
         return None
     mode = conv_mode()
     if mode == "implicit":
         return mode, None
+    if dims == 3:
+        return None
     windows = (row_windows if transposed else column_windows)(mapping, groups)
     return (mode, windows) if windows is not None else None
 
@@ -58,11 +62,23 @@ def _conv_weight(view, in_per_group, kernel, dtype):
     return view.to(dtype).t().reshape(view.shape[1], in_per_group, *kernel)
 
 
-def _as_2d(x, kernel, stride, padding, dilation):
-    """A batched conv1d problem as conv2d with height 1 (unfold/fold only know 2-D)."""
-    if len(kernel) == 2:
+def _lifted(x, kernel, stride, padding, dilation):
+    """A batched conv1d problem as conv2d with height 1 (the kernels take 2-D and 3-D, unfold/fold 2-D)."""
+    if len(kernel) > 1:
         return x, list(kernel), list(stride), list(padding), list(dilation)
     return x.unsqueeze(2), [1, kernel[0]], [1, stride[0]], [0, padding[0]], [1, dilation[0]]
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_GRAD_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _check_dims(op: str, kernel, *others) -> None:
+    if len(kernel) not in (1, 2, 3) or not all(len(v) == len(kernel) for v in others):
+        raise ValueError(f"{op} takes 1, 2 or 3 spatial dims with one stride/padding/dilation entry each, got "
+                         f"kernel={list(kernel)} and {[list(v) for v in others]}")
 
 
 def _batched(x, kernel):
@@ -79,29 +95,26 @@ def _columns(x2, k2, s2, p2, d2, groups, g):
 def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float, bias: torch.Tensor | None,
                kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
                groups: int, grad_norm: bool = False) -> torch.Tensor:
-    """``F.conv1d/conv2d(x, W, bias, stride, padding, dilation, groups)`` (by ``len(kernel)``) where
+    """``F.conv1d/2d/3d(x, W, bias, stride, padding, dilation, groups)`` (by ``len(kernel)``) where
     W = V^T reshaped to (out, in/groups, *kernel) and V is the site's B view read from the memory.
     grad_norm: the memory gets the view's gradient divided by its RMS (grad_norm.py)."""
-    if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, dilation)):
-        raise ValueError(f"roast_conv takes 1 or 2 spatial dims with one stride/padding/dilation each, got "
-                         f"kernel={kernel} stride={stride} padding={padding} dilation={dilation}")
-    path = _triton_path(x, mapping, groups)
+    _check_dims("roast_conv", kernel, stride, padding, dilation)
+    path = _triton_path(x, mapping, groups, len(kernel))
     if path is None:
-        conv = F.conv1d if len(kernel) == 1 else F.conv2d
         view = _materialize(memory, _mapping(mapping), scale)
         weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
-        return conv(x, weight, bias, stride, padding, dilation, groups)
+        return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups)
     _kernels()
     xb = _batched(x, kernel)
-    x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
-    n, _, h, w = x2.shape
-    spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
+    x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
+    n = x2.shape[0]
+    spatial = [_conv_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, d2)]
     mode, windows = path
     if mode == "implicit":
-        from .triton_conv import roast_conv2d
+        from .triton_conv import roast_conv_forward
 
         y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=x.dtype)
-        roast_conv2d(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias)
+        roast_conv_forward(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias)
     else:
         width = mapping[1] // groups
         outs = []
@@ -146,7 +159,7 @@ def _conv_grads(x, memory, grad, mapping, scale, conv, need_x, need_memory, grad
     path, the dense conv gradients elsewhere."""
     kernel, groups = conv[0], conv[4]
     xb, gb = _batched(x, kernel), _batched(grad, kernel)
-    path = _triton_path(x, mapping, groups)
+    path = _triton_path(x, mapping, groups, len(kernel))
     if path is None:
         grad_x, grad_memory = _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory,
                                                    grad_norm)
@@ -161,17 +174,17 @@ def _gemm_conv_backward(xb, gb, memory, mapping, path, scale, conv, need_x, need
     whole view's gradient: per group the sums of squares add up)."""
     _kernels()
     kernel, stride, padding, dilation, groups = conv
-    x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
+    x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
     g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(xb.dtype)
     geometry = (k2, s2, p2, d2)
     grad_x = grad_memory = sumsq = None
     mode, windows = path
     if mode == "implicit":
         if need_x:
-            grad_x = torch.ops.roastfx.conv2d_grad_input(g2, memory, mapping, scale, list(x2.shape), *geometry, groups)
+            grad_x = torch.ops.roastfx.conv_grad_input(g2, memory, mapping, scale, list(x2.shape), *geometry, groups)
         if need_memory:
-            grad_memory, sumsq = torch.ops.roastfx.conv2d_grad_memory(x2, g2, memory, mapping, scale, *geometry,
-                                                                      groups, grad_norm)
+            grad_memory, sumsq = torch.ops.roastfx.conv_grad_memory(x2, g2, memory, mapping, scale, *geometry,
+                                                                    groups, grad_norm)
     else:
         grad_x, grad_memory, sumsq = _im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory,
                                                    grad_norm)
@@ -207,66 +220,66 @@ def _im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory,
     return grad_x, grad_memory, sumsq
 
 
-# The implicit-GEMM kernels as ops, in the terms of a conv2d C whose (in/groups * kh * kw, out) weight view is
-# the site's view, or its transpose (``transposed``: the site is a transposed conv, which is C's adjoint); each
-# is one launch for all groups. Backward formulas call them, so AOTAutograd sees opaque ops, not Triton launches.
-@torch.library.custom_op("roastfx::conv2d_implicit", mutates_args=())
-def _conv2d_implicit(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+# The implicit-GEMM kernels as ops (2-D or 3-D), in the terms of a conv C whose (in/groups * kernel size, out)
+# weight view is
+# the site's view, or its transpose (``transposed``: the site is a transposed conv, which is C's adjoint);
+# each is one launch for all groups. Backward formulas call them, so AOTAutograd sees opaque ops, not Triton launches.
+@torch.library.custom_op("roastfx::conv_implicit", mutates_args=())
+def _conv_implicit(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
                      output_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
                      dilation: list[int], groups: int, transposed: bool) -> torch.Tensor:
-    """C(x) (``output_size``, x's dtype), no bias (triton_conv.roast_conv2d)."""
-    from .triton_conv import roast_conv2d
+    """C(x) (``output_size``, x's dtype), no bias (triton_conv.roast_conv_forward)."""
+    from .triton_conv import roast_conv_forward
 
-    return roast_conv2d(x, memory.reshape(-1), _mapping(mapping), scale, x.new_empty(output_size), kernel, stride,
+    return roast_conv_forward(x, memory.reshape(-1), _mapping(mapping), scale, x.new_empty(output_size), kernel, stride,
                         padding, dilation, groups=groups, view_is_b=not transposed)
 
 
-@_conv2d_implicit.register_fake
+@_conv_implicit.register_fake
 def _(x, memory, mapping, scale, output_size, kernel, stride, padding, dilation, groups, transposed):
     return x.new_empty(output_size)
 
 
-@torch.library.custom_op("roastfx::conv2d_grad_input", mutates_args=())
-def _conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+@torch.library.custom_op("roastfx::conv_grad_input", mutates_args=())
+def _conv_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
                        input_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
                        dilation: list[int], groups: int, transposed: bool = False) -> torch.Tensor:
     """C's input gradient (``input_size``, grad's dtype) for its output gradient ``grad`` (with
-    ``transposed``, the transposed conv's forward) (triton_conv.roast_conv2d_grad_input)."""
-    from .triton_conv import roast_conv2d_grad_input
+    ``transposed``, the transposed conv's forward) (triton_conv.roast_conv_grad_input)."""
+    from .triton_conv import roast_conv_grad_input
 
-    return roast_conv2d_grad_input(grad, memory.reshape(-1), _mapping(mapping), scale, grad.new_empty(input_size),
+    return roast_conv_grad_input(grad, memory.reshape(-1), _mapping(mapping), scale, grad.new_empty(input_size),
                                    kernel, stride, padding, dilation, groups=groups, transposed=transposed)
 
 
-@_conv2d_grad_input.register_fake
+@_conv_grad_input.register_fake
 def _(grad, memory, mapping, scale, input_size, kernel, stride, padding, dilation, groups, transposed=False):
     return grad.new_empty(input_size)
 
 
-@torch.library.custom_op("roastfx::conv2d_grad_memory", mutates_args=())
-def _conv2d_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory: torch.Tensor, mapping: list[int],
+@torch.library.custom_op("roastfx::conv_grad_memory", mutates_args=())
+def _conv_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory: torch.Tensor, mapping: list[int],
                         scale: float, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, sumsq: bool, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(dMemory in memory's dtype, sum of the view gradient's squares as a float64 0-d tensor, 0 unless
-    ``sumsq``) of C at input ``x`` for its output gradient ``grad`` (triton_conv.roast_conv2d_grad_memory)."""
-    from .triton_conv import roast_conv2d_grad_memory
+    ``sumsq``) of C at input ``x`` for its output gradient ``grad`` (triton_conv.roast_conv_grad_memory)."""
+    from .triton_conv import roast_conv_grad_memory
 
-    grad_memory, squares = roast_conv2d_grad_memory(x, grad, memory.numel(), _mapping(mapping), scale, kernel, stride,
+    grad_memory, squares = roast_conv_grad_memory(x, grad, memory.numel(), _mapping(mapping), scale, kernel, stride,
                                                     padding, dilation, groups=groups, sumsq=sumsq,
                                                     transposed=transposed)
     squares = squares if sumsq else x.new_zeros((), dtype=torch.float64)
     return grad_memory.to(memory.dtype).reshape(memory.shape), squares
 
 
-@_conv2d_grad_memory.register_fake
+@_conv_grad_memory.register_fake
 def _(x, grad, memory, mapping, scale, kernel, stride, padding, dilation, groups, sumsq, transposed=False):
     return torch.empty_like(memory), x.new_empty((), dtype=torch.float64)
 
 
 def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory, grad_norm):
     kernel, stride, padding, dilation, groups = conv
-    grad_input = torch.nn.grad.conv1d_input if len(kernel) == 1 else torch.nn.grad.conv2d_input
-    grad_weight = torch.nn.grad.conv1d_weight if len(kernel) == 1 else torch.nn.grad.conv2d_weight
+    grad_input, grad_weight = _GRAD_INPUT[len(kernel)], _GRAD_WEIGHT[len(kernel)]
     weight = _conv_weight(materialize(memory, mapping, scale), xb.shape[1] // groups, kernel, xb.dtype)
     grad_x = grad_memory = None
     if need_x:
@@ -314,11 +327,11 @@ def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int
     from .triton_epilogue import roast_conv_epilogue as launch
 
     xb = _batched(x, kernel)
-    x2, k2, s2, p2, d2 = _as_2d(xb, kernel, stride, padding, dilation)
-    n, _, h, w = x2.shape
-    spatial = [_conv_out_size(*a) for a in zip((h, w), k2, s2, p2, d2)]
+    x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
+    n = x2.shape[0]
+    spatial = [_conv_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, d2)]
     y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=out_dtype)
-    shape = (n, mapping[1], *spatial) if len(kernel) == 2 else (n, mapping[1], spatial[1])
+    shape = (n, mapping[1], *spatial) if len(kernel) > 1 else (n, mapping[1], spatial[1])
     epi.check_extras(shape if xb is x else shape[1:], extras)
     launch(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, epi, _extras_2d(extras, len(kernel) == 1),
            groups=groups)
@@ -369,9 +382,9 @@ def _transposed_out_size(size, kernel, stride, padding, output_padding, dilation
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
-def _transposed_2d(x, kernel, stride, padding, output_padding, dilation):
-    """A conv_transpose1d problem as 2-D with height 1 (fold/unfold only know 2-D)."""
-    if len(kernel) == 2:
+def _transposed_lifted(x, kernel, stride, padding, output_padding, dilation):
+    """A conv_transpose1d problem as 2-D with height 1 (the kernels take 2-D and 3-D, fold/unfold 2-D)."""
+    if len(kernel) > 1:
         return x, list(kernel), list(stride), list(padding), list(output_padding), list(dilation)
     return (x.unsqueeze(2), [1, kernel[0]], [1, stride[0]], [0, padding[0]], [0, output_padding[0]],
             [1, dilation[0]])
@@ -382,32 +395,27 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
                          bias: torch.Tensor | None, kernel: list[int], stride: list[int], padding: list[int],
                          output_padding: list[int], dilation: list[int], groups: int = 1,
                          grad_norm: bool = False) -> torch.Tensor:
-    """``F.conv_transpose1d/2d(x, W, bias, stride, padding, output_padding, groups, dilation)`` (by
+    """``F.conv_transpose1d/2d/3d(x, W, bias, stride, padding, output_padding, groups, dilation)`` (by
     ``len(kernel)``) where W = V reshaped to (in, out/groups, *kernel) and V is the site's (in, out/groups *
     prod(kernel)) view. On the Triton path W is never built: the forward is the implicit-GEMM conv
     input-gradient kernel reading V transposed, the backward the implicit conv (dX) and weight-gradient
     (dMemory) kernels, each one launch for all groups. ROASTFX_CONV=im2col: per group, the ROAST GEMM's
     columns summed by F.fold, F.unfold backward, where each group's rows of V start on hash-tile boundaries
-    (``ops.row_windows``). Elsewhere the op materializes W and runs the dense op."""
-    if len(kernel) not in (1, 2) or not all(len(v) == len(kernel) for v in (stride, padding, output_padding,
-                                                                            dilation)):
-        raise ValueError(f"roast_conv_transpose takes 1 or 2 spatial dims with one stride/padding/output_padding/"
-                         f"dilation each, got kernel={kernel} stride={stride} padding={padding} "
-                         f"output_padding={output_padding} dilation={dilation}")
+    (``ops.row_windows``; 1-D and 2-D). Elsewhere the op materializes W and runs the dense op."""
+    _check_dims("roast_conv_transpose", kernel, stride, padding, output_padding, dilation)
     xb = _batched(x, kernel)
-    path = _triton_path(x, mapping, groups, transposed=True)
+    path = _triton_path(x, mapping, groups, len(kernel), transposed=True)
     if path is None:
-        conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
         weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], -1, *kernel)
-        return conv(x, weight, bias, stride, padding, output_padding, groups, dilation)
+        return _CONV_TRANSPOSE[len(kernel)](x, weight, bias, stride, padding, output_padding, groups, dilation)
     mode, windows = path
     _kernels()
-    x2, k2, s2, p2, o2, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
-    n, c, h, w = x2.shape
-    size = [_transposed_out_size(*a) for a in zip((h, w), k2, s2, p2, o2, d2)]
+    x2, k2, s2, p2, o2, d2 = _transposed_lifted(xb, kernel, stride, padding, output_padding, dilation)
+    n, c = x2.shape[:2]
+    size = [_transposed_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, o2, d2)]
     out_channels = mapping[1] // math.prod(kernel) * groups
     if mode == "implicit":
-        y = torch.ops.roastfx.conv2d_grad_input(x2, memory, mapping, scale, [n, out_channels, *size], k2, s2, p2, d2,
+        y = torch.ops.roastfx.conv_grad_input(x2, memory, mapping, scale, [n, out_channels, *size], k2, s2, p2, d2,
                                                 groups, True)
     else:
         outs = []
@@ -417,7 +425,7 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
             outs.append(F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2))  # (N, out/groups, H_out, W_out)
         y = outs[0] if groups == 1 else torch.cat(outs, 1)
     if bias is not None:
-        y = y + bias.to(y.dtype).reshape(1, -1, 1, 1)
+        y = y + bias.to(y.dtype).reshape(1, -1, *[1] * (y.dim() - 2))
     y = y.squeeze(2) if len(kernel) == 1 else y
     return y if xb is x else y.squeeze(0)
 
@@ -446,9 +454,9 @@ def _conv_transpose_backward(ctx, grad):
     gb = _batched(grad, kernel)
     accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if has_bias else None
-    path = _triton_path(x, mapping, groups, transposed=True)
+    path = _triton_path(x, mapping, groups, len(kernel), transposed=True)
     if path is None:
-        conv = F.conv_transpose1d if len(kernel) == 1 else F.conv_transpose2d
+        conv = _CONV_TRANSPOSE[len(kernel)]
         view = materialize(memory, mapping, scale).to(x.dtype)  # the op, opaque to tracing
         weight = view.reshape(mapping[0], -1, *kernel)
         _, pullback = torch.func.vjp(
@@ -461,17 +469,17 @@ def _conv_transpose_backward(ctx, grad):
         return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None
     _kernels()
     xb = _batched(x, kernel)
-    x2, k2, s2, p2, _, d2 = _transposed_2d(xb, kernel, stride, padding, output_padding, dilation)
+    x2, k2, s2, p2, _, d2 = _transposed_lifted(xb, kernel, stride, padding, output_padding, dilation)
     g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(x.dtype)
     need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_memory = sumsq = None
     mode, windows = path
     if mode == "implicit":
         if need_x:
-            grad_x = torch.ops.roastfx.conv2d_implicit(g2, memory, mapping, scale, list(x2.shape), k2, s2, p2, d2,
+            grad_x = torch.ops.roastfx.conv_implicit(g2, memory, mapping, scale, list(x2.shape), k2, s2, p2, d2,
                                                        groups, True)
         if need_memory:
-            grad_memory, sumsq = torch.ops.roastfx.conv2d_grad_memory(g2, x2, memory, mapping, scale, k2, s2, p2, d2,
+            grad_memory, sumsq = torch.ops.roastfx.conv_grad_memory(g2, x2, memory, mapping, scale, k2, s2, p2, d2,
                                                                       groups, grad_norm, True)
     else:
         grad_x, grad_memory, sumsq = _transposed_im2col_grads(x2, g2, memory, windows, scale, (k2, s2, p2, d2),

@@ -1,14 +1,16 @@
 """Convolution as implicit ROAST GEMMs: neither the im2col matrix nor the weight exists.
 
-The conv weight of a site is V^T reshaped to (out, in/groups, kh, kw), V being the site's
-(in/groups * kh * kw, out) B view; a transposed conv's (in, out/groups * kh * kw) view is the
-B view of the conv it is the adjoint of, read transposed. Output pixel m = (image, oh, ow)
-against reduction index r = (channel, kh, kw) -- F.unfold's order, the view's row order --
-reads input element (image, channel, oh * stride - pad + kh * dilation, ow * stride - pad +
-kw * dilation), or 0 outside the image; the B tile comes from the memory at its hashed slots
-(`roast_b_tile`). Group g is program axis 1 of every kernel: it reads input channels from
+The kernels are 3-D; a 2-D conv runs them with depth 1 (a 1-D conv with height 1 as well),
+and Triton specializes the arguments equal to 1, so the depth arithmetic folds away there.
+The conv weight of a site is V^T reshaped to (out, in/groups, kd, kh, kw), V being the site's
+(in/groups * kd * kh * kw, out) B view; a transposed conv's (in, out/groups * kd * kh * kw)
+view is the B view of the conv it is the adjoint of, read transposed. Output pixel m =
+(image, od, oh, ow) against reduction index r = (channel, kd, kh, kw) -- F.unfold's order,
+the view's row order -- reads input element (image, channel, od * stride - pad + kd *
+dilation, ...), or 0 outside the volume; the B tile comes from the memory at its hashed
+slots (`roast_b_tile`). Group g is program axis 1 of every kernel: it reads input channels from
 g * in/groups and the view's columns (output channels) from g * out/groups, and writes its
-block straight into the (N, C, H, W) output (any strides). Each element is hashed on its own,
+block straight into the (N, C, D, H, W) output (any strides). Each element is hashed on its own,
 so groups need not start on hash-tile boundaries, and a grouped conv is one launch.
 
 Three kernels: the forward (`roast_conv_block`, the main loop of the conv kernels generated
@@ -27,50 +29,61 @@ from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_sto
 
 
 @triton.jit
-def conv_input_tile(x_ptr, pixel_base, top, left, mask_m, offs_r, mask_r, C0, H, W, KH, KW, DH, DW,
-                    stride_xc, stride_xh, stride_xw):
-    """A tile of the implicit im2col matrix, whose element (pixel m = (image, oh, ow), reduction index
-    r = (channel, kh, kw)) is x[image, C0 + channel, top + kh * DH, left + kw * DW], 0 outside the image.
-    The pixel arguments (its image's int64 offset ``pixel_base``, its window's ``top``/``left`` corner,
-    ``mask_m``) and the reduction ones (``offs_r``, ``mask_r``) come shaped for broadcasting: (M, 1) and
-    (1, R) give the (pixels, reduction) tile, (1, M) and (R, 1) its transpose."""
-    channel = offs_r // (KH * KW)
-    tap = offs_r % (KH * KW)
-    ih = top + (tap // KW) * DH
-    iw = left + (tap % KW) * DW
-    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & mask_m & mask_r
-    ih = tl.where(inside, ih, 0)  # padding reads nothing: the address stays inside the tensor
+def conv_input_tile(x_ptr, pixel_base, front, top, left, mask_m, offs_r, mask_r, C0, D, H, W, KD, KH, KW, DD, DH, DW,
+                    stride_xc, stride_xd, stride_xh, stride_xw):
+    """A tile of the implicit im2col matrix, whose element (pixel m = (image, od, oh, ow), reduction index
+    r = (channel, kd, kh, kw)) is x[image, C0 + channel, front + kd * DD, top + kh * DH, left + kw * DW], 0
+    outside the volume. The pixel arguments (its image's int64 offset ``pixel_base``, its window's corner
+    ``front``/``top``/``left``, ``mask_m``) and the reduction ones (``offs_r``, ``mask_r``) come shaped for
+    broadcasting: (M, 1) and (1, R) give the (pixels, reduction) tile, (1, M) and (R, 1) its transpose."""
+    channel = offs_r // (KD * KH * KW)
+    tap = offs_r % (KD * KH * KW)
+    plane = tap % (KH * KW)
+    i_d = front + (tap // (KH * KW)) * DD
+    ih = top + (plane // KW) * DH
+    iw = left + (plane % KW) * DW
+    inside = (i_d >= 0) & (i_d < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & mask_m & mask_r
+    i_d = tl.where(inside, i_d, 0)  # padding reads nothing: the address stays inside the tensor
+    ih = tl.where(inside, ih, 0)
     iw = tl.where(inside, iw, 0)
     return tl.load(x_ptr + pixel_base + (C0 + channel).to(tl.int64) * stride_xc
-                   + (ih * stride_xh + iw * stride_xw).to(tl.int64), mask=inside, other=0.0)
+                   + (i_d * stride_xd + ih * stride_xh + iw * stride_xw).to(tl.int64), mask=inside, other=0.0)
+
+
+@triton.jit
+def output_pixels(offs_m, OD, OH, OW):
+    """(image, od, oh, ow) of output pixels m, in int32."""
+    image = offs_m // (OD * OH * OW)
+    pixel = offs_m % (OD * OH * OW)
+    plane = pixel % (OH * OW)
+    return image, pixel // (OH * OW), plane // OW, plane % OW
 
 
 @triton.jit
 def roast_conv_block(
     x_ptr, mem_ptr, M, N, R,
-    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of group program_id(1)'s conv (N output
-    and R / (KH * KW) input channels per group), and the block's coordinates: image, oh, ow per row, the
-    output channel (across groups) per column. The conv kernels generated per epilogue run this main loop."""
-    # rows (output pixels) and their coordinates in int32 (M < 2**31 is checked on the host); only the
+    and R / (KD * KH * KW) input channels per group), and the block's coordinates: image, od, oh, ow per
+    row, the output channel (across groups) per column. The conv kernels generated per epilogue run this
+    main loop."""
+    # rows (output pixels) and their coordinates in int32 (the host checks that they fit); only the
     # addresses are int64
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     group = tl.program_id(1)
-    c0 = group * (R // (KH * KW))  # the group's first input channel ...
+    c0 = group * (R // (KD * KH * KW))  # the group's first input channel ...
     o0 = group * N  # ... and output channel: the view's column
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    image = offs_m // (OH * OW)
-    pixel = offs_m % (OH * OW)
-    oh = pixel // OW
-    ow = pixel % OW
+    image, od, oh, ow = output_pixels(offs_m, OD, OH, OW)
+    front = (od * SD - PD)[:, None]
     top = (oh * SH - PH)[:, None]
     left = (ow * SW - PW)[:, None]
     row_base = image.to(tl.int64)[:, None] * stride_xn
@@ -79,52 +92,64 @@ def roast_conv_block(
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        a = conv_input_tile(x_ptr, row_base, top, left, mask_m[:, None], offs_r[None, :], mask_r[None, :], c0, H, W,
-                            KH, KW, DH, DW, stride_xc, stride_xh, stride_xw)
+        a = conv_input_tile(x_ptr, row_base, front, top, left, mask_m[:, None], offs_r[None, :], mask_r[None, :],
+                            c0, D, H, W, KD, KH, KW, DD, DH, DW, stride_xc, stride_xd, stride_xh, stride_xw)
         w = roast_b_tile(mem_ptr, offs_r, o0 + offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment,
                          window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     channel = (o0 + offs_n).to(tl.int64)
-    return acc, channel, mask_m, mask_n, image.to(tl.int64), oh.to(tl.int64), ow.to(tl.int64)
+    return (acc, channel, mask_m, mask_n, image.to(tl.int64), od.to(tl.int64), oh.to(tl.int64),
+            ow.to(tl.int64))
+
+
+def as_3d(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation):
+    """(x, out, kernel, stride, padding, dilation) of a conv2d on 4-D tensors as a conv3d of depth 1 (views:
+    writes into the 5-D out reach ``out``); a conv3d's as they are."""
+    kernel, stride, padding, dilation = (tuple(int(v) for v in a) for a in (kernel, stride, padding, dilation))
+    dims = {len(kernel), len(stride), len(padding), len(dilation)}
+    if x.dim() == out.dim() == 4 and dims == {2}:
+        return (x.unsqueeze(2), out.unsqueeze(2), (1, *kernel), (1, *stride), (0, *padding), (1, *dilation))
+    if x.dim() == out.dim() == 5 and dims == {3}:
+        return x, out, kernel, stride, padding, dilation
+    raise ValueError(f"the conv kernels take 4-D input and output with 2-entry kernel/stride/padding/dilation, or "
+                     f"5-D with 3 entries; got {tuple(x.shape)} -> {tuple(out.shape)}, kernel={kernel}, "
+                     f"stride={stride}, padding={padding}, dilation={dilation}")
 
 
 def conv_geometry(x: torch.Tensor, mapping: TileHash, out: torch.Tensor, kernel, groups: int,
                   transposed: bool = False) -> tuple[int, int, int]:
-    """(M output pixels, N output channels per group, R reduction length) of a grouped conv's implicit GEMM,
-    after checking that the view fits ``x`` and ``out``: the conv's (in/groups * kh * kw, out) weight view is
-    the mapping's view, or (``transposed``) its transpose."""
-    if x.dim() != 4 or out.dim() != 4:
-        raise ValueError(f"the conv kernels take 4-D input and output, got {tuple(x.shape)} and {tuple(out.shape)}")
+    """(M output pixels, N output channels per group, R reduction length) of a grouped conv's implicit GEMM on
+    5-D ``x`` and ``out``, after checking that the view fits them: the conv's (in/groups * kd * kh * kw, out)
+    weight view is the mapping's view, or (``transposed``) its transpose."""
     _check_kernel_dtype("input", x)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    kh, kw = kernel
+    taps = kernel[0] * kernel[1] * kernel[2]
     R, cols = (mapping.cols, mapping.rows) if transposed else (mapping.rows, mapping.cols)
-    if R % (kh * kw) or R // (kh * kw) * groups != x.shape[1] or cols != out.shape[1] or cols % groups:
-        raise ValueError(f"a {R}x{cols} weight view does not fit kernel {tuple(kernel)} with groups={groups} from "
-                         f"{tuple(x.shape)} to {tuple(out.shape)}: expected in/groups * kh * kw rows and out columns")
-    n, _, h, w = x.shape
-    M = n * out.shape[2] * out.shape[3]
+    if R % taps or R // taps * groups != x.shape[1] or cols != out.shape[1] or cols % groups:
+        raise ValueError(f"a {R}x{cols} weight view does not fit kernel {tuple(kernel)} (depth, height, width) "
+                         f"with groups={groups} from {tuple(x.shape)} to {tuple(out.shape)}: expected "
+                         f"in/groups * kernel size rows and out columns")
     for name, t in (("input", x), ("output", out)):
-        if t.shape[0] * t.shape[2] * t.shape[3] >= 2**31 or t.shape[2] * t.stride(2) + t.shape[3] * t.stride(3) >= 2**31:
+        n, _, d, h, w = t.shape
+        if n * d * h * w >= 2**31 or d * t.stride(2) + h * t.stride(3) + w * t.stride(4) >= 2**31:
             raise ValueError(f"the conv kernels index pixels in int32: the {name} of shape {tuple(t.shape)} and "
                              f"strides {t.stride()} is too large; split the batch")
-    return M, cols // groups, R
+    return out.shape[0] * out.shape[2] * out.shape[3] * out.shape[4], cols // groups, R
 
 
 def conv_args(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation) -> tuple:
-    """The geometry arguments ``roast_conv_block`` takes after R (through the input's strides)."""
-    return (x.shape[2], x.shape[3], out.shape[2], out.shape[3], kernel[0], kernel[1], stride[0], stride[1],
-            padding[0], padding[1], dilation[0], dilation[1], *x.stride())
+    """The geometry arguments ``roast_conv_block`` takes after R (through the input's strides), 5-D."""
+    return (*x.shape[2:], *out.shape[2:], *kernel, *stride, *padding, *dilation, *x.stride())
 
 
-def roast_conv2d(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
-                 kernel, stride, padding, dilation, groups: int = 1, bias: torch.Tensor | None = None, config=None,
-                 view_is_b: bool = True) -> torch.Tensor:
-    """Write into ``out`` the conv2d of ``x`` with ``groups`` groups and the weight V^T reshaped, V = the
-    (in/groups * kh * kw, out) view ``mapping`` reads from the memory, plus ``bias`` (out,) if given.
-    ``view_is_b=False``: W = V reshaped, V being a transposed conv's (out, in/groups * kh * kw) view (the conv
-    in the transposed conv's backward). Returns ``out``.
+def roast_conv_forward(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
+                       kernel, stride, padding, dilation, groups: int = 1, bias: torch.Tensor | None = None,
+                       config=None, view_is_b: bool = True) -> torch.Tensor:
+    """Write into ``out`` the conv2d (4-D tensors) or conv3d (5-D) of ``x`` with ``groups`` groups and the
+    weight V^T reshaped, V = the (in/groups * kernel size, out) view ``mapping`` reads from the memory, plus
+    ``bias`` (out,) if given. ``view_is_b=False``: W = V reshaped, V being a transposed conv's (out,
+    in/groups * kernel size) view (the conv in the transposed conv's backward). Returns ``out``.
 
     The kernel is the generated conv kernel (triton_epilogue.py) whose epilogue adds the bias as a
     per-channel vector, or has no step without one."""
@@ -134,7 +159,7 @@ def roast_conv2d(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out.shape[1]):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out.shape[1]},)")
     epilogue = Epilogue.parse("add:x0" if bias is not None else "")
-    extras = [bias.reshape(-1, 1, 1)] if bias is not None else []
+    extras = [bias.reshape(-1, *[1] * (out.dim() - 2))] if bias is not None else []
     return roast_conv_epilogue(x, memory, mapping, scale, out, kernel, stride, padding, dilation, epilogue, extras,
                                groups=groups, config=config, view_is_b=view_is_b)
 
@@ -144,8 +169,8 @@ def roast_conv2d(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale
 def _roast_conv_grad_memory_kernel(
     x_ptr, g_ptr, grad_ptr, contrib_ptr, sumsq_ptr,
     M, k_start, k_end, N, N_TOTAL, R,
-    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-    stride_xn, stride_xc, stride_xh, stride_xw, stride_gn, stride_gc, stride_gh, stride_gw,
+    D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+    stride_xn, stride_xc, stride_xd, stride_xh, stride_xw, stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
     scale,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
@@ -157,7 +182,7 @@ def _roast_conv_grad_memory_kernel(
     transposed (a transposed conv's view)."""
     n_blocks = tl.cdiv(N, BLOCK_N)
     group = tl.program_id(1) // n_blocks
-    c0 = group * (R // (KH * KW))
+    c0 = group * (R // (KD * KH * KW))
     o0 = group * N
     offs_k = k_start + tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = (tl.program_id(1) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,15 +192,13 @@ def _roast_conv_grad_memory_kernel(
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        image = offs_m // (OH * OW)
-        pixel = offs_m % (OH * OW)
-        oh = pixel // OW
-        ow = pixel % OW
-        a_t = conv_input_tile(x_ptr, image.to(tl.int64)[None, :] * stride_xn, (oh * SH - PH)[None, :],
-                              (ow * SW - PW)[None, :], mask_m[None, :], offs_k[:, None], mask_k[:, None], c0, H, W,
-                              KH, KW, DH, DW, stride_xc, stride_xh, stride_xw)
+        image, od, oh, ow = output_pixels(offs_m, OD, OH, OW)
+        a_t = conv_input_tile(x_ptr, image.to(tl.int64)[None, :] * stride_xn, (od * SD - PD)[None, :],
+                              (oh * SH - PH)[None, :], (ow * SW - PW)[None, :], mask_m[None, :], offs_k[:, None],
+                              mask_k[:, None], c0, D, H, W, KD, KH, KW, DD, DH, DW, stride_xc, stride_xd, stride_xh,
+                              stride_xw)
         c = tl.load(g_ptr + image.to(tl.int64)[:, None] * stride_gn + (o0 + offs_n).to(tl.int64)[None, :] * stride_gc
-                    + (oh * stride_gh + ow * stride_gw).to(tl.int64)[:, None],
+                    + (od * stride_gd + oh * stride_gh + ow * stride_gw).to(tl.int64)[:, None],
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         c = c.to(a_t.dtype)
         if DOT_IN_FP32:
@@ -190,20 +213,20 @@ def _roast_conv_grad_memory_kernel(
 @triton.jit
 def _roast_conv_grad_input_kernel(
     g_ptr, mem_ptr, dx_ptr, M, N, OC,
-    H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW,
-    stride_gn, stride_gc, stride_gh, stride_gw, stride_dn, stride_dc, stride_dh, stride_dw,
+    D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+    stride_gn, stride_gc, stride_gd, stride_gh, stride_gw, stride_dn, stride_dc, stride_dd, stride_dh, stride_dw,
     scale,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dX of group program_id(1) (N input and OC output channels per group) as an implicit GEMM over input
-    pixels: row m = (image, ih, iw), column = input channel c, reduction over the taps (kh, kw) and, per
-    tap, the output channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, oh, ow] where
-    ih = oh * SH - PH + kh * DH and likewise for w (0 where no such output pixel exists: a per-row mask),
-    B[oc, c] = W[o0 + oc, c, kh, kw] = V[c * KH * KW + kh * KW + kw, o0 + oc] read at its hashed slot
-    (V^T's element with VIEW_TRANSPOSED: the kernel is then a transposed conv's forward, whose view is
-    (in, out/groups * KH * KW))."""
+    pixels: row m = (image, id, ih, iw), column = input channel c, reduction over the taps (kd, kh, kw) and,
+    per tap, the output channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, od, oh, ow] where
+    id = od * SD - PD + kd * DD and likewise for h and w (0 where no such output pixel exists: a per-row
+    mask), B[oc, c] = W[o0 + oc, c, kd, kh, kw] = V[c * taps + tap, o0 + oc] read at its hashed slot (V^T's
+    element with VIEW_TRANSPOSED: the kernel is then a transposed conv's forward, whose view is (in,
+    out/groups * taps))."""
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     group = tl.program_id(1)
     c0 = group * N
@@ -212,23 +235,25 @@ def _roast_conv_grad_input_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    image = offs_m // (H * W)
-    pixel = offs_m % (H * W)
-    ih = pixel // W
-    iw = pixel % W
+    image, i_d, ih, iw = output_pixels(offs_m, D, H, W)  # dX's pixels
     image_base = image.to(tl.int64) * stride_gn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):
-        hn = ih + PH - (tap // KW) * DH  # oh * SH, where this tap of output pixel (oh, ow) reads (ih, iw)
-        wn = iw + PW - (tap % KW) * DW
-        hit = (hn >= 0) & (wn >= 0) & mask_m
+    for tap in range(0, KD * KH * KW):
+        plane = tap % (KH * KW)
+        dn = i_d + PD - (tap // (KH * KW)) * DD  # od * SD, where this tap of output pixel (od, oh, ow) reads here
+        hn = ih + PH - (plane // KW) * DH
+        wn = iw + PW - (plane % KW) * DW
+        hit = (dn >= 0) & (hn >= 0) & (wn >= 0) & mask_m
+        dn = tl.where(hit, dn, 0)
         hn = tl.where(hit, hn, 0)
         wn = tl.where(hit, wn, 0)
+        od = dn // SD
         oh = hn // SH
         ow = wn // SW
-        hit = hit & (oh * SH == hn) & (ow * SW == wn) & (oh < OH) & (ow < OW)
-        row = image_base + (tl.where(hit, oh, 0) * stride_gh + tl.where(hit, ow, 0) * stride_gw).to(tl.int64)
-        view_row = offs_n * (KH * KW) + tap
+        hit = hit & (od * SD == dn) & (oh * SH == hn) & (ow * SW == wn) & (od < OD) & (oh < OH) & (ow < OW)
+        row = image_base + (tl.where(hit, od, 0) * stride_gd + tl.where(hit, oh, 0) * stride_gh
+                            + tl.where(hit, ow, 0) * stride_gw).to(tl.int64)
+        view_row = offs_n * (KD * KH * KW) + tap
         for oc0 in range(0, OC, BLOCK_R):
             oc = oc0 + tl.arange(0, BLOCK_R)
             mask_oc = oc < OC
@@ -244,7 +269,7 @@ def _roast_conv_grad_input_kernel(
             acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     acc = acc * scale
     out = (image.to(tl.int64)[:, None] * stride_dn + (c0 + offs_n).to(tl.int64)[None, :] * stride_dc
-           + (ih * stride_dh + iw * stride_dw).to(tl.int64)[:, None])
+           + (i_d * stride_dd + ih * stride_dh + iw * stride_dw).to(tl.int64)[:, None])
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -254,30 +279,30 @@ def _check_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
                          f"({x.dtype} on {x.device})")
 
 
-def roast_conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float,
-                            dx: torch.Tensor, kernel, stride, padding, dilation, groups: int = 1, config=None,
-                            transposed: bool = False) -> torch.Tensor:
-    """Write into ``dx`` the input gradient of the conv2d that ``roast_conv2d`` computes, for its output
-    gradient ``grad``: one implicit GEMM over dx's pixels, all groups in one launch; neither the columns of
-    dY nor the weight is built. ``transposed``: the conv's weight view is the mapping's view transposed;
-    this is then the forward of the transposed conv whose (in, out/groups * kh * kw) view the mapping reads,
-    ``grad`` its input and ``dx`` its output. Returns ``dx``."""
+def roast_conv_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float,
+                          dx: torch.Tensor, kernel, stride, padding, dilation, groups: int = 1, config=None,
+                          transposed: bool = False) -> torch.Tensor:
+    """Write into ``dx`` the input gradient of the conv2d/conv3d that ``roast_conv_forward`` computes, for its
+    output gradient ``grad``: one implicit GEMM over dx's pixels, all groups in one launch; neither the
+    columns of dY nor the weight is built. ``transposed``: the conv's weight view is the mapping's view
+    transposed; this is then the forward of the transposed conv whose (in, out/groups * kernel size) view the
+    mapping reads, ``grad`` its input and ``dx`` its output. Returns ``dx``."""
     from .triton_matmul import choose_config, dot_in_fp32, dot_precision, launch_gemm
 
     _check_kernel_dtype("memory", memory)
     _check_grad(dx, grad)
-    _, OC, R = conv_geometry(dx, mapping, grad, kernel, groups, transposed)
-    n, _, h, w = dx.shape
-    M, N = n * h * w, R // (kernel[0] * kernel[1])
+    dx5, grad5, kernel, stride, padding, dilation = as_3d(dx, grad, kernel, stride, padding, dilation)
+    _, OC, R = conv_geometry(dx5, mapping, grad5, kernel, groups, transposed)
+    taps = kernel[0] * kernel[1] * kernel[2]
+    M, N = dx5.shape[0] * dx5.shape[2] * dx5.shape[3] * dx5.shape[4], R // taps
     if M == 0 or N == 0:
         return dx
 
-    def launch(cfg, dx=dx):
+    def launch(cfg, dx5=dx5):
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), groups)
         return _roast_conv_grad_input_kernel[grid](
-            grad, memory.reshape(-1), dx, M, N, OC,
-            h, w, grad.shape[2], grad.shape[3], *kernel, *stride, *padding, *dilation,
-            *grad.stride(), *dx.stride(), float(scale), *hash_args(mapping),
+            grad5, memory.reshape(-1), dx5, M, N, OC, *dx5.shape[2:], *grad5.shape[2:], *kernel, *stride, *padding,
+            *dilation, *grad5.stride(), *dx5.stride(), float(scale), *hash_args(mapping),
             VIEW_TRANSPOSED=transposed, PRECISION=dot_precision(grad.dtype), DOT_IN_FP32=dot_in_fp32(grad.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -286,26 +311,27 @@ def roast_conv2d_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: T
     name = "roast_conv_grad_input"
     # B is the view permuted element by element: no block shape holds whole hash tiles, none is preferred
     launched = launch_gemm(name, grad, memory, config, launch, lambda: choose_config(
-        name, grad, M, N, OC * kernel[0] * kernel[1], None, True, launch, lambda: (torch.empty_like(dx),), memory,
+        name, grad, M, N, OC * taps, None, True, launch, lambda: (torch.empty_like(dx5),), memory,
         conv=True))
     maybe_dump(_roast_conv_grad_input_kernel, launched)
     return dx
 
 
-def roast_conv2d_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int, mapping: TileHash, scale: float,
-                             kernel, stride, padding, dilation, groups: int = 1, deterministic: bool | None = None,
-                             sumsq: bool = False, config=None,
-                             transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fp32 memory gradient of the conv2d ``roast_conv2d(x, ..)`` computes, for its output gradient
-    ``grad``: dV = im2col(x)^T @ dY per group with the im2col tiles read from x in place, all groups in one
-    launch, sent to the slots as `triton_matmul.roast_grad_memory` does (atomics, or a deterministic
+def roast_conv_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int, mapping: TileHash, scale: float,
+                           kernel, stride, padding, dilation, groups: int = 1, deterministic: bool | None = None,
+                           sumsq: bool = False, config=None,
+                           transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fp32 memory gradient of the conv2d/conv3d ``roast_conv_forward(x, ..)`` computes, for its output
+    gradient ``grad``: dV = im2col(x)^T @ dY per group with the im2col tiles read from x in place, all groups in
+    one launch, sent to the slots as `triton_matmul.roast_grad_memory` does (atomics, or a deterministic
     reduction); ``transposed``: into the mapping's view transposed (a transposed conv's memory gradient,
     ``x`` being its output gradient and ``grad`` its input). Returns (gradient, the float64 sum of dV's
     squares when ``sumsq``, else None)."""
     from .triton_matmul import dot_in_fp32, dot_precision, run_grad_memory
 
     _check_grad(x, grad)
-    M, N, R = conv_geometry(x, mapping, grad, kernel, groups, transposed)
+    x5, grad5, kernel, stride, padding, dilation = as_3d(x, grad, kernel, stride, padding, dilation)
+    M, N, R = conv_geometry(x5, mapping, grad5, kernel, groups, transposed)
 
     def columns(cfg):  # program axis 1: the column blocks of every group
         return triton.cdiv(N, cfg.block_n) * groups
@@ -313,9 +339,9 @@ def roast_conv2d_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: i
     def launch(cfg, k_start, k_end, grad_memory, contrib, partial, deterministic):
         programs = (triton.cdiv(k_end - k_start, cfg.block_m), columns(cfg))
         return _roast_conv_grad_memory_kernel[programs](
-            x, grad, grad_memory, contrib, partial if partial is not None else grad_memory,
-            M, k_start, k_end, N, N * groups, R, *conv_args(x, grad, kernel, stride, padding, dilation),
-            *grad.stride(), float(scale), *hash_args(mapping),
+            x5, grad5, grad_memory, contrib, partial if partial is not None else grad_memory,
+            M, k_start, k_end, N, N * groups, R, *conv_args(x5, grad5, kernel, stride, padding, dilation),
+            *grad5.stride(), float(scale), *hash_args(mapping),
             DETERMINISTIC=deterministic, SUMSQ=partial is not None, VIEW_TRANSPOSED=transposed,
             PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,

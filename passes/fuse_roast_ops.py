@@ -7,8 +7,8 @@ consumer, the consumer and the chain become one op that reads the memory itself:
 
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
-    conv1d/conv2d(x, W, b, ...)               -> roastfx::roast_conv
-    conv_transpose1d/2d(x, W, b, ...)         -> roastfx::roast_conv_transpose
+    conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
+    conv_transpose1d/2d/3d(x, W, b, ...)      -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
     _transformer_encoder_layer_fwd            -> roast_encoder_layer (attention + feed-forward over roast_linear)
     embedding(ids, W)                         -> roastfx::roast_embedding
@@ -43,8 +43,8 @@ _MATMUL = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
 _MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
 _ADDMM = {torch.addmm}
 _EINSUM = {torch.einsum}
-_CONV = {torch.conv1d: 1, torch.conv2d: 2}  # F.conv1d / F.conv2d are these same functions
-_CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2}  # F.conv_transpose1d/2d too
+_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # F.conv1d/2d/3d are these same functions
+_CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}  # F.* too
 _EMBEDDING = {F.embedding}
 _EMBEDDING_BAG = {F.embedding_bag}
 
@@ -376,8 +376,6 @@ _NO_ROAST_OP = {
     "gru": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
     "rnn_tanh": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
     "rnn_relu": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
-    "conv3d": "conv3d has no roast op yet",
-    "conv_transpose3d": "3-D transposed convolutions have no roast op yet",
     "output": "the dense weight is itself an output of the graph",
     "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }

@@ -71,10 +71,11 @@ def test_in_compiler_compression_refuses_training():
 
 def test_fallback_policy():
     torch._dynamo.reset()
-    model = roastfx.compress(torch.nn.Sequential(torch.nn.Conv3d(2, 3, 2), torch.nn.Flatten()), "2x")
+    model = roastfx.compress(torch.nn.Sequential(torch.nn.Conv1d(2, 3, 4, padding="same"), torch.nn.Flatten()), "2x")
     strict = torch.compile(model, backend="roast", options={"fallback": "error", "inner": "eager"})
-    with pytest.raises(Exception, match=r"fallback='error': these weight reads have no fused roast op.*conv3d"):
-        strict(torch.randn(1, 2, 3, 3, 3))
+    with pytest.raises(Exception, match=r"fallback='error': these weight reads have no fused roast op.*"
+                                        r"padding='same' with an even kernel"):
+        strict(torch.randn(1, 2, 9))
     torch._dynamo.reset()
     fine = roastfx.compress(MLP(), "4x")
     out = torch.compile(fine, backend="roast", options={"fallback": "error", "inner": "eager"})(torch.randn(2, 64))

@@ -392,9 +392,10 @@ def test_real_gpt2_mlp_and_residuals_fold_through_the_backend(dynamic, caplog):
 class ResidualBlock(torch.nn.Module):
     """ResNet's basic block: conv-BN-ReLU, conv-BN, + identity, ReLU."""
 
-    def __init__(self, c=6, conv1d=False):
+    def __init__(self, c=6, dims=2):
         super().__init__()
-        Conv, BN = (torch.nn.Conv1d, torch.nn.BatchNorm1d) if conv1d else (torch.nn.Conv2d, torch.nn.BatchNorm2d)
+        Conv, BN = {1: (torch.nn.Conv1d, torch.nn.BatchNorm1d), 2: (torch.nn.Conv2d, torch.nn.BatchNorm2d),
+                    3: (torch.nn.Conv3d, torch.nn.BatchNorm3d)}[dims]
         self.conv1, self.bn1 = Conv(c, c, 3, padding=1, bias=False), BN(c)
         self.conv2, self.bn2 = Conv(c, c, 3, padding=1), BN(c)
 
@@ -416,16 +417,15 @@ def _trained_stats(model, x):
     return model
 
 
-@pytest.mark.parametrize("conv1d", [False, True], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize("dims", [2, 1, 3], ids=["conv2d", "conv1d", "conv3d"])
 @pytest.mark.parametrize("path", ["reference", "triton"])
-def test_conv_bn_relu_residual_fold_into_conv_epilogues_in_eval(conv1d, path, monkeypatch, caplog):
+def test_conv_bn_relu_residual_fold_into_conv_epilogues_in_eval(dims, path, monkeypatch, caplog):
     import roastfx
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(1)) if conv1d else \
-        torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(1))
-    model = _trained_stats(roastfx.compress(ResidualBlock(conv1d=conv1d), "3x", init="random"), x).eval()
+    x = torch.randn(2, 6, *{1: (9,), 2: (7, 5), 3: (4, 5, 3)}[dims], generator=torch.Generator().manual_seed(1))
+    model = _trained_stats(roastfx.compress(ResidualBlock(dims=dims), "3x", init="random"), x).eval()
     want = model(x)
     monkeypatch.setenv("ROASTFX_KERNELS", path)
     import roastfx.codegen.triton_epilogue as triton_epilogue

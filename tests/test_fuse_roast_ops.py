@@ -283,12 +283,13 @@ CONVS = [
     (3, 5, (3,), (2,), (1,), (2,), 1, (9,)),
     (6, 6, (3,), (1,), (1,), (1,), 3, (8,)),
     (4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, (5, 6)),  # depthwise: 1-column groups split the 3-column tiles
+    (4, 6, (2, 3, 1), (2, 1, 1), (1, 1, 0), (2, 1, 1), 2, (5, 4, 3)),  # conv3d
 ]
 
 
 def _conv_case(case, dtype, gen):
     cin, cout, kernel, stride, padding, dilation, groups, spatial = case
-    rows = cin // groups * (kernel[0] * (kernel[1] if len(kernel) == 2 else 1))
+    rows = cin // groups * math.prod(kernel)
     mapping = TileHash(rows, cout, 4, 3, 2, 4, 60, 123457, 7654321, 99, 31337, 4242, 17)
     mem = torch.randn(70, dtype=dtype, generator=gen, requires_grad=True)
     x = torch.randn(2, cin, *spatial, dtype=dtype, generator=gen, requires_grad=True)
@@ -302,7 +303,7 @@ def _dense_conv(x, mem, mapping, b, kernel, stride, padding, dilation, groups):
 
     w = materialize_from_docs(mem, mapping.to_dict(), 0.3).to(x.dtype).t()
     w = w.reshape(mapping.cols, x.shape[1] // groups, *kernel)
-    conv = F.conv1d if len(kernel) == 1 else F.conv2d
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
     return conv(x, w, b, stride, padding, dilation, groups)
 
 
@@ -337,12 +338,12 @@ def test_column_windows_read_the_views_columns():
 
 @pytest.mark.parametrize("mode", ["implicit", "im2col"])
 @pytest.mark.parametrize("case", CONVS[:4] + CONVS[5:],
-                         ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d", "depthwise"])
+                         ids=["conv2d", "conv2d-dilated", "conv2d-groups", "conv1d", "depthwise", "conv3d"])
 def test_roast_conv_triton_path_matches_reference(case, mode, monkeypatch):
     """The Triton path (interpreted on CPU): the implicit-GEMM kernels (forward, dX, dMemory; every group in one
     launch, whatever the hash tiles), or im2col with the ROAST GEMM kernels, one per group where groups start on
-    hash-tile columns (the depthwise conv's do not: the op takes the reference path then). Same output and
-    gradients as the reference path."""
+    hash-tile columns (the depthwise conv's do not, and F.unfold has no 3-D: the op takes the reference path
+    then). Same output and gradients as the reference path."""
     monkeypatch.setenv("ROASTFX_CONV", mode)
     mapping, mem, x, b, conv_args = _conv_case(case, torch.float32, torch.Generator().manual_seed(6))
     args = ops.mapping_args(mapping)
@@ -470,7 +471,7 @@ def test_conv_model_runs_the_triton_kernels_through_the_backend(monkeypatch):
 
     import roastfx.codegen.triton_conv as triton_conv
 
-    launches = {name: [] for name in ("roast_conv2d", "roast_conv2d_grad_input", "roast_conv2d_grad_memory")}
+    launches = {name: [] for name in ("roast_conv_forward", "roast_conv_grad_input", "roast_conv_grad_memory")}
     for name, calls in launches.items():
         original = getattr(triton_conv, name)
         monkeypatch.setattr(triton_conv, name, lambda *a, _f=original, _c=calls, **k: _c.append(1) or _f(*a, **k))
@@ -589,11 +590,12 @@ TRANSPOSED = [  # (in, out, kernel, stride, padding, output_padding, dilation, s
     (3, 5, (4,), (2,), (1,), (1,), (1,), (6,), 1),
     (2, 3, (1, 1), (1, 1), (0, 0), (0, 0), (1, 1), (3, 3), 1),
     (4, 6, (2, 3), (1, 2), (0, 1), (0, 1), (2, 1), (5, 4), 2),
+    (4, 6, (2, 1, 2), (2, 1, 1), (0, 0, 1), (1, 0, 0), (1, 1, 2), (3, 4, 3), 2),
 ]
 
 
 @pytest.mark.parametrize("mode", ["implicit", "im2col"])
-@pytest.mark.parametrize("case", TRANSPOSED, ids=["2d-strided-dilated", "1d", "1x1", "2d-groups"])
+@pytest.mark.parametrize("case", TRANSPOSED, ids=["2d-strided-dilated", "1d", "1x1", "2d-groups", "3d-groups"])
 def test_roast_conv_transpose_matches_dense_and_passes_opcheck(case, mode, monkeypatch):
     """Reference path in float64 against F.conv_transpose on the materialized weight (opcheck, gradcheck);
     the Triton path (interpreted on CPU: the implicit-GEMM kernels, or the ROAST GEMM's columns + F.fold,
@@ -608,7 +610,7 @@ def test_roast_conv_transpose_matches_dense_and_passes_opcheck(case, mode, monke
     conv = (list(kernel), list(stride), list(padding), list(output_padding), list(dilation), groups)
     out = ops.roast_conv_transpose(x, mem, args, 0.3, b, *conv)
     weight = ops.materialize(mem.detach(), args, 0.3).reshape(cin, cout // groups, *kernel)
-    dense = F.conv_transpose2d if len(kernel) == 2 else F.conv_transpose1d
+    dense = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(kernel)]
     torch.testing.assert_close(out, dense(x, weight, b, stride, padding, output_padding, groups, dilation), rtol=0,
                                atol=1e-12)
     if mode == "implicit":  # the reference path does not depend on the mode

@@ -121,9 +121,9 @@ def test_conv_kernels_choose_among_the_conv_configs(monkeypatch, device):
     mapping = random_mapping(2 * 4, 6, 4, 3, seed=1)
     memory = random_memory(mapping).float().to(device)
     x, g = torch.randn(1, 2, 5, 5, device=device), torch.randn(1, 6, 4, 4, device=device)
-    triton_conv.roast_conv2d(x, memory, mapping, 1.0, torch.empty_like(g), (2, 2), (1, 1), (0, 0), (1, 1))
-    triton_conv.roast_conv2d_grad_input(g, memory, mapping, 1.0, torch.empty_like(x), (2, 2), (1, 1), (0, 0), (1, 1))
-    triton_conv.roast_conv2d_grad_memory(x, g, memory.numel(), mapping, 1.0, (2, 2), (1, 1), (0, 0), (1, 1))
+    triton_conv.roast_conv_forward(x, memory, mapping, 1.0, torch.empty_like(g), (2, 2), (1, 1), (0, 0), (1, 1))
+    triton_conv.roast_conv_grad_input(g, memory, mapping, 1.0, torch.empty_like(x), (2, 2), (1, 1), (0, 0), (1, 1))
+    triton_conv.roast_conv_grad_memory(x, g, memory.numel(), mapping, 1.0, (2, 2), (1, 1), (0, 0), (1, 1))
     triton_matmul.roast_matmul(torch.randn(3, 8, device=device), memory, mapping, 1.0, True)
     assert len(asked) == 4, asked
     assert {kernel.split("[")[0]: conv for kernel, conv in asked.items()} == {

@@ -1,11 +1,11 @@
 """The implicit-GEMM conv backward kernels (triton_conv.py) against float64 autograd of F.conv2d on the
-reference view: dX from roast_conv2d_grad_input, the memory gradient from roast_conv2d_grad_memory."""
+reference view: dX from roast_conv_grad_input, the memory gradient from roast_conv_grad_memory."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from roastfx.codegen import configs, reference
-from roastfx.codegen.triton_conv import roast_conv2d_grad_input, roast_conv2d_grad_memory
+from roastfx.codegen.triton_conv import roast_conv_grad_input, roast_conv_grad_memory
 from test_conv_kernel import CASES
 from test_kernels import random_mapping, random_memory, randn
 
@@ -36,7 +36,7 @@ def test_input_gradient_matches_float64_autograd(case, tiling, device):
     grad = randn(*output_shape(batch, cout, hw, kernel, stride, padding, dilation), seed=3, dtype=torch.float64)
     want, _, _ = reference_grads(x, memory, mapping, 0.4, grad, cin, kernel, stride, padding, dilation)
     dx = torch.full(x.shape, float("nan"), device=device)  # every element must be written
-    got = roast_conv2d_grad_input(grad.float().to(device), memory.float().to(device), mapping, 0.4, dx, kernel,
+    got = roast_conv_grad_input(grad.float().to(device), memory.float().to(device), mapping, 0.4, dx, kernel,
                                   stride, padding, dilation)
     assert got is dx
     torch.testing.assert_close(dx.double().cpu(), want, rtol=1e-4, atol=1e-4)
@@ -51,12 +51,12 @@ def test_memory_gradient_and_its_sum_of_squares_match_float64_autograd(case, det
     x = randn(batch, cin, *hw, seed=4, dtype=torch.float64)
     grad = randn(*output_shape(batch, cout, hw, kernel, stride, padding, dilation), seed=5, dtype=torch.float64)
     _, want, want_sumsq = reference_grads(x, memory, mapping, 0.7, grad, cin, kernel, stride, padding, dilation)
-    got, sumsq = roast_conv2d_grad_memory(x.float().to(device), grad.float().to(device), memory.numel(), mapping,
+    got, sumsq = roast_conv_grad_memory(x.float().to(device), grad.float().to(device), memory.numel(), mapping,
                                           0.7, kernel, stride, padding, dilation, deterministic=deterministic,
                                           sumsq=True)
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sumsq.cpu(), want_sumsq, rtol=1e-4, atol=1e-6)
-    plain, none = roast_conv2d_grad_memory(x.float().to(device), grad.float().to(device), memory.numel(), mapping,
+    plain, none = roast_conv_grad_memory(x.float().to(device), grad.float().to(device), memory.numel(), mapping,
                                            0.7, kernel, stride, padding, dilation, deterministic=deterministic)
     assert none is None
     torch.testing.assert_close(plain, got, rtol=1e-6, atol=1e-6)
@@ -86,10 +86,10 @@ def test_groups_in_one_launch_at_any_strides_and_block(groups, cout, determinist
     xs = x.float().to(device).to(memory_format=torch.channels_last)
     gs = grad.float().to(device).to(memory_format=torch.channels_last)
     dx = torch.full(x.shape, float("nan"), device=device).to(memory_format=torch.channels_last)
-    roast_conv2d_grad_input(gs, memory.float().to(device), mapping, 0.3, dx, kernel, stride, padding, (1, 1),
+    roast_conv_grad_input(gs, memory.float().to(device), mapping, 0.3, dx, kernel, stride, padding, (1, 1),
                             groups=groups, config=cfg)
     torch.testing.assert_close(dx.double().cpu(), want_dx, rtol=1e-4, atol=1e-4)
-    got, _ = roast_conv2d_grad_memory(xs, gs, memory.numel(), mapping, 0.3, kernel, stride, padding, (1, 1),
+    got, _ = roast_conv_grad_memory(xs, gs, memory.numel(), mapping, 0.3, kernel, stride, padding, (1, 1),
                                       groups=groups, deterministic=deterministic, config=cfg)
     torch.testing.assert_close(got.double().cpu(), want_mem, rtol=1e-4, atol=1e-4)
 
@@ -100,7 +100,7 @@ def test_transposed_view_gives_the_transposed_conv(groups, deterministic, device
     """With ``transposed`` the mapping is a transposed conv's (in, out/groups * kh * kw) view: the dX kernel is
     its forward (F.conv_transpose2d), the conv kernel reading V transposed its input gradient, and the
     dMemory kernel, with dY as the conv's input and x as its output gradient, its memory gradient."""
-    from roastfx.codegen.triton_conv import roast_conv2d
+    from roastfx.codegen.triton_conv import roast_conv_forward
 
     cin, cout, kernel, stride, padding, output_padding, dilation = 4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2)
     mapping = random_mapping(cin, cout // groups * 6, 3, 4, seed=groups)  # 3-row tiles split groups of 2 rows
@@ -113,14 +113,14 @@ def test_transposed_view_gives_the_transposed_conv(groups, deterministic, device
     y.backward(dy)
     mem32 = memory.float().to(device)
     out = torch.empty(y.shape, device=device)
-    roast_conv2d_grad_input(x.detach().float().to(device), mem32, mapping, 0.6, out, kernel, stride, padding,
+    roast_conv_grad_input(x.detach().float().to(device), mem32, mapping, 0.6, out, kernel, stride, padding,
                             dilation, groups=groups, transposed=True)
     torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
     dx = torch.empty(x.shape, device=device)
-    roast_conv2d(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation, groups=groups,
+    roast_conv_forward(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation, groups=groups,
                  view_is_b=False)
     torch.testing.assert_close(dx.double().cpu(), x.grad, rtol=1e-4, atol=1e-4)
-    dm, _ = roast_conv2d_grad_memory(dy.float().to(device), x.detach().float().to(device), memory.numel(), mapping,
+    dm, _ = roast_conv_grad_memory(dy.float().to(device), x.detach().float().to(device), memory.numel(), mapping,
                                      0.6, kernel, stride, padding, dilation, groups=groups,
                                      deterministic=deterministic, transposed=True)
     torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
@@ -134,10 +134,10 @@ def test_half_precision(device):
     want_dx, want_mem, _ = reference_grads(x, memory.bfloat16(), mapping, 0.5, grad, 4, (3, 3), (1, 1), (1, 1),
                                            (1, 1))
     dx = torch.empty(x.shape, device=device, dtype=torch.bfloat16)
-    roast_conv2d_grad_input(grad.to(device), memory.float().to(device), mapping, 0.5, dx, (3, 3), (1, 1), (1, 1),
+    roast_conv_grad_input(grad.to(device), memory.float().to(device), mapping, 0.5, dx, (3, 3), (1, 1), (1, 1),
                             (1, 1))
     torch.testing.assert_close(dx.double().cpu(), want_dx, rtol=3e-2, atol=5e-2)
-    got, _ = roast_conv2d_grad_memory(x.to(device), grad.to(device), memory.numel(), mapping, 0.5, (3, 3), (1, 1),
+    got, _ = roast_conv_grad_memory(x.to(device), grad.to(device), memory.numel(), mapping, 0.5, (3, 3), (1, 1),
                                       (1, 1), (1, 1))
     torch.testing.assert_close(got.double().cpu(), want_mem, rtol=3e-2, atol=5e-2)
 
@@ -147,15 +147,15 @@ def test_bad_arguments_name_the_values(device):
     memory = random_memory(mapping).float().to(device)
     x = torch.zeros(1, 3, 5, 5, device=device)
     with pytest.raises(ValueError, match=r"output gradient \(torch.float16 on .*\) must match the input"):
-        roast_conv2d_grad_memory(x, torch.zeros(1, 5, 4, 4, device=device, dtype=torch.float16), memory.numel(),
+        roast_conv_grad_memory(x, torch.zeros(1, 5, 4, 4, device=device, dtype=torch.float16), memory.numel(),
                                  mapping, 1.0, (2, 2), (1, 1), (0, 0), (1, 1))
-    with pytest.raises(ValueError, match=r"12x5 weight view does not fit kernel \(3, 3\) with groups=1"):
-        roast_conv2d_grad_input(torch.zeros(1, 5, 3, 3, device=device), memory, mapping, 1.0, x, (3, 3), (1, 1),
+    with pytest.raises(ValueError, match=r"12x5 weight view does not fit kernel \(1, 3, 3\) \(depth, height, width\) with groups=1"):
+        roast_conv_grad_input(torch.zeros(1, 5, 3, 3, device=device), memory, mapping, 1.0, x, (3, 3), (1, 1),
                                 (0, 0), (1, 1))
 
 
 def test_the_backward_ops_pass_opcheck(device):
-    """roastfx::conv2d_grad_input / conv2d_grad_memory / conv2d_implicit over two groups against autograd of
+    """roastfx::conv_grad_input / conv_grad_memory / conv_implicit over two groups against autograd of
     F.conv2d with groups=2; opcheck checks their schemas and fake implementations."""
     import roastfx.codegen.conv  # noqa: F401  (registers the ops)
     from roastfx.codegen.ops import mapping_args
@@ -172,13 +172,78 @@ def test_the_backward_ops_pass_opcheck(device):
     args = (memory.float().to(device), mapping_args(mapping), 0.6)
     geometry = ([2, 2], [2, 1], [1, 0], [1, 1], 2)
     xf, gf = x.float().to(device), grad.float().to(device)
-    dx = torch.ops.roastfx.conv2d_grad_input(gf, *args, list(x.shape), *geometry)
-    dm, sumsq = torch.ops.roastfx.conv2d_grad_memory(xf, gf, *args, *geometry, True)
-    out = torch.ops.roastfx.conv2d_implicit(xf, *args, list(y.shape), *geometry, False)
+    dx = torch.ops.roastfx.conv_grad_input(gf, *args, list(x.shape), *geometry)
+    dm, sumsq = torch.ops.roastfx.conv_grad_memory(xf, gf, *args, *geometry, True)
+    out = torch.ops.roastfx.conv_implicit(xf, *args, list(y.shape), *geometry, False)
     torch.testing.assert_close(dx.double().cpu(), xd.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sumsq.cpu(), view.grad.square().sum(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
-    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_input.default, (gf, *args, list(x.shape), *geometry))
-    torch.library.opcheck(torch.ops.roastfx.conv2d_grad_memory.default, (xf, gf, *args, *geometry, False))
-    torch.library.opcheck(torch.ops.roastfx.conv2d_implicit.default, (xf, *args, list(y.shape), *geometry, False))
+    torch.library.opcheck(torch.ops.roastfx.conv_grad_input.default, (gf, *args, list(x.shape), *geometry))
+    torch.library.opcheck(torch.ops.roastfx.conv_grad_memory.default, (xf, gf, *args, *geometry, False))
+    torch.library.opcheck(torch.ops.roastfx.conv_implicit.default, (xf, *args, list(y.shape), *geometry, False))
+
+
+CASES_3D = [  # (batch, cin, cout, (d, h, w), kernel, stride, padding, dilation, groups)
+    (2, 4, 6, (5, 6, 4), (3, 2, 2), (2, 1, 1), (1, 0, 1), (2, 2, 1), 2),
+    (1, 3, 5, (4, 3, 5), (1, 3, 2), (1, 2, 1), (0, 1, 1), (1, 1, 2), 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES_3D, ids=["grouped", "strided"])
+def test_conv3d_forward_input_and_memory_gradients_match_float64(case, device):
+    """The same three kernels on 5-D tensors (the 2-D conv is their depth-1 case) against F.conv3d."""
+    from roastfx.codegen.triton_conv import roast_conv_forward
+
+    batch, cin, cout, dhw, kernel, stride, padding, dilation, groups = case
+    taps = kernel[0] * kernel[1] * kernel[2]
+    mapping = random_mapping(cin // groups * taps, cout, 5, 3, seed=cin)  # 3-column tiles split the groups
+    memory = random_memory(mapping, seed=cout)
+    x = randn(batch, cin, *dhw, seed=1, dtype=torch.float64).requires_grad_()
+    md = memory.clone().requires_grad_()
+    weight = reference.materialize(md, mapping, 0.4).t().reshape(cout, cin // groups, *kernel)
+    bias = randn(cout, seed=2, dtype=torch.float64)
+    y = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    dy = randn(*y.shape, seed=3, dtype=torch.float64)
+    y.backward(dy)
+    mem32 = memory.float().to(device)
+    out = torch.empty(y.shape, device=device)
+    roast_conv_forward(x.detach().float().to(device), mem32, mapping, 0.4, out, kernel, stride, padding, dilation,
+                       groups=groups, bias=bias.float().to(device))
+    torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
+    dx = torch.empty(x.shape, device=device)
+    roast_conv_grad_input(dy.float().to(device), mem32, mapping, 0.4, dx, kernel, stride, padding, dilation,
+                          groups=groups)
+    torch.testing.assert_close(dx.double().cpu(), x.grad, rtol=1e-4, atol=1e-4)
+    for deterministic in (False, True):
+        dm, _ = roast_conv_grad_memory(x.detach().float().to(device), dy.float().to(device), memory.numel(), mapping,
+                                       0.4, kernel, stride, padding, dilation, groups=groups,
+                                       deterministic=deterministic)
+        torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose3d_through_the_transposed_view(device):
+    from roastfx.codegen.triton_conv import roast_conv_forward
+
+    cin, cout, kernel, stride, padding, output_padding, dilation, groups = 4, 6, (2, 3, 2), (2, 1, 2), (0, 1, 1), \
+        (1, 0, 1), (2, 1, 2), 2
+    mapping = random_mapping(cin, cout // groups * 12, 3, 5, seed=7)
+    memory = random_memory(mapping, seed=8)
+    x = randn(2, cin, 3, 4, 3, seed=9, dtype=torch.float64).requires_grad_()
+    md = memory.clone().requires_grad_()
+    weight = reference.materialize(md, mapping, 0.6).reshape(cin, cout // groups, *kernel)
+    y = F.conv_transpose3d(x, weight, None, stride, padding, output_padding, groups, dilation)
+    dy = randn(*y.shape, seed=10, dtype=torch.float64)
+    y.backward(dy)
+    mem32 = memory.float().to(device)
+    out = torch.empty(y.shape, device=device)
+    roast_conv_grad_input(x.detach().float().to(device), mem32, mapping, 0.6, out, kernel, stride, padding, dilation,
+                          groups=groups, transposed=True)
+    torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
+    dx = torch.empty(x.shape, device=device)
+    roast_conv_forward(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation,
+                       groups=groups, view_is_b=False)
+    torch.testing.assert_close(dx.double().cpu(), x.grad, rtol=1e-4, atol=1e-4)
+    dm, _ = roast_conv_grad_memory(dy.float().to(device), x.detach().float().to(device), memory.numel(), mapping, 0.6,
+                                   kernel, stride, padding, dilation, groups=groups, transposed=True)
+    torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)

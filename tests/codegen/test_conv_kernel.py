@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from roastfx.codegen import configs, reference
-from roastfx.codegen.triton_conv import roast_conv2d
+from roastfx.codegen.triton_conv import roast_conv_forward
 from test_kernels import random_mapping, random_memory, randn
 
 
@@ -33,7 +33,7 @@ def test_matches_float64_conv(case, tiling, device):
     bias = randn(cout, seed=2, dtype=torch.float64)
     want = conv64(x, memory, mapping, 0.4, cin, kernel, stride, padding, dilation, bias)
     out = torch.empty(want.shape, device=device)
-    got = roast_conv2d(x.float().to(device), memory.float().to(device), mapping, 0.4, out, kernel, stride,
+    got = roast_conv_forward(x.float().to(device), memory.float().to(device), mapping, 0.4, out, kernel, stride,
                              padding, dilation, bias=bias.float().to(device))
     assert got is out
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
@@ -59,7 +59,7 @@ def test_groups_in_one_launch_at_any_strides_and_block(groups, cout, device):
     out = torch.full(want.shape, float("nan"), device=device).to(memory_format=torch.channels_last)
     xs = x.float().to(device).to(memory_format=torch.channels_last)
     cfg = configs.BlockConfig(64, 32, 32, num_warps=4, num_stages=2)
-    roast_conv2d(xs, memory.float().to(device), mapping, 0.7, out, kernel, (1, 2), (1, 1), (1, 1), groups=groups,
+    roast_conv_forward(xs, memory.float().to(device), mapping, 0.7, out, kernel, (1, 2), (1, 1), (1, 1), groups=groups,
                  config=cfg)
     torch.testing.assert_close(out.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
@@ -69,7 +69,7 @@ def test_half_precision_input(device):
     memory = random_memory(mapping, seed=5)
     x = randn(2, 4, 6, 6, seed=6, dtype=torch.float64).bfloat16()
     out = torch.empty(2, 12, 6, 6, device=device, dtype=torch.bfloat16)
-    roast_conv2d(x.to(device), memory.float().to(device), mapping, 0.5, out, (3, 3), (1, 1), (1, 1), (1, 1))
+    roast_conv_forward(x.to(device), memory.float().to(device), mapping, 0.5, out, (3, 3), (1, 1), (1, 1), (1, 1))
     want = conv64(x, memory.bfloat16(), mapping, 0.5, 4, (3, 3), (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(out.double().cpu(), want, rtol=3e-2, atol=3e-2)
 
@@ -78,11 +78,11 @@ def test_bad_geometry_names_the_values(device):
     mapping = random_mapping(3 * 4, 5, 4, 5, seed=7)
     memory = random_memory(mapping).float().to(device)
     x = torch.zeros(1, 3, 5, 5, device=device)
-    with pytest.raises(ValueError, match=r"12x5 weight view does not fit kernel \(3, 3\) with groups=1"):
-        roast_conv2d(x, memory, mapping, 1.0, torch.empty(1, 5, 3, 3, device=device), (3, 3), (1, 1), (0, 0),
+    with pytest.raises(ValueError, match=r"12x5 weight view does not fit kernel \(1, 3, 3\) \(depth, height, width\) with groups=1"):
+        roast_conv_forward(x, memory, mapping, 1.0, torch.empty(1, 5, 3, 3, device=device), (3, 3), (1, 1), (0, 0),
                            (1, 1))
-    with pytest.raises(ValueError, match="take 4-D input and output"):
-        roast_conv2d(x[0], memory, mapping, 1.0, torch.empty(1, 5, 4, 4, device=device), (2, 2), (1, 1),
+    with pytest.raises(ValueError, match="take 4-D input and output with 2-entry kernel"):
+        roast_conv_forward(x[0], memory, mapping, 1.0, torch.empty(1, 5, 4, 4, device=device), (2, 2), (1, 1),
                            (0, 0), (1, 1))
 
 
