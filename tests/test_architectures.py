@@ -14,6 +14,14 @@ def cnn():
                          nn.Conv2d(8, 16, 1, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
 
 
+def unet3d():
+    """A small 3-D encoder-decoder (video, volumes): conv3d, batch norm, a grouped strided conv3d, and a
+    transposed conv3d back up."""
+    return nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+                         nn.Conv3d(8, 16, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                         nn.ConvTranspose3d(16, 4, 2, stride=2), nn.Conv3d(4, 3, 1))
+
+
 class Recurrent(nn.Module):
     def __init__(self):
         super().__init__()
@@ -73,6 +81,7 @@ def _gen():
 
 CASES = {
     "cnn-groups-depthwise": (cnn, lambda: ((torch.randn(2, 3, 9, 9, generator=_gen()),), {})),
+    "unet3d": (unet3d, lambda: ((torch.randn(2, 2, 6, 5, 4, generator=_gen()),), {})),
     "lstm-gru-mha": (Recurrent, lambda: ((torch.randn(2, 5, 8, generator=_gen()),), {})),
     "mha": (Attention, lambda: ((torch.randn(2, 5, 16, generator=_gen()),), {})),
     "embedding-bag": (Dlrm, lambda: ((torch.randint(0, 100, (10,), generator=_gen()), torch.tensor([0, 3, 7])), {})),
@@ -86,7 +95,7 @@ CASES = {
 # (fused reads, all reads) the backend reports. LSTM/GRU are in no graph: dynamo runs RNN modules
 # eagerly by default (torch._dynamo.config.allow_rnn=False), and the attention after them too
 FUSED = {
-    "cnn-groups-depthwise": (4, 4), "lstm-gru-mha": (0, 0), "mha": (3, 3), "embedding-bag": (2, 2),
+    "cnn-groups-depthwise": (4, 4), "unet3d": (4, 4), "lstm-gru-mha": (0, 0), "mha": (3, 3), "embedding-bag": (2, 2),
     "vit": (8, 8), "resnet": (9, 9), "t5": (21, 21),
 }
 
