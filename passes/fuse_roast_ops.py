@@ -372,10 +372,9 @@ _FUSERS = (_fuse_matmul, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fus
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {
-    "lstm": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
-    "gru": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
-    "rnn_tanh": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
-    "rnn_relu": "the aten RNN op takes the dense flat weights (a per-step decomposition is not written)",
+    **dict.fromkeys(("lstm", "gru", "rnn_tanh", "rnn_relu"),
+                    "the aten RNN op takes the dense flat weights (compressed nn.LSTM/GRU/RNN run step by step "
+                    "instead, roastfx/rnn.py, except on a PackedSequence or in a subclass with its own forward)"),
     "output": "the dense weight is itself an output of the graph",
     "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }

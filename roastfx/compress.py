@@ -108,6 +108,9 @@ def compress(
     Meant for small weights that act on every example, e.g. a transformer's position and
     token-type embeddings, whose slots would otherwise drift with every other site's
     gradient (docs/results.md). Equal memory; the windows are in the plan.
+
+    A model with compressed nn.LSTM/GRU/RNN weights turns on ``torch._dynamo.config.allow_rnn``, so that
+    torch.compile traces those modules, step by step (roastfx/rnn.py), instead of running them eagerly.
     """
     unknown = sorted(set(options) - set(COMPRESS_OPTIONS))
     if unknown:

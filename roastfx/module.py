@@ -8,13 +8,18 @@ reference path; the dense tensor is deleted.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+from roastfx import rnn
 from roastfx.codegen import ops
 from roastfx.codegen.grad_norm import site_grad_norm, site_grad_rms  # noqa: F401 (site_grad_rms: public here too)
 from roastfx.codegen.reference import view_to_weight
 from roastfx.plan import Plan, check_grad_scaling
+
+log = logging.getLogger("roastfx")
 
 MEMORY_ATTR = "roast_memory"  # the root's parameter that holds the memory
 EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the plan
@@ -118,6 +123,8 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
         if issubclass(cls, nn.RNNBase):
             # RNNs keep a list of their weights; recompute it from the properties on each access
             namespace["_flat_weights"] = property(_rnn_flat_weights, lambda self, v: None)
+        if cls in rnn.DECOMPOSED:  # step by step while dynamo traces it: every weight read a matmul (rnn.py)
+            namespace["forward"] = rnn.roast_rnn_forward
         _SUBCLASSES[key] = type(f"Roast{cls.__name__}", (cls,), namespace)
     return _SUBCLASSES[key]
 
@@ -144,7 +151,20 @@ def install(model: nn.Module, plan: Plan, memory: torch.Tensor) -> RoastState:
         module.__dict__["_roast_sites"] = dict(attrs)
         module.__class__ = roast_subclass(module.__class__, tuple(sorted(attrs)), root=mod_path == "")
     model.register_parameter(MEMORY_ATTR, nn.Parameter(memory))
+    if any(type(modules[p])._roast_base_class in rnn.DECOMPOSED for p in per_module):
+        _trace_rnns()
     return state
+
+
+def _trace_rnns() -> None:
+    """Let dynamo trace RNN modules (it runs them eagerly by default), so that the compressed ones' step-by-step
+    forward (rnn.py) is in the graph the roast backend rewrites."""
+    import torch._dynamo
+
+    if not torch._dynamo.config.allow_rnn:
+        torch._dynamo.config.allow_rnn = True
+        log.info("roastfx: torch._dynamo.config.allow_rnn turned on, so that torch.compile traces the compressed "
+                 "RNN modules step by step")
 
 
 def roast_state(model: nn.Module) -> RoastState | None:

@@ -1,0 +1,119 @@
+"""RNNs (nn.LSTM, nn.GRU, nn.RNN) step by step, so that every weight read is a matmul a roast op can take.
+
+torch's RNN modules hand all their weights at once to one aten op (``lstm``, ``gru``, ``rnn_tanh``,
+``rnn_relu``), which needs them dense. Under torch.compile a compressed RNN module runs this
+decomposition instead: per layer and direction, the input projection of every time step as one
+``F.linear`` with ``weight_ih``, then one ``F.linear`` with ``weight_hh`` per step and the gate
+arithmetic; the roast backend rewrites each of those reads into a ``roast_linear``. Eager calls keep
+torch's op (faster on CPU, and the reference the decomposition is tested against); a PackedSequence
+input also keeps it (its weights are then materialized).
+
+Dynamo only traces an RNN module with ``torch._dynamo.config.allow_rnn`` on; ``compress`` turns it on
+when a model has compressed RNN weights (module.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+DECOMPOSED = (nn.LSTM, nn.GRU, nn.RNN)  # exactly these classes: a user subclass keeps its own forward
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def roast_rnn_forward(self, input, hx=None):
+    """forward of a compressed nn.LSTM / nn.GRU / nn.RNN: torch's own in eager, the step-by-step
+    decomposition while dynamo traces it."""
+    if not _compiling() or isinstance(input, PackedSequence):
+        return type(self)._roast_base_class.forward(self, input, hx)
+    return decomposed_forward(self, input, hx)
+
+
+def decomposed_forward(module: nn.RNNBase, input: torch.Tensor, hx=None):
+    """What ``module.forward(input, hx)`` returns, computed one layer, direction and time step at a time
+    from the module's weight attributes (any mode, layers, bidirectional, batch_first, proj_size,
+    dropout between layers in training, unbatched input)."""
+    mode = module.mode
+    lstm = mode == "LSTM"
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{type(module).__name__}: expected input to be 2-D or 3-D, got {input.dim()}-D")
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1 if not module.batch_first else 0)
+    if module.batch_first:
+        x = x.transpose(0, 1)  # (T, B, in)
+    steps, batch = x.shape[0], x.shape[1]
+    directions = 2 if module.bidirectional else 1
+    out_size = module.proj_size if lstm and module.proj_size > 0 else module.hidden_size
+    layers_states = module.num_layers * directions
+    if hx is None:
+        h0 = x.new_zeros(layers_states, batch, out_size)
+        c0 = x.new_zeros(layers_states, batch, module.hidden_size) if lstm else None
+    else:
+        h0, c0 = hx if lstm else (hx, None)
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = c0.unsqueeze(1) if c0 is not None else None
+    layer_input = x
+    h_n, c_n = [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            h, c = _run_direction(module, layer, direction, layer_input, h0[index], c0[index] if lstm else None)
+            outputs.append(h[0])
+            h_n.append(h[1])
+            if lstm:
+                c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, True)
+    output = layer_input.transpose(0, 1) if module.batch_first else layer_input
+    h_n = torch.stack(h_n)
+    c_n = torch.stack(c_n) if lstm else None
+    if not batched:
+        output = output.squeeze(0 if module.batch_first else 1)
+        h_n = h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if lstm else None
+    return (output, (h_n, c_n)) if lstm else (output, h_n)
+
+
+def _weights(module: nn.RNNBase, layer: int, direction: int, name: str):
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    return getattr(module, name + suffix, None)
+
+
+def _run_direction(module, layer, direction, x, h, c):
+    """((outputs (T, B, out), last h), last c) of one layer and direction over the time steps of x (T, B, in).
+    Every weight read is its own attribute access, so each step's matmul is its own roast op."""
+    mode = module.mode
+    bias_ih = _weights(module, layer, direction, "bias_ih")
+    bias_hh = _weights(module, layer, direction, "bias_hh")
+    # the input projection of every step in one matmul
+    gates_x = F.linear(x, _weights(module, layer, direction, "weight_ih"), bias_ih)
+    order = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
+    outputs = [None] * x.shape[0]
+    for t in order:
+        gates_h = F.linear(h, _weights(module, layer, direction, "weight_hh"), bias_hh)
+        if mode == "LSTM":
+            i, f, g, o = (gates_x[t] + gates_h).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            weight_hr = _weights(module, layer, direction, "weight_hr")
+            if weight_hr is not None:
+                h = F.linear(h, weight_hr)
+        elif mode == "GRU":
+            x_r, x_z, x_n = gates_x[t].chunk(3, -1)
+            h_r, h_z, h_n = gates_h.chunk(3, -1)
+            r = torch.sigmoid(x_r + h_r)
+            z = torch.sigmoid(x_z + h_z)
+            n = torch.tanh(x_n + r * h_n)
+            h = (1 - z) * n + z * h
+        else:
+            z = gates_x[t] + gates_h
+            h = torch.tanh(z) if mode == "RNN_TANH" else torch.relu(z)
+        outputs[t] = h
+    return (torch.stack(outputs), h), c
