@@ -1,5 +1,8 @@
-"""The implicit-GEMM conv backward kernels (triton_conv.py) against float64 autograd of F.conv2d on the
-reference view: dX from roast_conv_grad_input, the memory gradient from roast_conv_grad_memory."""
+"""The implicit-GEMM conv kernels (triton_conv.py) against float64 autograd of F.conv2d/conv3d and the
+transposed convs on the reference view: dX from roast_conv_grad_input, the memory gradient from
+roast_conv_grad_memory, the transposed conv's forward and input gradient."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,35 +97,43 @@ def test_groups_in_one_launch_at_any_strides_and_block(groups, cout, determinist
     torch.testing.assert_close(got.double().cpu(), want_mem, rtol=1e-4, atol=1e-4)
 
 
+TRANSPOSED = [  # (cin, cout, kernel, stride, padding, output_padding, dilation, spatial, groups, tiles)
+    (4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5), 1, (3, 4)),
+    (4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5), 2, (3, 4)),  # 3-row tiles split groups of 2 rows
+    (4, 6, (2, 3, 2), (2, 1, 2), (0, 1, 1), (1, 0, 1), (2, 1, 2), (3, 4, 3), 2, (3, 5)),
+]
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("groups", [1, 2])
-def test_transposed_view_gives_the_transposed_conv(groups, deterministic, device):
-    """With ``transposed`` the mapping is a transposed conv's (in, out/groups * kh * kw) view: the dX kernel is
-    its forward (F.conv_transpose2d), the conv kernel reading V transposed its input gradient, and the
+@pytest.mark.parametrize("case", TRANSPOSED, ids=["2d", "2d-groups", "3d-groups"])
+def test_transposed_view_gives_the_transposed_conv(case, deterministic, device):
+    """With ``transposed`` the mapping is a transposed conv's (in, out/groups * kernel size) view: the dX kernel
+    is its forward (F.conv_transposeNd), the conv kernel reading V transposed its input gradient, and the
     dMemory kernel, with dY as the conv's input and x as its output gradient, its memory gradient."""
     from roastfx.codegen.triton_conv import roast_conv_forward
 
-    cin, cout, kernel, stride, padding, output_padding, dilation = 4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2)
-    mapping = random_mapping(cin, cout // groups * 6, 3, 4, seed=groups)  # 3-row tiles split groups of 2 rows
+    cin, cout, kernel, stride, padding, output_padding, dilation, spatial, groups, tiles = case
+    mapping = random_mapping(cin, cout // groups * math.prod(kernel), *tiles, seed=groups)
     memory = random_memory(mapping, seed=5)
-    x = randn(2, cin, 4, 5, seed=9, dtype=torch.float64).requires_grad_()
+    x = randn(2, cin, *spatial, seed=9, dtype=torch.float64).requires_grad_()
     md = memory.clone().requires_grad_()
     weight = reference.materialize(md, mapping, 0.6).reshape(cin, cout // groups, *kernel)
-    y = F.conv_transpose2d(x, weight, None, stride, padding, output_padding, groups, dilation)
+    dense = F.conv_transpose2d if len(kernel) == 2 else F.conv_transpose3d
+    y = dense(x, weight, None, stride, padding, output_padding, groups, dilation)
     dy = randn(*y.shape, seed=10, dtype=torch.float64)
     y.backward(dy)
     mem32 = memory.float().to(device)
     out = torch.empty(y.shape, device=device)
     roast_conv_grad_input(x.detach().float().to(device), mem32, mapping, 0.6, out, kernel, stride, padding,
-                            dilation, groups=groups, transposed=True)
+                          dilation, groups=groups, transposed=True)
     torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
     dx = torch.empty(x.shape, device=device)
-    roast_conv_forward(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation, groups=groups,
-                 view_is_b=False)
+    roast_conv_forward(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation,
+                       groups=groups, view_is_b=False)
     torch.testing.assert_close(dx.double().cpu(), x.grad, rtol=1e-4, atol=1e-4)
     dm, _ = roast_conv_grad_memory(dy.float().to(device), x.detach().float().to(device), memory.numel(), mapping,
-                                     0.6, kernel, stride, padding, dilation, groups=groups,
-                                     deterministic=deterministic, transposed=True)
+                                   0.6, kernel, stride, padding, dilation, groups=groups,
+                                   deterministic=deterministic, transposed=True)
     torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -220,30 +231,3 @@ def test_conv3d_forward_input_and_memory_gradients_match_float64(case, device):
                                        0.4, kernel, stride, padding, dilation, groups=groups,
                                        deterministic=deterministic)
         torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
-
-
-def test_conv_transpose3d_through_the_transposed_view(device):
-    from roastfx.codegen.triton_conv import roast_conv_forward
-
-    cin, cout, kernel, stride, padding, output_padding, dilation, groups = 4, 6, (2, 3, 2), (2, 1, 2), (0, 1, 1), \
-        (1, 0, 1), (2, 1, 2), 2
-    mapping = random_mapping(cin, cout // groups * 12, 3, 5, seed=7)
-    memory = random_memory(mapping, seed=8)
-    x = randn(2, cin, 3, 4, 3, seed=9, dtype=torch.float64).requires_grad_()
-    md = memory.clone().requires_grad_()
-    weight = reference.materialize(md, mapping, 0.6).reshape(cin, cout // groups, *kernel)
-    y = F.conv_transpose3d(x, weight, None, stride, padding, output_padding, groups, dilation)
-    dy = randn(*y.shape, seed=10, dtype=torch.float64)
-    y.backward(dy)
-    mem32 = memory.float().to(device)
-    out = torch.empty(y.shape, device=device)
-    roast_conv_grad_input(x.detach().float().to(device), mem32, mapping, 0.6, out, kernel, stride, padding, dilation,
-                          groups=groups, transposed=True)
-    torch.testing.assert_close(out.double().cpu(), y.detach(), rtol=1e-4, atol=1e-4)
-    dx = torch.empty(x.shape, device=device)
-    roast_conv_forward(dy.float().to(device), mem32, mapping, 0.6, dx, kernel, stride, padding, dilation,
-                       groups=groups, view_is_b=False)
-    torch.testing.assert_close(dx.double().cpu(), x.grad, rtol=1e-4, atol=1e-4)
-    dm, _ = roast_conv_grad_memory(dy.float().to(device), x.detach().float().to(device), memory.numel(), mapping, 0.6,
-                                   kernel, stride, padding, dilation, groups=groups, transposed=True)
-    torch.testing.assert_close(dm.double().cpu(), md.grad, rtol=1e-4, atol=1e-4)
