@@ -27,10 +27,10 @@ CONV_MODES = ("implicit", "im2col")
 
 
 def conv_mode() -> str:
-    """How the Triton path runs a conv (ROASTFX_CONV): ``implicit`` (default), implicit-GEMM kernels per group
-    for the forward, dX and dMemory, reading the input and the output gradient in place (triton_conv.py);
-    ``im2col``, F.unfold then the ROAST GEMM forward, and F.fold / F.unfold around the dX and dMemory
-    kernels backward."""
+    """How the Triton path runs a conv (ROASTFX_CONV): ``implicit`` (default), implicit-GEMM kernels for the
+    forward, dX and dMemory, all groups in one launch, reading the input and the output gradient in place
+    (triton_conv.py); ``im2col`` (1-D and 2-D), F.unfold then the ROAST GEMM forward, and F.fold / F.unfold
+    around the dX and dMemory kernels backward, one GEMM per group."""
     mode = os.environ.get("ROASTFX_CONV", "implicit")
     if mode not in CONV_MODES:
         raise ValueError(f"ROASTFX_CONV={mode!r} is not valid; accepted: {', '.join(CONV_MODES)}")
@@ -77,8 +77,8 @@ _GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 
 
 def _check_dims(op: str, kernel, *others) -> None:
     if len(kernel) not in (1, 2, 3) or not all(len(v) == len(kernel) for v in others):
-        raise ValueError(f"{op} takes 1, 2 or 3 spatial dims with one stride/padding/dilation entry each, got "
-                         f"kernel={list(kernel)} and {[list(v) for v in others]}")
+        raise ValueError(f"{op} takes 1, 2 or 3 spatial dims with one entry per dim in each of its geometry "
+                         f"arguments, got kernel={list(kernel)} and {[list(v) for v in others]}")
 
 
 def _batched(x, kernel):

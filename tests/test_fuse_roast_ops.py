@@ -678,3 +678,12 @@ def test_transposed_convs_fuse_through_the_backend(path, monkeypatch):
                                                "roast_conv_transpose (2-d, groups=2 in one launch"], whys
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_ops_name_bad_geometry():
+    mapping = ops.mapping_args(TileHash(2 * 16, 3, 4, 3, 1, 0, 60, 123457, 7654321, 99, 31337, 4242, 17))
+    x, mem = torch.randn(1, 2, 3, 3, 3, 3), torch.randn(70)
+    with pytest.raises(ValueError, match=r"roast_conv takes 1, 2 or 3 spatial dims .* kernel=\[2, 2, 2, 2\]"):
+        ops.roast_conv(x, mem, mapping, 0.3, None, [2, 2, 2, 2], [1] * 4, [0] * 4, [1] * 4, 1)
+    with pytest.raises(ValueError, match=r"roast_conv_transpose takes .* kernel=\[2, 2\] and \[\[1, 1\], \[0\]"):
+        ops.roast_conv_transpose(x[0], mem, mapping, 0.3, None, [2, 2], [1, 1], [0], [0, 0], [1, 1])
