@@ -8,8 +8,8 @@ default "highest" precision: the FMA configs), its fixed
 epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
-every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a grouped conv3d's three
-kernels, embedding gather and scatter
+every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a transposed conv with a
+batch-norm epilogue, a grouped conv3d's three kernels, embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
@@ -158,6 +158,13 @@ def _launches_for(dname: str, quick: bool):
                  image, grad_image, memory.numel(), conv_site, 0.5, (3, 3), (1, 1), (1, 1), (1, 1),
                  deterministic=False, config=cfg)),
         ]
+    # a U-Net decoder's 2x2 stride-2 transposed conv, 64 -> 32 channels, + bias + eval batch norm + relu
+    up_site, up_bn = mapping(64, 32 * 4), Epilogue.parse("add:x0|sub:x1|add(x2,1e-05)|rsqrt|mul(v2,v4)|mul:x3|add:x4|relu")
+    up_channel = torch.ones(32, 1, 1, dtype=torch.float32)
+    out.append(("roast_transposed_conv_epilogue", "2x2 s2 + bias + batch norm + relu", dname, conv_configs[0], 4,
+                lambda: triton_epilogue.roast_transposed_conv_epilogue(
+                    grad_image, memory, up_site, 0.5, torch.empty(2, 32, 28, 28, dtype=dtype), (2, 2), (2, 2), (0, 0),
+                    (1, 1), up_bn, [up_channel] * 5, config=conv_configs[0])))
     # a 3x3x3 conv3d, 16 -> 64 channels, groups=2 (video models): the same kernels with a depth
     volume, grad_volume = torch.zeros(2, 16, 6, 8, 8, dtype=dtype), torch.zeros(2, 64, 6, 8, 8, dtype=dtype)
     site3d, geometry3d = mapping(8 * 27, 64), ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1))
@@ -210,7 +217,7 @@ def run(args):
         size = 4 if dname == "fp32" else 2
         kept = None if cfg is None else cfg in configs.candidates(profile, size, b_element_size=b_size,
                                                                   fma=fma_dot(dname),
-                                                                  conv=name.startswith("roast_conv"))
+                                                                  conv="conv" in name)
         if error or not compiled:
             failures.append(f"{name} [{variant}] {dname}: {error or 'no launch'}")
             rows.append(dict(kernel=name, variant=variant, dtype=dname, config=_cfg(cfg), error=error or "no launch"))

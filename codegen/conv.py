@@ -300,6 +300,14 @@ roast_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
 _EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _epilogue_kernel_takes(x, memory, out_dtype, extras) -> bool:
+    """Whether a generated conv kernel can run this epilogue: kernel dtypes, float64 only as 0-dim extras,
+    extras on x's device (or 0-dim)."""
+    return (x.dtype in _EPILOGUE_DTYPES and memory.dtype in _EPILOGUE_DTYPES and out_dtype in _EPILOGUE_DTYPES
+            and all(e.dtype != torch.float64 or e.dim() == 0 for e in extras)
+            and all(e.device == x.device or e.dim() == 0 for e in extras))
+
+
 def _extras_2d(extras, conv1d: bool):
     """Extras of a conv1d output (N, C, L) as extras of its (N, C, 1, L) conv2d form."""
     return [e.unsqueeze(-2) if conv1d and e.dim() >= 2 else e for e in extras]
@@ -316,9 +324,7 @@ def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int
 
     epi = parse_epilogue(epilogue)
     out_dtype = epi.out_dtype(x.dtype, extras)
-    kernel_ok = (use_triton(x) and x.dtype in _EPILOGUE_DTYPES and memory.dtype in _EPILOGUE_DTYPES
-                 and out_dtype in _EPILOGUE_DTYPES and all(e.dtype != torch.float64 or e.dim() == 0 for e in extras)
-                 and all(e.device == x.device or e.dim() == 0 for e in extras))
+    kernel_ok = use_triton(x) and _epilogue_kernel_takes(x, memory, out_dtype, extras)
     if not kernel_ok:
         y = epi.apply(roast_conv(x, memory, mapping, scale, None, kernel, stride, padding, dilation, groups,
                                  grad_norm), extras)
@@ -414,9 +420,15 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
     n, c = x2.shape[:2]
     size = [_transposed_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, o2, d2)]
     out_channels = mapping[1] // math.prod(kernel) * groups
-    if mode == "implicit":
-        y = torch.ops.roastfx.conv_grad_input(x2, memory, mapping, scale, [n, out_channels, *size], k2, s2, p2, d2,
-                                                groups, True)
+    if mode == "implicit":  # the generated transposed-conv kernel, the bias its epilogue
+        from .epilogue import Epilogue
+        from .triton_epilogue import roast_transposed_conv_epilogue
+
+        y = torch.empty((n, out_channels, *size), device=x.device, dtype=x.dtype)
+        extras = [bias.reshape(-1, *[1] * len(size))] if bias is not None else []
+        roast_transposed_conv_epilogue(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2,
+                                       Epilogue.parse("add:x0" if bias is not None else ""), extras, groups=groups)
+        bias = None
     else:
         outs = []
         for g, window in enumerate(windows):
@@ -445,49 +457,56 @@ def _conv_transpose_setup(ctx, inputs, output):
 
 
 def _conv_transpose_backward(ctx, grad):
-    """dX is the conv of dY with W, dMemory the conv weight gradient with dY as the conv's input and x as its
-    output gradient, read into V transposed; dBias the sum of dY. The reference path differentiates the dense
-    op at the materialized weight."""
+    """The gradients of x, the memory and the bias (the sum of dY)."""
     x, memory = ctx.saved_tensors
     mapping, scale, grad_norm, has_bias = ctx.site
-    kernel, stride, padding, output_padding, dilation, groups = ctx.conv
+    kernel = ctx.conv[0]
     gb = _batched(grad, kernel)
     accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
     grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if has_bias else None
+    grad_x, grad_memory = _conv_transpose_grads(x, memory, grad, mapping, scale, ctx.conv, ctx.needs_input_grad[0],
+                                                ctx.needs_input_grad[1], grad_norm)
+    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None
+
+
+def _conv_transpose_grads(x, memory, grad, mapping, scale, conv, need_x, need_memory, grad_norm):
+    """(dX, dMemory) of a ROAST transposed conv for its output gradient ``grad``: dX is the conv of dY with W,
+    dMemory the conv weight gradient with dY as the conv's input and x as its output gradient, read into V
+    transposed. The reference path differentiates the dense op at the materialized weight."""
+    kernel, stride, padding, output_padding, dilation, groups = conv
     path = _triton_path(x, mapping, groups, len(kernel), transposed=True)
     if path is None:
-        conv = _CONV_TRANSPOSE[len(kernel)]
+        dense = _CONV_TRANSPOSE[len(kernel)]
         view = materialize(memory, mapping, scale).to(x.dtype)  # the op, opaque to tracing
         weight = view.reshape(mapping[0], -1, *kernel)
         _, pullback = torch.func.vjp(
-            lambda xv, wv: conv(xv, wv, None, stride, padding, output_padding, groups, dilation), x, weight)
-        grad_x, grad_weight = pullback(grad)
+            lambda xv, wv: dense(xv, wv, None, stride, padding, output_padding, groups, dilation), x, weight)
+        grad_x, grad_weight = pullback(grad.to(x.dtype))
         grad_view = grad_weight.reshape(view.shape)
         if grad_norm:
             grad_view = normalize(grad_view, site_grad_rms(grad_view))
         grad_memory = _memory_grad_op(grad_view, mapping, scale, memory.numel()).to(memory.dtype)
-        return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None
+        return (grad_x if need_x else None), (grad_memory if need_memory else None)
     _kernels()
     xb = _batched(x, kernel)
     x2, k2, s2, p2, _, d2 = _transposed_lifted(xb, kernel, stride, padding, output_padding, dilation)
+    gb = _batched(grad, kernel)
     g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(x.dtype)
-    need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_memory = sumsq = None
     mode, windows = path
     if mode == "implicit":
         if need_x:
             grad_x = torch.ops.roastfx.conv_implicit(g2, memory, mapping, scale, list(x2.shape), k2, s2, p2, d2,
-                                                       groups, True)
+                                                     groups, True)
         if need_memory:
             grad_memory, sumsq = torch.ops.roastfx.conv_grad_memory(g2, x2, memory, mapping, scale, k2, s2, p2, d2,
-                                                                      groups, grad_norm, True)
+                                                                    groups, grad_norm, True)
     else:
         grad_x, grad_memory, sumsq = _transposed_im2col_grads(x2, g2, memory, windows, scale, (k2, s2, p2, d2),
                                                               need_x, need_memory, grad_norm)
     if need_memory and grad_norm:
         grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
-    grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
-    return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None
+    return (grad_x.reshape(x.shape) if grad_x is not None else None), grad_memory
 
 
 def _transposed_im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory, grad_norm):
@@ -516,3 +535,76 @@ def _transposed_im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, n
 
 
 roast_conv_transpose.register_autograd(_conv_transpose_backward, setup_context=_conv_transpose_setup)
+
+
+# -- a transposed conv followed by a generated epilogue ---------------------------------------------------
+@torch.library.custom_op("roastfx::roast_conv_transpose_epilogue", mutates_args=())
+def roast_conv_transpose_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                                  extras: list[torch.Tensor], epilogue: str, kernel: list[int], stride: list[int],
+                                  padding: list[int], output_padding: list[int], dilation: list[int], groups: int,
+                                  grad_norm: bool) -> torch.Tensor:
+    """``epilogue(roast_conv_transpose(x, memory, mapping, scale, None, ...), extras)``: on the Triton path (implicit
+    mode) one generated kernel launch computes the transposed conv of every group and the epilogue
+    (triton_epilogue.roast_transposed_conv_epilogue)."""
+    from .epilogue_op import parse_epilogue
+
+    epi = parse_epilogue(epilogue)
+    conv = (kernel, stride, padding, output_padding, dilation, groups)
+    out_dtype = epi.out_dtype(x.dtype, extras)
+    path = _triton_path(x, mapping, groups, len(kernel), transposed=True)
+    kernel_ok = (path is not None and path[0] == "implicit" and _epilogue_kernel_takes(x, memory, out_dtype, extras))
+    if not kernel_ok:
+        y = epi.apply(roast_conv_transpose(x, memory, mapping, scale, None, *conv, grad_norm), extras)
+        return y.clone() if any(y is t for t in (x, *extras)) else y
+    _kernels()
+    from .triton_epilogue import roast_transposed_conv_epilogue as launch
+
+    xb = _batched(x, kernel)
+    x2, k2, s2, p2, o2, d2 = _transposed_lifted(xb, kernel, stride, padding, output_padding, dilation)
+    size = [_transposed_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, o2, d2)]
+    channels = mapping[1] // math.prod(kernel) * groups
+    y = torch.empty((x2.shape[0], channels, *size), device=x.device, dtype=out_dtype)
+    shape = (x2.shape[0], channels, *size) if len(kernel) > 1 else (x2.shape[0], channels, size[1])
+    epi.check_extras(shape if xb is x else shape[1:], extras)
+    launch(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, epi, _extras_2d(extras, len(kernel) == 1),
+           groups=groups)
+    y = y.squeeze(2) if len(kernel) == 1 else y
+    return y if xb is x else y.squeeze(0)
+
+
+@roast_conv_transpose_epilogue.register_fake
+def _(x, memory, mapping, scale, extras, epilogue, kernel, stride, padding, output_padding, dilation, groups,
+      grad_norm):
+    from .epilogue_op import parse_epilogue
+
+    epi = parse_epilogue(epilogue)
+    spatial = [_transposed_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, output_padding,
+                                                     dilation)]
+    shape = (*x.shape[:-len(kernel) - 1], mapping[1] // math.prod(kernel) * groups, *spatial)
+    epi.check_extras(shape, extras)
+    return x.new_empty(shape, dtype=epi.out_dtype(x.dtype, extras))
+
+
+def _conv_transpose_epilogue_setup(ctx, inputs, output):
+    x, memory, mapping, scale, extras, epilogue, kernel, stride, padding, output_padding, dilation, groups, \
+        grad_norm = inputs
+    ctx.save_for_backward(x, memory, *extras)
+    ctx.site = (mapping, scale, epilogue, (kernel, stride, padding, output_padding, dilation, groups), grad_norm)
+
+
+def _conv_transpose_epilogue_backward(ctx, grad):
+    """The epilogue's vjp at the recomputed transposed conv, then the transposed conv's own gradients."""
+    from .epilogue_op import parse_epilogue
+
+    x, memory, *extras = ctx.saved_tensors
+    mapping, scale, epilogue, conv, grad_norm = ctx.site
+    with torch.no_grad():
+        pre = roast_conv_transpose(x, memory, mapping, scale, None, *conv, grad_norm)
+    grad_pre, grad_extras = parse_epilogue(epilogue).vjp(pre, extras, grad)
+    grad_x, grad_memory = _conv_transpose_grads(x, memory, grad_pre.to(x.dtype), mapping, scale, conv,
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], grad_norm)
+    return grad_x, grad_memory, None, None, grad_extras, None, None, None, None, None, None, None, None
+
+
+roast_conv_transpose_epilogue.register_autograd(_conv_transpose_epilogue_backward,
+                                                setup_context=_conv_transpose_epilogue_setup)

@@ -391,6 +391,13 @@ def conv_fused_op():
     return torch.ops.roastfx.roast_conv_epilogue.default
 
 
+def conv_transpose_fused_op():
+    """The custom op that runs ``epilogue(conv_transpose(x, W))`` (registered on first use; no Triton import)."""
+    from . import conv  # noqa: F401 - registers roastfx::roast_conv_transpose_epilogue
+
+    return torch.ops.roastfx.roast_conv_transpose_epilogue.default
+
+
 def embedding_fused_op():
     """The custom op that runs ``epilogue(view[ids])`` (registered on first use; no Triton import)."""
     from . import epilogue_op  # noqa: F401 - registers roastfx::roast_embedding_epilogue

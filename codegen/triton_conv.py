@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args, maybe_dump
+from .triton_hashing import hash_args
 from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_store, grouped_program, roast_b_tile,
                             roast_view_values)
 
@@ -211,22 +211,23 @@ def _roast_conv_grad_memory_kernel(
 
 
 @triton.jit
-def _roast_conv_grad_input_kernel(
-    g_ptr, mem_ptr, dx_ptr, M, N, OC,
+def roast_transposed_conv_block(
+    g_ptr, mem_ptr, M, N, OC,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-    stride_gn, stride_gc, stride_gd, stride_gh, stride_gw, stride_dn, stride_dc, stride_dd, stride_dh, stride_dw,
-    scale,
+    stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
     VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dX of group program_id(1) (N input and OC output channels per group) as an implicit GEMM over input
-    pixels: row m = (image, id, ih, iw), column = input channel c, reduction over the taps (kd, kh, kw) and,
-    per tap, the output channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, od, oh, ow] where
-    id = od * SD - PD + kd * DD and likewise for h and w (0 where no such output pixel exists: a per-row
+    """A conv's dX, which is the transposed conv of its output gradient: this program's fp32 block for group
+    program_id(1) (N input and OC output channels of the conv per group), an implicit GEMM over the conv's
+    input pixels: row m = (image, id, ih, iw), column = input channel c, reduction over the taps (kd, kh, kw)
+    and, per tap, the output channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, od, oh, ow]
+    where id = od * SD - PD + kd * DD and likewise for h and w (0 where no such output pixel exists: a per-row
     mask), B[oc, c] = W[o0 + oc, c, kd, kh, kw] = V[c * taps + tap, o0 + oc] read at its hashed slot (V^T's
-    element with VIEW_TRANSPOSED: the kernel is then a transposed conv's forward, whose view is (in,
-    out/groups * taps))."""
+    element with VIEW_TRANSPOSED: a transposed conv's forward, whose view is (in, out/groups * taps)).
+    Returns the block and its coordinates as ``roast_conv_block`` does: channel (across groups) per column,
+    image, id, ih, iw per row (int64)."""
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     group = tl.program_id(1)
     c0 = group * N
@@ -267,10 +268,9 @@ def _roast_conv_grad_input_kernel(
                 w = roast_view_values(mem_ptr, view_row[None, :], (o0 + oc)[:, None], mask_w, tile_rows, tile_cols,
                                       alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd)
             acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
-    acc = acc * scale
-    out = (image.to(tl.int64)[:, None] * stride_dn + (c0 + offs_n).to(tl.int64)[None, :] * stride_dc
-           + (i_d * stride_dd + ih * stride_dh + iw * stride_dw).to(tl.int64)[:, None])
-    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    channel = (c0 + offs_n).to(tl.int64)
+    return (acc, channel, mask_m, mask_n, image.to(tl.int64), i_d.to(tl.int64), ih.to(tl.int64),
+            iw.to(tl.int64))
 
 
 def _check_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -286,35 +286,16 @@ def roast_conv_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: Til
     output gradient ``grad``: one implicit GEMM over dx's pixels, all groups in one launch; neither the
     columns of dY nor the weight is built. ``transposed``: the conv's weight view is the mapping's view
     transposed; this is then the forward of the transposed conv whose (in, out/groups * kernel size) view the
-    mapping reads, ``grad`` its input and ``dx`` its output. Returns ``dx``."""
-    from .triton_matmul import choose_config, dot_in_fp32, dot_precision, launch_gemm
+    mapping reads, ``grad`` its input and ``dx`` its output. Returns ``dx``.
 
-    _check_kernel_dtype("memory", memory)
+    The kernel is the generated transposed-conv kernel (triton_epilogue.py) with no epilogue step."""
+    from .epilogue import Epilogue
+    from .triton_epilogue import roast_transposed_conv_epilogue
+
     _check_grad(dx, grad)
-    dx5, grad5, kernel, stride, padding, dilation = as_3d(dx, grad, kernel, stride, padding, dilation)
-    _, OC, R = conv_geometry(dx5, mapping, grad5, kernel, groups, transposed)
-    taps = kernel[0] * kernel[1] * kernel[2]
-    M, N = dx5.shape[0] * dx5.shape[2] * dx5.shape[3] * dx5.shape[4], R // taps
-    if M == 0 or N == 0:
-        return dx
-
-    def launch(cfg, dx5=dx5):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), groups)
-        return _roast_conv_grad_input_kernel[grid](
-            grad5, memory.reshape(-1), dx5, M, N, OC, *dx5.shape[2:], *grad5.shape[2:], *kernel, *stride, *padding,
-            *dilation, *grad5.stride(), *dx5.stride(), float(scale), *hash_args(mapping),
-            VIEW_TRANSPOSED=transposed, PRECISION=dot_precision(grad.dtype), DOT_IN_FP32=dot_in_fp32(grad.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    name = "roast_conv_grad_input"
-    # B is the view permuted element by element: no block shape holds whole hash tiles, none is preferred
-    launched = launch_gemm(name, grad, memory, config, launch, lambda: choose_config(
-        name, grad, M, N, OC * taps, None, True, launch, lambda: (torch.empty_like(dx5),), memory,
-        conv=True))
-    maybe_dump(_roast_conv_grad_input_kernel, launched)
-    return dx
+    return roast_transposed_conv_epilogue(grad, memory, mapping, scale, dx, kernel, stride, padding, dilation,
+                                          Epilogue.parse(""), (), groups=groups, config=config,
+                                          view_transposed=transposed)
 
 
 def roast_conv_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int, mapping: TileHash, scale: float,

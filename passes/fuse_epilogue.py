@@ -1,5 +1,5 @@
-"""Fold the pointwise ops after each ``roastfx::roast_linear``, ``roast_conv`` and ``roast_embedding`` into one
-epilogue op.
+"""Fold the pointwise ops after each ``roastfx::roast_linear``, ``roast_conv``, ``roast_conv_transpose`` and
+``roast_embedding`` into one epilogue op.
 
 For each ``roast_linear(x, memory, mapping, scale, bias, act[, transpose_view, grad_norm])`` node
 the pass grows, in graph order, the set of nodes that read it (or read nodes already in the
@@ -33,7 +33,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from roastfx.codegen.epilogue import CAST_DTYPES, Epilogue, Step, conv_fused_op, embedding_fused_op, fused_op
+from roastfx.codegen.epilogue import (CAST_DTYPES, Epilogue, Step, conv_fused_op, conv_transpose_fused_op,
+                                     embedding_fused_op, fused_op)
 
 log = logging.getLogger("roastfx")
 
@@ -429,10 +430,14 @@ def _reshape_args(view):
     return tuple(view.args[1:]) if view.op == "call_method" else (view.args[1],)
 
 
-def _conv_args(node):
-    names = ("x", "memory", "mapping", "scale", "bias", "kernel", "stride", "padding", "dilation", "groups",
-             "grad_norm")
-    args = dict(zip(names, node.args))
+_CONV_NAMES = ("x", "memory", "mapping", "scale", "bias", "kernel", "stride", "padding", "dilation", "groups",
+               "grad_norm")
+_CONV_TRANSPOSE_NAMES = ("x", "memory", "mapping", "scale", "bias", "kernel", "stride", "padding", "output_padding",
+                         "dilation", "groups", "grad_norm")
+
+
+def _conv_args(node, transposed=False):
+    args = dict(zip(_CONV_TRANSPOSE_NAMES if transposed else _CONV_NAMES, node.args))
     args.update(node.kwargs)
     args["grad_norm"] = bool(args.get("grad_norm", False))
     return args
@@ -445,13 +450,14 @@ def _embedding_args(node):
     return args
 
 
-def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False, embedding: bool = False) -> str | None:
+def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False, embedding: bool = False,
+              transposed: bool = False) -> str | None:
     if embedding:
         e = _embedding_args(node)
         x, memory, mapping, scale, bias, act = e["ids"], e["memory"], e["mapping"], e["scale"], None, "none"
         grad_norm = bool(e.get("grad_norm", False))
     elif conv:
-        c = _conv_args(node)
+        c = _conv_args(node, transposed)
         shape = _shape(node)
         if shape is None or len(shape) != len(c["kernel"]) + 2:
             return None  # an unbatched conv: its channels are not on dim 1
@@ -486,6 +492,11 @@ def _fuse_one(graph: torch.fx.Graph, node: torch.fx.Node, conv: bool = False, em
         if embedding:
             fused = graph.call_function(embedding_fused_op(), (x, memory, list(mapping), scale, operands,
                                                                epilogue.signature, e.get("padding_idx"), grad_norm))
+        elif conv and transposed:
+            fused = graph.call_function(conv_transpose_fused_op(), (
+                x, memory, list(mapping), scale, operands, epilogue.signature, list(c["kernel"]), list(c["stride"]),
+                list(c["padding"]), list(c["output_padding"]), list(c["dilation"]), int(c.get("groups", 1)),
+                grad_norm))
         elif conv:
             fused = graph.call_function(conv_fused_op(), (x, memory, list(mapping), scale, operands,
                                                           epilogue.signature, list(c["kernel"]), list(c["stride"]),
@@ -525,6 +536,13 @@ def _roast_conv_op():
         return None
 
 
+def _roast_conv_transpose_op():
+    try:
+        return torch.ops.roastfx.roast_conv_transpose.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _roast_embedding_op():
     try:
         return torch.ops.roastfx.roast_embedding.default
@@ -533,16 +551,18 @@ def _roast_embedding_op():
 
 
 def fuse_epilogue(gm: torch.fx.GraphModule) -> list[str]:
-    """The pass: rewrite every roast_linear, roast_conv and roast_embedding with foldable pointwise ops;
-    return what it folded."""
+    """The pass: rewrite every roast_linear, roast_conv, roast_conv_transpose and roast_embedding with foldable
+    pointwise ops; return what it folded."""
     linear, conv, embedding = _roast_linear_op(), _roast_conv_op(), _roast_embedding_op()
-    roots = {op for op in (linear, conv, embedding) if op is not None}
+    transposed = _roast_conv_transpose_op()
+    roots = {op for op in (linear, conv, transposed, embedding) if op is not None}
     if not roots:
         return []
     folded = []
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in roots:
-            done = _fuse_one(gm.graph, node, conv=node.target is conv, embedding=node.target is embedding)
+            done = _fuse_one(gm.graph, node, conv=node.target in (conv, transposed), embedding=node.target is embedding,
+                             transposed=node.target is transposed)
             if done:
                 folded.append(done)
     if folded:

@@ -552,3 +552,68 @@ def test_eval_batch_norm_folds_after_a_linear_but_not_after_a_view():
     assert len(seen) == 1 and "add:x0|sub:x1|add(x2,1e-05)|rsqrt|mul(v2,v4)|mul:x3|add:x4|relu" in seen[0], seen
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+class UpBlock(torch.nn.Module):
+    """A decoder's upsampling: transposed conv (grouped) + batch norm + ReLU."""
+
+    def __init__(self, dims=2):
+        super().__init__()
+        Up, BN = {1: (torch.nn.ConvTranspose1d, torch.nn.BatchNorm1d), 2: (torch.nn.ConvTranspose2d, torch.nn.BatchNorm2d),
+                  3: (torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d)}[dims]
+        self.up, self.bn = Up(6, 4, 2, stride=2, groups=2), BN(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.up(x)))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_transposed_conv_bias_bn_relu_fold_into_one_kernel(dims, path, monkeypatch, caplog):
+    """In eval, a transposed conv's bias, batch norm and ReLU fold into roast_conv_transpose_epilogue (one
+    generated kernel on the Triton path); outputs and gradients (input, memory, bn weight) equal eager."""
+    import roastfx
+    import roastfx.codegen.triton_epilogue as triton_epilogue
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, *(3,) * dims, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    model = _trained_stats(roastfx.compress(UpBlock(dims), "2x", init="random"), x).eval()
+    eager = model(x)
+    want = torch.autograd.grad(eager.square().sum(), (x, model.roast_memory, model.bn.weight))
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    launches = []
+    original = triton_epilogue.roast_transposed_conv_epilogue
+    monkeypatch.setattr(triton_epilogue, "roast_transposed_conv_epilogue",
+                        lambda *a, **k: launches.append(a[9].pattern) or original(*a, **k))
+    with caplog.at_level(logging.INFO, logger="roastfx"):
+        out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    got = torch.autograd.grad(out.square().sum(), (x, model.roast_memory, model.bn.weight))
+    folded = [r.getMessage() for r in caplog.records if "-> epilogue" in r.getMessage()]
+    assert len(folded) == 1 and "add:x0|sub:x1|add(x2,1e-05)|rsqrt|mul(v2,v4)|mul:x3|add:x4|relu" in folded[0], folded
+    if path == "triton":  # the forward with the whole epilogue, then the backward's recomputed transposed conv
+        assert launches[0] == Epilogue.parse("add:x0|sub:x1|add(x2,1e-05)|rsqrt|mul(v2,v4)|mul:x3|add:x4|relu").pattern
+    else:
+        assert not launches
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for name, g, w in zip(["x", "memory", "bn.weight"], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_transposed_conv_epilogue_op_passes_opcheck_and_gradcheck():
+    from roastfx.codegen.conv import roast_conv_transpose_epilogue
+
+    gen = torch.Generator().manual_seed(3)
+    mapping = ops.mapping_args(TileHash(4, 3 * 4, 1, 4, 1, 0, 60, 123457, 7654321, 99, 31337, 4242, 17))
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    mem = torch.randn(70, dtype=torch.float64, generator=gen, requires_grad=True)
+    extras = [torch.randn(6, 1, 1, dtype=torch.float64, generator=gen, requires_grad=True),
+              torch.randn(2, 6, 6, 6, dtype=torch.float64, generator=gen, requires_grad=True)]
+    conv = ([2, 2], [2, 2], [0, 0], [0, 0], [1, 1], 2)
+    args = (x, mem, mapping, 0.4, extras, "add:x0|tanh|mul:x1", *conv, False)
+    out = roast_conv_transpose_epilogue(*args)
+    weight = ops.materialize(mem.detach(), mapping, 0.4).reshape(4, 3, 2, 2)
+    want = torch.tanh(F.conv_transpose2d(x, weight, None, 2, 0, 0, 2) + extras[0]) * extras[1]
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.library.opcheck(roast_conv_transpose_epilogue, args)
+    assert torch.autograd.gradcheck(lambda x, m, b, r: roast_conv_transpose_epilogue(
+        x, m, mapping, 0.4, [b, r], "add:x0|tanh|mul:x1", *conv, False), (x, mem, *extras))

@@ -127,5 +127,5 @@ def test_conv_kernels_choose_among_the_conv_configs(monkeypatch, device):
     triton_matmul.roast_matmul(torch.randn(3, 8, device=device), memory, mapping, 1.0, True)
     assert len(asked) == 4, asked
     assert {kernel.split("[")[0]: conv for kernel, conv in asked.items()} == {
-        "roast_conv_epilogue": True, "roast_conv_grad_input": True, "roast_conv_grad_memory": True,
+        "roast_conv_epilogue": True, "roast_transposed_conv_epilogue": True, "roast_conv_grad_memory": True,
         "roast_matmul": False}

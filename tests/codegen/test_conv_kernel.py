@@ -1,4 +1,6 @@
 """The implicit-GEMM conv kernel (triton_conv.py) against F.conv2d in float64 on the reference view."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,33 @@ def test_generated_conv_epilogue_matches_float64(signature, shapes, device):
                         dilation, epi, [e.float().to(device) for e in extras])
     tol = 2e-2 if "bfloat16" in signature else 1e-4
     torch.testing.assert_close(out.double().cpu(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_generated_transposed_conv_epilogue_matches_float64(dims, device):
+    """A transposed conv (grouped; its view split by 3-row tiles) + bias + batch norm + relu + residual in one
+    generated kernel, against F.conv_transpose in float64."""
+    from roastfx.codegen.epilogue import Epilogue
+    from roastfx.codegen.triton_epilogue import roast_transposed_conv_epilogue
+
+    cin, cout, groups = 4, 6, 2
+    kernel, stride, padding, output_padding, dilation, spatial = (
+        ((3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5)) if dims == 2 else
+        ((2, 3, 2), (2, 1, 2), (0, 1, 1), (1, 0, 1), (2, 1, 2), (3, 4, 3)))
+    taps = math.prod(kernel)
+    mapping = random_mapping(cin, cout // groups * taps, 3, 4, seed=dims)
+    memory = random_memory(mapping, seed=dims)
+    x = randn(2, cin, *spatial, seed=9, dtype=torch.float64)
+    weight = reference.materialize(memory, mapping, 0.5).reshape(cin, cout // groups, *kernel)
+    dense = F.conv_transpose2d if dims == 2 else F.conv_transpose3d
+    pre = dense(x, weight, None, stride, padding, output_padding, groups, dilation)
+    channel = (cout,) + (1,) * dims
+    extras = [randn(*channel, seed=20 + i, dtype=torch.float64) for i in range(5)] + \
+        [randn(*pre.shape, seed=30, dtype=torch.float64)]
+    extras[2] = extras[2].abs() + 0.5  # a variance
+    epi = Epilogue.parse("add:x0|sub:x1|add(x2,1e-05)|rsqrt|mul(v2,v4)|mul:x3|add:x4|add:x5|relu")
+    want = epi.apply(pre, extras)
+    out = torch.full(want.shape, float("nan"), device=device)
+    roast_transposed_conv_epilogue(x.float().to(device), memory.float().to(device), mapping, 0.5, out, kernel, stride,
+                                   padding, dilation, epi, [e.float().to(device) for e in extras], groups=groups)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-4, atol=1e-4)
