@@ -1,9 +1,10 @@
 """Whole models, dense against ROAST: inference and training step time, parameter and peak memory.
 
-    python benchmarks/bench_models.py                # CUDA: BERT-base and GPT-2 small from their configs
+    python benchmarks/bench_models.py                # CUDA: BERT-base, GPT-2 small, ResNet-50 from their configs
     python benchmarks/bench_models.py --dry-run      # CPU: tiny configs, aot_eager, checks wiring only
 
-Variants of each model (transformers, built from a config: no weights are downloaded):
+Variants of each model (transformers, built from a config: no weights are downloaded; ResNet-50 on
+224x224 images, its convs the implicit-GEMM kernels):
   dense          eager PyTorch
   dense-compile  torch.compile with inductor
   roast-<c>x     roastfx.compress(model, "<c>x") then torch.compile(backend="roast"): every weight read
@@ -24,11 +25,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, parse_factors, results_path, select_device  # noqa: E402
 
-MODELS = {  # name: (batch, sequence length)
+MODELS = {  # name: (batch, sequence length or image size)
     "bert-base": (32, 128),
     "gpt2-small": (8, 512),
+    "resnet50": (32, 224),
 }
-DRY_RUN_MODELS = {"bert-tiny": (2, 16), "gpt2-tiny": (2, 16)}
+DRY_RUN_MODELS = {"bert-tiny": (2, 16), "gpt2-tiny": (2, 16), "resnet-tiny": (2, 32)}
 
 
 def parse_args(argv=None):
@@ -54,22 +56,39 @@ def parse_args(argv=None):
 
 
 def build(name: str):
-    """(model, vocab size) from a transformers config; a loss comes from ``labels``."""
+    """(model, inputs) from a transformers config; ``inputs(batch, size, device, generator)`` gives the forward's
+    keyword arguments, ``labels`` (for the training loss) included."""
     try:
         import transformers as tf
     except ImportError:
         raise SystemExit("bench_models.py builds its models with transformers, which is not installed here") from None
+    import torch
+
+    def tokens(vocab):
+        def inputs(batch, seq, device, gen):
+            ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
+            return dict(input_ids=ids, labels=ids)
+        return inputs
 
     if name.startswith("bert"):
         tiny = name == "bert-tiny"
         config = tf.BertConfig(num_hidden_layers=2 if tiny else 12, hidden_size=32 if tiny else 768,
                                num_attention_heads=2 if tiny else 12, intermediate_size=64 if tiny else 3072,
                                vocab_size=101 if tiny else 30522, max_position_embeddings=64 if tiny else 512)
-        return tf.BertForMaskedLM(config), config.vocab_size
+        return tf.BertForMaskedLM(config), tokens(config.vocab_size)
+    if name.startswith("resnet"):
+        tiny = name == "resnet-tiny"
+        config = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10) if tiny \
+            else tf.ResNetConfig(num_labels=1000)  # the defaults are ResNet-50's
+
+        def images(batch, size, device, gen):
+            return dict(pixel_values=torch.randn(batch, 3, size, size, device=device, generator=gen),
+                        labels=torch.randint(0, config.num_labels, (batch,), device=device, generator=gen))
+        return tf.ResNetForImageClassification(config), images
     tiny = name == "gpt2-tiny"
     config = tf.GPT2Config(n_layer=2 if tiny else 12, n_embd=32 if tiny else 768, n_head=2 if tiny else 12,
                            vocab_size=101 if tiny else 50257, n_positions=64 if tiny else 1024)
-    return tf.GPT2LMHeadModel(config), config.vocab_size
+    return tf.GPT2LMHeadModel(config), tokens(config.vocab_size)
 
 
 def parameter_bytes(model) -> int:
@@ -109,7 +128,7 @@ def run(args):
         for variant in variants:
             torch._dynamo.reset()
             torch.manual_seed(0)
-            model, vocab = build(name)
+            model, make_inputs = build(name)
             if variant.startswith("roast"):
                 roastfx.compress(model, variant.split("-")[1], init="random", grad_scaling="site")
             model = model.to(device)
@@ -119,16 +138,17 @@ def run(args):
             elif variant.startswith("roast"):
                 run_model = torch.compile(model, backend="roast", options={"inner": inner})
             gen = torch.Generator(device=device).manual_seed(1)
-            ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
+            inputs = make_inputs(batch, seq, device, gen)
+            features = {k: v for k, v in inputs.items() if k != "labels"}
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
             def infer():
                 with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                    run_model(input_ids=ids)
+                    run_model(**features)
 
             def train():
                 with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = run_model(input_ids=ids, labels=ids).loss
+                    loss = run_model(**inputs).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -142,7 +162,7 @@ def run(args):
             peak = torch.cuda.max_memory_allocated() if cuda else None
             rows.append(dict(model=name, batch=batch, seq=seq, variant=variant, parameter_bytes=parameter_bytes(model),
                              inference_ms=infer_ms, train_step_ms=train_ms, peak_train_bytes=peak,
-                             tokens_per_s_train=batch * seq / train_ms * 1e3))
+                             items_per_s_train=batch * (1 if name.startswith("resnet") else seq) / train_ms * 1e3))
             del model, run_model, optimizer
             if cuda:
                 torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run (see DEVELOPERS.md), in two device calls:
 #   bash benchmarks/gpu_session.sh kernels    # kernel tests on CUDA, kernel and conv benchmarks, cost model
-#   bash benchmarks/gpu_session.sh models     # whole models (BERT-base, GPT-2 small): dense vs ROAST
+#   bash benchmarks/gpu_session.sh models     # whole models (BERT-base, GPT-2 small, ResNet-50): dense vs ROAST
 # (no argument: both, which may not fit one 10-minute call). Every step is bounded by a timeout and writes
 # its JSON and log straight to $OUT when set (the device's return folder), else benchmarks/results/.
 # Runs with whatever torch/triton the machine has (the device image: torch 2.11, triton 3.6,
@@ -36,9 +36,9 @@ if [ "$STAGE" = kernels ] || [ "$STAGE" = all ]; then
 fi
 if [ "$STAGE" = models ] || [ "$STAGE" = all ]; then
   # one model per run, each bounded, so a slow compile of one cannot lose the other's results
-  for model in bert-base gpt2-small; do
+  for model in bert-base gpt2-small resnet50; do
     echo "== whole model: $model"
-    timeout 280 python benchmarks/bench_models.py --models "$model" --out "$OUTDIR" 2>&1 \
+    timeout 190 python benchmarks/bench_models.py --models "$model" --out "$OUTDIR" 2>&1 \
       | tee "$OUTDIR/bench_models-$model.txt" | tail -12
   done
 fi
