@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .hashing import TileHash
 from .triton_hashing import hash_args
-from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_store, grouped_program, roast_b_tile,
-                            roast_view_values)
+from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_store, grouped_program, grouped_tile,
+                            roast_b_tile, roast_view_values)
 
 
 @triton.jit
@@ -221,53 +221,65 @@ def roast_transposed_conv_block(
 ):
     """A conv's dX, which is the transposed conv of its output gradient: this program's fp32 block for group
     program_id(1) (N input and OC output channels of the conv per group), an implicit GEMM over the conv's
-    input pixels: row m = (image, id, ih, iw), column = input channel c, reduction over the taps (kd, kh, kw)
-    and, per tap, the output channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, od, oh, ow]
-    where id = od * SD - PD + kd * DD and likewise for h and w (0 where no such output pixel exists: a per-row
-    mask), B[oc, c] = W[o0 + oc, c, kd, kh, kw] = V[c * taps + tap, o0 + oc] read at its hashed slot (V^T's
-    element with VIEW_TRANSPOSED: a transposed conv's forward, whose view is (in, out/groups * taps)).
+    input pixels, column = input channel c, reduction over the taps (kd, kh, kw) and, per tap, the output
+    channels oc in blocks of BLOCK_R: A[m, oc] = dY[image, o0 + oc, od, oh, ow] where id = od * SD - PD +
+    kd * DD and likewise for h and w (0 where no such output pixel exists), B[oc, c] = W[o0 + oc, c, kd, kh,
+    kw] = V[c * taps + tap, o0 + oc] read at its hashed slot (V^T's element with VIEW_TRANSPOSED: a
+    transposed conv's forward, whose view is (in, out/groups * taps)).
+
+    The pixels are split by their phase modulo the stride (SD * SH * SW phases; program axis 0 runs over
+    phases, then tiles): pixel (id, ih, iw) = (qd * SD + pd, qh * SH + ph, qw * SW + pw), M = images * QD *
+    QH * QW rows per phase. A tap reaches the pixels of one phase from whole output pixels or from none, so a
+    program skips every tap that does not match its phase: a stride-2 2-D conv runs a quarter of the taps.
     Returns the block and its coordinates as ``roast_conv_block`` does: channel (across groups) per column,
     image, id, ih, iw per row (int64)."""
-    pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    phase = tl.program_id(0) // tiles
+    pid_m, pid_n = grouped_tile(tl.program_id(0) % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     group = tl.program_id(1)
     c0 = group * N
     o0 = group * OC
+    pd = phase // (SH * SW)
+    ph = (phase % (SH * SW)) // SW
+    pw = phase % SW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    image, i_d, ih, iw = output_pixels(offs_m, D, H, W)  # dX's pixels
+    image, qd, qh, qw = output_pixels(offs_m, tl.cdiv(D, SD), tl.cdiv(H, SH), tl.cdiv(W, SW))
+    i_d = qd * SD + pd
+    ih = qh * SH + ph
+    iw = qw * SW + pw
+    mask_m = (offs_m < M) & (i_d < D) & (ih < H) & (iw < W)
     image_base = image.to(tl.int64) * stride_gn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, KD * KH * KW):
         plane = tap % (KH * KW)
-        dn = i_d + PD - (tap // (KH * KW)) * DD  # od * SD, where this tap of output pixel (od, oh, ow) reads here
-        hn = ih + PH - (plane // KW) * DH
-        wn = iw + PW - (plane % KW) * DW
-        hit = (dn >= 0) & (hn >= 0) & (wn >= 0) & mask_m
-        dn = tl.where(hit, dn, 0)
-        hn = tl.where(hit, hn, 0)
-        wn = tl.where(hit, wn, 0)
-        od = dn // SD
-        oh = hn // SH
-        ow = wn // SW
-        hit = hit & (od * SD == dn) & (oh * SH == hn) & (ow * SW == wn) & (od < OD) & (oh < OH) & (ow < OW)
-        row = image_base + (tl.where(hit, od, 0) * stride_gd + tl.where(hit, oh, 0) * stride_gh
-                            + tl.where(hit, ow, 0) * stride_gw).to(tl.int64)
-        view_row = offs_n * (KD * KH * KW) + tap
-        for oc0 in range(0, OC, BLOCK_R):
-            oc = oc0 + tl.arange(0, BLOCK_R)
-            mask_oc = oc < OC
-            a = tl.load(g_ptr + row[:, None] + (o0 + oc).to(tl.int64)[None, :] * stride_gc,
-                        mask=hit[:, None] & mask_oc[None, :], other=0.0)
-            mask_w = mask_oc[:, None] & mask_n[None, :]
-            if VIEW_TRANSPOSED:
-                w = roast_view_values(mem_ptr, (o0 + oc)[:, None], view_row[None, :], mask_w, tile_rows, tile_cols,
-                                      alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd)
-            else:
-                w = roast_view_values(mem_ptr, view_row[None, :], (o0 + oc)[:, None], mask_w, tile_rows, tile_cols,
-                                      alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd)
-            acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
+        td = pd + PD - (tap // (KH * KW)) * DD  # (id + PD - kd * DD) - qd * SD: od * SD - qd * SD if it divides
+        th = ph + PH - (plane // KW) * DH
+        tw = pw + PW - (plane % KW) * DW
+        if (td % SD == 0) & (th % SH == 0) & (tw % SW == 0):  # this tap reaches this phase's pixels
+            od = qd + td // SD  # exact divisions
+            oh = qh + th // SH
+            ow = qw + tw // SW
+            hit = (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW) & mask_m
+            row = image_base + (tl.where(hit, od, 0) * stride_gd + tl.where(hit, oh, 0) * stride_gh
+                                + tl.where(hit, ow, 0) * stride_gw).to(tl.int64)
+            view_row = offs_n * (KD * KH * KW) + tap
+            for oc0 in range(0, OC, BLOCK_R):
+                oc = oc0 + tl.arange(0, BLOCK_R)
+                mask_oc = oc < OC
+                a = tl.load(g_ptr + row[:, None] + (o0 + oc).to(tl.int64)[None, :] * stride_gc,
+                            mask=hit[:, None] & mask_oc[None, :], other=0.0)
+                mask_w = mask_oc[:, None] & mask_n[None, :]
+                if VIEW_TRANSPOSED:
+                    w = roast_view_values(mem_ptr, (o0 + oc)[:, None], view_row[None, :], mask_w, tile_rows,
+                                          tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
+                                          c_col, hd)
+                else:
+                    w = roast_view_values(mem_ptr, view_row[None, :], (o0 + oc)[:, None], mask_w, tile_rows,
+                                          tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
+                                          c_col, hd)
+                acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     channel = (c0 + offs_n).to(tl.int64)
     return (acc, channel, mask_m, mask_n, image.to(tl.int64), i_d.to(tl.int64), ih.to(tl.int64),
             iw.to(tl.int64))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -458,7 +459,10 @@ def roast_transposed_conv_epilogue(
     out5, x5, kernel, stride, padding, dilation = as_3d(out, x, kernel, stride, padding, dilation)
     _, OC, R = conv_geometry(out5, mapping, x5, kernel, groups, view_transposed)
     taps = kernel[0] * kernel[1] * kernel[2]
-    M, N = out5.shape[0] * out5.shape[2] * out5.shape[3] * out5.shape[4], R // taps
+    # rows per stride phase (roast_transposed_conv_block): the output's pixels split by their phase
+    phases = stride[0] * stride[1] * stride[2]
+    M = out5.shape[0] * math.prod(-(-size // s) for size, s in zip(out5.shape[2:], stride))
+    N = R // taps
     extras = list(extras)
     epilogue.check_extras(tuple(out.shape), extras)
     if M == 0 or N == 0:
@@ -468,7 +472,7 @@ def roast_transposed_conv_epilogue(
     operands = [arg for v in views for arg in (v, *v.stride())] + list(epilogue.constants)
 
     def launch(cfg, out5=out5):
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), groups)
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * phases, groups)
         return kern[grid](
             x5, memory.reshape(-1), out5, M, N, OC, *out5.shape[2:], *x5.shape[2:], *kernel, *stride, *padding,
             *dilation, *x5.stride(), *out5.stride(), float(scale), *hash_args(mapping), *operands,

@@ -46,7 +46,12 @@ def _apply_activation(z, ACTIVATION: tl.constexpr):
 def grouped_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row block, column block) of this program, in grouped order: neighbouring programs share rows of
     the A operand, which stay in L2."""
-    pid = tl.program_id(0)
+    return grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of the pid-th of the cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) tiles, grouped."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * num_n)
