@@ -334,14 +334,23 @@ def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int
 
     xb = _batched(x, kernel)
     x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
-    n = x2.shape[0]
     spatial = [_conv_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, d2)]
-    y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=out_dtype)
-    shape = (n, mapping[1], *spatial) if len(kernel) > 1 else (n, mapping[1], spatial[1])
+    return _run_generated(launch, x, xb, x2, (k2, s2, p2, d2), memory, mapping, scale, mapping[1], spatial, epi,
+                          extras, out_dtype, groups, len(kernel))
+
+
+def _run_generated(launch, x, xb, x2, geometry, memory, mapping, scale, channels, spatial, epi, extras, out_dtype,
+                   groups, dims):
+    """Run a generated conv-kind kernel (``launch``: triton_epilogue.roast_conv_epilogue or
+    roast_transposed_conv_epilogue) on the lifted problem ``x2`` (conv1d as height 1, batched): allocate the
+    (N, channels, *spatial) output, check the extras against the caller's output shape, and return that shape
+    (a conv1d's height and an unbatched input's batch squeezed)."""
+    n = x2.shape[0]
+    y = torch.empty((n, channels, *spatial), device=x.device, dtype=out_dtype)
+    shape = (n, channels, *spatial) if dims > 1 else (n, channels, spatial[1])
     epi.check_extras(shape if xb is x else shape[1:], extras)
-    launch(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, epi, _extras_2d(extras, len(kernel) == 1),
-           groups=groups)
-    y = y.squeeze(2) if len(kernel) == 1 else y
+    launch(x2, memory, _mapping(mapping), scale, y, *geometry, epi, _extras_2d(extras, dims == 1), groups=groups)
+    y = y.squeeze(2) if dims == 1 else y
     return y if xb is x else y.squeeze(0)
 
 
@@ -424,18 +433,16 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
         from .epilogue import Epilogue
         from .triton_epilogue import roast_transposed_conv_epilogue
 
-        y = torch.empty((n, out_channels, *size), device=x.device, dtype=x.dtype)
-        extras = [bias.reshape(-1, *[1] * len(size))] if bias is not None else []
-        roast_transposed_conv_epilogue(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2,
-                                       Epilogue.parse("add:x0" if bias is not None else ""), extras, groups=groups)
-        bias = None
-    else:
-        outs = []
-        for g, window in enumerate(windows):
-            rows = x2[:, g * c // groups:(g + 1) * c // groups].flatten(2).transpose(1, 2)  # (N, H*W, in/groups)
-            cols = torch.ops.roastfx.linear(rows, memory, None, None, window, scale, True, "none", False)[0]
-            outs.append(F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2))  # (N, out/groups, H_out, W_out)
-        y = outs[0] if groups == 1 else torch.cat(outs, 1)
+        extras = [bias.reshape(-1, *[1] * len(kernel))] if bias is not None else []
+        return _run_generated(roast_transposed_conv_epilogue, x, xb, x2, (k2, s2, p2, d2), memory, mapping, scale,
+                              out_channels, size, Epilogue.parse("add:x0" if bias is not None else ""), extras,
+                              x.dtype, groups, len(kernel))
+    outs = []
+    for g, window in enumerate(windows):
+        rows = x2[:, g * c // groups:(g + 1) * c // groups].flatten(2).transpose(1, 2)  # (N, H*W, in/groups)
+        cols = torch.ops.roastfx.linear(rows, memory, None, None, window, scale, True, "none", False)[0]
+        outs.append(F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2))  # (N, out/groups, H_out, W_out)
+    y = outs[0] if groups == 1 else torch.cat(outs, 1)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(1, -1, *[1] * (y.dim() - 2))
     y = y.squeeze(2) if len(kernel) == 1 else y
@@ -562,14 +569,8 @@ def roast_conv_transpose_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping
     xb = _batched(x, kernel)
     x2, k2, s2, p2, o2, d2 = _transposed_lifted(xb, kernel, stride, padding, output_padding, dilation)
     size = [_transposed_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, o2, d2)]
-    channels = mapping[1] // math.prod(kernel) * groups
-    y = torch.empty((x2.shape[0], channels, *size), device=x.device, dtype=out_dtype)
-    shape = (x2.shape[0], channels, *size) if len(kernel) > 1 else (x2.shape[0], channels, size[1])
-    epi.check_extras(shape if xb is x else shape[1:], extras)
-    launch(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, epi, _extras_2d(extras, len(kernel) == 1),
-           groups=groups)
-    y = y.squeeze(2) if len(kernel) == 1 else y
-    return y if xb is x else y.squeeze(0)
+    return _run_generated(launch, x, xb, x2, (k2, s2, p2, d2), memory, mapping, scale,
+                          mapping[1] // math.prod(kernel) * groups, size, epi, extras, out_dtype, groups, len(kernel))
 
 
 @roast_conv_transpose_epilogue.register_fake

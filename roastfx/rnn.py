@@ -21,14 +21,10 @@ from torch.nn.utils.rnn import PackedSequence
 DECOMPOSED = (nn.LSTM, nn.GRU, nn.RNN)  # exactly these classes: a user subclass keeps its own forward
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def roast_rnn_forward(self, input, hx=None):
     """forward of a compressed nn.LSTM / nn.GRU / nn.RNN: torch's own in eager, the step-by-step
     decomposition while dynamo traces it."""
-    if not _compiling() or isinstance(input, PackedSequence):
+    if not torch.compiler.is_compiling() or isinstance(input, PackedSequence):
         return type(self)._roast_base_class.forward(self, input, hx)
     return decomposed_forward(self, input, hx)
 
@@ -45,7 +41,7 @@ def decomposed_forward(module: nn.RNNBase, input: torch.Tensor, hx=None):
     x = input if batched else input.unsqueeze(1 if not module.batch_first else 0)
     if module.batch_first:
         x = x.transpose(0, 1)  # (T, B, in)
-    steps, batch = x.shape[0], x.shape[1]
+    batch = x.shape[1]
     directions = 2 if module.bidirectional else 1
     out_size = module.proj_size if lstm and module.proj_size > 0 else module.hidden_size
     layers_states = module.num_layers * directions
