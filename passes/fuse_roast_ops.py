@@ -374,7 +374,7 @@ _FUSERS = (_fuse_matmul, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fus
 _NO_ROAST_OP = {
     **dict.fromkeys(("lstm", "gru", "rnn_tanh", "rnn_relu"),
                     "the aten RNN op takes the dense flat weights (compressed nn.LSTM/GRU/RNN run step by step "
-                    "instead, roastfx/rnn.py, except on a PackedSequence or in a subclass with its own forward)"),
+                    "instead, roastfx/rnn.py, except in a subclass with its own forward)"),
     "output": "the dense weight is itself an output of the graph",
     "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }

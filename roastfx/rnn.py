@@ -5,8 +5,9 @@ torch's RNN modules hand all their weights at once to one aten op (``lstm``, ``g
 decomposition instead: per layer and direction, the input projection of every time step as one
 ``F.linear`` with ``weight_ih``, then one ``F.linear`` with ``weight_hh`` per step and the gate
 arithmetic; the roast backend rewrites each of those reads into a ``roast_linear``. Eager calls keep
-torch's op (faster on CPU, and the reference the decomposition is tested against); a PackedSequence
-input also keeps it (its weights are then materialized).
+torch's op (faster on CPU, and the reference the decomposition is tested against). A PackedSequence
+runs the same steps over its padded (time, batch) form, each sequence's state held where its steps have
+ended, and its data is gathered back into the packed order.
 
 Dynamo only traces an RNN module with ``torch._dynamo.config.allow_rnn`` on; ``compress`` turns it on
 when a model has compressed RNN weights (module.py).
@@ -24,15 +25,50 @@ DECOMPOSED = (nn.LSTM, nn.GRU, nn.RNN)  # exactly these classes: a user subclass
 def roast_rnn_forward(self, input, hx=None):
     """forward of a compressed nn.LSTM / nn.GRU / nn.RNN: torch's own in eager, the step-by-step
     decomposition while dynamo traces it."""
-    if not torch.compiler.is_compiling() or isinstance(input, PackedSequence):
+    if not torch.compiler.is_compiling():
         return type(self)._roast_base_class.forward(self, input, hx)
+    if isinstance(input, PackedSequence):
+        return decomposed_packed_forward(self, input, hx)
     return decomposed_forward(self, input, hx)
 
 
-def decomposed_forward(module: nn.RNNBase, input: torch.Tensor, hx=None):
+def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None):
+    """What ``module.forward(input, hx)`` returns for a PackedSequence: the steps of `decomposed_forward`
+    over the padded (time, batch) form, where sequence b takes step t only if t < its length (its state is
+    held otherwise, so a reverse direction starts at each sequence's own last step). The shapes stay those
+    of the packed data: the padded form is a gather of it and the output a gather back."""
+    data, batch_sizes, sorted_indices, unsorted_indices = input
+    steps = batch_sizes.shape[0]
+    batch = sorted_indices.shape[0] if sorted_indices is not None else int(batch_sizes[0])
+    if hx is not None and sorted_indices is not None:  # torch's op takes the state in the sorted order
+        hx = tuple(h.index_select(1, sorted_indices) for h in hx) if module.mode == "LSTM" else \
+            hx.index_select(1, sorted_indices)
+    sizes = batch_sizes.to(data.device)
+    offsets = torch.cumsum(sizes, 0) - sizes  # where step t's rows start in data
+    column = torch.arange(batch, device=data.device)
+    active = column < sizes[:, None]  # (T, B): sequence b has a step t
+    rows = (offsets[:, None] + column).clamp(max=data.shape[0] - 1)
+    padded = data[rows] * active[..., None].to(data.dtype)
+    if module.batch_first:  # a packed sequence's data is time-major whatever the module's layout
+        output, state = decomposed_forward(module, padded.transpose(0, 1), hx, active=active)
+        output = output.transpose(0, 1)
+    else:
+        output, state = decomposed_forward(module, padded, hx, active=active)
+    # row i of the packed data is step t_i of sequence i - offsets[t_i]
+    step_of_row = torch.repeat_interleave(torch.arange(steps, device=data.device), sizes,
+                                          output_size=data.shape[0])
+    packed = output[step_of_row, torch.arange(data.shape[0], device=data.device) - offsets[step_of_row]]
+    if unsorted_indices is not None:
+        state = tuple(h.index_select(1, unsorted_indices) for h in state) if module.mode == "LSTM" else \
+            state.index_select(1, unsorted_indices)
+    return PackedSequence(packed, batch_sizes, sorted_indices, unsorted_indices), state
+
+
+def decomposed_forward(module: nn.RNNBase, input: torch.Tensor, hx=None, active=None):
     """What ``module.forward(input, hx)`` returns, computed one layer, direction and time step at a time
     from the module's weight attributes (any mode, layers, bidirectional, batch_first, proj_size,
-    dropout between layers in training, unbatched input)."""
+    dropout between layers in training, unbatched input). ``active``: a (time, batch) bool tensor for a
+    time-major input, False where a sequence has ended (its state is held; its output there is 0)."""
     mode = module.mode
     lstm = mode == "LSTM"
     if input.dim() not in (2, 3):
@@ -59,7 +95,8 @@ def decomposed_forward(module: nn.RNNBase, input: torch.Tensor, hx=None):
         outputs = []
         for direction in range(directions):
             index = layer * directions + direction
-            h, c = _run_direction(module, layer, direction, layer_input, h0[index], c0[index] if lstm else None)
+            h, c = _run_direction(module, layer, direction, layer_input, h0[index], c0[index] if lstm else None,
+                                  active)
             outputs.append(h[0])
             h_n.append(h[1])
             if lstm:
@@ -82,9 +119,10 @@ def _weights(module: nn.RNNBase, layer: int, direction: int, name: str):
     return getattr(module, name + suffix, None)
 
 
-def _run_direction(module, layer, direction, x, h, c):
-    """((outputs (T, B, out), last h), last c) of one layer and direction over the time steps of x (T, B, in).
-    Every weight read is its own attribute access, so each step's matmul is its own roast op."""
+def _run_direction(module, layer, direction, x, h, c, active=None):
+    """((outputs (T, B, out), last h), last c) of one layer and direction over the time steps of x (T, B, in),
+    holding the state of a sequence where ``active`` (T, B) is False. Every weight read is its own attribute
+    access, so each step's matmul is its own roast op."""
     mode = module.mode
     bias_ih = _weights(module, layer, direction, "bias_ih")
     bias_hh = _weights(module, layer, direction, "bias_hh")
@@ -93,6 +131,7 @@ def _run_direction(module, layer, direction, x, h, c):
     order = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
     outputs = [None] * x.shape[0]
     for t in order:
+        h_before, c_before = h, c
         gates_h = F.linear(h, _weights(module, layer, direction, "weight_hh"), bias_hh)
         if mode == "LSTM":
             i, f, g, o = (gates_x[t] + gates_h).chunk(4, -1)
@@ -111,5 +150,11 @@ def _run_direction(module, layer, direction, x, h, c):
         else:
             z = gates_x[t] + gates_h
             h = torch.tanh(z) if mode == "RNN_TANH" else torch.relu(z)
+        if active is not None:
+            step = active[t, :, None]
+            outputs[t] = h * step.to(h.dtype)
+            h = torch.where(step, h, h_before)
+            c = torch.where(step, c, c_before) if c is not None else None
+            continue
         outputs[t] = h
     return (torch.stack(outputs), h), c

@@ -95,11 +95,81 @@ def test_compressed_rnns_compile_with_every_weight_read_fused(path, monkeypatch)
     assert all(u.fused for u in uses), [u.why for u in uses if not u.fused]
 
 
-def test_packed_sequences_keep_torchs_op():
-    """A PackedSequence input runs torch's RNN op (weights materialized), compiled or not."""
+PACKED = {  # name: (module factory, lengths, enforce_sorted, with initial state)
+    "lstm-2layer-bidir-proj-batch-first-unsorted": (
+        lambda: nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=4, batch_first=True), [3, 6, 1, 4],
+        False, True),
+    "gru-2layer-bidir-sorted": (lambda: nn.GRU(5, 7, num_layers=2, bidirectional=True), [6, 4, 4, 1], True, False),
+    "rnn-relu-unsorted": (lambda: nn.RNN(5, 7, nonlinearity="relu"), [2, 5, 5], False, True),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_decomposition_equals_torchs_rnn_op_in_float64(name):
+    """A PackedSequence step by step: outputs, final states and every gradient equal torch's op's, for
+    sorted and unsorted batches, with and without an initial state (each sequence's last step is its own)."""
+    from roastfx.rnn import decomposed_packed_forward
+
+    build, lengths, enforce_sorted, with_state = PACKED[name]
+    torch.manual_seed(0)
+    module = build().double()
+    gen = torch.Generator().manual_seed(2)
+    batch, steps = len(lengths), max(lengths)
+    shape = (batch, steps, 5) if module.batch_first else (steps, batch, 5)
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first,
+                                               enforce_sorted=enforce_sorted)
+    hx = _initial_state(module, x, gen) if with_state else None
+    want_out, want_state = module(packed, hx)
+    got_out, got_state = decomposed_packed_forward(module, packed, hx)
+    assert torch.equal(got_out.batch_sizes, want_out.batch_sizes)
+    want = [want_out.data, *(want_state if isinstance(want_state, tuple) else (want_state,))]
+    got = [got_out.data, *(got_state if isinstance(got_state, tuple) else (got_state,))]
+    assert [t.shape for t in got] == [t.shape for t in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    leaves = [x, *(hx if isinstance(hx, tuple) else [hx] if hx is not None else []), *module.parameters()]
+    upstream = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in want]
+    # both graphs start from the one packing of x: keep it for the second
+    grads_want = torch.autograd.grad(sum((t * u).sum() for t, u in zip(want, upstream)), leaves, retain_graph=True)
+    grads_got = torch.autograd.grad(sum((t * u).sum() for t, u in zip(got, upstream)), leaves)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+class PackedTagger(nn.Module):
+    """Variable-length sequences packed (unsorted) around a bidirectional LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, ids, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.head(out).sum(1) + h.sum(0)[:, :5]
+
+
+def test_packed_sequences_compile_with_every_weight_read_fused(monkeypatch):
+    """A compressed LSTM fed a PackedSequence through torch.compile(backend="roast"): eager's outputs and
+    memory gradient, and every weight read a roast op (no materialized weight)."""
+    from test_fuse_roast_ops import record_uses
+
     torch._dynamo.reset()
-    model = roastfx.compress(nn.Sequential(nn.LSTM(4, 6)), "2x", init="random")
-    lstm = model[0]
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 4), torch.tensor([5, 3]))
-    out, (h, c) = lstm(packed)
-    assert isinstance(out, nn.utils.rnn.PackedSequence) and h.shape == (1, 2, 6)
+    torch.manual_seed(0)
+    model = roastfx.compress(PackedTagger(), "4x", init="random")
+    ids = torch.randint(0, 30, (3, 6), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([4, 6, 2])
+    eager = model(ids, lengths)
+    want = torch.autograd.grad(eager.square().mean(), model.roast_memory)[0]
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(ids, lengths)
+    got = torch.autograd.grad(out.square().mean(), model.roast_memory)[0]
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # per direction: 1 input projection and 6 recurrent steps (the longest sequence); the embedding; the head
+    assert len(uses) == 2 * (1 + 6) + 2, [u.why for u in uses]
+    assert all(u.fused for u in uses), [u.why for u in uses if not u.fused]
