@@ -39,7 +39,12 @@ def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None
     of the packed data: the padded form is a gather of it and the output a gather back."""
     data, batch_sizes, sorted_indices, unsorted_indices = input
     steps = batch_sizes.shape[0]
-    batch = sorted_indices.shape[0] if sorted_indices is not None else int(batch_sizes[0])
+    if sorted_indices is not None:
+        batch = sorted_indices.shape[0]
+    elif hx is not None:
+        batch = (hx[0] if module.mode == "LSTM" else hx).shape[1]
+    else:  # a value, not a shape: read outside the graph (a graph break, as the packing itself is)
+        batch = _first(batch_sizes)
     if hx is not None and sorted_indices is not None:  # torch's op takes the state in the sorted order
         hx = tuple(h.index_select(1, sorted_indices) for h in hx) if module.mode == "LSTM" else \
             hx.index_select(1, sorted_indices)
@@ -62,6 +67,11 @@ def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None
         state = tuple(h.index_select(1, unsorted_indices) for h in state) if module.mode == "LSTM" else \
             state.index_select(1, unsorted_indices)
     return PackedSequence(packed, batch_sizes, sorted_indices, unsorted_indices), state
+
+
+@torch.compiler.disable
+def _first(sizes: torch.Tensor) -> int:
+    return int(sizes[0])
 
 
 def decomposed_forward(module: nn.RNNBase, input: torch.Tensor, hx=None, active=None):

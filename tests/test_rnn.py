@@ -140,29 +140,32 @@ def test_packed_decomposition_equals_torchs_rnn_op_in_float64(name):
 class PackedTagger(nn.Module):
     """Variable-length sequences packed (unsorted) around a bidirectional LSTM."""
 
-    def __init__(self):
+    def __init__(self, enforce_sorted):
         super().__init__()
+        self.enforce_sorted = enforce_sorted
         self.emb = nn.Embedding(30, 8)
         self.lstm = nn.LSTM(8, 12, batch_first=True, bidirectional=True)
         self.head = nn.Linear(24, 5)
 
     def forward(self, ids, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
+                                                   enforce_sorted=self.enforce_sorted)
         out, (h, _) = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
         return self.head(out).sum(1) + h.sum(0)[:, :5]
 
 
-def test_packed_sequences_compile_with_every_weight_read_fused(monkeypatch):
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_packed_sequences_compile_with_every_weight_read_fused(enforce_sorted, monkeypatch):
     """A compressed LSTM fed a PackedSequence through torch.compile(backend="roast"): eager's outputs and
     memory gradient, and every weight read a roast op (no materialized weight)."""
     from test_fuse_roast_ops import record_uses
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = roastfx.compress(PackedTagger(), "4x", init="random")
+    model = roastfx.compress(PackedTagger(enforce_sorted), "4x", init="random")
     ids = torch.randint(0, 30, (3, 6), generator=torch.Generator().manual_seed(3))
-    lengths = torch.tensor([4, 6, 2])
+    lengths = torch.tensor([6, 4, 2] if enforce_sorted else [4, 6, 2])
     eager = model(ids, lengths)
     want = torch.autograd.grad(eager.square().mean(), model.roast_memory)[0]
     uses = record_uses(monkeypatch)
