@@ -18,6 +18,7 @@ from .compress import apply_plan, binding_problems
 from .module import EXTRA_STATE_KEY, MEMORY_ATTR, roast_state
 
 PLAN_KEY = "roastfx.plan"
+EXTRA_KEY = "roastfx.extra_state"  # the submodules' get_extra_state() values that are not tensors, as JSON
 FORMAT_KEY = "roastfx.format"
 FORMAT = "roastfx-safetensors-1"
 
@@ -27,11 +28,23 @@ def save(model: nn.Module, path) -> None:
     state = roast_state(model)
     if state is None:
         raise ValueError("save expects a ROAST-compressed model (call roastfx.compress first)")
-    tensors = {}
+    tensors, extra = {}, {}
     for key, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value.detach().to("cpu").contiguous().clone()
-    metadata = {PLAN_KEY: state.plan.to_json(), FORMAT_KEY: FORMAT}
+        elif key != EXTRA_STATE_KEY:  # the root's is the plan, stored on its own
+            try:
+                extra[key] = json.loads(json.dumps(value))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"cannot save {key!r}: roastfx checkpoints store extra state that JSON can hold "
+                                 f"(dicts, lists, strings, numbers), this is {type(value).__name__} ({e})") from None
+            if extra[key] != value:
+                raise ValueError(f"cannot save {key!r}: its value {value!r} does not survive JSON unchanged "
+                                 "(tuples or non-string keys); roastfx checkpoints store extra state as JSON")
+    # the plan with the dtypes the model has now (a model.double() after compress keeps its float64 memory)
+    metadata = {PLAN_KEY: state.current_plan().to_json(), FORMAT_KEY: FORMAT}
+    if extra:
+        metadata[EXTRA_KEY] = json.dumps(extra)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -60,6 +73,7 @@ def load(model_or_factory, path) -> nn.Module:
             raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors.update(json.loads((f.metadata() or {}).get(EXTRA_KEY, "{}")))
     if roast_state(model) is None:
         _check_dense_fits(model, plan, tensors)
         apply_plan(model, plan)
@@ -68,7 +82,7 @@ def load(model_or_factory, path) -> nn.Module:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     bad_shapes = [k for k in expected if k in tensors and isinstance(expected[k], torch.Tensor)
-                  and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+                  and tuple(expected[k].shape) != tuple(getattr(tensors[k], "shape", (None,)))]
     if missing or unexpected or bad_shapes:
         raise ValueError(
             f"checkpoint {path} is from another architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -89,7 +103,9 @@ def _check_dense_fits(model: nn.Module, plan: Plan, tensors: dict) -> None:
             continue
         if key not in dense_state:
             problems.append(f"{key}: not in the model")
-        elif tuple(dense_state[key].shape) != tuple(value.shape):
+        elif isinstance(dense_state[key], torch.Tensor) != isinstance(value, torch.Tensor):
+            problems.append(f"{key}: a tensor in one of the model and the checkpoint, extra state in the other")
+        elif isinstance(value, torch.Tensor) and tuple(dense_state[key].shape) != tuple(value.shape):
             problems.append(f"{key}: model {tuple(dense_state[key].shape)}, checkpoint {tuple(value.shape)}")
     for key in dense_state:
         if key not in tensors:

@@ -20,7 +20,7 @@ from roastfx.passes.plan_layout import plan_layout, seeded_int
 from roastfx.plan import SCHEMES, Plan, check_grad_scaling
 from roastfx.profiles import get_profile
 
-from .module import install, memory_dtype, roast_state
+from .module import already_compressed, dtype_name, install, memory_dtype
 
 log = logging.getLogger("roastfx")
 
@@ -62,7 +62,10 @@ def parse_compression(compression, dense_numel: int, itemsize: int) -> int:
         raise ValueError(f"compression={compression!r} ({type(compression).__name__}) is not valid; accepted: {accepted}")
     if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
         raise ValueError(f"compression={compression!r} is outside (0, 1]; accepted: {accepted}")
-    return max(1, math.ceil(dense_numel * ratio))
+    if dense_numel * ratio < 1:
+        raise ValueError(f"compression={compression!r} leaves less than one memory slot for the {dense_numel} "
+                         f"weights to compress; the most this model can be compressed is {dense_numel}x")
+    return math.ceil(dense_numel * ratio)
 
 
 def _site_scale(weight: torch.Tensor) -> float:
@@ -117,8 +120,9 @@ def compress(
         raise ValueError(f"unknown option(s) {unknown}; accepted options: {', '.join(COMPRESS_OPTIONS)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    if roast_state(model) is not None:
-        raise ValueError("this model is already ROAST-compressed (it has a roast_memory); compress a dense model")
+    why = already_compressed(model)
+    if why:
+        raise ValueError(f"cannot compress {type(model).__name__}: {why}; compress a dense model")
     if init not in INITS:
         raise ValueError(f"init={init!r} is not valid; accepted: {', '.join(INITS)}")
     if scheme not in SCHEMES:
@@ -126,13 +130,8 @@ def compress(
     check_grad_scaling(grad_scaling)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative int")
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    if isinstance(own_window, str):
-        own_window = (own_window,)
-    own_window = tuple(own_window or ())
-    if not all(isinstance(p, str) for p in own_window):
-        raise ValueError(f"own_window={own_window!r} must be name patterns (strings), e.g. ('*position_embeddings*',)")
+    exclude = _patterns("exclude", exclude)
+    own_window = _patterns("own_window", own_window)
     if own_window and scheme != "roast":
         raise ValueError(f"own_window applies to scheme='roast' (global sharing); scheme={scheme!r} already gives "
                          "every site its own window")
@@ -140,12 +139,14 @@ def compress(
     if planner not in PLANNERS:
         raise ValueError(f"planner={planner!r} is not valid; accepted: {', '.join(PLANNERS)}")
     profile = get_profile(target)
-    mem_dtype_name = options.get("memory_dtype", "float32")
-    mem_dtype = memory_dtype(mem_dtype_name)
-    itemsize = torch.empty((), dtype=mem_dtype).element_size()
+    if options.get("memory_dtype") is not None:
+        memory_dtype(options["memory_dtype"])  # a bad name fails before the model is traced
 
     specs, notes = find_sites(model, example_inputs, exclude)
     if not specs:
+        if exclude and find_sites(model, example_inputs, ())[0]:
+            raise ValueError(f"nothing to compress in {type(model).__name__}: exclude={list(exclude)!r} excludes "
+                             "every weight that feeds a matmul-like op")
         raise ValueError(
             f"nothing to compress in {type(model).__name__}: no weight feeds a matmul-like op "
             "(nn.Linear, Conv1d/2d/3d, Embedding, EmbeddingBag, MultiheadAttention, RNNs, transformers Conv1D, "
@@ -154,6 +155,14 @@ def compress(
     for n in notes:
         log.info(n)
     params = dict(model.named_parameters(remove_duplicate=False))
+    _check_trainable(specs, params)
+    weight_dtypes = {s.name: params[s.name].dtype for s in specs}
+    # the memory keeps the weights' dtype unless told otherwise (mixed dtypes: float32)
+    default_dtype = next(iter(set(weight_dtypes.values()))) if len(set(weight_dtypes.values())) == 1 \
+        else torch.float32
+    mem_dtype = memory_dtype(options.get("memory_dtype") or dtype_name(default_dtype))
+    mem_dtype_name = dtype_name(mem_dtype)
+    itemsize = torch.empty((), dtype=mem_dtype).element_size()
     dense_numel = sum(params[s.name].numel() for s in specs)
     memory_size = parse_compression(compression, dense_numel, itemsize)
     scales = {s.name: _site_scale(params[s.name]) for s in specs}
@@ -173,14 +182,45 @@ def compress(
     if own and len(own) == len(specs):
         raise ValueError("own_window matches every site: nothing would share the memory; use scheme='roast-local'")
     plan = make_plan(specs, memory_size) if not own else _plan_with_own_window(
-        specs, own, memory_size, make_plan, max(profile.alignment_elements(itemsize), options.get("alignment") or 1))
+        specs, own, memory_size, make_plan, math.lcm(profile.alignment_elements(itemsize), options.get("alignment") or 1))
     plan = dataclasses.replace(plan, grad_scaling=grad_scaling)
     memory = initial_memory(plan, params, init)
     device = params[specs[0].name].device
-    install(model, plan, memory.to(device=device, dtype=mem_dtype))
+    memory = nn.Parameter(memory.to(device=device, dtype=mem_dtype),
+                          requires_grad=any(params[s.name].requires_grad for s in specs))
+    install(model, plan, memory, weight_dtypes)
     log.info("compressed %d sites, %d dense weights into %d memory slots (%.1fx)",
              len(plan.sites), plan.dense_numel, plan.memory_size, plan.ratio)
     return model
+
+
+def _patterns(name: str, value) -> tuple[str, ...]:
+    """``exclude`` / ``own_window``: one fnmatch pattern or an iterable of them."""
+    if isinstance(value, str):
+        return (value,)
+    if value is None:
+        return ()
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} is not valid; accepted: a name pattern or a list of them, e.g. "
+                         "['classifier*', '*.pooler.*']") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{name}={value!r}: {bad[0]!r} is not a name pattern; accepted: strings (fnmatch "
+                         "patterns over parameter and module names), e.g. ['classifier*']")
+    return patterns
+
+
+def _check_trainable(specs, params: dict) -> None:
+    """All compressed weights trainable or all frozen: they share one memory, which is trainable or not."""
+    frozen = [s.name for s in specs if not params[s.name].requires_grad]
+    if frozen and len(frozen) < len(specs):
+        raise ValueError(
+            f"{len(frozen)} of the {len(specs)} weights to compress are frozen (requires_grad=False: "
+            f"{frozen[:4]}{' ...' if len(frozen) > 4 else ''}) and the others are not; they would share one "
+            "memory, which can only be trainable or frozen as a whole. Exclude the frozen ones "
+            "(exclude=[...]), or set the same requires_grad on all of them before compressing")
 
 
 def _plan_with_own_window(specs, own, memory_size: int, make_plan, align: int) -> Plan:
@@ -222,13 +262,15 @@ def binding_problems(params: dict, plan: Plan) -> list[str]:
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Make a dense ``model`` ROAST-backed with a given plan (memory left at zero)."""
-    if roast_state(model) is not None:
-        raise ValueError("this model is already ROAST-compressed; apply a plan to a dense model")
     params = dict(model.named_parameters(remove_duplicate=False))
     problems = binding_problems(params, plan)
     if problems:
         raise ValueError("the plan was made for another architecture: " + "; ".join(problems[:10]))
+    why = already_compressed(model)
+    if why:
+        raise ValueError(f"cannot apply a plan to {type(model).__name__}: {why}; apply it to a dense model")
     device = params[plan.sites[0].name].device
     memory = torch.zeros(plan.memory_size, dtype=memory_dtype(plan.memory_dtype), device=device)
-    install(model, plan, memory)
+    # the weights are read in this model's dtypes, as its other parameters are (load_state_dict keeps them too)
+    install(model, plan, memory, {s.name: params[s.name].dtype for s in plan.sites})
     return model

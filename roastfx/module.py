@@ -8,7 +8,9 @@ reference path; the dense tensor is deleted.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -42,11 +44,15 @@ class RoastState:
     (``roast_memory``), so containers such as ``nn.Sequential`` keep their children.
     """
 
-    def __init__(self, root: nn.Module, plan: Plan):
+    def __init__(self, root: nn.Module, plan: Plan, compute_dtypes: dict[str, torch.dtype] | None = None):
         self.root = root
         self.plan = plan
         self._sites = {s.name: s for s in plan.sites}
         self._args = {s.name: ops.mapping_args(s.mapping) for s in plan.sites}
+        # the dtype each site's weight is read in: its dense weight's, then whatever model.to / .double() /
+        # .half() make of it (root's _apply); the memory keeps its own dtype (e.g. float32 under bf16 weights)
+        self.compute_dtypes = {s.name: (compute_dtypes or {}).get(s.name, _DTYPES.get(s.dtype, torch.float32))
+                               for s in plan.sites}
 
     @property
     def memory(self) -> nn.Parameter:
@@ -57,7 +63,25 @@ class RoastState:
         site, args = self._sites[site_name], self._args[site_name]
         view = ops.materialize(self.memory, args, site.scale)
         view = scale_site_grad(view, self.plan.grad_scaling)
-        return view_to_weight(view, site.shape, site.transposed)
+        weight = view_to_weight(view, site.shape, site.transposed)
+        dtype = self.compute_dtypes[site_name]
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
+    def current_plan(self) -> Plan:
+        """The plan with the dtypes the model has now (memory and weights), which ``.to()`` may have changed."""
+        names = {v: k for k, v in _DTYPES.items()}
+        sites = tuple(dataclasses.replace(s, dtype=names.get(self.compute_dtypes[s.name], s.dtype))
+                      for s in self.plan.sites)
+        return dataclasses.replace(self.plan, sites=sites,
+                                   memory_dtype=names.get(self.memory.dtype, self.plan.memory_dtype))
+
+    def follow_conversion(self, fn) -> None:
+        """After ``root._apply(fn)`` (model.to, .double(), .half(), ...): each site's weight dtype becomes what
+        ``fn`` makes of a tensor of its old dtype, as it did for every dense parameter."""
+        for name, dtype in self.compute_dtypes.items():
+            converted = fn(torch.empty(0, dtype=dtype))
+            if isinstance(converted, torch.Tensor) and converted.is_floating_point():
+                self.compute_dtypes[name] = converted.dtype
 
     def replace_plan(self, plan: Plan) -> None:
         ours = [(s.name, s.shape) for s in self.plan.sites]
@@ -73,7 +97,34 @@ class RoastState:
 
 
 def _root_get_extra_state(self):
-    return {"plan": self.__dict__["_roast_state"].plan.to_json()}
+    return {"plan": self.__dict__["_roast_state"].current_plan().to_json()}
+
+
+def _root_apply(self, fn, *args, **kwargs):
+    out = type(self)._roast_base_class._apply(self, fn, *args, **kwargs)
+    self.__dict__["_roast_state"].follow_conversion(fn)
+    return out
+
+
+def _reset_parameters(self, *args, **kwargs):
+    sites = self.__dict__.get("_roast_sites", {})
+    raise RuntimeError(
+        f"{type(self)._roast_base_class.__name__}.reset_parameters: {sorted(sites)} are ROAST-compressed (sites "
+        f"{sorted(sites.values())}); their values are computed from the model's shared roast_memory, which this "
+        "method cannot re-initialize. Re-initialize the memory (model.roast_memory) or compress a freshly "
+        "initialized dense model (roastfx.compress(..., init='random'))")
+
+
+def _new_roast_module(base: type, attrs: tuple[str, ...], root: bool):
+    """Unpickling: an empty instance of the roast subclass, rebuilt by name from its dense base class."""
+    cls = roast_subclass(base, attrs, root)
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self, protocol):
+    """Pickle (torch.save of a whole model, multiprocessing) by the dense base class, which is importable."""
+    cls = type(self)
+    return _new_roast_module, (cls._roast_base_class, cls._roast_attrs, cls._roast_root), self.__getstate__()
 
 
 def _root_set_extra_state(self, state):
@@ -81,11 +132,28 @@ def _root_set_extra_state(self, state):
 
 
 _SUBCLASSES: dict[tuple, type] = {}
+_ROOTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # every live compressed model
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward turns a sparse gradient dense: an Embedding(sparse=True) gives its weight a
+    sparse gradient, but the weight is computed from the shared memory, whose gradient is dense."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to_dense() if grad.is_sparse else grad
 
 
 def _roast_property(attr: str):
     def get(self):
-        return self.__dict__["_roast_state"].weight(self.__dict__["_roast_sites"][attr])
+        weight = self.__dict__["_roast_state"].weight(self.__dict__["_roast_sites"][attr])
+        if self.__dict__.get("sparse") is True and weight.requires_grad:
+            weight = _DenseGrad.apply(weight)
+        return weight
 
     def set_(self, value):
         raise AttributeError(
@@ -120,6 +188,11 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
             namespace["get_extra_state"] = _root_get_extra_state
             namespace["set_extra_state"] = _root_set_extra_state
         namespace["_roast_base_class"] = cls
+        namespace.update(_roast_attrs=attrs, _roast_root=root, __reduce_ex__=_reduce_ex)
+        if root:
+            namespace["_apply"] = _root_apply
+        if attrs and callable(getattr(cls, "reset_parameters", None)):
+            namespace["reset_parameters"] = _reset_parameters
         if issubclass(cls, nn.RNNBase):
             # RNNs keep a list of their weights; recompute it from the properties on each access
             namespace["_flat_weights"] = property(_rnn_flat_weights, lambda self, v: None)
@@ -129,29 +202,33 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
     return _SUBCLASSES[key]
 
 
-def install(model: nn.Module, plan: Plan, memory: torch.Tensor) -> RoastState:
-    """Make ``model`` ROAST-backed: add the memory, swap classes, free the dense weights."""
+def install(model: nn.Module, plan: Plan, memory: torch.Tensor,
+            compute_dtypes: dict[str, torch.dtype] | None = None) -> RoastState:
+    """Make ``model`` ROAST-backed: add the memory, swap classes, free the dense weights. ``compute_dtypes``:
+    the dtype each site's weight is read in (default: the plan's site dtypes)."""
     if memory.shape != (plan.memory_size,):
         raise ValueError(f"memory has shape {tuple(memory.shape)}, the plan needs ({plan.memory_size},)")
     if type(model).get_extra_state is not nn.Module.get_extra_state:
         raise ValueError(f"{type(model).__name__} defines get_extra_state; roastfx needs it to store the plan")
     modules = dict(model.named_modules(remove_duplicate=False))
-    state = RoastState(model, plan)
-    per_module: dict[str, dict[str, str]] = {name: {} for name in ("",)}
+    state = RoastState(model, plan, compute_dtypes)
+    # per module object (one registered under several names is one module), its compressed attributes
+    per_module: dict[int, tuple[nn.Module, dict[str, str]]] = {id(model): (model, {})}
     for site in plan.sites:
         for binding in site.bindings:
             mod_path, _, attr = binding.rpartition(".")
-            per_module.setdefault(mod_path, {})[attr] = site.name
-    for mod_path, attrs in per_module.items():
-        module = modules[mod_path]
+            module = modules[mod_path]
+            per_module.setdefault(id(module), (module, {}))[1][attr] = site.name
+    for module, attrs in per_module.values():
         for attr in attrs:
             if attr in module._parameters:
                 del module._parameters[attr]
         module.__dict__["_roast_state"] = state
         module.__dict__["_roast_sites"] = dict(attrs)
-        module.__class__ = roast_subclass(module.__class__, tuple(sorted(attrs)), root=mod_path == "")
-    model.register_parameter(MEMORY_ATTR, nn.Parameter(memory))
-    if any(type(modules[p])._roast_base_class in rnn.DECOMPOSED for p in per_module):
+        module.__class__ = roast_subclass(module.__class__, tuple(sorted(attrs)), root=module is model)
+    model.register_parameter(MEMORY_ATTR, memory if isinstance(memory, nn.Parameter) else nn.Parameter(memory))
+    _ROOTS.add(model)
+    if any(type(m)._roast_base_class in rnn.DECOMPOSED for m, _ in per_module.values()):
         _trace_rnns()
     return state
 
@@ -167,12 +244,34 @@ def _trace_rnns() -> None:
                  "RNN modules step by step")
 
 
+def already_compressed(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be compressed again (None if it can): it, a module inside it, or a model that
+    contains it is ROAST-compressed already (two memories in one model would not load back)."""
+    if roast_state(model) is not None:
+        return "this model is already ROAST-compressed (it has a roast_memory)"
+    for path, module in model.named_modules():
+        if path and isinstance(module.__dict__.get("_roast_state"), RoastState):
+            return f"its submodule {path!r} belongs to a ROAST-compressed model"
+    for root in list(_ROOTS):
+        if root is not model and roast_state(root) is not None and any(m is model for m in root.modules()):
+            return f"it is inside a ROAST-compressed {type(root)._roast_base_class.__name__} (excluded from its compression)"
+    return None
+
+
 def roast_state(model: nn.Module) -> RoastState | None:
     state = model.__dict__.get("_roast_state") if isinstance(model, nn.Module) else None
     return state if isinstance(state, RoastState) and state.root is model else None
 
 
-def memory_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"memory dtype {name!r} not supported; accepted: {', '.join(_DTYPES)}")
+def memory_dtype(name) -> torch.dtype:
+    """The torch dtype of a memory dtype given by name ("float32") or as a torch.dtype."""
+    if isinstance(name, torch.dtype) and name in _DTYPES.values():
+        return name
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise ValueError(f"memory_dtype={name!r} is not supported; accepted: {', '.join(_DTYPES)} "
+                         "(by name or as the torch dtype)")
     return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]

@@ -44,7 +44,7 @@ def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None
     elif hx is not None:
         batch = (hx[0] if module.mode == "LSTM" else hx).shape[1]
     else:  # a value, not a shape: read outside the graph (a graph break, as the packing itself is)
-        batch = _first(batch_sizes)
+        batch = torch.compiler.disable(_first)(batch_sizes)  # (not at import: that would import triton)
     if hx is not None and sorted_indices is not None:  # torch's op takes the state in the sorted order
         hx = tuple(h.index_select(1, sorted_indices) for h in hx) if module.mode == "LSTM" else \
             hx.index_select(1, sorted_indices)
@@ -69,7 +69,6 @@ def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None
     return PackedSequence(packed, batch_sizes, sorted_indices, unsorted_indices), state
 
 
-@torch.compiler.disable
 def _first(sizes: torch.Tensor) -> int:
     return int(sizes[0])
 

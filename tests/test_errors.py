@@ -25,7 +25,14 @@ from helpers import MLP, assert_unchanged, snapshot
     ({"tile": (0, 4)}, r"tile must be two positive ints"),
     ({"alignment": -2}, r"alignment must be a positive int"),
     ({"seed": -1}, r"seed=-1 must be a non-negative int"),
-    ({"memory_dtype": "int8"}, r"memory dtype 'int8' not supported; accepted: float32"),
+    ({"memory_dtype": "int8"}, r"memory_dtype='int8' is not supported; accepted: float32"),
+    ({"memory_dtype": torch.int8}, r"memory_dtype=torch.int8 is not supported; accepted: float32"),
+    ({"compression": "1000000x"}, r"compression='1000000x' leaves less than one memory slot for the 25856 weights to "
+                                  r"compress; the most this model can be compressed is 25856x"),
+    ({"exclude": ["*"]}, r"exclude=\['\*'\] excludes every weight that feeds a matmul-like op"),
+    ({"exclude": [1]}, r"exclude=\[1\]: 1 is not a name pattern; accepted: strings"),
+    ({"exclude": 3}, r"exclude=3 is not valid; accepted: a name pattern or a list of them"),
+    ({"own_window": [None]}, r"own_window=\[None\]: None is not a name pattern"),
 ])
 def test_bad_compress_arguments(kwargs, match):
     model = MLP()
@@ -49,6 +56,36 @@ def test_weight_that_cannot_be_tiled():
     with pytest.raises(ValueError, match=r"site '1.weight' has shape \(0, 8\): an empty weight cannot be tiled"):
         roastfx.compress(model, 0.5)
     assert_unchanged(model, snap)
+
+
+def test_compressing_a_model_that_holds_or_sits_in_a_compressed_one_is_an_error():
+    """Two memories in one model could not be saved and loaded back: refused, nothing changed."""
+    inner = roastfx.compress(MLP(), "10x")
+    outer = nn.Sequential(inner, nn.Linear(10, 4))
+    snap = snapshot(outer)
+    with pytest.raises(ValueError, match=r"cannot compress Sequential: its submodule '0' belongs to a ROAST-compressed"):
+        roastfx.compress(outer, "2x")
+    assert_unchanged(outer, snap)
+    model = roastfx.compress(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), "2x", exclude=["1.*"])
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot compress Linear: it is inside a ROAST-compressed Sequential"):
+        roastfx.compress(model[1], "2x")
+    with pytest.raises(ValueError, match=r"cannot apply a plan to Linear: it is inside a ROAST-compressed"):
+        roastfx.apply_plan(model[1], roastfx.compress(nn.Linear(8, 4), "2x").__dict__["_roast_state"].plan)
+    assert_unchanged(model, snap)
+
+
+def test_partly_frozen_weights_are_an_error():
+    """The sites share one memory, trainable or not as a whole: a mix of frozen and trainable weights is
+    refused (naming the frozen ones) rather than silently trained."""
+    model = MLP()
+    model.fc1.weight.requires_grad_(False)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"1 of the 3 weights to compress are frozen \(requires_grad=False: "
+                                         r"\['fc1.weight'\]\).*exclude=\[...\]"):
+        roastfx.compress(model, "10x")
+    assert_unchanged(model, snap)
+    assert not model.fc1.weight.requires_grad
 
 
 def test_compress_twice_is_an_error():

@@ -50,6 +50,21 @@ def test_own_window_errors_are_clear_and_leave_the_model_alone():
         roastfx.compress(model, "10x", scheme="roast-local", own_window=("*position*",))
     with pytest.raises(ValueError, match="matches every site"):
         roastfx.compress(model, "10x", own_window=("*",))
-    with pytest.raises(ValueError, match="name patterns"):
+    with pytest.raises(ValueError, match=r"own_window=\(3,\): 3 is not a name pattern"):
         roastfx.compress(model, "10x", own_window=(3,))
     assert roastfx.roast_state(model) is None and isinstance(model.word.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("compression", ["3x", "5x", "7x"])
+def test_own_window_with_an_alignment_that_is_not_the_cache_line(compression):
+    """alignment=3 (not a divisor of the 16-element cache line): the own window still starts on a multiple
+    of both, and every site's slots stay inside its window."""
+    model = roastfx.compress(Tiny(), compression, own_window="*position*", alignment=3)
+    plan = roastfx.roast_state(model).plan
+    own = plan.site("position.weight").mapping
+    assert own.window_start % 3 == 0 and own.window_start % 16 == 0
+    for site in plan.sites:
+        index, _ = site.mapping.full_index()
+        m = site.mapping
+        assert m.window_start <= int(index.min()) and int(index.max()) < m.window_start + m.window_size
+        assert (m.window_start + m.window_size <= own.window_start) == (site.name != "position.weight")

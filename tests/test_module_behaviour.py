@@ -1,0 +1,199 @@
+"""A compressed model still behaves as the torch module it was: pickling, a module registered under two
+names, dtypes (the model's own, conversions after compressing, a memory in another dtype), sparse
+embeddings, frozen weights, submodules' extra state in checkpoints, reset_parameters."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import roastfx
+from helpers import MLP, dense_weight_from_docs
+
+
+def _site_weights_from_docs(model):
+    state = roastfx.roast_state(model)
+    return {s.name: dense_weight_from_docs(model.roast_memory, s) for s in state.plan.sites}
+
+
+def test_whole_model_pickles_and_torch_saves():
+    """torch.save / pickle of the whole compressed model (not only its state_dict) give back a model with the
+    same memory, plan and outputs, still compressed, independent of the original."""
+    torch.manual_seed(0)
+    model = roastfx.compress(MLP(20, 24, 5), "4x", init="random")
+    x = torch.randn(3, 20)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    again = pickle.loads(pickle.dumps(model))
+    for other in (loaded, again):
+        assert type(other) is type(model) and type(other.fc1) is type(model.fc1)
+        assert "weight" not in other.fc1._parameters
+        assert roastfx.roast_state(other).plan == roastfx.roast_state(model).plan
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+        with torch.no_grad():
+            other.roast_memory.add_(1.0)
+        assert not torch.equal(other(x), model(x))  # its own memory
+    copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+
+
+def test_module_registered_under_two_names():
+    """One nn.Linear at two places of a Sequential (and one GRU twice) is one site; eval()/train() and
+    attribute assignment work, and the outputs equal the weights rebuilt from docs/mapping.md."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    model = roastfx.compress(nn.Sequential(lin, nn.ReLU(), lin), "2x", init="random")
+    assert [c.__name__ for c in type(lin).__mro__[:3]] == ["RoastLinear", "Linear", "Module"]
+    model.eval()
+    model.train()
+    lin.some_attribute = 3
+    w = _site_weights_from_docs(model)["0.weight"]
+    x = torch.randn(4, 8, dtype=torch.float64)
+    h = torch.relu(x @ w.t() + lin.bias.double())
+    torch.testing.assert_close(model(x.float()).double(), h @ w.t() + lin.bias.double(), rtol=1e-5, atol=1e-6)
+    gru = nn.GRU(6, 6)
+    rnn = roastfx.compress(nn.Sequential(gru, gru), "2x")
+    out, h_n = rnn[0](torch.randn(3, 2, 6))
+    assert out.shape == (3, 2, 6) and h_n.shape == (1, 2, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_dtype_is_kept(dtype):
+    """A float64 or bfloat16 model compresses into a memory of its dtype, and its weights read in it."""
+    torch.manual_seed(0)
+    model = roastfx.compress(nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype), "2x")
+    assert model.roast_memory.dtype == dtype and model[0].weight.dtype == dtype
+    plan = roastfx.roast_state(model).plan
+    assert plan.memory_dtype == str(dtype).removeprefix("torch.")
+    x = torch.randn(5, 16, dtype=dtype)
+    w = _site_weights_from_docs(model)
+    want = torch.tanh(x.double() @ w["0.weight"].t() + model[0].bias.double()) @ w["2.weight"].t() \
+        + model[2].bias.double()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(model(x).double(), want, **tol)
+
+
+def test_memory_in_another_dtype_reads_weights_in_the_models():
+    """memory_dtype='float32' under a bfloat16 model: fp32 master memory, bf16 weights; the memory's gradient
+    is the bf16 weights' gradient carried back to fp32 (cast, then the per-slot sum)."""
+    torch.manual_seed(0)
+    model = roastfx.compress(nn.Linear(24, 12).bfloat16(), "3x", memory_dtype="float32", init="random")
+    assert model.roast_memory.dtype == torch.float32 and model.weight.dtype == torch.bfloat16
+    x = torch.randn(7, 24, dtype=torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    memory = model.roast_memory.detach().clone().requires_grad_()
+    site = roastfx.roast_state(model).plan.sites[0]
+    from roastfx.codegen.reference import materialize, view_to_weight
+
+    weight = view_to_weight(materialize(memory, site.mapping, site.scale), site.shape, site.transposed)
+    torch.nn.functional.linear(x, weight.to(torch.bfloat16), model.bias).float().square().sum().backward()
+    torch.testing.assert_close(model.roast_memory.grad, memory.grad, rtol=0, atol=0)
+
+
+def test_conversions_after_compressing_follow_the_model():
+    """model.double() / .half() after compress convert the memory and the weights' dtype together, and a
+    checkpoint of the converted model keeps its dtype (nothing truncated on load)."""
+    torch.manual_seed(0)
+    model = roastfx.compress(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)), "2x").double()
+    assert model[0].weight.dtype == torch.float64 and model.roast_memory.dtype == torch.float64
+    with torch.no_grad():
+        model.roast_memory.copy_(torch.randn(model.roast_memory.shape, dtype=torch.float64))
+    x = torch.randn(4, 16, dtype=torch.float64)
+    assert model(x).dtype == torch.float64
+    state = model.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    model.half()
+    assert model[2].weight.dtype == torch.float16 and model(x.half()).dtype == torch.float16
+    model.double()
+    model.load_state_dict(state)
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_checkpoint_of_a_converted_model_keeps_its_memory_dtype(tmp_path):
+    model = roastfx.compress(nn.Linear(16, 8), "2x").double()
+    with torch.no_grad():
+        model.roast_memory.copy_(torch.randn(model.roast_memory.shape, dtype=torch.float64))
+    roastfx.save(model, tmp_path / "m.safetensors")
+    assert roastfx.read_plan(tmp_path / "m.safetensors").memory_dtype == "float64"
+    loaded = roastfx.load(lambda: nn.Linear(16, 8).double(), tmp_path / "m.safetensors")
+    assert loaded.roast_memory.dtype == torch.float64
+    assert torch.equal(loaded.roast_memory, model.roast_memory)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("build,inputs", [
+    (lambda sparse: nn.Embedding(20, 8, sparse=sparse), lambda: (torch.tensor([[1, 2, 3], [3, 3, 19]]),)),
+    (lambda sparse: nn.EmbeddingBag(20, 8, sparse=sparse, mode="sum"),
+     lambda: (torch.tensor([1, 2, 3, 3, 3, 19]), torch.tensor([0, 2]))),
+])
+def test_sparse_embeddings_give_the_memory_a_dense_gradient(build, inputs):
+    """sparse=True: the weight's sparse gradient reaches the shared memory as the same dense gradient that
+    sparse=False gives."""
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = roastfx.compress(build(sparse), "2x", init="random")
+        (model(*inputs()) ** 2).sum().backward()
+        assert model.roast_memory.grad.layout == torch.strided
+        grads.append(model.roast_memory.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_all_frozen_weights_give_a_frozen_memory():
+    model = MLP(12, 16, 4).requires_grad_(False)
+    roastfx.compress(model, "4x")
+    assert not model.roast_memory.requires_grad
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_reset_parameters_of_a_compressed_module_is_an_error():
+    """reset_parameters cannot re-initialize a weight that is computed from the shared memory; it says so
+    rather than resetting the bias alone."""
+    model = roastfx.compress(MLP(12, 16, 4), "4x")
+    bias = model.fc1.bias.detach().clone()
+    with pytest.raises(RuntimeError, match=r"Linear.reset_parameters: \['weight'\] are ROAST-compressed .*roast_memory"):
+        model.fc1.reset_parameters()
+    assert torch.equal(model.fc1.bias, bias)
+
+
+class Tagged(nn.Module):
+    """A submodule with (JSON-able) extra state."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.tag = {"version": 1, "labels": ["a", "b"]}
+
+    def get_extra_state(self):
+        return self.tag
+
+    def set_extra_state(self, state):
+        self.tag = state
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_checkpoint_keeps_submodules_extra_state(tmp_path):
+    model = roastfx.compress(nn.Sequential(Tagged(), nn.Linear(8, 4)), "2x")
+    model[0].tag = {"version": 2, "labels": ["c"]}
+    roastfx.save(model, tmp_path / "m.safetensors")
+    loaded = roastfx.load(lambda: nn.Sequential(Tagged(), nn.Linear(8, 4)), tmp_path / "m.safetensors")
+    assert loaded[0].tag == {"version": 2, "labels": ["c"]}
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    model[0].tag = object()
+    with pytest.raises(ValueError, match=r"cannot save '0._extra_state': roastfx checkpoints store extra state "
+                                         r"that JSON can hold"):
+        roastfx.save(model, tmp_path / "bad.safetensors")
+    model[0].tag = (1, 2)
+    with pytest.raises(ValueError, match=r"'0._extra_state': its value \(1, 2\) does not survive JSON unchanged"):
+        roastfx.save(model, tmp_path / "bad.safetensors")
