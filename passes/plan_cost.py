@@ -150,7 +150,8 @@ def plan_with_cost_model(
     line_elements = profile.alignment_elements(mem_itemsize)
 
     graph = execution_graph(specs, order)
-    windows = dict(zip((s.name for s in specs), site_windows(specs, memory_size, scheme, alignment or line_elements)))
+    windows = site_windows(specs, memory_size, scheme, alignment or line_elements, fixed=alignment is not None)
+    windows = dict(zip((s.name for s in specs), windows))
     chosen: dict[tuple, tuple[int, int, int]] = {}
     sites = {}
     names = list(nx.topological_sort(graph))

@@ -104,7 +104,7 @@ def plan_layout(
     if scheme == "hashednet":
         tile, alignment = (1, 1), 1
 
-    windows = site_windows(specs, memory_size, scheme, alignment or cache_line)
+    windows = site_windows(specs, memory_size, scheme, alignment or cache_line, fixed=alignment is not None)
     sites = []
     for spec, (start, size) in zip(specs, windows):
         rows, cols = view_shape(spec)
@@ -137,17 +137,23 @@ def make_site(spec: SiteSpec, scale: float, seed: int, tile: tuple[int, int], al
     return Site(spec.name, spec.bindings, spec.shape, spec.op, spec.transposed, spec.dtype, float(scale), mapping)
 
 
-def site_windows(specs, memory_size: int, scheme: str, align: int) -> list[tuple[int, int]]:
+def site_windows(specs, memory_size: int, scheme: str, align: int, fixed: bool = False) -> list[tuple[int, int]]:
     """(start, size) of the memory region each site's tiles may land in.
 
     Local schemes split the memory in aligned units: every site gets at least one
     unit, the rest go by its share of the dense weights (largest remainders first),
     and the last site also takes the slots past the last whole unit. The unit
-    halves when the memory has fewer whole units than sites.
+    halves when the memory has fewer whole units than sites, unless it is an alignment the
+    user asked for (``fixed``).
     """
     if scheme == "roast":
         return [(0, memory_size)] * len(specs)
     align = 1 if scheme == "hashednet" else max(1, align)
+    if fixed and scheme != "hashednet" and memory_size // align < len(specs):
+        raise ValueError(
+            f"memory of {memory_size} slots cannot give {len(specs)} sites a window each aligned to alignment={align} "
+            f"under scheme {scheme!r} (that needs {len(specs) * align} slots); lower the alignment, raise the budget "
+            "or use scheme='roast' (global sharing)")
     while align > 1 and memory_size // align < len(specs):
         align //= 2
     units = memory_size // align

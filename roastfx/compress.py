@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import re
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ def parse_compression(compression, dense_numel: int, itemsize: int) -> int:
         raise ValueError(f"compression={compression!r} is not valid; accepted: {accepted}")
     if isinstance(compression, (int, float)):
         ratio = float(compression)
+        exact = Fraction(repr(ratio)) if math.isfinite(ratio) else None  # the decimal the user wrote
     elif isinstance(compression, str):
         text = compression.strip().lower().replace(" ", "")
         m_factor = re.fullmatch(r"([0-9]*\.?[0-9]+)x", text)
@@ -46,6 +48,7 @@ def parse_compression(compression, dense_numel: int, itemsize: int) -> int:
             if factor < 1:
                 raise ValueError(f"compression={compression!r}: a factor must be >= 1x; accepted: {accepted}")
             ratio = 1.0 / factor
+            exact = 1 / Fraction(m_factor.group(1))
         elif m_bytes:
             slots = int(float(m_bytes.group(1)) * _UNITS[m_bytes.group(2)]) // itemsize
             if slots < 1:
@@ -65,7 +68,7 @@ def parse_compression(compression, dense_numel: int, itemsize: int) -> int:
     if dense_numel * ratio < 1:
         raise ValueError(f"compression={compression!r} leaves less than one memory slot for the {dense_numel} "
                          f"weights to compress; the most this model can be compressed is {dense_numel}x")
-    return math.ceil(dense_numel * ratio)
+    return math.ceil(dense_numel * exact)  # exact: "300x" of 2100 weights is 7 slots, not ceil(7.000000001)
 
 
 def _site_scale(weight: torch.Tensor) -> float:

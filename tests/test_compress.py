@@ -32,6 +32,20 @@ def test_trainable_count_matches_budget(compression, expected):
     assert model.roast_memory.numel() == roastfx.roast_state(model).plan.memory_size
 
 
+def test_factor_and_ratio_give_exactly_the_ceiling_of_the_division():
+    """"300x" of 2,100 weights is 7 slots (2100/300 = 7 exactly; 1/300 in floating point made it 8), "191x" of
+    191,000 is 1,000, a ratio 0.01 of 300 is 3: the ceiling of the exact quotient, for every factor."""
+    from roastfx.compress import parse_compression
+
+    assert parse_compression("300x", 2100, 4) == 7
+    assert parse_compression("191x", 191000, 4) == 1000
+    assert parse_compression(0.01, 300, 4) == 3
+    assert parse_compression("2.5x", 10, 4) == 4
+    for n in (2100, 191000, 12345):
+        assert all(parse_compression(f"{f}x", n, 4) == -(-n // f) for f in range(1, 2001))
+        assert all(parse_compression(k / 1000, n, 4) == -(-n * k // 1000) for k in range(1, 1001))
+
+
 def test_byte_budget():
     model = MLP()
     roastfx.compress(model, "2KB")

@@ -29,6 +29,11 @@ from helpers import MLP, assert_unchanged, snapshot
     ({"memory_dtype": torch.int8}, r"memory_dtype=torch.int8 is not supported; accepted: float32"),
     ({"compression": "1000000x"}, r"compression='1000000x' leaves less than one memory slot for the 25856 weights to "
                                   r"compress; the most this model can be compressed is 25856x"),
+    ({"compression": "1000x", "scheme": "roast-local", "alignment": 16},
+     r"memory of 26 slots cannot give 3 sites a window each aligned to alignment=16 under scheme 'roast-local' "
+     r"\(that needs 48 slots\)"),
+    ({"compression": "1000x", "scheme": "roast-local", "alignment": 16, "planner": "cost"},
+     r"cannot give 3 sites a window each aligned to alignment=16"),
     ({"exclude": ["*"]}, r"exclude=\['\*'\] excludes every weight that feeds a matmul-like op"),
     ({"exclude": [1]}, r"exclude=\[1\]: 1 is not a name pattern; accepted: strings"),
     ({"exclude": 3}, r"exclude=3 is not valid; accepted: a name pattern or a list of them"),
