@@ -104,6 +104,16 @@ def _shared(read, op: str) -> str | None:
     return f"{op}: the rebuilt weight has other users"
 
 
+def _cast_problem(read, x, op: str) -> str | None:
+    """Why a read cast to another dtype cannot fold into a roast op over ``x`` (which computes in x's dtype)."""
+    if read.cast is None:
+        return None
+    val = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor) and val.dtype == read.cast:
+        return None
+    return f"{op} reads the weight cast to {read.cast}, but its input is {getattr(val, 'dtype', 'not a tensor')}"
+
+
 def _norm_kwargs(read) -> dict:
     return {"grad_norm": True} if read.grad_norm else {}
 
@@ -135,6 +145,8 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{op} broadcasts the weight over dims that x does not have")
     if op == "addmm" and (bias is None or example_shape(bias) is None or len(example_shape(bias)) != 1):
         return SiteUse(node.name, False, "addmm whose added term is not a bias vector")
+    if _cast_problem(read, x, op):
+        return SiteUse(node.name, False, _cast_problem(read, x, op))
     # x @ B with B = W or W^T, and W = V or V^T: roast_linear computes x @ V, or x @ V^T when flipped
     flip = read.transposed != b_is_weight_t
     memory, mapping, scale = read.materialize.args
@@ -180,6 +192,8 @@ def _fuse_conv(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"conv{dims}d weight {read.shape} is not the site's V^T reshaped")
     if _shared(read, f"conv{dims}d"):
         return SiteUse(node.name, False, _shared(read, f"conv{dims}d"))
+    if _cast_problem(read, node.args[0], f"conv{dims}d"):
+        return SiteUse(node.name, False, _cast_problem(read, node.args[0], f"conv{dims}d"))
     kernel = list(read.shape[2:])
     stride = _per_dim(_arg(node, 3, "stride", 1), dims)
     dilation = _per_dim(_arg(node, 5, "dilation", 1), dims)
@@ -210,6 +224,8 @@ def _fuse_conv_transpose(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{name} weight {read.shape} is not the site's V reshaped")
     if _shared(read, name):
         return SiteUse(node.name, False, _shared(read, name))
+    if _cast_problem(read, node.args[0], name):
+        return SiteUse(node.name, False, _cast_problem(read, node.args[0], name))
     groups = int(_arg(node, 6, "groups", 1))
     kernel = list(read.shape[2:])
     conv = [_per_dim(_arg(node, i, key, default), dims)
@@ -271,6 +287,8 @@ def _fuse_embedding(graph, node) -> SiteUse | None:
     with graph.inserting_before(node):
         rows = graph.call_function(torch.ops.roastfx.roast_embedding.default,
                                    (ids, memory, list(mapping), scale, padding_idx), _norm_kwargs(read))
+        if read.cast is not None:  # the rows of the cast table are the cast rows
+            rows = graph.call_method("to", (rows, read.cast))
         fused = rows
         if bag:
             from roastfx.codegen.ops import embedding_bag_of_rows
@@ -307,6 +325,8 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
         why = "nn.MultiheadAttention whose in and out projections are not both plain reads of compressed weights"
     elif any(_shared(r, "nn.MultiheadAttention") for r in reads.values()):
         why = " / ".join(filter(None, (_shared(r, "nn.MultiheadAttention") for r in reads.values())))
+    elif any(r.cast is not None for r in reads.values()):
+        why = "nn.MultiheadAttention whose weights are read cast to another dtype is not decomposed"
     elif reads["in_proj_weight"].materialize.args[0] is not reads["out_proj_weight"].materialize.args[0]:
         why = "nn.MultiheadAttention whose projections read different memories"
     elif reads["in_proj_weight"].grad_norm and not a["query"] is a["key"] is a["value"]:
@@ -348,6 +368,8 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
         why = "nn.TransformerEncoderLayer fast path whose four weights are not all plain reads of compressed weights"
     elif any(len(n.users) > 1 for r in reads.values() for n in r.chain):
         why = "nn.TransformerEncoderLayer fast path: a rebuilt weight has other users"
+    elif any(r.cast is not None for r in reads.values()):
+        why = "nn.TransformerEncoderLayer fast path whose weights are read cast to another dtype is not decomposed"
     elif any(r.grad_norm for r in reads.values()):  # the fast path runs without gradients: not seen in practice
         why = "nn.TransformerEncoderLayer fast path with grad_scaling='site' weights is not decomposed"
     elif len({r.materialize.args[0] for r in reads.values()}) != 1:

@@ -4,7 +4,9 @@ In dynamo's graph of a compressed model a weight is ``roastfx::materialize``
 (the site's B view V, (rows, cols)) followed by ops that rebuild the dense
 weight: reshape/view, t/transpose/permute, expand/unsqueeze; with
 ``grad_scaling="site"`` also ``roastfx::site_grad_norm`` (identity forward; its
-backward divides the view's gradient by its RMS). ``weight_read`` replays that
+backward divides the view's gradient by its RMS); and a cast ``.to(dtype)`` where the
+weight is read in another dtype than the memory's (``memory_dtype="float32"`` under a
+bfloat16 model), which a roast op computing in its input's dtype does itself. ``weight_read`` replays that
 chain and says what the weight is in terms of V, and whether the roast op must
 normalize the gradient (its ``grad_norm`` flag), which is what a rewrite into a
 roast op needs to know.
@@ -32,6 +34,7 @@ class WeightRead:
     broadcast: int  # leading dims added by expand/unsqueeze
     chain: list  # the nodes between the materialize and the weight
     grad_norm: bool = False  # the chain holds a site_grad_norm: the roast op normalizes the view's gradient
+    cast: torch.dtype | None = None  # the chain casts the weight to this dtype
 
     @property
     def mapping(self) -> list:
@@ -55,6 +58,13 @@ def is_site_grad_norm(node) -> bool:
         return node.target is torch.ops.roastfx.site_grad_norm.default
     except (AttributeError, RuntimeError):  # never registered: no model in this process scales gradients
         return False
+
+
+def cast_dtype(node) -> torch.dtype | None:
+    """The dtype of a pure dtype cast ``t.to(dtype)`` (no device, copy or memory format), else None."""
+    if node.op != "call_method" or node.target != "to" or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[1] if isinstance(node.args[1], torch.dtype) else None
 
 
 def op_name(node) -> str:
@@ -81,21 +91,23 @@ def _swaps_2d(node) -> bool:
 def weight_read(weight) -> WeightRead | None:
     """The read behind a weight operand, or None when it does not come from one materialize
     through reshape / transpose / broadcast ops only."""
-    chain, node, norms = [], weight, 0
+    chain, node, norms, casts = [], weight, 0, []
     while isinstance(node, torch.fx.Node) and not is_materialize(node):
         norms += is_site_grad_norm(node)
-        if not is_site_grad_norm(node) and (node.op not in ("call_method", "call_function")
-                                            or op_name(node) not in CHAIN_OPS):
+        if cast_dtype(node) is not None:
+            casts.append(cast_dtype(node))
+        elif not is_site_grad_norm(node) and (node.op not in ("call_method", "call_function")
+                                              or op_name(node) not in CHAIN_OPS):
             return None
         chain.append(node)
         node = node.args[0]
-    if not isinstance(node, torch.fx.Node) or norms > 1:
+    if not isinstance(node, torch.fx.Node) or norms > 1 or len(casts) > 1:
         return None
     mapping = node.args[1]
-    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain, norms == 1)
+    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain, norms == 1, casts[0] if casts else None)
     for step in reversed(chain):  # replay the chain from the view to the weight
         name, out = op_name(step), example_shape(step)
-        if name in _IDENTITY or is_site_grad_norm(step):
+        if name in _IDENTITY or is_site_grad_norm(step) or cast_dtype(step) is not None:
             continue
         if name in _RESHAPE and not read.broadcast and out is not None:
             read.shape = out
@@ -133,7 +145,8 @@ def final_users(node) -> list:
     """The users of a weight after the reshape/transpose chain that rebuilds it."""
     out = []
     for user in node.users:
-        if (op_name(user) in CHAIN_OPS or is_site_grad_norm(user)) and user.args and user.args[0] is node:
+        if (op_name(user) in CHAIN_OPS or is_site_grad_norm(user) or cast_dtype(user) is not None) \
+                and user.args and user.args[0] is node:
             out.extend(final_users(user))
         else:
             out.append(user)

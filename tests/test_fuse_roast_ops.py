@@ -83,6 +83,32 @@ def test_compiled_matches_eager_on_every_site_kind(inner, monkeypatch):
     assert all(u.fused for u in uses)
 
 
+@pytest.mark.parametrize("path,dtype", [("reference", torch.float64), ("triton", torch.bfloat16)])
+def test_weights_read_in_another_dtype_than_the_memory_fuse(path, dtype, monkeypatch):
+    """A float64 or bfloat16 model over a float32 memory (memory_dtype='float32'): each weight read is the
+    view cast to the model's dtype, which the roast ops fold (they compute in their input's dtype); every site
+    kind is still one roast op, with eager's outputs and memory gradient (float64: to 1e-6; bfloat16 on the
+    Triton kernels: to bf16's resolution)."""
+    torch._dynamo.reset()
+    model = roastfx.compress(Mixed().to(dtype), "4x", example_inputs=mixed_inputs(), init="random",
+                             memory_dtype="float32")
+    assert model.roast_memory.dtype == torch.float32 and model.head.weight.dtype == dtype
+    inputs = mixed_inputs(2, 5)
+    eager = model(*inputs)
+    want = torch.autograd.grad(eager.float().square().mean(), model.roast_memory)[0]
+    uses = record_uses(monkeypatch)
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(*inputs)
+    got = torch.autograd.grad(out.float().square().mean(), model.roast_memory)[0]
+    assert out.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(out, eager, **tol)
+    assert (got - want).norm() <= (1e-5 if dtype == torch.float64 else 5e-2) * want.norm()
+    assert sorted(u.why.split(" ")[0] for u in uses) == ["roast_conv", "roast_embedding", "roast_embedding",
+                                                         "roast_linear", "roast_linear", "roast_linear"]
+    assert all(u.fused for u in uses)
+
+
 def test_new_batch_size_keeps_plan_and_matches():
     torch._dynamo.reset()
     model = roastfx.compress(MLP(), "20x", init="random")
