@@ -26,6 +26,9 @@ FALLBACKS = ("materialize", "error")  # what to do with a weight read no roast o
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+_MEMORY_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                  torch.bfloat16: "bfloat16"}
+
 def parse_options(options) -> dict:
     options = dict(options or {})
     unknown = sorted(set(options) - set(BACKEND_OPTIONS))
@@ -194,12 +197,17 @@ def _new_compression(root, found, opts, key) -> InGraphCompression:
     if not specs:
         raise ValueError(f"options['exclude']={list(patterns)} leaves no weight to compress")
     profile = get_profile(opts.get("target"))
-    memory_size = parse_compression(opts["compression"], sum(p.numel() for p in params.values()), 4)
+    # the memory in the weights' dtype (as roastfx.compress; float32 when they differ)
+    dtypes = {p.dtype for p in params.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _MEMORY_DTYPES else torch.float32
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    memory_size = parse_compression(opts["compression"], sum(p.numel() for p in params.values()), itemsize)
     scales = {name: _site_scale(p) for name, p in params.items()}
     plan = plan_layout(specs, memory_size, scales, seed=int(opts.get("seed", 0)), target=profile.name,
-                       cache_line=profile.alignment_elements(4), notes=("compressed inside the compiler",))
+                       cache_line=profile.alignment_elements(itemsize), memory_dtype=_MEMORY_DTYPES[dtype],
+                       notes=("compressed inside the compiler",))
     device = next(iter(params.values())).device
-    memory = initial_memory(plan, params, "project").to(device=device, dtype=torch.float32)
+    memory = initial_memory(plan, params, "project").to(device=device, dtype=dtype)
     if opts.get("report"):
         with open(opts["report"], "w") as f:
             f.write(plan.to_json())

@@ -100,8 +100,10 @@ def compress(
     compression: a ratio in (0, 1] (0.01), a factor ("100x") or a byte budget ("10MB").
     init: "project" keeps the current weights as well as the memory allows (least
     squares); "random" draws a fresh memory for training from scratch.
-    options: tile=(rows, cols), alignment=elements, chunk=embedding chunk, memory_dtype,
-    planner="default" (fixed rules) or "cost" (tiles chosen by the cache/tile cost model).
+    options: tile=(rows, cols), alignment=elements, chunk=embedding chunk, memory_dtype (default: the
+    weights' dtype; e.g. "float32" under a bfloat16 model keeps an fp32 master memory, and the weights are
+    read cast to bfloat16), planner="default" (fixed rules) or "cost" (tiles chosen by the cache/tile
+    cost model). The weights are always read in their own dtype, and follow model.to / .double() / .half().
     grad_scaling: "none" (default: the memory gets the exact gradient) or "site": each
     site's weight gradient is divided by its root mean square before it is added into
     the memory, so sites whose gradients differ by orders of magnitude (a classifier

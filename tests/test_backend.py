@@ -62,6 +62,29 @@ def test_in_compiler_compression_equals_compress_and_leaves_weights(inner, tmp_p
         assert torch.equal(p, before[n]), n
 
 
+def test_in_compiler_compression_keeps_the_models_dtype(tmp_path):
+    """A bfloat16 model compressed inside the compiler gets a bfloat16 memory, as roastfx.compress gives it:
+    the same plan (memory dtype included) and outputs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = MLP().bfloat16()
+    reference = roastfx.compress(copy.deepcopy(dense), 0.25, seed=4)
+    assert reference.roast_memory.dtype == torch.bfloat16
+    report = tmp_path / "plan.json"
+    compiled = torch.compile(dense, backend="roast", options={"compression": 0.25, "seed": 4, "inner": "eager",
+                                                              "report": str(report)})
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = compiled(x)
+        want = reference(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    plan, ref_plan = roastfx.Plan.from_json(report.read_text()), roastfx.roast_state(reference).plan
+    assert plan.memory_dtype == ref_plan.memory_dtype == "bfloat16"
+    assert plan.memory_size == ref_plan.memory_size
+    assert [s.mapping for s in plan.sites] == [s.mapping for s in ref_plan.sites]
+
+
 def test_in_compiler_compression_refuses_training():
     torch._dynamo.reset()
     compiled = torch.compile(MLP(), backend="roast", options={"compression": "10x", "inner": "eager"})
