@@ -103,7 +103,8 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     if path is None:
         view = _materialize(memory, _mapping(mapping), scale)
         weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
-        return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups)
+        # contiguous as the fake says (a channels_last x gives a channels_last output)
+        return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups).contiguous()
     _kernels()
     xb = _batched(x, kernel)
     x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
@@ -328,6 +329,7 @@ def roast_conv_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping: list[int
     if not kernel_ok:
         y = epi.apply(roast_conv(x, memory, mapping, scale, None, kernel, stride, padding, dilation, groups,
                                  grad_norm), extras)
+        y = y.contiguous()  # as the fake (extras in channels_last keep their layout through the epilogue)
         return y.clone() if any(y is t for t in (x, *extras)) else y
     _kernels()
     from .triton_epilogue import roast_conv_epilogue as launch
@@ -422,7 +424,8 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
     path = _triton_path(x, mapping, groups, len(kernel), transposed=True)
     if path is None:
         weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], -1, *kernel)
-        return _CONV_TRANSPOSE[len(kernel)](x, weight, bias, stride, padding, output_padding, groups, dilation)
+        return _CONV_TRANSPOSE[len(kernel)](x, weight, bias, stride, padding, output_padding, groups,
+                                            dilation).contiguous()
     mode, windows = path
     _kernels()
     x2, k2, s2, p2, o2, d2 = _transposed_lifted(xb, kernel, stride, padding, output_padding, dilation)
@@ -562,6 +565,7 @@ def roast_conv_transpose_epilogue(x: torch.Tensor, memory: torch.Tensor, mapping
     kernel_ok = (path is not None and path[0] == "implicit" and _epilogue_kernel_takes(x, memory, out_dtype, extras))
     if not kernel_ok:
         y = epi.apply(roast_conv_transpose(x, memory, mapping, scale, None, *conv, grad_norm), extras)
+        y = y.contiguous()  # as the fake (extras in channels_last keep their layout through the epilogue)
         return y.clone() if any(y is t for t in (x, *extras)) else y
     _kernels()
     from .triton_epilogue import roast_transposed_conv_epilogue as launch

@@ -328,6 +328,8 @@ class _Growth:
         if kind == "inplace":
             if what[0][1][0] not in self.ref:
                 return False  # it would change a tensor outside the set
+            if any(_reads_after(m, node) for m in self.members):
+                return False  # a later read of the set's tensor (or a view of it) sees the changed value
             kind = "ops"
         if kind == "same":
             if what not in self.ref:
@@ -408,6 +410,17 @@ class _Growth:
                     and self.ref[last] == f"v{self.steps_after[p]}"):
                 return p
         return 0
+
+
+def _reads_after(value, node) -> bool:
+    """Whether a user of ``value`` other than ``node`` comes after ``node`` in the graph."""
+    others = {u for u in value.users if u is not node}
+    cur = node.next
+    while others and cur.op != "root":
+        if cur in others:
+            return True
+        cur = cur.next
+    return False
 
 
 def _grow(node, bias, act, conv=False) -> _Growth | None:

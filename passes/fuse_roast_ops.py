@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .weight_reads import einsum_as_matmul, example_shape, final_users, is_materialize, op_name, weight_read
+from .weight_reads import (CHAIN_OPS, cast_dtype, einsum_as_matmul, example_shape, final_users, is_materialize,
+                           is_site_grad_norm, op_name, weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -104,14 +105,43 @@ def _shared(read, op: str) -> str | None:
     return f"{op}: the rebuilt weight has other users"
 
 
-def _cast_problem(read, x, op: str) -> str | None:
-    """Why a read cast to another dtype cannot fold into a roast op over ``x`` (which computes in x's dtype)."""
+def _dtype(node) -> torch.dtype | None:
+    val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _cast_problem(read, x, op: str, compute: torch.dtype | None = None) -> str | None:
+    """Why a read cast to another dtype cannot fold into a roast op over ``x`` (which computes in x's dtype,
+    or ``compute`` when autocast casts x to it)."""
     if read.cast is None:
         return None
-    val = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
-    if isinstance(val, torch.Tensor) and val.dtype == read.cast:
+    dtype = compute or _dtype(x)
+    if dtype == read.cast:
         return None
-    return f"{op} reads the weight cast to {read.cast}, but its input is {getattr(val, 'dtype', 'not a tensor')}"
+    return f"{op} reads the weight cast to {read.cast}, but its input is {dtype or 'not a tensor'}"
+
+
+def _autocast_dtype(node, x, bias=None) -> torch.dtype | None:
+    """The dtype autocast ran ``node`` in, when it is not that of its input or bias: under torch.autocast a
+    linear, matmul or conv of float32 tensors computes (and returns) bfloat16/float16, casting x and the
+    bias. None when it ran in their dtypes."""
+    out, dtypes = _dtype(node), {_dtype(t) for t in (x, bias) if isinstance(t, torch.fx.Node)}
+    if out is None or not out.is_floating_point or None in dtypes or dtypes <= {out}:
+        return None
+    return out
+
+
+def _autocast_inputs(graph, node, compute, *tensors):
+    """``tensors`` cast to ``compute`` (before ``node``), as autocast casts the op's inputs; the roast op then
+    computes in that dtype as the original op did. Unchanged when ``compute`` is None."""
+    if compute is None:
+        return tensors
+    out = []
+    with graph.inserting_before(node):
+        for t in tensors:
+            out.append(graph.call_method("to", (t, compute)) if isinstance(t, torch.fx.Node) and _dtype(t) != compute
+                       else t)
+    return tuple(out)
 
 
 def _norm_kwargs(read) -> dict:
@@ -145,8 +175,10 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{op} broadcasts the weight over dims that x does not have")
     if op == "addmm" and (bias is None or example_shape(bias) is None or len(example_shape(bias)) != 1):
         return SiteUse(node.name, False, "addmm whose added term is not a bias vector")
-    if _cast_problem(read, x, op):
-        return SiteUse(node.name, False, _cast_problem(read, x, op))
+    compute = _autocast_dtype(node, x, bias)
+    if _cast_problem(read, x, op, compute):
+        return SiteUse(node.name, False, _cast_problem(read, x, op, compute))
+    x, bias = _autocast_inputs(graph, node, compute, x, bias)
     # x @ B with B = W or W^T, and W = V or V^T: roast_linear computes x @ V, or x @ V^T when flipped
     flip = read.transposed != b_is_weight_t
     memory, mapping, scale = read.materialize.args
@@ -192,8 +224,9 @@ def _fuse_conv(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"conv{dims}d weight {read.shape} is not the site's V^T reshaped")
     if _shared(read, f"conv{dims}d"):
         return SiteUse(node.name, False, _shared(read, f"conv{dims}d"))
-    if _cast_problem(read, node.args[0], f"conv{dims}d"):
-        return SiteUse(node.name, False, _cast_problem(read, node.args[0], f"conv{dims}d"))
+    compute = _autocast_dtype(node, node.args[0], _arg(node, 2, "bias"))
+    if _cast_problem(read, node.args[0], f"conv{dims}d", compute):
+        return SiteUse(node.name, False, _cast_problem(read, node.args[0], f"conv{dims}d", compute))
     kernel = list(read.shape[2:])
     stride = _per_dim(_arg(node, 3, "stride", 1), dims)
     dilation = _per_dim(_arg(node, 5, "dilation", 1), dims)
@@ -202,9 +235,10 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     if isinstance(padding, str):
         return SiteUse(node.name, False, padding)
     memory, mapping, scale = read.materialize.args
+    x, bias = _autocast_inputs(graph, node, compute, node.args[0], _arg(node, 2, "bias"))
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_conv.default,
-                                    (node.args[0], memory, list(mapping), scale, _arg(node, 2, "bias"), kernel,
+                                    (x, memory, list(mapping), scale, bias, kernel,
                                      stride, padding, dilation, groups), _norm_kwargs(read))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
@@ -224,16 +258,18 @@ def _fuse_conv_transpose(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{name} weight {read.shape} is not the site's V reshaped")
     if _shared(read, name):
         return SiteUse(node.name, False, _shared(read, name))
-    if _cast_problem(read, node.args[0], name):
-        return SiteUse(node.name, False, _cast_problem(read, node.args[0], name))
+    compute = _autocast_dtype(node, node.args[0], _arg(node, 2, "bias"))
+    if _cast_problem(read, node.args[0], name, compute):
+        return SiteUse(node.name, False, _cast_problem(read, node.args[0], name, compute))
     groups = int(_arg(node, 6, "groups", 1))
     kernel = list(read.shape[2:])
     conv = [_per_dim(_arg(node, i, key, default), dims)
             for i, key, default in ((3, "stride", 1), (4, "padding", 0), (5, "output_padding", 0), (7, "dilation", 1))]
     memory, mapping, scale = read.materialize.args
+    x, bias = _autocast_inputs(graph, node, compute, node.args[0], _arg(node, 2, "bias"))
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_conv_transpose.default,
-                                    (node.args[0], memory, list(mapping), scale, _arg(node, 2, "bias"), kernel,
+                                    (x, memory, list(mapping), scale, bias, kernel,
                                      *conv, groups), _norm_kwargs(read))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
@@ -402,6 +438,16 @@ _NO_ROAST_OP = {
 }
 
 
+def _drop_unused_reads(graph) -> None:
+    """Erase the materialize chains the rewrite left without users. Not graph.eliminate_dead_code: on
+    dynamo's graph (before functionalization) it also erases unused in-place ops (``a.add_(1)``)."""
+    for node in reversed(list(graph.nodes)):
+        pure = is_materialize(node) or is_site_grad_norm(node) or cast_dtype(node) is not None or (
+            node.op in ("call_method", "call_function") and op_name(node) in CHAIN_OPS)
+        if pure and not node.users:
+            graph.erase_node(node)
+
+
 def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     """The pass: rewrite each fusable read, leave the rest; one SiteUse per read."""
     uses: list[SiteUse] = []
@@ -421,7 +467,7 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
                         if read is not None:
                             reasons[read.materialize] = use.why
             break
-    graph.eliminate_dead_code()
+    _drop_unused_reads(graph)
     for n in graph.nodes:
         if is_materialize(n):
             users = final_users(n)

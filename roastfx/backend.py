@@ -10,6 +10,8 @@ the inner compiler
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import weakref
 from dataclasses import dataclass
@@ -185,11 +187,18 @@ def _new_compression(root, found, opts, key) -> InGraphCompression:
         named = dict(root.named_parameters(remove_duplicate=False))
         params = {s.name: named[s.name] for s in specs}
         known = {id(p) for p in params.values()}
+        names: dict[int, list[str]] = {}
+        for name, p in named.items():
+            names.setdefault(id(p), []).append(name)
         for _, param, spec in found:  # weights used functionally in this graph
-            if id(param) not in known and not name_matches((spec.name,), patterns):
+            if id(param) in names:  # named as in the model (as compress names it), not by dynamo's source
+                spec = dataclasses.replace(spec, name=names[id(param)][0], bindings=tuple(names[id(param)]))
+            if id(param) not in known and not name_matches(spec.bindings, patterns):
                 specs.append(spec)
                 params[spec.name] = param
                 known.add(id(param))
+        order = {name: i for i, name in enumerate(named)}
+        specs.sort(key=lambda spec: order.get(spec.name, len(order)))  # the model's parameter order
     else:
         found = [f for f in found if not name_matches((f[2].name,), patterns)]
         specs = [spec for _, _, spec in found]
