@@ -71,8 +71,6 @@ def _lifted(x, kernel, stride, padding, dilation):
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_GRAD_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
-_GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def _check_dims(op: str, kernel, *others) -> None:
@@ -278,15 +276,35 @@ def _(x, grad, memory, mapping, scale, kernel, stride, padding, dilation, groups
     return torch.empty_like(memory), x.new_empty((), dtype=torch.float64)
 
 
+@torch.library.custom_op("roastfx::conv_dense_grads", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _conv_dense_grads(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, need_x: bool,
+                      need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dW) of a dense conv (an empty tensor for one not needed): aten.convolution_backward behind an
+    opaque op with a flexible layout. Called directly in a compiled backward under dynamic shapes, inductor
+    fails on its stride constraints for some producers of ``grad`` (a GroupNorm's backward: ValueRangeError)."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        [need_x, need_weight, False])
+    # contiguous, as the fake says (a channels_last x gets a channels_last dX from aten)
+    return (grad_x.contiguous() if need_x else x.new_empty(0)), \
+        (grad_w.contiguous() if need_weight else weight.new_empty(0))
+
+
+@_conv_dense_grads.register_fake
+def _(x, grad, weight, stride, padding, dilation, groups, need_x, need_weight):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0)), \
+        (torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else weight.new_empty(0))
+
+
 def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memory, grad_norm):
     kernel, stride, padding, dilation, groups = conv
-    grad_input, grad_weight = _GRAD_INPUT[len(kernel)], _GRAD_WEIGHT[len(kernel)]
     weight = _conv_weight(materialize(memory, mapping, scale), xb.shape[1] // groups, kernel, xb.dtype)
-    grad_x = grad_memory = None
-    if need_x:
-        grad_x = grad_input(xb.shape, weight, gb, stride, padding, dilation, groups)
+    grad_memory = None
+    grad_x, grad_w = torch.ops.roastfx.conv_dense_grads(xb, gb, weight, list(stride), list(padding),
+                                                        list(dilation), groups, need_x, need_memory)
+    grad_x = grad_x if need_x else None
     if need_memory:
-        grad_w = grad_weight(xb, weight.shape, gb, stride, padding, dilation, groups)
         grad_view = grad_w.reshape(grad_w.shape[0], -1).t()
         if grad_norm:
             grad_view = normalize(grad_view, site_grad_rms(grad_view))

@@ -31,6 +31,40 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 _MEMORY_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                   torch.bfloat16: "bfloat16"}
 
+def _cache_key_patch() -> dict:
+    """Inductor's config patch that keys its compiled-graph caches on what roastfx decides while a graph is
+    traced: the kernel path (ROASTFX_KERNELS, ROASTFX_CONV) picks which ops a roast op's backward records, and
+    the roastfx sources. Without it a graph compiled under ROASTFX_KERNELS=triton is read back from the
+    on-disk cache in a later process on the reference path. The key rides on a no-op post-grad pass's
+    uuid (inductor's documented hook for passes that change compiled code); a pass the user installed
+    runs as before and keeps its own uuid in the key."""
+    import glob
+    import os
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    user = inductor_config.post_grad_custom_pre_pass
+    if user is not None and not isinstance(user, CustomGraphPass):
+        return {}  # a pass without a uuid: inductor does not cache these graphs at all
+
+    from roastfx import codegen, passes
+
+    sources = tuple(sorted(path for package in (codegen, passes)
+                           for path in glob.glob(os.path.join(os.path.dirname(package.__file__), "*.py"))))
+    modes = ";".join(f"{k}={os.environ.get(k, '')}" for k in ("ROASTFX_KERNELS", "ROASTFX_CONV"))
+
+    class RoastCacheKey(CustomGraphPass):
+        def __call__(self, graph):
+            if user is not None:
+                user(graph)
+
+        def uuid(self):
+            return (get_hash_for_files(sources, modes), user.uuid() if user is not None else None)
+
+    return {"post_grad_custom_pre_pass": RoastCacheKey()}
+
+
 def parse_options(options) -> dict:
     options = dict(options or {})
     unknown = sorted(set(options) - set(BACKEND_OPTIONS))
@@ -96,10 +130,10 @@ def roast_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=N
     inputs = list(example_inputs) + extra_inputs
     if inner == "eager":
         compiled = gm.forward
-    elif inner == "inductor" and inductor_patches:
+    elif inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, inputs, config_patches=inductor_patches)
+        compiled = compile_fx(gm, inputs, config_patches={**inductor_patches, **_cache_key_patch()})
     else:
         from torch._dynamo.backends.registry import lookup_backend
 

@@ -5,7 +5,9 @@
     roastfx inspect model.safetensors
 
 Planning never changes a weight: the model is built, its sites found and a plan
-made. Bad input ends with one line on stderr and exit status 2.
+made. Bad input ends with one line on stderr and exit status 2, also when the
+user's factory or the import of its module raises (``plan --traceback`` shows
+where).
 """
 from __future__ import annotations
 
@@ -25,8 +27,20 @@ class UsageError(Exception):
     """Bad input from the command line: reported as one line, exit status 2."""
 
 
-def load_factory(path: str):
-    """The callable named by ``module.path:factory`` (attributes may be dotted)."""
+TRACEBACK_HINT = "run with --traceback for the full traceback"
+
+
+def _user_error(what: str, err: BaseException) -> str:
+    """One line for an exception raised by the user's code: what raised, the type and the message."""
+    message = " ".join(str(err).split()) or "(no message)"
+    return f"{what} raised {type(err).__name__}: {message} ({TRACEBACK_HINT})"
+
+
+def load_factory(path: str, traceback: bool = False):
+    """The callable named by ``module.path:factory`` (attributes may be dotted).
+
+    An error raised while importing the module becomes a UsageError naming the module
+    (with ``traceback``, it propagates as it is)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"model factory {path!r} is not of the form MODULE:FACTORY (e.g. my_models:build_model)")
@@ -35,21 +49,82 @@ def load_factory(path: str):
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
+        if traceback:
+            raise
         raise UsageError(f"cannot import module {module_name!r} of factory {path!r}: {e}") from None
+    except Exception as e:  # a syntax error or an exception raised by the module's own code
+        if traceback:
+            raise
+        raise UsageError(_user_error(f"importing module {module_name!r} of factory {path!r}", e)) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UsageError(f"module {module_name!r} has no attribute {attr!r} (factory {path!r})")
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(f"{path!r} is of type {type(obj).__name__}, not a callable that builds a model")
+    from inspect import signature
+
+    try:
+        required = [p.name for p in signature(obj).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # no signature to read (some builtins): calling it will tell
+        required = []
+    if required:
+        raise UsageError(f"factory {path!r} needs the argument(s) {', '.join(required)}; "
+                         "roastfx plan calls it with none (wrap it in a function that takes no arguments)")
     return obj
 
 
-def _scale(p) -> float:
-    """The site scale compress would use; for a meta tensor, the default init's 1/sqrt(3*fan_in)."""
+def build_model(factory, path: str, meta: bool = False, traceback: bool = False):
+    """``factory()`` on the meta device or the CPU; an exception it raises becomes a UsageError naming it."""
+    import torch
+
+    try:
+        with torch.device("meta") if meta else torch.device("cpu"):
+            return factory()
+    except Exception as e:
+        if traceback:
+            raise
+        raise UsageError(_user_error(f"factory {path!r}", e)) from None
+
+
+def default_init_std(module, p) -> float | None:
+    """The std of PyTorch's default init of ``p``, a weight of ``module`` (None: a module type not known here).
+
+    Linear, Conv, ConvTranspose: kaiming_uniform_(a=sqrt(5)), bound 1/sqrt(fan_in), std 1/sqrt(3*fan_in).
+    Embedding, EmbeddingBag: N(0, 1) (with a padding_idx, that row is zero). RNN, LSTM, GRU: every weight
+    U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)). MultiheadAttention's input projections: xavier_uniform_,
+    bound sqrt(6/(fan_in+fan_out)), std sqrt(2/(fan_in+fan_out)). transformers' Conv1D: N(0, 0.02).
+    """
+    from torch import nn
+
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        rows = p.shape[0]
+        zeroed = 1 if module.padding_idx is not None and rows > 0 else 0
+        return math.sqrt((rows - zeroed) / rows) if rows > 0 else 1.0
+    if isinstance(module, nn.RNNBase):
+        return 1.0 / math.sqrt(3.0 * module.hidden_size)
+    if isinstance(module, nn.MultiheadAttention) and p.dim() == 2:
+        return math.sqrt(2.0 / max(1, p.shape[0] + p.shape[1]))
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return 0.02
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return 1.0 / math.sqrt(3.0 * max(1, math.prod(p.shape[1:])))
+    return None
+
+
+def _scale(p, spec=None, modules=None) -> float:
+    """The site scale compress would use; for a meta tensor, the std of its module's default init
+    (1/sqrt(3*fan_in) for a module type not known here)."""
     from roastfx.compress import _site_scale
 
     if p.is_meta:
+        for binding in spec.bindings if spec is not None and modules is not None else ():
+            path, _, _attr = binding.rpartition(".")
+            if path in modules:
+                std = default_init_std(modules[path], p)
+                if std is not None:
+                    return std
         return 1.0 / math.sqrt(3.0 * max(1, math.prod(p.shape[1:]) if p.dim() > 1 else p.numel()))
     return _site_scale(p)
 
@@ -92,34 +167,43 @@ def cmd_plan(args) -> int:
             raise ValueError
     except ValueError:
         raise UsageError(f"--tokens {args.tokens!r} must be positive ints separated by commas, e.g. 1,16,256") from None
-    factory = load_factory(args.factory)
-    with torch.device("meta") if args.meta else torch.device("cpu"):
-        model = factory()
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed} must be a non-negative int")
+    factory = load_factory(args.factory, traceback=args.traceback)
+    model = build_model(factory, args.factory, meta=args.meta, traceback=args.traceback)
     if not isinstance(model, nn.Module):
         raise UsageError(f"factory {args.factory!r} returned {type(model).__name__}, not an nn.Module")
-    specs, notes = find_sites(model, exclude=tuple(args.exclude))
+    # a ValueError from here on is one of roastfx's checks of this model and these arguments
+    try:
+        specs, notes = find_sites(model, exclude=tuple(args.exclude))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not specs:
         raise UsageError(f"{type(model).__name__} has no weight that feeds a matmul-like op: nothing to plan")
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
     mem_item = itemsize(args.memory_dtype)
     dense_numel = sum(params[s.name].numel() for s in specs)
     try:
         memory_size = parse_compression(_number_or_text(args.compression), dense_numel, mem_item)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    scales = {s.name: _scale(params[s.name]) for s in specs}
-    if args.planner == "cost":
-        update, close = _progress_bar(len(specs), not args.no_progress)
-        try:
-            plan = plan_with_cost_model(specs, memory_size, scales, profile, args.seed, scheme=args.scheme,
-                                        memory_dtype=args.memory_dtype, token_counts=tokens, mode=args.mode,
-                                        notes=notes, progress=update)
-        finally:
-            close()
-    else:
-        plan = plan_layout(specs, memory_size, scales, seed=args.seed, scheme=args.scheme, target=profile.name,
-                           cache_line=profile.alignment_elements(mem_item), memory_dtype=args.memory_dtype,
-                           notes=notes)
+    scales = {s.name: _scale(params[s.name], s, modules) for s in specs}
+    try:
+        if args.planner == "cost":
+            update, close = _progress_bar(len(specs), not args.no_progress)
+            try:
+                plan = plan_with_cost_model(specs, memory_size, scales, profile, args.seed, scheme=args.scheme,
+                                            memory_dtype=args.memory_dtype, token_counts=tokens, mode=args.mode,
+                                            notes=notes, progress=update)
+            finally:
+                close()
+        else:
+            plan = plan_layout(specs, memory_size, scales, seed=args.seed, scheme=args.scheme, target=profile.name,
+                               cache_line=profile.alignment_elements(mem_item), memory_dtype=args.memory_dtype,
+                               notes=notes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     report_tokens = max(tokens)
     if args.format == "table":
         text = plan_report(plan, profile, report_tokens)
@@ -197,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "ROASTFX_TARGET or this machine")
     plan.add_argument("--format", default="table", help="table | json | html")
     plan.add_argument("--out", default=None, help="write the report to this file instead of stdout")
-    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--seed", type=int, default=0, help="hash seed, a non-negative int")
     plan.add_argument("--scheme", default="roast", choices=("roast", "roast-local", "hashednet"))
     plan.add_argument("--planner", default="cost", choices=PLANNERS,
                       help="cost: tiles chosen by predicted time; default: the fixed rules compress uses")
@@ -208,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--meta", action="store_true", help="build the model on the meta device (no weight memory; "
                                                           "scales from the default init)")
     plan.add_argument("--no-progress", action="store_true")
+    plan.add_argument("--traceback", action="store_true", help="let an exception raised by the factory or by "
+                                                               "the import of its module end with its traceback")
     plan.set_defaults(run=cmd_plan)
     targets = sub.add_parser("targets", help="list hardware profiles")
     targets.set_defaults(run=cmd_targets)
@@ -225,7 +311,7 @@ def main(argv=None) -> int:
             raise UsageError("a command is required: plan, targets or inspect (roastfx --help)")
         return args.run(args)
     except UsageError as e:
-        print(f"roastfx: error: {e}", file=sys.stderr)
+        print(f"roastfx: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
 
 

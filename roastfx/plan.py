@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import torch
+
 from roastfx.codegen.hashing import TileHash
 
 SCHEMA_VERSION = 1
@@ -152,14 +154,23 @@ class Plan:
             lines.append(
                 f"{s.name[:40]:40s} {s.op:10s} {shape:>16s} {m.tile_rows}x{m.tile_cols:<5d} {m.alignment:>5d} {s.scale:9.3g}"
             )
-        dense_bytes = self.dense_numel * 4
-        mem_bytes = self.memory_size * 4
+        dense_bytes = sum(s.numel * _itemsize(s.dtype) for s in self.sites)
+        mem_bytes = self.memory_size * _itemsize(self.memory_dtype)
         lines.append(
-            f"{len(self.sites)} sites, {self.dense_numel:,} dense weights -> memory of {self.memory_size:,} slots "
-            f"({_fmt_bytes(dense_bytes)} -> {_fmt_bytes(mem_bytes)} in fp32, {self.ratio:.1f}x smaller)"
+            f"{len(self.sites)} sites, {self.dense_numel:,} dense weights -> memory of {self.memory_size:,} "
+            f"{self.memory_dtype} slots ({self.ratio:.1f}x fewer elements; {_fmt_bytes(dense_bytes)} -> "
+            f"{_fmt_bytes(mem_bytes)}, {dense_bytes / mem_bytes:.1f}x smaller)"
         )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name ("float32", "bfloat16", ...)."""
+    dt = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype name; accepted: e.g. 'float32', 'bfloat16', 'float16'")
+    return dt.itemsize
 
 
 def _fmt_bytes(n: float) -> str:

@@ -147,6 +147,7 @@ def get_profile(target: str | HardwareProfile | None = None) -> HardwareProfile:
     """Resolve a target: a profile, a name, None (ROASTFX_TARGET, else auto-detect)."""
     if isinstance(target, HardwareProfile):
         return target
+    from_env = target is None
     if target is None:
         target = os.environ.get("ROASTFX_TARGET") or None
         if target is None:
@@ -158,5 +159,6 @@ def get_profile(target: str | HardwareProfile | None = None) -> HardwareProfile:
     if key == "auto":
         return detect()
     if key not in PROFILES:
-        raise ValueError(f"unknown target {target!r}; known targets: {', '.join(sorted(PROFILES))}, auto")
+        source = " (set by the environment variable ROASTFX_TARGET)" if from_env else ""
+        raise ValueError(f"unknown target {target!r}{source}; known targets: {', '.join(sorted(PROFILES))}, auto")
     return PROFILES[key]

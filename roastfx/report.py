@@ -141,18 +141,21 @@ def plan_report(plan: Plan, profile=None, tokens: int = REPORT_TOKENS, width: in
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         return _plain_table(title, rows, footer)
-    table = Table(title=title, title_justify="left")
+    # every cell and line is a Text, never a markup string: site names and notes are the user's text
+    # ("[bold]enc.weight" stays as written, "dec[/]" does not raise, ":smile:" is no emoji)
+    table = Table(title=Text(title), title_justify="left")
     for i, col in enumerate(_COLUMNS):
-        table.add_column(col, justify="left" if i in (0, 2) else "right", overflow="fold")
+        table.add_column(Text(col), justify="left" if i in (0, 2) else "right", overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=False, color_system=None)
     console.print(table)
     for line in footer:
-        console.print(line, highlight=False, markup=False)
+        console.print(Text(line), highlight=False)
     return buf.getvalue().rstrip("\n")
 
 

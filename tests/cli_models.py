@@ -1,4 +1,5 @@
 """Model factories for the CLI tests (`roastfx plan cli_models:small_mlp`)."""
+import torch
 from torch import nn
 
 
@@ -21,3 +22,56 @@ def not_a_model():
 
 
 NOT_CALLABLE = 3
+
+
+def raises():
+    raise RuntimeError("boom in the factory")
+
+
+def raises_type_error():
+    return nn.Linear(4, "four")  # a TypeError inside a factory that takes no arguments
+
+
+def needs_width(width, depth=2):
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+
+def empty_weight():
+    """A Linear whose weight has no elements (built without init, so torch warns about nothing)."""
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5))
+    model[0].weight = nn.Parameter(torch.empty(5, 0))
+    return model
+
+
+def markup_names():
+    """Site names that rich would read as markup or emoji codes."""
+    return nn.ModuleDict({"[bold]enc": nn.Linear(64, 64), "dec[/]": nn.Linear(64, 64), ":smile:": nn.Linear(64, 64),
+                          "[red]": nn.Linear(64, 64)})
+
+
+class InitKinds(nn.Module):
+    """One module of each kind whose default init the meta-device scales must follow; large enough that the
+    std of a real init is within a fraction of a percent of the distribution's."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(384, 512)
+        self.conv = nn.Conv2d(32, 64, 3)
+        self.conv_t = nn.ConvTranspose2d(64, 32, 3)
+        self.emb = nn.Embedding(2000, 64)
+        self.emb_pad = nn.Embedding(2000, 64, padding_idx=0)
+        self.bag = nn.EmbeddingBag(2000, 64)
+        self.lstm = nn.LSTM(64, 128)
+        self.gru = nn.GRU(64, 160)
+        self.mha = nn.MultiheadAttention(192, 4)
+        self.mha_kv = nn.MultiheadAttention(192, 4, kdim=64, vdim=96)
+
+
+def init_kinds():
+    return InitKinds()
+
+
+def gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Sequential(Conv1D(512, 256), Conv1D(256, 512))

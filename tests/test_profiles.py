@@ -69,6 +69,16 @@ def test_environment_variable_picks_the_profile(monkeypatch):
     assert get_profile() is detect()
 
 
+def test_unknown_target_from_the_environment_says_so(monkeypatch):
+    monkeypatch.setenv("ROASTFX_TARGET", "h10")
+    with pytest.raises(ValueError, match=r"^unknown target 'h10' \(set by the environment variable ROASTFX_TARGET\); "
+                                         r"known targets: a100, .*h100.*, auto$"):
+        get_profile()
+    with pytest.raises(ValueError) as err:  # a bad explicit name is not blamed on the variable
+        get_profile("h10")
+    assert "ROASTFX_TARGET" not in str(err.value) and "unknown target 'h10'" in str(err.value)
+
+
 def test_detect_matches_the_machine():
     import torch
 

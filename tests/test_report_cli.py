@@ -208,3 +208,151 @@ def test_cli_end_to_end_in_a_subprocess(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "roastfx.cli", "plan", "cli_models:small_mlp", "--target", "nope"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown target 'nope'" in bad.stderr
+
+
+# -- bad input from the user's code or roastfx's checks: one line, exit 2, in a real process ------------------
+def run_cli(*argv, extra_path=(), env_extra=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, *map(str, extra_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("ROASTFX_TARGET", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "roastfx.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def assert_one_line_usage_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("roastfx: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["cli_models:raises"], ["factory 'cli_models:raises' raised RuntimeError: boom in the factory", "--traceback"]),
+    (["cli_models:raises_type_error"], ["factory 'cli_models:raises_type_error' raised TypeError: "]),
+    (["cli_models:needs_width"], ["factory 'cli_models:needs_width' needs the argument(s) width;"]),
+    (["cli_models:small_mlp", "--exclude", "zzz*"], ["exclude patterns ['zzz*'] match no compressible weight",
+                                                      "'0.weight'"]),
+    (["cli_models:small_mlp", "--compression", "10000x", "--scheme", "roast-local"],
+     ["memory of 2 slots cannot give 3 sites a region each under scheme 'roast-local'"]),
+    (["cli_models:empty_weight", "--compression", "2x"], ["site '0.weight' has shape (5, 0): an empty weight"]),
+    (["cli_models:empty_weight", "--compression", "2x", "--planner", "default"],
+     ["site '0.weight' has shape (5, 0): an empty weight"]),
+    (["cli_models:small_mlp", "--seed", "-1"], ["--seed -1 must be a non-negative int"]),
+])
+def test_cli_plan_errors_are_one_line_exit_2(argv, fragments):
+    assert_one_line_usage_error(run_cli("plan", *argv), *fragments)
+
+
+def test_cli_module_that_fails_to_import_is_one_line_exit_2(tmp_path):
+    (tmp_path / "broken_syntax_models.py").write_text("from torch import nn\ndef build(:\n    return nn.Linear(4, 4)\n")
+    (tmp_path / "raising_models.py").write_text("raise ValueError('no config file here')\ndef build(): pass\n")
+    assert_one_line_usage_error(run_cli("plan", "broken_syntax_models:build", extra_path=[tmp_path]),
+                                "importing module 'broken_syntax_models' of factory 'broken_syntax_models:build' "
+                                "raised SyntaxError")
+    assert_one_line_usage_error(run_cli("plan", "raising_models:build", extra_path=[tmp_path]),
+                                "importing module 'raising_models' of factory 'raising_models:build' raised "
+                                "ValueError: no config file here")
+
+
+def test_cli_traceback_option_shows_where_the_factory_failed(tmp_path):
+    (tmp_path / "raising_models.py").write_text("raise ValueError('no config file here')\ndef build(): pass\n")
+    proc = run_cli("plan", "cli_models:raises", "--traceback")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert 'raise RuntimeError("boom in the factory")' in proc.stderr
+    proc = run_cli("plan", "raising_models:build", "--traceback", extra_path=[tmp_path])
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "raising_models.py" in proc.stderr
+
+
+def test_cli_unknown_target_from_the_environment_names_the_variable():
+    proc = run_cli("plan", "cli_models:small_mlp", env_extra={"ROASTFX_TARGET": "h10"})
+    assert_one_line_usage_error(proc, "unknown target 'h10' (set by the environment variable ROASTFX_TARGET)",
+                                "known targets: ", "h100")
+
+
+def test_internal_errors_other_than_value_errors_are_not_swallowed(models_on_path, monkeypatch):
+    import roastfx.passes.capture_sites as capture_sites
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(capture_sites, "find_sites", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["plan", "cli_models:small_mlp", "--target", "h100"])
+
+
+# -- user text in the terminal table ------------------------------------------------------------------------
+MARKUP_NAMES = ("[bold]enc.weight", "dec[/].weight", ":smile:.weight", "[red].weight")
+
+
+def test_table_prints_site_names_and_notes_as_written():
+    specs = [SiteSpec(n, (n,), (64, 32), "linear", True, "float32") for n in MARKUP_NAMES]
+    plan = plan_with_cost_model(specs, 800, {s.name: 0.05 for s in specs}, "h100", seed=1,
+                                notes=["excluded 1 weights matching ['[italic]*', ':smile:*']"])
+    text = plan_report(plan)
+    for name in MARKUP_NAMES:
+        assert name in text
+    assert "excluded 1 weights matching ['[italic]*', ':smile:*']" in text
+    assert "\U0001f604" not in text  # rich's :smile: emoji
+
+
+def test_cli_table_of_markup_names_end_to_end():
+    proc = run_cli("plan", "cli_models:markup_names", "--target", "h100", "--compression", "10x",
+                   "--exclude", "[[]red]*")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    for name in MARKUP_NAMES[:3]:
+        assert f"│ {name} " in proc.stdout
+    assert "[red].weight" not in proc.stdout and "excluded 1 weights matching ['[[]red]*']" in proc.stdout
+
+
+# -- --meta scales follow each module kind's default init ------------------------------------------------------
+def meta_scales(models_arg, capsys, *extra):
+    assert main(["plan", models_arg, "--meta", "--format", "json", "--compression", "10x", "--target", "h100",
+                 "--no-progress", *extra]) == 0
+    return {s["name"]: s["scale"] for s in json.loads(capsys.readouterr().out)["plan"]["sites"]}
+
+
+def test_meta_scales_match_the_std_of_a_real_default_init(models_on_path, capsys):
+    import cli_models
+
+    scales = meta_scales("cli_models:init_kinds", capsys)
+    torch.manual_seed(0)
+    real = cli_models.init_kinds()
+    weights = {n: p for n, p in real.named_parameters() if "bias" not in n}
+    assert set(scales) == set(weights)  # every weight of every kind is a site
+    for name, p in weights.items():
+        std = float(p.detach().double().std())
+        assert scales[name] == pytest.approx(std, rel=0.03), name
+    # the kinds really differ: one fan-in rule for all would be off by far more than the tolerance
+    assert scales["emb.weight"] == pytest.approx(1.0, rel=0.03)
+    assert scales["lstm.weight_ih_l0"] == pytest.approx(1 / (3 * 128) ** 0.5, rel=1e-9)
+    assert scales["mha.in_proj_weight"] == pytest.approx((2 / (192 + 3 * 192)) ** 0.5, rel=1e-9)
+
+
+def test_meta_scales_of_transformers_conv1d(models_on_path, capsys):
+    pytest.importorskip("transformers")
+    import cli_models
+
+    scales = meta_scales("cli_models:gpt2_conv1d", capsys)
+    torch.manual_seed(0)
+    for name, p in cli_models.gpt2_conv1d().named_parameters():
+        if name.endswith("weight"):
+            assert scales[name] == pytest.approx(float(p.detach().double().std()), rel=0.03), name
+
+
+# -- memory bytes in the memory's dtype -----------------------------------------------------------------------
+@pytest.mark.parametrize("memory_dtype,slot_bytes", [("bfloat16", 2), ("float32", 4)])
+def test_summary_and_inspect_count_bytes_in_the_memory_dtype(tmp_path, memory_dtype, slot_bytes):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))  # 640 float32 weights: 2,560 B dense
+    roastfx.compress(model, compression="4x", target="cpu-avx2", memory_dtype=memory_dtype)
+    plan = roastfx.roast_state(model).plan
+    assert plan.memory_dtype == memory_dtype and plan.memory_size == 160
+    expected = f"memory of 160 {memory_dtype} slots (4.0x fewer elements; 2.6 KB -> {160 * slot_bytes} B"
+    assert expected in plan.summary()
+    path = tmp_path / "m.safetensors"
+    roastfx.save(model, path)
+    proc = run_cli("inspect", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout and f"{2560 / (160 * slot_bytes):.1f}x smaller" in proc.stdout
