@@ -46,15 +46,14 @@ def train_shard(rank, world, compiled):
 def worker(rank, world, port, compiled, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # DDP and its gloo work objects are gone when train_shard returns, before the teardown:
-        # a clean-clone run once saw a rank abort at exit with them still alive
-        memory = train_shard(rank, world, compiled)
-        if rank == 0:
-            torch.save(memory, out_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    memory = train_shard(rank, world, compiled)
+    if rank == 0:
+        torch.save(memory, out_path)
+    dist.barrier()
+    # Both ranks are done and the result is on disk: leave without gloo's teardown. Its background threads
+    # sometimes abort the process at exit ("terminate called without an active exception", seen in 2 of
+    # about 30 full-suite runs, never alone), which mp.spawn reports as a failure of the test.
+    os._exit(0)
 
 
 def free_port() -> int:
