@@ -27,6 +27,7 @@ class SiteSpec:
     op: str
     transposed: bool
     dtype: str
+    other_ops: tuple[str, ...] = ()  # the ops of other modules that read the same (tied) weight
 
 
 def name_matches(names, patterns) -> bool:
@@ -139,11 +140,14 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         params[id(p)] = p
 
     kinds: dict[int, tuple[str, bool]] = {}
+    readers: dict[int, list] = {}  # per weight, (module, op) of each module that reads it
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for attr, op, transposed in module_weight_attrs(module):
             p = getattr(module, attr, None)
             if isinstance(p, nn.Parameter) and p.dim() >= 2:
                 kinds.setdefault(id(p), (op, transposed))
+                if not any(m is module for m, _ in readers.setdefault(id(p), [])):
+                    readers[id(p)].append((module, op))
 
     if example_inputs is not None:
         name_to_id = {n: pid for pid, names in by_param.items() for n in names}
@@ -171,7 +175,8 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
             continue
         p = params[pid]
         op, transposed = kinds[pid]
-        specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p)))
+        others = tuple(o for _, o in readers.get(pid, [])[1:])  # a tied lm_head: the embedding's GEMM too
+        specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p), others))
 
     patterns = tuple(exclude)
     if patterns:

@@ -78,7 +78,8 @@ def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elem
 def choose_layout(spec: SiteSpec, window: tuple[int, int], profile: HardwareProfile, *, memory_size: int,
                   memory_itemsize: int, token_counts=DEFAULT_TOKENS, mode: str = "infer", compute_dtype=None,
                   tile=None, alignment=None, chunk=None, tolerance: float = TOLERANCE) -> tuple[int, int, int]:
-    """The (tile_rows, tile_cols, alignment) of least predicted time; near-ties go to more positions."""
+    """The (tile_rows, tile_cols, alignment) of least predicted time (summed over every op that reads the
+    weight: a tied embedding's lookup and its lm_head GEMM); near-ties go to more positions."""
     rows, cols = view_shape(spec)
     start, size = window
     line_elements = profile.alignment_elements(memory_itemsize)
@@ -86,9 +87,10 @@ def choose_layout(spec: SiteSpec, window: tuple[int, int], profile: HardwareProf
     for tk, tn, a in candidates(rows, cols, spec.op, window, line_elements, tile=tile, alignment=alignment,
                                 chunk=chunk):
         lay = Layout(rows, cols, tk, tn, a, start, size)
-        g = geometry(lay, spec.op, spec.dtype, profile, memory_size=memory_size, memory_itemsize=memory_itemsize,
-                     compute_dtype=compute_dtype)
-        scored.append(((tk, tn, a), [predicted_time(g, profile, t, mode) for t in token_counts], positions(lay)))
+        gs = [geometry(lay, op, spec.dtype, profile, memory_size=memory_size, memory_itemsize=memory_itemsize,
+                       compute_dtype=compute_dtype) for op in (spec.op, *spec.other_ops)]
+        scored.append(((tk, tn, a), [sum(predicted_time(g, profile, t, mode) for g in gs) for t in token_counts],
+                       positions(lay)))
     best_at = [min(times[i] for _, times, _ in scored) or 1e-30 for i in range(len(token_counts))]
     # a candidate's score is its worst slowdown against the best candidate at any token count
     score = {c: max(t / b for t, b in zip(times, best_at)) for c, times, _ in scored}
@@ -158,7 +160,7 @@ def plan_with_cost_model(
     for done, name in enumerate(names, 1):
         spec = graph.nodes[name]["spec"]
         window = windows[name]
-        key = (view_shape(spec), spec.op, spec.dtype, window)
+        key = (view_shape(spec), spec.op, spec.other_ops, spec.dtype, window)
         if key not in chosen:
             chosen[key] = choose_layout(
                 spec, window, profile, memory_size=memory_size, memory_itemsize=mem_itemsize,

@@ -134,7 +134,8 @@ def make_site(spec: SiteSpec, scale: float, seed: int, tile: tuple[int, int], al
         a_row=const[0], a_col=const[1], b=seeded_int(seed, spec.name, "b", modulus=PRIME),
         c_row=const[2], c_col=const[3], d=seeded_int(seed, spec.name, "d", modulus=PRIME),
     )
-    return Site(spec.name, spec.bindings, spec.shape, spec.op, spec.transposed, spec.dtype, float(scale), mapping)
+    return Site(spec.name, spec.bindings, spec.shape, spec.op, spec.transposed, spec.dtype, float(scale), mapping,
+                tuple(getattr(spec, "other_ops", ())))
 
 
 def site_windows(specs, memory_size: int, scheme: str, align: int, fixed: bool = False) -> list[tuple[int, int]]:

@@ -38,6 +38,12 @@ class Site:
     dtype: str  # the dense parameter's dtype, e.g. "float32"
     scale: float  # recovered weight = scale * sign * memory[index]
     mapping: TileHash
+    other_ops: tuple[str, ...] = ()  # the ops of other modules reading this (tied) weight, e.g. a tied lm_head
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """Every op that reads the weight: its own, then the tied readers'."""
+        return (self.op, *self.other_ops)
 
     @property
     def numel(self) -> int:
@@ -56,6 +62,7 @@ class Site:
             "dtype": self.dtype,
             "scale": self.scale,
             "mapping": self.mapping.to_dict(),
+            "other_ops": list(self.other_ops),
         }
 
     @classmethod
@@ -69,6 +76,7 @@ class Site:
             dtype=d["dtype"],
             scale=float(d["scale"]),
             mapping=TileHash(**d["mapping"]),
+            other_ops=tuple(d.get("other_ops", ())),  # plans written before the field: none recorded
         )
 
 

@@ -37,11 +37,15 @@ def analyze(plan: Plan, profile=None, tokens: int = REPORT_TOKENS, exact_load: b
     sites = []
     for site, coll in zip(plan.sites, collisions):
         m = site.mapping
-        g = geometry(m, site.op, site.dtype, prof, memory_size=plan.memory_size, memory_itemsize=mem_item)
-        c = costs(g, prof, tokens)
-        expr = symbolic_costs(g, prof)
+        # every op that reads the weight (a tied embedding's lookup and its lm_head GEMM), costs summed
+        per_op = [geometry(m, op, site.dtype, prof, memory_size=plan.memory_size, memory_itemsize=mem_item)
+                  for op in site.ops]
+        parts = [costs(g, prof, tokens) for g in per_op]
+        c = {k: sum(p[k] for p in parts) for k in ("flops", "dram_bytes", "l2_bytes", "t_forward", "t_train")}
+        exprs = [symbolic_costs(g, prof) for g in per_op]
+        expr = {k: sum((e[k] for e in exprs[1:]), exprs[0][k]) for k in ("t_forward", "t_train")}
         sites.append({
-            "name": site.name, "shape": list(site.shape), "op": site.op, "tile": [m.tile_rows, m.tile_cols],
+            "name": site.name, "shape": list(site.shape), "op": "+".join(site.ops), "tile": [m.tile_rows, m.tile_cols],
             "alignment": m.alignment, "positions": positions(m), "window": [m.window_start, m.window_size],
             "memory_share": site.numel / plan.dense_numel, "expected_collisions": coll,
             "flops": float(c["flops"]), "dram_bytes": float(c["dram_bytes"]), "l2_bytes": float(c["l2_bytes"]),

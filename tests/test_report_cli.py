@@ -356,3 +356,43 @@ def test_summary_and_inspect_count_bytes_in_the_memory_dtype(tmp_path, memory_dt
     proc = run_cli("inspect", str(path))
     assert proc.returncode == 0, proc.stderr
     assert expected in proc.stdout and f"{2560 / (160 * slot_bytes):.1f}x smaller" in proc.stdout
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=300, dim=48):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_tied_weight_is_costed_for_every_op_that_reads_it(tmp_path):
+    """A tied embedding + lm_head is one site read by two ops: the report counts the head's GEMM (2*T*vocab*dim
+    FLOPs) besides the lookup, the plan records the second reader and keeps it through JSON and checkpoints."""
+    from roastfx.passes.capture_sites import find_sites
+
+    model = TiedLM()
+    specs, _ = find_sites(model)
+    tied = next(s for s in specs if s.name == "emb.weight")
+    assert tied.op == "embedding" and tied.other_ops == ("linear",)
+    assert next(s for s in specs if s.name == "fc.weight").other_ops == ()
+    roastfx.compress(model, "4x", target="h100", planner="cost")
+    plan = roastfx.roast_state(model).plan
+    assert plan.site("emb.weight").ops == ("embedding", "linear")
+    tokens = 256
+    report = analyze(plan, "h100", tokens)
+    row = next(s for s in report["sites"] if s["name"] == "emb.weight")
+    assert row["op"] == "embedding+linear"
+    assert row["flops"] == 2 * tokens * 300 * 48  # the lookup does none
+    assert report["totals"]["flops"] == 2 * tokens * 300 * 48 + 2 * tokens * 48 * 48
+    assert roastfx.Plan.from_json(plan.to_json()) == plan
+    roastfx.save(model, tmp_path / "m.safetensors")
+    assert roastfx.read_plan(tmp_path / "m.safetensors") == plan
+    old = json.loads(plan.to_json())  # a plan written before the field: read as no other readers
+    for site in old["sites"]:
+        del site["other_ops"]
+    assert roastfx.Plan.from_dict(old).site("emb.weight").other_ops == ()
