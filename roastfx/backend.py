@@ -74,6 +74,13 @@ def parse_options(options) -> dict:
         from .profiles import get_profile
 
         get_profile(options["target"])
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"options['seed']={seed!r} is not valid; accepted: a non-negative int")
+    if "exclude" in options:
+        from roastfx.compress import _patterns
+
+        options["exclude"] = _patterns("options['exclude']", options["exclude"])
     if options.get("inner", "inductor") not in INNER:
         raise ValueError(f"inner={options['inner']!r} is not valid; accepted: {', '.join(INNER)}")
     if options.get("fallback", "materialize") not in FALLBACKS:

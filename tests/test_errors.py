@@ -120,3 +120,38 @@ def test_backend_rejects_unknown_options():
     compiled = torch.compile(model, backend="roast", options={"colour": "red"})
     with pytest.raises(Exception, match=r"unknown roast backend option\(s\) \['colour'\]; valid options"):
         compiled(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"compression": "4x", "seed": "x"}, r"options\['seed'\]='x' is not valid; accepted: a non-negative int"),
+    ({"compression": "4x", "seed": -2}, r"options\['seed'\]=-2 is not valid"),
+    ({"compression": "4x", "exclude": [3]}, r"options\['exclude'\]=\[3\]: 3 is not a name pattern"),
+])
+def test_backend_rejects_bad_option_values(options, match):
+    torch._dynamo.reset()
+    model = MLP()
+    snap = snapshot(model)
+    compiled = torch.compile(model, backend="roast", options={**options, "inner": "eager"})
+    with pytest.raises(Exception, match=match), torch.no_grad():
+        compiled(torch.randn(2, 64))
+    assert_unchanged(model, snap)
+
+
+def test_untraceable_example_inputs_say_why_nothing_was_found():
+    """Only functional weights, and example_inputs torch.export cannot trace: the error carries the trace's
+    failure rather than only 'no weight feeds a matmul-like op'."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: export fails
+                return x @ self.w
+            return -(x @ self.w)
+
+    model = Functional()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing to compress in Functional: .*; could not trace the model"):
+        roastfx.compress(model, "2x", example_inputs=(torch.randn(3, 8),))
+    assert_unchanged(model, snap)
