@@ -115,6 +115,41 @@ def _reset_parameters(self, *args, **kwargs):
         "initialized dense model (roastfx.compress(..., init='random'))")
 
 
+def _root_get_parameter(self, target: str):
+    """``nn.Module.get_parameter``, which also names a compressed weight: it returns the weight computed from
+    the memory (a tensor, not a Parameter), as transformers' tie_weights reads it."""
+    try:
+        return type(self)._roast_base_class.get_parameter(self, target)
+    except AttributeError:
+        path, _, attr = target.rpartition(".")
+        module = self.get_submodule(path)
+        if attr in module.__dict__.get("_roast_sites", {}):
+            return getattr(module, attr)
+        raise
+
+
+def _save_pretrained(self, *args, **kwargs):
+    raise RuntimeError(
+        f"{type(self)._roast_base_class.__name__}.save_pretrained: this model is ROAST-compressed, and "
+        "from_pretrained could not read its weights back (they live in roast_memory, with a plan). Save it with "
+        "roastfx.save(model, 'model.safetensors') (and model.config.save_pretrained(dir) for the config); load "
+        "it with roastfx.load(factory, 'model.safetensors'), the factory building the dense model, e.g. from "
+        "the config")
+
+
+def _resize_token_embeddings(self, *args, **kwargs):
+    base = type(self)._roast_base_class
+    tables = [m for m in (self.get_input_embeddings(), self.get_output_embeddings()) if m is not None]
+    compressed = [m for m in tables if m.__dict__.get("_roast_sites")]
+    if compressed:
+        raise RuntimeError(
+            f"{base.__name__}.resize_token_embeddings: the token embeddings are ROAST-compressed (sites "
+            f"{sorted({s for m in compressed for s in m.__dict__['_roast_sites'].values()})}); their shape is part "
+            "of the plan. Resize the dense model before roastfx.compress, or exclude the embeddings and head "
+            "(exclude=[...]). Nothing was changed")
+    return base.resize_token_embeddings(self, *args, **kwargs)
+
+
 def _new_roast_module(base: type, attrs: tuple[str, ...], root: bool):
     """Unpickling: an empty instance of the roast subclass, rebuilt by name from its dense base class."""
     cls = roast_subclass(base, attrs, root)
@@ -150,9 +185,12 @@ class _DenseGrad(torch.autograd.Function):
 
 def _roast_property(attr: str):
     def get(self):
-        weight = self.__dict__["_roast_state"].weight(self.__dict__["_roast_sites"][attr])
+        site = self.__dict__["_roast_sites"][attr]
+        weight = self.__dict__["_roast_state"].weight(site)
         if self.__dict__.get("sparse") is True and weight.requires_grad:
             weight = _DenseGrad.apply(weight)
+        if not torch.compiler.is_compiling():
+            weight._roast_site = site  # assigning it back to a binding of the same site is a no-op (a tie)
         return weight
 
     def set_(self, value):
@@ -166,6 +204,8 @@ def _roast_property(attr: str):
 
 def _guarded_setattr(self, name, value):
     sites = self.__dict__.get("_roast_sites", {})
+    if name in sites and getattr(value, "_roast_site", None) == sites[name]:
+        return  # the same site's weight (transformers' tie_weights, head.weight = emb.weight): tied already
     if name in sites:
         raise AttributeError(
             f"{type(self).__name__}.{name} is ROAST-compressed (site {sites[name]!r}); "
@@ -191,6 +231,11 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
         namespace.update(_roast_attrs=attrs, _roast_root=root, __reduce_ex__=_reduce_ex)
         if root:
             namespace["_apply"] = _root_apply
+            namespace["get_parameter"] = _root_get_parameter
+            if callable(getattr(cls, "save_pretrained", None)) and callable(getattr(cls, "from_pretrained", None)):
+                namespace["save_pretrained"] = _save_pretrained  # transformers' PreTrainedModel
+            if callable(getattr(cls, "resize_token_embeddings", None)):
+                namespace["resize_token_embeddings"] = _resize_token_embeddings
         if attrs and callable(getattr(cls, "reset_parameters", None)):
             namespace["reset_parameters"] = _reset_parameters
         if issubclass(cls, nn.RNNBase):
@@ -242,6 +287,35 @@ def _trace_rnns() -> None:
         torch._dynamo.config.allow_rnn = True
         log.info("roastfx: torch._dynamo.config.allow_rnn turned on, so that torch.compile traces the compressed "
                  "RNN modules step by step")
+
+
+_MODULE_REQUIRES_GRAD_ = nn.Module.requires_grad_
+
+
+def _requires_grad_(self, requires_grad: bool = True):
+    """nn.Module.requires_grad_, refusing to freeze (or unfreeze) a part of a compressed model whose
+    compressed weights live in a memory it does not hold: those weights are not parameters of the part, so
+    torch's requires_grad_ would skip them silently. Installed on nn.Module when roastfx is imported; a model
+    with no compressed part is not affected."""
+    if _ROOTS:
+        for path, module in self.named_modules():
+            state, sites = module.__dict__.get("_roast_state"), module.__dict__.get("_roast_sites")
+            if not sites or not isinstance(state, RoastState) or any(m is state.root for m in self.modules()):
+                continue
+            if state.memory.requires_grad != requires_grad:
+                where = f"{type(self).__name__}.{path}" if path else type(self).__name__
+                raise ValueError(
+                    f"requires_grad_({requires_grad}) on a part of a ROAST-compressed model: {where} holds "
+                    f"compressed weights ({sorted(sites.values())}) that share the model's roast_memory "
+                    f"(requires_grad={state.memory.requires_grad}) with other sites, so they cannot be "
+                    f"{'unfrozen' if requires_grad else 'frozen'} alone. Exclude them when compressing "
+                    "(exclude=[...]) or change the whole memory: model.roast_memory.requires_grad_(...). "
+                    "Nothing was changed")
+    return _MODULE_REQUIRES_GRAD_(self, requires_grad)
+
+
+_requires_grad_.__wrapped__ = _MODULE_REQUIRES_GRAD_
+nn.Module.requires_grad_ = _requires_grad_
 
 
 def already_compressed(model: nn.Module) -> str | None:

@@ -197,3 +197,82 @@ def test_checkpoint_keeps_submodules_extra_state(tmp_path):
     model[0].tag = (1, 2)
     with pytest.raises(ValueError, match=r"'0._extra_state': its value \(1, 2\) does not survive JSON unchanged"):
         roastfx.save(model, tmp_path / "bad.safetensors")
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+def test_tying_again_is_a_no_op_and_other_assignments_are_errors():
+    """head.weight = emb.weight on a compressed tied model (what transformers' tie_weights does) changes
+    nothing; assigning another site's weight or a fresh tensor is an error; get_parameter names a compressed
+    weight (the tensor computed from the memory)."""
+    model = roastfx.compress(TiedLM(), "2x")
+    ids = torch.tensor([[1, 5, 39]])
+    before = model(ids)
+    model.head.weight = model.emb.weight
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+    with pytest.raises(AttributeError, match=r"head.weight|RoastLinear.weight is ROAST-compressed"):
+        model.head.weight = model.body.weight  # a Linear's (16, 16) weight: another site
+    with pytest.raises(AttributeError, match="is ROAST-compressed"):
+        model.head.weight = nn.Parameter(torch.zeros(40, 16))
+    torch.testing.assert_close(model.get_parameter("head.weight"), model.emb.weight, rtol=0, atol=0)
+    with pytest.raises(AttributeError):
+        model.get_parameter("head.nothing")
+
+
+def test_freezing_part_of_a_compressed_model_is_an_error():
+    """requires_grad_ on a submodule whose compressed weights share the memory with other sites would skip
+    them silently (they are not its parameters): it raises and changes nothing. The whole model, or a part
+    without compressed weights, behave as in torch."""
+    model = roastfx.compress(nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), nn.Linear(8, 3)), "2x")
+    with pytest.raises(ValueError, match=r"requires_grad_\(False\) on a part of a ROAST-compressed model: "
+                                         r"Sequential.0 holds compressed weights \(\['0.0.weight'\]\)"):
+        model[0].requires_grad_(False)
+    assert all(p.requires_grad for p in model.parameters())
+    model[0][1].requires_grad_(False)  # a LayerNorm: no compressed weight
+    assert not model[0][1].weight.requires_grad and model.roast_memory.requires_grad
+    model.requires_grad_(False)
+    assert not model.roast_memory.requires_grad
+    with pytest.raises(ValueError, match=r"cannot be unfrozen alone"):
+        model[1].requires_grad_(True)
+    assert not model[1].bias.requires_grad
+    dense = nn.Linear(4, 4).requires_grad_(False)  # models roastfx never saw: torch's behaviour
+    assert not dense.weight.requires_grad
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=60, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)).eval()  # no dropout: outputs compare
+
+
+def test_transformers_tie_resize_and_save_pretrained(tmp_path):
+    """On a compressed GPT-2 (tied lm_head): tie_weights works (the plan holds the tie), resize_token_embeddings
+    and save_pretrained raise clear errors and change nothing, and roastfx.save / load round-trips."""
+    model = roastfx.compress(_tiny_gpt2(), "4x")
+    ids = torch.tensor([[3, 17, 59, 4]])
+    before = model(ids).logits
+    model.tie_weights()
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"resize_token_embeddings: the token embeddings are ROAST-compressed "
+                                           r"\(sites \['transformer.wte.weight'\]\).*Nothing was changed"):
+        model.resize_token_embeddings(70)
+    assert model.transformer.wte.num_embeddings == 60 and model.config.vocab_size == 60
+    with pytest.raises(RuntimeError, match=r"save_pretrained: this model is ROAST-compressed.*roastfx.save"):
+        model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    roastfx.save(model, tmp_path / "m.safetensors")
+    loaded = roastfx.load(_tiny_gpt2, tmp_path / "m.safetensors")
+    torch.testing.assert_close(loaded(ids).logits, before, rtol=0, atol=0)
