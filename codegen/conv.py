@@ -462,7 +462,7 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
     for g, window in enumerate(windows):
         rows = x2[:, g * c // groups:(g + 1) * c // groups].flatten(2).transpose(1, 2)  # (N, H*W, in/groups)
         cols = torch.ops.roastfx.linear(rows, memory, None, None, window, scale, True, "none", False)[0]
-        outs.append(F.fold(cols.transpose(1, 2), size, k2, d2, p2, s2))  # (N, out/groups, H_out, W_out)
+        outs.append(_fold_transposed(cols.transpose(1, 2), x2.shape[2:], size, k2, s2, p2, d2))
     y = outs[0] if groups == 1 else torch.cat(outs, 1)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(1, -1, *[1] * (y.dim() - 2))
@@ -537,6 +537,29 @@ def _conv_transpose_grads(x, memory, grad, mapping, scale, conv, need_x, need_me
     return (grad_x.reshape(x.shape) if grad_x is not None else None), grad_memory
 
 
+def _uncropped(in_size, kernel, stride, dilation) -> list[int]:
+    """A transposed conv's output size before the padding crops it (and output_padding extends it)."""
+    return [(i - 1) * s + d * (k - 1) + 1 for i, k, s, d in zip(in_size, kernel, stride, dilation)]
+
+
+def _fold_transposed(cols, in_size, size, kernel, stride, padding, dilation):
+    """F.fold of a transposed conv's columns into its output of ``size`` (output_padding included): folded
+    at the uncropped size, then cropped by the padding and zero-extended where output_padding reaches past
+    it. (F.fold at ``size`` with the padding counts its blocks from ``size``, one too many once
+    output_padding >= stride, which dilation > stride allows.)"""
+    full = _uncropped(in_size, kernel, stride, dilation)
+    y = F.fold(cols, full, kernel, dilation, 0, stride)
+    return F.pad(y, (-padding[1], size[1] + padding[1] - full[1], -padding[0], size[0] + padding[0] - full[0]))
+
+
+def _unfold_transposed(grad, in_size, kernel, stride, padding, dilation):
+    """The adjoint of `_fold_transposed`: the columns of the output gradient ``grad`` (N, C, *size)."""
+    full = _uncropped(in_size, kernel, stride, dilation)
+    size = grad.shape[2:]
+    grad = F.pad(grad, (padding[1], full[1] - padding[1] - size[1], padding[0], full[0] - padding[0] - size[0]))
+    return F.unfold(grad, kernel, dilation, 0, stride)
+
+
 def _transposed_im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, need_memory, grad_norm):
     """(dX, dMemory, sum of dV^2 or None) per group: the columns of dY (F.unfold) @ V^T, and x^T @ them."""
     k2, s2, p2, d2 = geometry
@@ -545,7 +568,8 @@ def _transposed_im2col_grads(x2, g2, memory, windows, scale, geometry, need_x, n
     per_group, width = c // groups, g2.shape[1] // groups
     grad_xs, grad_memory, sumsq = [], None, 0.0
     for g, window in enumerate(windows):
-        cols = F.unfold(g2[:, g * width:(g + 1) * width], k2, d2, p2, s2).transpose(1, 2).reshape(-1, window[1])
+        cols = _unfold_transposed(g2[:, g * width:(g + 1) * width], x2.shape[2:], k2, s2, p2, d2)
+        cols = cols.transpose(1, 2).reshape(-1, window[1])
         cols = cols.contiguous()
         if need_x:
             grad_rows = torch.ops.roastfx.linear_grad_input(cols, memory, window, scale, True)  # (N*H*W, in/groups)

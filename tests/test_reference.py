@@ -105,3 +105,40 @@ def test_dtypes_forward_backward(dtype):
     assert torch.allclose(out.double(), ref(x.double()), rtol=tol, atol=tol)
     out.float().sum().backward()
     assert model.roast_memory.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_memory_view_is_rounded_once(dtype):
+    """A bf16/fp16 memory's view is scale * sign * memory[index] computed in float and rounded to the memory's
+    dtype once (rounding the scale to that dtype first put it up to 0.5% off)."""
+    from roastfx.codegen.hashing import TileHash
+    from roastfx.codegen.reference import materialize, materialize_rows
+
+    mapping = TileHash(rows=37, cols=29, tile_rows=4, tile_cols=8, alignment=4, window_start=8, window_size=300,
+                       a_row=12345, a_col=678, b=91011, c_row=1213, c_col=1415, d=1617)
+    memory = torch.randn(320, generator=torch.Generator().manual_seed(3)).to(dtype)
+    index, sign = mapping.full_index()
+    want = (memory.float()[index] * sign.float() * 1.3).to(dtype)
+    assert torch.equal(materialize(memory, mapping, 1.3), want)
+    rows = torch.tensor([0, 36, 5, 5])
+    assert torch.equal(materialize_rows(memory, mapping, 1.3, rows), want[rows])
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu_tanh"])
+def test_activation_grad_in_bf16_is_computed_in_float32(name):
+    """The activation derivative of roast_linear(act=...) in bf16: the float64 derivative rounded to bf16
+    (to a bf16 step), as torch's own bf16 backward gives, across [-6, 6]."""
+    from roastfx.codegen.ops import activation_grad
+
+    pre = torch.linspace(-6, 6, 481, dtype=torch.float64)
+    grad = torch.ones_like(pre)
+    x = pre.clone().requires_grad_()
+    act = torch.nn.functional.silu(x) if name == "silu" else torch.nn.functional.gelu(x, approximate="tanh")
+    want = torch.autograd.grad(act.sum(), x)[0]
+    got = activation_grad(grad.to(torch.bfloat16), pre.to(torch.bfloat16), name).double()
+    # pre itself is rounded to bf16 (relative 2^-9): the derivative moves by at most |f''| * |pre| * 2^-9
+    x16 = pre.to(torch.bfloat16).double().requires_grad_()
+    act16 = torch.nn.functional.silu(x16) if name == "silu" else torch.nn.functional.gelu(x16, approximate="tanh")
+    want16 = torch.autograd.grad(act16.sum(), x16)[0]
+    assert (got - want16).abs().max() <= 2 ** -8 * want16.abs().max()
+    assert (got - want).abs().max() < 0.006
