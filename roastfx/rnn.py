@@ -4,7 +4,9 @@ torch's RNN modules hand all their weights at once to one aten op (``lstm``, ``g
 ``rnn_relu``), which needs them dense. Under torch.compile a compressed RNN module runs this
 decomposition instead: per layer and direction, the input projection of every time step as one
 ``F.linear`` with ``weight_ih``, then one ``F.linear`` with ``weight_hh`` per step and the gate
-arithmetic; the roast backend rewrites each of those reads into a ``roast_linear``. Eager calls keep
+arithmetic; the roast backend rewrites each of those reads into a ``roast_linear``. (With
+grad_scaling="site" the recurrent weights are read once per layer and direction instead, as torch's op
+reads them, so that their gradient is normalized once, as in eager.) Eager calls keep
 torch's op (faster on CPU, and the reference the decomposition is tested against). A PackedSequence
 runs the same steps over its padded (time, batch) form, each sequence's state held where its steps have
 ended, and its data is gathered back into the packed order.
@@ -139,16 +141,24 @@ def _run_direction(module, layer, direction, x, h, c, active=None):
     gates_x = F.linear(x, _weights(module, layer, direction, "weight_ih"), bias_ih)
     order = range(x.shape[0] - 1, -1, -1) if direction else range(x.shape[0])
     outputs = [None] * x.shape[0]
+    # With grad_scaling="site" each read's gradient is normalized on its own, so a weight read once per step
+    # would get T unit-RMS gradients where torch's op (eager) gets one: read the recurrent weights once
+    # (the roast backend then materializes them, logged, since one read has several users). Otherwise one
+    # read per step, each its own fused roast op.
+    state = module.__dict__.get("_roast_state")
+    once = getattr(getattr(state, "plan", None), "grad_scaling", "none") == "site"
+    weight_hh = _weights(module, layer, direction, "weight_hh") if once else None
+    weight_hr = _weights(module, layer, direction, "weight_hr") if once else None
     for t in order:
         h_before, c_before = h, c
-        gates_h = F.linear(h, _weights(module, layer, direction, "weight_hh"), bias_hh)
+        gates_h = F.linear(h, weight_hh if once else _weights(module, layer, direction, "weight_hh"), bias_hh)
         if mode == "LSTM":
             i, f, g, o = (gates_x[t] + gates_h).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-            weight_hr = _weights(module, layer, direction, "weight_hr")
-            if weight_hr is not None:
-                h = F.linear(h, weight_hr)
+            projection = weight_hr if once else _weights(module, layer, direction, "weight_hr")
+            if projection is not None:
+                h = F.linear(h, projection)
         elif mode == "GRU":
             x_r, x_z, x_n = gates_x[t].chunk(3, -1)
             h_r, h_z, h_n = gates_h.chunk(3, -1)

@@ -155,6 +155,9 @@ class PackedTagger(nn.Module):
         return self.head(out).sum(1) + h.sum(0)[:, :5]
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="torch < 2.13's dynamo traces the model's pad_packed_sequence on fake data and fails once "
+                           "allow_rnn is on (a dense LSTM too); 2.13 skips that function")
 @pytest.mark.parametrize("enforce_sorted", [False, True])
 def test_packed_sequences_compile_with_every_weight_read_fused(enforce_sorted, monkeypatch):
     """A compressed LSTM fed a PackedSequence through torch.compile(backend="roast"): eager's outputs and
@@ -176,3 +179,25 @@ def test_packed_sequences_compile_with_every_weight_read_fused(enforce_sorted, m
     # per direction: 1 input projection and 6 recurrent steps (the longest sequence); the embedding; the head
     assert len(uses) == 2 * (1 + 6) + 2, [u.why for u in uses]
     assert all(u.fused for u in uses), [u.why for u in uses if not u.fused]
+
+
+def test_site_gradient_scaling_compiled_equals_eager(monkeypatch):
+    """grad_scaling="site" normalizes each read's gradient: torch's RNN op (eager) reads weight_hh once, so the
+    step-by-step forward reads it once too (the roast backend then materializes it, saying why) and the
+    compiled memory gradient equals eager's. Per-step reads would give each step its own unit gradient."""
+    from test_fuse_roast_ops import record_uses
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = roastfx.compress(nn.Sequential(nn.LSTM(8, 16, proj_size=6)), "4x", init="random", grad_scaling="site")
+    x = torch.randn(5, 3, 8)
+    eager = model(x)[0]
+    want = torch.autograd.grad(eager.square().mean(), model.roast_memory)[0]
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)[0]
+    got = torch.autograd.grad(out.square().mean(), model.roast_memory)[0]
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    fused = [u for u in uses if u.fused]
+    assert len(fused) == 1  # the input projection, read once for all steps
+    assert len(uses) == 3 and all("other users" in u.why for u in uses if not u.fused)
