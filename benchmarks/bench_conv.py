@@ -54,7 +54,7 @@ def run(args):
     if args.dry_run:
         os.environ["ROASTFX_KERNELS"] = "triton"  # the roast ops' Triton path, interpreted on CPU
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    bench = timer(args.dry_run)
+    bench = timer(args.dry_run, args.l2)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name, (n, cin, cout, hw, k, stride, pad, groups, transposed) in args.shape_table.items():
@@ -103,7 +103,8 @@ def run(args):
                     print(f"WARNING: {name} at {factor:g}x: {m} differs from the materialized conv by {err:.3g} "
                           f"(output) / {grad_err:.3g} (input gradient), relative", file=sys.stderr)
             for method in METHODS:
-                fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep)
+                fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep,
+                                                     params=(memory, dense_w, bias))
                 flops = 2 * n * (hw * hw if transposed else out_hw * out_hw) * view_rows * view_cols
                 row = dict(shape=name, batch=n, cin=cin, cout=cout, hw=hw, kernel=k, stride=stride,
                                 groups=groups, transposed=transposed, compression=factor, memory_size=size,

@@ -66,7 +66,7 @@ def run(args):
 
     device = "cpu" if args.dry_run else "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    bench = timer(args.dry_run)
+    bench = timer(args.dry_run, args.l2)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name, (M, K, N) in args.shape_table.items():
@@ -100,9 +100,11 @@ def run(args):
                 print(f"WARNING: {name} at {factor:g}x: fused kernel differs from materialize-then-GEMM "
                       f"by {rel_err:.3g} (relative)", file=sys.stderr)
             for method in args.method_list:
-                fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep)
+                fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep,
+                                                     params=(memory, dense_w_param, bias))
                 rows.append(dict(
-                    shape=name, M=M, K=K, N=N, compression=factor, memory_size=size, tile=list(tile),
+                    shape=name, M=M, K=K, N=N, compression=factor, memory_size=size, memory_dtype=str(memory.dtype),
+                    tile=list(tile),
                     method=method, fused_vs_materialized_rel_err=rel_err, forward_ms=fwd, forward_backward_ms=fwd_bwd,
                     forward_tflops=2 * M * K * N / fwd / 1e9, forward_backward_tflops=6 * M * K * N / fwd_bwd / 1e9,
                 ))

@@ -113,10 +113,11 @@ def measure(fn, steps: int, warmup: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def run(args):
+def run(args, save=None):
     import torch
 
     import roastfx
+    from roastfx.backend import roast_backend
 
     cuda = not args.dry_run
     device = "cuda" if cuda else "cpu"
@@ -124,7 +125,9 @@ def run(args):
     inner = "aot_eager" if args.dry_run else "inductor"
     rows = []
     for name, (batch, seq) in args.model_table.items():
-        variants = ["dense", "dense-compile"] + [f"roast-{c:g}x" for c in args.factors]
+        # the comparisons that matter first (dense-compile is the baseline), so a timeout loses the least
+        roast = [f"roast-{c:g}x" for c in args.factors]
+        variants = ["dense-compile", *roast[:1], "dense", *roast[1:]]
         for variant in variants:
             torch._dynamo.reset()
             torch.manual_seed(0)
@@ -136,7 +139,9 @@ def run(args):
             if variant == "dense-compile":
                 run_model = torch.compile(model, backend=inner)
             elif variant.startswith("roast"):
-                run_model = torch.compile(model, backend="roast", options={"inner": inner})
+                # the backend itself, not its name: the name resolves through the installed entry point,
+                # which a checkout run from a package link (gpu_session.sh) does not have
+                run_model = torch.compile(model, backend=roast_backend, options={"inner": inner})
             gen = torch.Generator(device=device).manual_seed(1)
             inputs = make_inputs(batch, seq, device, gen)
             features = {k: v for k, v in inputs.items() if k != "labels"}
@@ -163,6 +168,8 @@ def run(args):
             rows.append(dict(model=name, batch=batch, seq=seq, variant=variant, parameter_bytes=parameter_bytes(model),
                              inference_ms=infer_ms, train_step_ms=train_ms, peak_train_bytes=peak,
                              items_per_s_train=batch * (1 if name.startswith("resnet") else seq) / train_ms * 1e3))
+            if save is not None:
+                save(rows)  # after every variant: a step cut by its timeout keeps what it measured
             del model, run_model, optimizer
             if cuda:
                 torch.cuda.empty_cache()
@@ -188,15 +195,18 @@ def main(argv=None):
 
     args = parse_args(argv)
     select_device(args.dry_run, "bench_models.py")
-    rows = run(args)
     env = environment()
-    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  autocast {args.dtype}")
-    print_table(rows)
-    if not args.dry_run:
-        path = results_path(args.out, env, prefix=f"models-{'-'.join(args.model_table)}-")
+    path = None if args.dry_run else results_path(args.out, env, prefix=f"models-{'-'.join(args.model_table)}-")
+
+    def save(rows):
         with open(path, "w") as f:
             json.dump(dict(environment=env, dtype=args.dtype, steps=args.steps, warmup=args.warmup, results=rows),
                       f, indent=1)
+
+    rows = run(args, save if path else None)
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  autocast {args.dtype}")
+    print_table(rows)
+    if path:
         print(f"wrote {path}")
 
 

@@ -5,6 +5,7 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import time
 
 SHAPES = {  # name: (M tokens, K in_features, N out_features)
@@ -16,19 +17,58 @@ SHAPES = {  # name: (M tokens, K in_features, N out_features)
 }
 
 
-def timer(dry_run: bool):
-    """bench(fn, warmup_ms, rep_ms) -> milliseconds: triton's event-timed median on a GPU; one
-    host-timed call after one warm-up call in a dry run (interpreter numbers mean nothing)."""
+def timer(dry_run: bool, l2: str = "cold"):
+    """bench(fn, warmup_ms, rep_ms, grad_to_none=()) -> milliseconds.
+
+    On a GPU, l2="cold": triton's do_bench, which clears the L2 cache before every timed call (weights
+    and memory come from HBM); l2="warm": CUDA events around each call with nothing cleared between
+    calls, so what fits in L2 stays there, as a ROAST memory shared by every layer does in a model (the
+    cost model's assumption). Both: the median; ``grad_to_none`` tensors get .grad = None before each call
+    (untimed), so a backward does not time an accumulation into an old gradient. A dry run: one host-timed
+    call after one warm-up call (interpreter numbers mean nothing)."""
+    if l2 not in ("cold", "warm"):
+        raise ValueError(f"l2={l2!r}; accepted: cold, warm")
     if dry_run:
-        def bench(fn, warmup, rep):
+        def bench(fn, warmup, rep, grad_to_none=()):
             fn()
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e3
         return bench
+    import torch
     import triton.testing
 
-    return lambda fn, warmup, rep: triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    if l2 == "cold":
+        return lambda fn, warmup, rep, grad_to_none=(): triton.testing.do_bench(
+            fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none) or None, return_mode="median")
+
+    def warm(fn, warmup, rep, grad_to_none=()):
+        def call():
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+        call()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        once = max(start.elapsed_time(end), 1e-3)
+        for _ in range(max(1, int(warmup / once))):
+            call()
+        times = []
+        for _ in range(max(5, int(rep / once))):
+            for t in grad_to_none:
+                t.grad = None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    return warm
 
 
 def environment(**extra) -> dict:
@@ -38,8 +78,19 @@ def environment(**extra) -> dict:
     return dict(
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        python=platform.python_version(), date=datetime.date.today().isoformat(), **extra,
+        python=platform.python_version(), date=datetime.date.today().isoformat(), commit=_commit(), **extra,
     )
+
+
+def _commit() -> str | None:
+    """The repository's commit, when it is a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def results_path(out: str, env: dict, prefix: str = "") -> str:
@@ -71,6 +122,8 @@ def add_common_arguments(p, shapes: dict = SHAPES, compression: str = "10,100,10
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="directory for the JSON results")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in the Triton interpreter; no JSON")
+    p.add_argument("--l2", default="cold", choices=("cold", "warm"),
+                   help="cold: L2 cleared before every timed call (triton's do_bench); warm: not cleared")
 
 
 def parse_common(p, argv, dry_run_shapes: dict, shapes: dict = SHAPES):
@@ -97,8 +150,9 @@ def parse_factors(p, text: str) -> list[float]:
     return factors
 
 
-def time_forward_backward(bench, fn, x, dy, warmup: int, rep: int) -> tuple[float, float]:
-    """(forward ms without autograd, forward + backward ms into ``dy``) of ``fn(x)``."""
+def time_forward_backward(bench, fn, x, dy, warmup: int, rep: int, params=()) -> tuple[float, float]:
+    """(forward ms without autograd, forward + backward ms into ``dy``) of ``fn(x)``; ``params``: the
+    tensors ``fn`` trains, whose gradients are reset (untimed) before each call."""
     import torch
 
     xg = x.clone().requires_grad_()
@@ -110,7 +164,7 @@ def time_forward_backward(bench, fn, x, dy, warmup: int, rep: int) -> tuple[floa
     def forward_backward():
         fn(xg).backward(dy)
 
-    return bench(forward, warmup, rep), bench(forward_backward, warmup, rep)
+    return bench(forward, warmup, rep), bench(forward_backward, warmup, rep, grad_to_none=[xg, *params])
 
 
 def run_script(script: str, parse_args, run, print_table, argv=None, prefix: str = "") -> None:
@@ -127,6 +181,7 @@ def run_script(script: str, parse_args, run, print_table, argv=None, prefix: str
     if not args.dry_run:
         path = results_path(args.out, env, prefix)
         with open(path, "w") as f:
-            json.dump(dict(environment=env, dtype=args.dtype, warmup_ms=args.warmup, rep_ms=args.rep, results=rows),
+            json.dump(dict(environment=env, dtype=args.dtype, l2=args.l2, warmup_ms=args.warmup, rep_ms=args.rep,
+                           results=rows),
                       f, indent=1)
         print(f"wrote {path}")
