@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .weight_reads import (CHAIN_OPS, cast_dtype, einsum_as_matmul, example_shape, final_users, is_materialize,
-                           is_site_grad_norm, op_name, weight_read)
+from .weight_reads import (einsum_as_matmul, example_shape, final_users, is_chain_step, is_materialize, op_name,
+                           weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -131,17 +131,19 @@ def _autocast_dtype(node, x, bias=None) -> torch.dtype | None:
     return out
 
 
-def _autocast_inputs(graph, node, compute, *tensors):
-    """``tensors`` cast to ``compute`` (before ``node``), as autocast casts the op's inputs; the roast op then
-    computes in that dtype as the original op did. Unchanged when ``compute`` is None."""
-    if compute is None:
-        return tensors
-    out = []
+def _compute_inputs(graph, node, read, x, bias, op: str):
+    """(why the read cannot fold, or None; x; bias) for a roast op replacing ``node``: under autocast x and
+    the bias cast (before ``node``) to the dtype autocast ran the op in, as autocast casts them, so the roast
+    op computes in it as the original op did; a weight read cast to another dtype folds only when that is
+    the dtype the op computes in."""
+    compute = _autocast_dtype(node, x, bias)
+    why = _cast_problem(read, x, op, compute)
+    if why or compute is None:
+        return why, x, bias
     with graph.inserting_before(node):
-        for t in tensors:
-            out.append(graph.call_method("to", (t, compute)) if isinstance(t, torch.fx.Node) and _dtype(t) != compute
-                       else t)
-    return tuple(out)
+        x, bias = (graph.call_method("to", (t, compute)) if isinstance(t, torch.fx.Node) and _dtype(t) != compute
+                   else t for t in (x, bias))
+    return None, x, bias
 
 
 def _norm_kwargs(read) -> dict:
@@ -175,10 +177,9 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{op} broadcasts the weight over dims that x does not have")
     if op == "addmm" and (bias is None or example_shape(bias) is None or len(example_shape(bias)) != 1):
         return SiteUse(node.name, False, "addmm whose added term is not a bias vector")
-    compute = _autocast_dtype(node, x, bias)
-    if _cast_problem(read, x, op, compute):
-        return SiteUse(node.name, False, _cast_problem(read, x, op, compute))
-    x, bias = _autocast_inputs(graph, node, compute, x, bias)
+    why, x, bias = _compute_inputs(graph, node, read, x, bias, op)
+    if why:
+        return SiteUse(node.name, False, why)
     # x @ B with B = W or W^T, and W = V or V^T: roast_linear computes x @ V, or x @ V^T when flipped
     flip = read.transposed != b_is_weight_t
     memory, mapping, scale = read.materialize.args
@@ -224,9 +225,6 @@ def _fuse_conv(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"conv{dims}d weight {read.shape} is not the site's V^T reshaped")
     if _shared(read, f"conv{dims}d"):
         return SiteUse(node.name, False, _shared(read, f"conv{dims}d"))
-    compute = _autocast_dtype(node, node.args[0], _arg(node, 2, "bias"))
-    if _cast_problem(read, node.args[0], f"conv{dims}d", compute):
-        return SiteUse(node.name, False, _cast_problem(read, node.args[0], f"conv{dims}d", compute))
     kernel = list(read.shape[2:])
     stride = _per_dim(_arg(node, 3, "stride", 1), dims)
     dilation = _per_dim(_arg(node, 5, "dilation", 1), dims)
@@ -234,8 +232,10 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     groups = int(_arg(node, 6, "groups", 1))
     if isinstance(padding, str):
         return SiteUse(node.name, False, padding)
+    why, x, bias = _compute_inputs(graph, node, read, node.args[0], _arg(node, 2, "bias"), f"conv{dims}d")
+    if why:
+        return SiteUse(node.name, False, why)
     memory, mapping, scale = read.materialize.args
-    x, bias = _autocast_inputs(graph, node, compute, node.args[0], _arg(node, 2, "bias"))
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_conv.default,
                                     (x, memory, list(mapping), scale, bias, kernel,
@@ -258,15 +258,14 @@ def _fuse_conv_transpose(graph, node) -> SiteUse | None:
         return SiteUse(node.name, False, f"{name} weight {read.shape} is not the site's V reshaped")
     if _shared(read, name):
         return SiteUse(node.name, False, _shared(read, name))
-    compute = _autocast_dtype(node, node.args[0], _arg(node, 2, "bias"))
-    if _cast_problem(read, node.args[0], name, compute):
-        return SiteUse(node.name, False, _cast_problem(read, node.args[0], name, compute))
+    why, x, bias = _compute_inputs(graph, node, read, node.args[0], _arg(node, 2, "bias"), name)
+    if why:
+        return SiteUse(node.name, False, why)
     groups = int(_arg(node, 6, "groups", 1))
     kernel = list(read.shape[2:])
     conv = [_per_dim(_arg(node, i, key, default), dims)
             for i, key, default in ((3, "stride", 1), (4, "padding", 0), (5, "output_padding", 0), (7, "dilation", 1))]
     memory, mapping, scale = read.materialize.args
-    x, bias = _autocast_inputs(graph, node, compute, node.args[0], _arg(node, 2, "bias"))
     with graph.inserting_before(node):
         fused = graph.call_function(torch.ops.roastfx.roast_conv_transpose.default,
                                     (x, memory, list(mapping), scale, bias, kernel,
@@ -442,9 +441,7 @@ def _drop_unused_reads(graph) -> None:
     """Erase the materialize chains the rewrite left without users. Not graph.eliminate_dead_code: on
     dynamo's graph (before functionalization) it also erases unused in-place ops (``a.add_(1)``)."""
     for node in reversed(list(graph.nodes)):
-        pure = is_materialize(node) or is_site_grad_norm(node) or cast_dtype(node) is not None or (
-            node.op in ("call_method", "call_function") and op_name(node) in CHAIN_OPS)
-        if pure and not node.users:
+        if (is_materialize(node) or is_chain_step(node)) and not node.users:
             graph.erase_node(node)
 
 

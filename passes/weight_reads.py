@@ -67,6 +67,13 @@ def cast_dtype(node) -> torch.dtype | None:
     return node.args[1] if isinstance(node.args[1], torch.dtype) else None
 
 
+def is_chain_step(node) -> bool:
+    """Whether ``node`` is one of the ops that rebuild a weight from its view (a reshape, transpose,
+    broadcast, site_grad_norm or pure dtype cast)."""
+    return is_site_grad_norm(node) or cast_dtype(node) is not None or (
+        node.op in ("call_method", "call_function") and op_name(node) in CHAIN_OPS)
+
+
 def op_name(node) -> str:
     if node.op == "call_method":
         return node.target
@@ -94,11 +101,10 @@ def weight_read(weight) -> WeightRead | None:
     chain, node, norms, casts = [], weight, 0, []
     while isinstance(node, torch.fx.Node) and not is_materialize(node):
         norms += is_site_grad_norm(node)
+        if not is_chain_step(node):
+            return None
         if cast_dtype(node) is not None:
             casts.append(cast_dtype(node))
-        elif not is_site_grad_norm(node) and (node.op not in ("call_method", "call_function")
-                                              or op_name(node) not in CHAIN_OPS):
-            return None
         chain.append(node)
         node = node.args[0]
     if not isinstance(node, torch.fx.Node) or norms > 1 or len(casts) > 1:
@@ -145,8 +151,7 @@ def final_users(node) -> list:
     """The users of a weight after the reshape/transpose chain that rebuilds it."""
     out = []
     for user in node.users:
-        if (op_name(user) in CHAIN_OPS or is_site_grad_norm(user) or cast_dtype(user) is not None) \
-                and user.args and user.args[0] is node:
+        if is_chain_step(user) and user.args and user.args[0] is node:
             out.extend(final_users(user))
         else:
             out.append(user)

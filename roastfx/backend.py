@@ -11,7 +11,6 @@ the inner compiler
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import weakref
 from dataclasses import dataclass
@@ -27,9 +26,6 @@ FALLBACKS = ("materialize", "error")  # what to do with a weight read no roast o
 # torch.compile's modes ("default" reaches a backend as no mode at all)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-
-_MEMORY_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                  torch.bfloat16: "bfloat16"}
 
 def _cache_key_patch() -> dict:
     """Inductor's config patch that keys its compiled-graph caches on what roastfx decides while a graph is
@@ -219,10 +215,10 @@ def _new_compression(root, found, opts, key) -> InGraphCompression:
     from roastfx.passes.capture_sites import find_sites, name_matches
     from roastfx.passes.plan_layout import plan_layout
 
+    from .module import default_memory_dtype, dtype_name
     from .profiles import get_profile
 
-    patterns = opts.get("exclude", ())
-    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    patterns = opts.get("exclude", ())  # parse_options made it a tuple of patterns
     if root is not None:
         specs, _ = find_sites(root, None, patterns)
         named = dict(root.named_parameters(remove_duplicate=False))
@@ -247,14 +243,12 @@ def _new_compression(root, found, opts, key) -> InGraphCompression:
     if not specs:
         raise ValueError(f"options['exclude']={list(patterns)} leaves no weight to compress")
     profile = get_profile(opts.get("target"))
-    # the memory in the weights' dtype (as roastfx.compress; float32 when they differ)
-    dtypes = {p.dtype for p in params.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _MEMORY_DTYPES else torch.float32
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    dtype = default_memory_dtype(p.dtype for p in params.values())  # as roastfx.compress chooses it
+    itemsize = dtype.itemsize
     memory_size = parse_compression(opts["compression"], sum(p.numel() for p in params.values()), itemsize)
     scales = {name: _site_scale(p) for name, p in params.items()}
     plan = plan_layout(specs, memory_size, scales, seed=int(opts.get("seed", 0)), target=profile.name,
-                       cache_line=profile.alignment_elements(itemsize), memory_dtype=_MEMORY_DTYPES[dtype],
+                       cache_line=profile.alignment_elements(itemsize), memory_dtype=dtype_name(dtype),
                        notes=("compressed inside the compiler",))
     device = next(iter(params.values())).device
     memory = initial_memory(plan, params, "project").to(device=device, dtype=dtype)

@@ -21,7 +21,7 @@ from roastfx.passes.plan_layout import plan_layout, seeded_int
 from roastfx.plan import SCHEMES, Plan, check_grad_scaling
 from roastfx.profiles import get_profile
 
-from .module import already_compressed, dtype_name, install, memory_dtype
+from .module import already_compressed, default_memory_dtype, dtype_name, install, memory_dtype
 
 log = logging.getLogger("roastfx")
 
@@ -163,12 +163,9 @@ def compress(
     params = dict(model.named_parameters(remove_duplicate=False))
     _check_trainable(specs, params)
     weight_dtypes = {s.name: params[s.name].dtype for s in specs}
-    # the memory keeps the weights' dtype unless told otherwise (mixed dtypes: float32)
-    default_dtype = next(iter(set(weight_dtypes.values()))) if len(set(weight_dtypes.values())) == 1 \
-        else torch.float32
-    mem_dtype = memory_dtype(options.get("memory_dtype") or dtype_name(default_dtype))
+    mem_dtype = memory_dtype(options.get("memory_dtype") or default_memory_dtype(weight_dtypes.values()))
     mem_dtype_name = dtype_name(mem_dtype)
-    itemsize = torch.empty((), dtype=mem_dtype).element_size()
+    itemsize = mem_dtype.itemsize
     dense_numel = sum(params[s.name].numel() for s in specs)
     memory_size = parse_compression(compression, dense_numel, itemsize)
     scales = {s.name: _site_scale(params[s.name]) for s in specs}

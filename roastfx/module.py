@@ -26,6 +26,7 @@ log = logging.getLogger("roastfx")
 MEMORY_ATTR = "roast_memory"  # the root's parameter that holds the memory
 EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the plan
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def scale_site_grad(view: torch.Tensor, grad_scaling: str) -> torch.Tensor:
@@ -69,11 +70,10 @@ class RoastState:
 
     def current_plan(self) -> Plan:
         """The plan with the dtypes the model has now (memory and weights), which ``.to()`` may have changed."""
-        names = {v: k for k, v in _DTYPES.items()}
-        sites = tuple(dataclasses.replace(s, dtype=names.get(self.compute_dtypes[s.name], s.dtype))
+        sites = tuple(dataclasses.replace(s, dtype=_NAMES.get(self.compute_dtypes[s.name], s.dtype))
                       for s in self.plan.sites)
         return dataclasses.replace(self.plan, sites=sites,
-                                   memory_dtype=names.get(self.memory.dtype, self.plan.memory_dtype))
+                                   memory_dtype=_NAMES.get(self.memory.dtype, self.plan.memory_dtype))
 
     def follow_conversion(self, fn) -> None:
         """After ``root._apply(fn)`` (model.to, .double(), .half(), ...): each site's weight dtype becomes what
@@ -298,9 +298,10 @@ def _requires_grad_(self, requires_grad: bool = True):
     torch's requires_grad_ would skip them silently. Installed on nn.Module when roastfx is imported; a model
     with no compressed part is not affected."""
     if _ROOTS:
+        held = {id(m) for m in self.modules()}  # a memory this part holds (it contains the root) it may change
         for path, module in self.named_modules():
             state, sites = module.__dict__.get("_roast_state"), module.__dict__.get("_roast_sites")
-            if not sites or not isinstance(state, RoastState) or any(m is state.root for m in self.modules()):
+            if not sites or not isinstance(state, RoastState) or id(state.root) in held:
                 continue
             if state.memory.requires_grad != requires_grad:
                 where = f"{type(self).__name__}.{path}" if path else type(self).__name__
@@ -348,4 +349,11 @@ def memory_dtype(name) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return _NAMES[dtype]
+
+
+def default_memory_dtype(weight_dtypes) -> torch.dtype:
+    """The memory's dtype when none is asked for: the weights' own, when they share one a memory can have;
+    float32 otherwise."""
+    dtypes = set(weight_dtypes)
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _NAMES else torch.float32

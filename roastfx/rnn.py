@@ -48,8 +48,7 @@ def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None
     else:  # a value, not a shape: read outside the graph (a graph break, as the packing itself is)
         batch = torch.compiler.disable(_first)(batch_sizes)  # (not at import: that would import triton)
     if hx is not None and sorted_indices is not None:  # torch's op takes the state in the sorted order
-        hx = tuple(h.index_select(1, sorted_indices) for h in hx) if module.mode == "LSTM" else \
-            hx.index_select(1, sorted_indices)
+        hx = _permute_state(hx, sorted_indices)
     sizes = batch_sizes.to(data.device)
     offsets = torch.cumsum(sizes, 0) - sizes  # where step t's rows start in data
     column = torch.arange(batch, device=data.device)
@@ -66,9 +65,13 @@ def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None
                                           output_size=data.shape[0])
     packed = output[step_of_row, torch.arange(data.shape[0], device=data.device) - offsets[step_of_row]]
     if unsorted_indices is not None:
-        state = tuple(h.index_select(1, unsorted_indices) for h in state) if module.mode == "LSTM" else \
-            state.index_select(1, unsorted_indices)
+        state = _permute_state(state, unsorted_indices)
     return PackedSequence(packed, batch_sizes, sorted_indices, unsorted_indices), state
+
+
+def _permute_state(state, index: torch.Tensor):
+    """An RNN state (h, or the LSTM's (h, c)) with its batch dim (1) reordered by ``index``."""
+    return tuple(s.index_select(1, index) for s in state) if isinstance(state, tuple) else state.index_select(1, index)
 
 
 def _first(sizes: torch.Tensor) -> int:
