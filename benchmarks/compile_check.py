@@ -228,6 +228,9 @@ def run(args):
                        estimate_bytes=cfg.shared_memory(size, b_size) if cfg is not None else None,
                        fits=c.shared_bytes <= limit, kept_by_candidates=kept, registers=c.registers,
                        spill_bytes=c.spill_bytes, tensor_core_ops=c.tensor_core_ops, async_copies=c.async_copies,
+                       loop_instructions=c.loop and c.loop.instructions,
+                       loop_integer_ops=c.loop and c.loop.integer_ops(),
+                       loop_tensor_core=c.loop and c.loop.tensor_core, loop_calls=c.loop and c.loop.calls,
                        compile_s=round(c.seconds, 2))
             rows.append(row)
             if cfg is not None and dname != "fp32" and not c.tensor_core_ops:
@@ -273,7 +276,7 @@ def _cfg(cfg):
 
 def _print(rows, profile):
     head = f"{'kernel':<22} {'variant':<36} {'dtype':<5} {'block':<20} {'smem KiB':>9} {'est KiB':>8} " \
-           f"{'fits':>5} {'kept':>5} {'regs':>5} {'spill':>6} {'mma':>5} {'cp.async':>8}"
+           f"{'fits':>5} {'kept':>5} {'regs':>5} {'spill':>6} {'mma':>5} {'cp.async':>8} {'loop':>5} {'int':>5}"
     print(f"compile check for {profile.name} (sm_{profile.cuda_arch}), shared memory per block "
           f"{profile.smem_per_block_bytes / 1024:.0f} KiB\n{head}\n{'-' * len(head)}")
     for r in rows:
@@ -286,7 +289,11 @@ def _print(rows, profile):
         print(f"{r['kernel']:<22} {variant:<36} {r['dtype']:<5} {r['config']:<20} {r['shared_bytes'] / 1024:>9.0f} "
               f"{est:>8} {'yes' if r['fits'] else 'NO':>5} {kept:>5} {r['registers'] or '?':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '?':>6} {r['tensor_core_ops']:>5} "
-              f"{r['async_copies']:>8}")
+              f"{r['async_copies']:>8} {_count(r['loop_instructions']):>5} {_count(r['loop_integer_ops']):>5}")
+
+
+def _count(n):
+    return "-" if n is None else str(n)
 
 
 def main(argv=None):

@@ -47,6 +47,80 @@ class CompiledLaunch:
     seconds: float
     tensor_core_ops: int = 0  # wgmma (sm_90) / mma.sync (sm_80, sm_89) instructions in the PTX
     async_copies: int = 0  # cp.async instructions: global -> shared copies the pipeline overlaps with math
+    loop: LoopProfile | None = None  # the machine code of the main loop (None: no loop with a dot)
+
+
+@dataclass
+class LoopProfile:
+    """The SASS of a kernel's main loop: the innermost loop that holds its dot (tensor-core or FMA
+    instructions), as ``nvdisasm`` prints it. Counts are instructions per thread per iteration, as written
+    (a predicated instruction counts once; calls are listed, their bodies are not counted)."""
+
+    instructions: int
+    tensor_core: int  # HGMMA (sm_90) / HMMA instructions
+    opcodes: dict  # opcode (without modifiers) -> count
+    calls: int
+
+    def integer_ops(self) -> int:
+        """Integer and logic arithmetic: where the hashing, addressing and sign flips go."""
+        return sum(n for op, n in self.opcodes.items() if op in _INTEGER_OPS)
+
+
+_INTEGER_OPS = {"IMAD", "IADD3", "IADD", "VIADD", "LOP3", "SHF", "LEA", "ISETP", "SEL", "IABS", "IMNMX", "VIMNMX",
+                "PRMT", "BMSK", "SGXT", "POPC", "FLO", "I2F", "F2I", "I2I", "IMUL", "ISCADD", "PLOP3"}
+_DOT_OPS = ("HGMMA", "HMMA", "FFMA")
+
+
+def disassemble(cubin: bytes) -> str | None:
+    """The cubin's SASS (``nvdisasm``, shipped with Triton), or None where the tool is missing."""
+    tool = _cuobjdump()
+    tool = tool and os.path.join(os.path.dirname(tool), "nvdisasm")
+    if not tool or not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, timeout=120).stdout
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def main_loop(sass: str) -> LoopProfile | None:
+    """The innermost loop (a backward branch's range) that holds a dot instruction: tensor-core MMAs, or FFMA
+    for an fp32 dot on the FMA units. None when no loop holds one."""
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = _SASS_LINE.match(line)
+        if not m:
+            continue
+        address, text = int(m.group(1), 16), m.group(2)
+        for name in pending:
+            labels[name] = address
+        pending = []
+        opcode = re.sub(r"^@!?U?P[T0-9]+\s+", "", text).split()[0]
+        instructions.append((address, opcode.split(".")[0], text))
+    best = None
+    for address, opcode, text in instructions:
+        target = re.search(r"`\((\.L_x_\d+)\)", text) if opcode == "BRA" else None
+        start = labels.get(target.group(1)) if target else None
+        if start is None or start > address:
+            continue
+        body = [op for a, op, _ in instructions if start <= a <= address]
+        if any(op in _DOT_OPS for op in body) and (best is None or len(body) < len(best)):
+            best = body
+    if best is None:
+        return None
+    counts: dict[str, int] = {}
+    for op in best:
+        counts[op] = counts.get(op, 0) + 1
+    return LoopProfile(len(best), counts.get("HGMMA", 0) + counts.get("HMMA", 0), dict(sorted(counts.items())),
+                       counts.get("CALL", 0))
 
 
 class _CompileOnlyDriver:
@@ -128,10 +202,12 @@ def compile_only(arch: int = 90, warp_size: int = 32):
         bound.update({k: v for k, v in kwargs.items() if k in names})
         constexprs = {p.name: bound[p.name] for p in self.params if p.is_constexpr and p.name in bound}
         ptx = compiled.asm.get("ptx", "")
+        sass = disassemble(compiled.asm["cubin"])
         launches.append(CompiledLaunch(self.fn.__name__, arch, md.num_warps, md.num_stages, constexprs,
                                        int(md.shared), regs, spill, seconds,
                                        len(re.findall(r"\bwgmma\.mma_async|\bmma\.sync", ptx)),
-                                       len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx))))
+                                       len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+                                       main_loop(sass) if sass else None))
         return None  # nothing was launched
 
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, warp_size)))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args
+from .triton_hashing import hash_args, view_free_terms, view_red_terms
 from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_store, grouped_program, grouped_tile,
                             roast_b_tile, roast_view_values)
 
@@ -64,7 +64,8 @@ def roast_conv_block(
     x_ptr, mem_ptr, M, N, R,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -88,14 +89,21 @@ def roast_conv_block(
     left = (ow * SW - PW)[:, None]
     row_base = image.to(tl.int64)[:, None] * stride_xn
 
+    # the mapping's terms that stay fixed along the reduction (the view's columns o0 + offs_n), once per program
+    offs_t = tl.arange(0, BLOCK_R)
+    hterm, intile, sterm = view_free_terms(o0 + offs_n, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, hb, c_row,
+                                           c_col, hd)
+    ct = view_red_terms(offs_t, VIEW_IS_B, c_row, c_col)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_r = r0 + offs_t
         mask_r = offs_r < R
         a = conv_input_tile(x_ptr, row_base, front, top, left, mask_m[:, None], offs_r[None, :], mask_r[None, :],
                             c0, D, H, W, KD, KH, KW, DD, DH, DW, stride_xc, stride_xd, stride_xh, stride_xw)
-        w = roast_b_tile(mem_ptr, offs_r, o0 + offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment,
-                         window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B)
+        w = roast_b_tile(mem_ptr, r0, offs_t, o0 + offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
+                         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
+                         hd, VIEW_IS_B, BLOCK_R)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     channel = (o0 + offs_n).to(tl.int64)
     return (acc, channel, mask_m, mask_n, image.to(tl.int64), od.to(tl.int64), oh.to(tl.int64),
@@ -172,7 +180,8 @@ def _roast_conv_grad_memory_kernel(
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw, stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
     scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -215,8 +224,9 @@ def roast_transposed_conv_block(
     g_ptr, mem_ptr, M, N, OC,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-    VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
+    VIEW_TRANSPOSED: tl.constexpr, RED_ALIGNED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A conv's dX, which is the transposed conv of its output gradient: this program's fp32 block for group
@@ -251,6 +261,8 @@ def roast_transposed_conv_block(
     iw = qw * SW + pw
     mask_m = (offs_m < M) & (i_d < D) & (ih < H) & (iw < W)
     image_base = image.to(tl.int64) * stride_gn
+    offs_t = tl.arange(0, BLOCK_R)
+    ct = view_red_terms(offs_t, VIEW_TRANSPOSED, c_row, c_col)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, KD * KH * KW):
         plane = tap % (KH * KW)
@@ -265,13 +277,20 @@ def roast_transposed_conv_block(
             row = image_base + (tl.where(hit, od, 0) * stride_gd + tl.where(hit, oh, 0) * stride_gh
                                 + tl.where(hit, ow, 0) * stride_gw).to(tl.int64)
             view_row = offs_n * (KD * KH * KW) + tap
+            # this tap's view rows (or columns) are B's free axis: their mapping terms, once per tap
+            hterm, intile, sterm = view_free_terms(view_row, VIEW_TRANSPOSED, tile_rows, tile_cols, a_row, a_col,
+                                                   hb, c_row, c_col, hd)
             for oc0 in range(0, OC, BLOCK_R):
-                oc = oc0 + tl.arange(0, BLOCK_R)
+                oc = oc0 + offs_t
                 mask_oc = oc < OC
                 a = tl.load(g_ptr + row[:, None] + (o0 + oc).to(tl.int64)[None, :] * stride_gc,
                             mask=hit[:, None] & mask_oc[None, :], other=0.0)
                 mask_w = mask_oc[:, None] & mask_n[None, :]
-                if VIEW_TRANSPOSED:
+                if RED_ALIGNED:  # B[oc, c] is the view's (o0 + oc, view_row) or (view_row, o0 + oc)
+                    w = roast_b_tile(mem_ptr, o0 + oc0, offs_t, view_row, mask_oc, mask_n, hterm, intile, sterm,
+                                     ct, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col,
+                                     hb, c_row, c_col, hd, VIEW_TRANSPOSED, BLOCK_R)
+                elif VIEW_TRANSPOSED:
                     w = roast_view_values(mem_ptr, (o0 + oc)[:, None], view_row[None, :], mask_w, tile_rows,
                                           tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
                                           c_col, hd)

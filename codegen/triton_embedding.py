@@ -19,7 +19,8 @@ BLOCK_N = 32
 @triton.jit
 def _row_slots(
     ids_ptr, T, N,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The memory slots and signs of this program's (BLOCK_T tokens, BLOCK_N columns) block of looked-up
@@ -38,7 +39,8 @@ def _row_slots(
 @triton.jit
 def roast_gather_block(
     ids_ptr, mem_ptr, T, N,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """This program's block of looked-up rows, signed, in fp32 (without the site's scale), with its token
@@ -55,7 +57,8 @@ def roast_gather_block(
 def _gather_rows_kernel(
     ids_ptr, mem_ptr, out_ptr,
     T, N, scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     w, offs_t, offs_n, mask = roast_gather_block(
@@ -68,7 +71,8 @@ def _gather_rows_kernel(
 def _scatter_rows_kernel(
     ids_ptr, grad_out_ptr, grad_mem_ptr,
     T, N, scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     index, sign, offs_t, offs_n, mask = _row_slots(

@@ -17,6 +17,7 @@ from .hashing import PRIME, SIGN_BIT, TileHash
 
 
 _P = tl.constexpr(2147483647)
+_SIGN_MASK = tl.constexpr(-2147483648)  # 0x80000000 as int32: the fp32 sign bit
 
 
 @triton.jit
@@ -28,29 +29,160 @@ def _mod_p(x):
 
 
 @triton.jit
+def _mulmod_p(a, x):
+    """a * x mod P (int64) for integers 0 <= a, x < 2**31."""
+    return _mod_p(tl.cast(a, tl.int64) * tl.cast(x, tl.int64))
+
+
+@triton.jit
+def _addmod_p(x, y):
+    """x + y mod P for 0 <= x, y < P, in int64."""
+    s = tl.cast(x, tl.int64) + tl.cast(y, tl.int64)
+    return tl.where(s >= _P, s - _P, s)
+
+
+@triton.jit
+def _tile_start(h, alignment: tl.constexpr, window_start, offset_range):
+    """The first slot of a hash tile whose hash is h (0 <= h < P), int32: window_start + align_down(h mod
+    offset_range). h and offset_range are below 2**31, so the remainder is a 32-bit division."""
+    hm = h.to(tl.int32) % offset_range
+    return window_start + hm // alignment * alignment
+
+
+@triton.jit
+def _sign_mask(u, v_minus_p):
+    """The fp32 sign bit (int32 0 or 0x80000000) of the element whose sign-hash terms are u and v, given as u
+    and v - P (int32; 0 <= u, v < P): bit 16 of (u + v) mod P. s = u + v - P lies in [-P, P), so it does not
+    overflow; (u + v) mod P is s when s >= 0, else s + P = s - 1 + 2**31, whose bits below 31 are s - 1's."""
+    s = u + v_minus_p
+    g = s + (s >> 31)  # arithmetic shift: -1 where s < 0
+    return (g << 15) & _SIGN_MASK  # bit 16 -> bit 31
+
+
+@triton.jit
 def roast_index_and_sign(
     k, n,
-    tile_rows, tile_cols, alignment, window_start, offset_range,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
     a_row, a_col, b, c_row, c_col, d,
 ):
-    """(memory slot as int64, +1/-1) of element (k, n) of a site's B view.
+    """(memory slot as int64, +1/-1) of element (k, n) of a site's B view, every element hashed on its own.
 
-    k and n are non-negative integer tensors below 2**31 that broadcast against each
-    other. Coordinates are split into tile and in-tile parts in int32; every product
-    of two numbers below 2**31 is taken in int64, so nothing overflows.
+    k and n are non-negative integer tensors below 2**31 that broadcast against each other. The per-row
+    and per-column products are taken on k's and n's own shapes; only sums, one 32-bit remainder and the
+    sign bit are per element. (`view_block_slots` is the fast form for GEMM blocks.)
     """
     k = k.to(tl.int32)
     n = n.to(tl.int32)
-    i = (k // tile_rows).to(tl.int64)
-    j = (n // tile_cols).to(tl.int64)
-    h = _mod_p(_mod_p(tl.cast(a_row, tl.int64) * i) + _mod_p(tl.cast(a_col, tl.int64) * j) + tl.cast(b, tl.int64))
-    align = tl.cast(alignment, tl.int64)
-    start = tl.cast(window_start, tl.int64) + (h % tl.cast(offset_range, tl.int64)) // align * align
-    index = start + ((k % tile_rows) * tile_cols + n % tile_cols).to(tl.int64)
-    g = _mod_p(_mod_p(tl.cast(c_row, tl.int64) * k.to(tl.int64)) + _mod_p(tl.cast(c_col, tl.int64) * n.to(tl.int64))
-               + tl.cast(d, tl.int64))
-    sign = 1 - 2 * ((g >> 16) & 1)
+    h = _addmod_p(_mulmod_p(a_row, k // tile_rows), _addmod_p(_mulmod_p(a_col, n // tile_cols), b))
+    start = _tile_start(h, alignment, window_start, offset_range)
+    index = (start + (k % tile_rows) * tile_cols + n % tile_cols).to(tl.int64)
+    u = _mulmod_p(c_row, k).to(tl.int32)
+    v = (_addmod_p(_mulmod_p(c_col, n), d) - _P).to(tl.int32)
+    sign = 1 - 2 * ((_sign_mask(u, v) >> 31) & 1)
     return index, sign
+
+
+@triton.jit
+def signed(w, neg):
+    """fp32 ``w`` with its sign flipped where ``neg`` (a `_sign_mask`) is set: one xor per element."""
+    return (w.to(tl.int32, bitcast=True) ^ neg).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def view_free_terms(offs_f, VIEW_IS_B: tl.constexpr, tile_rows: tl.constexpr, tile_cols: tl.constexpr,
+                    a_row, a_col, b, c_row, c_col, d):
+    """The parts of the mapping that a GEMM's B blocks keep along the reduction, per index of the free axis
+    (B's columns: the view's columns when VIEW_IS_B, else its rows): the tile-hash term with b added (int64,
+    in [0, P)), the element's offset inside its tile along that axis (int32), and the sign-hash term with d
+    added, minus P (int32). Computed once per program, outside the main loop."""
+    f = offs_f.to(tl.int32)
+    if VIEW_IS_B:
+        hterm = _addmod_p(_mulmod_p(a_col, f // tile_cols), b)
+        intile = f % tile_cols
+        sterm = _addmod_p(_mulmod_p(c_col, f), d)
+    else:
+        hterm = _addmod_p(_mulmod_p(a_row, f // tile_rows), b)
+        intile = (f % tile_rows) * tile_cols
+        sterm = _addmod_p(_mulmod_p(c_row, f), d)
+    return hterm, intile, (sterm - _P).to(tl.int32)
+
+
+@triton.jit
+def view_red_terms(offs_t, VIEW_IS_B: tl.constexpr, c_row, c_col):
+    """c * t mod P (int32) for the block-relative reduction offsets t = offs_t, c the sign constant of the
+    reduction axis (the view's rows when VIEW_IS_B, else its columns): the loop-invariant part of the
+    reduction's sign term."""
+    if VIEW_IS_B:
+        return _mulmod_p(c_row, offs_t).to(tl.int32)
+    return _mulmod_p(c_col, offs_t).to(tl.int32)
+
+
+@triton.jit
+def _red_tile_start(hterm, i, a_red, alignment: tl.constexpr, window_start, offset_range):
+    """First slot of tile (i along the reduction, the free axis' tiles as in hterm), int32 per free index."""
+    return _tile_start(_addmod_p(hterm, _mulmod_p(a_red, i)), alignment, window_start, offset_range)
+
+
+@triton.jit
+def view_block_slots(
+    r0, offs_t, offs_f, hterm, intile, sterm, ct,
+    VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, MAX_SPLIT: tl.constexpr,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, b, c_row, c_col, d,
+):
+    """(memory slot, `_sign_mask`) of each element of a GEMM's (BLOCK_R, F) B block: rows r0 + offs_t of the
+    reduction axis (offs_t = arange(BLOCK_R), r0 a multiple of BLOCK_R), columns offs_f of the free axis,
+    whose `view_free_terms` are (hterm, intile, sterm) and whose reduction sign terms are ct
+    (`view_red_terms`). B[r, f] is the view's element (r, f) when VIEW_IS_B, else (f, r).
+
+    When the block holds up to MAX_SPLIT whole hash tiles along the reduction, or lies inside one, each
+    tile's start is computed once per free index, and the slot of an element is that start plus its
+    offsets in the tile (a select between the tiles' starts when there are several): a few integer
+    operations per element. Other tilings hash every element on its own (`roast_index_and_sign`). Either
+    way the slots and signs are those of docs/mapping.md.
+    """
+    if VIEW_IS_B:
+        TILE_R: tl.constexpr = tile_rows
+        STRIDE_R: tl.constexpr = tile_cols
+        a_red = a_row
+        c_red = c_row
+    else:
+        TILE_R: tl.constexpr = tile_cols
+        STRIDE_R: tl.constexpr = 1
+        a_red = a_col
+        c_red = c_col
+    # sign: (c_red * (r0 + t) + the free term) mod P, bit 16
+    s = (_mulmod_p(c_red, r0) - _P).to(tl.int32) + ct  # in [-P, P)
+    u = tl.where(s < 0, s + _P, s)
+    neg = _sign_mask(u[:, None], sterm[None, :])
+    i0 = r0 // TILE_R
+    if (BLOCK_R % TILE_R == 0) and (BLOCK_R // TILE_R <= MAX_SPLIT):
+        # whole tiles along the reduction: tile i0 + t // TILE_R, row t % TILE_R of it
+        start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range)
+        red = (offs_t % TILE_R) * STRIDE_R
+        if BLOCK_R == TILE_R:
+            index = red[:, None] + (start + intile)[None, :]
+        else:
+            starts = tl.broadcast_to(start[None, :], (BLOCK_R, start.shape[0]))
+            sub = offs_t // TILE_R
+            for j in tl.static_range(1, BLOCK_R // TILE_R):
+                start_j = _red_tile_start(hterm, i0 + j, a_red, alignment, window_start, offset_range)
+                starts = tl.where((sub == j)[:, None], start_j[None, :], starts)
+            index = red[:, None] + (starts + intile[None, :])
+    elif TILE_R % BLOCK_R == 0:
+        # the block lies inside tile i0 along the reduction
+        start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range)
+        red = (r0 % TILE_R + offs_t) * STRIDE_R
+        index = red[:, None] + (start + intile)[None, :]
+    else:
+        # tiles straddle the block: every element hashed on its own
+        if VIEW_IS_B:
+            index, _ = roast_index_and_sign((r0 + offs_t)[:, None], offs_f[None, :], tile_rows, tile_cols,
+                                            alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d)
+        else:
+            index, _ = roast_index_and_sign(offs_f[None, :], (r0 + offs_t)[:, None], tile_rows, tile_cols,
+                                            alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d)
+    return index, neg
 
 
 def hash_args(mapping: TileHash) -> tuple[int, ...]:

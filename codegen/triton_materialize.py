@@ -19,7 +19,8 @@ BLOCK = 32
 def _materialize_kernel(
     mem_ptr, out_ptr,
     K, N, scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_k = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)

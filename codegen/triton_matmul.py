@@ -21,10 +21,13 @@ import triton.language as tl
 
 from . import configs
 from .hashing import TileHash
-from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
+from .triton_hashing import (hash_args, maybe_dump, roast_index_and_sign, signed, view_block_slots, view_free_terms,
+                             view_red_terms)
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the most hash tiles along the reduction a GEMM block may hold and still compute each tile's start once
+MAX_SPLIT = tl.constexpr(4)
 DETERMINISTIC_CHUNK_ELEMENTS = 1 << 24  # view elements per deterministic reduction (fp32 + int64 each)
 
 
@@ -61,39 +64,43 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def signed_values(mem_ptr, index, sign, mask):
-    """The memory at ``index`` (0 where not ``mask``) in fp32, times ``sign``."""
-    w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(sign > 0, w, -w)  # sign in fp32: exact, and the interpreter can't negate bf16
+def signed_values(mem_ptr, index, neg, mask):
+    """The memory at ``index`` (0 where not ``mask``), its sign flipped where ``neg`` (a sign mask): in the
+    memory's dtype when that is a 16-bit float (the flip is exact in any dtype), else in fp32."""
+    raw = tl.load(mem_ptr + index, mask=mask, other=0.0)
+    if raw.dtype.primitive_bitwidth == 16:
+        w = (raw.to(tl.int16, bitcast=True) ^ (neg >> 16).to(tl.int16)).to(raw.dtype, bitcast=True)
+    else:
+        w = signed(raw.to(tl.float32), neg)
+    return w
 
 
 @triton.jit
 def roast_view_values(mem_ptr, k, n, mask,
-                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd):
+                      tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
+                      offset_range, a_row, a_col, hb, c_row, c_col, hd):
     """Elements (k, n) of a site's view, signed, in fp32, read from the memory at their hashed slots; k and n
-    are index tensors that broadcast against each other and ``mask`` (masked elements read 0)."""
+    are index tensors that broadcast against each other and ``mask`` (masked elements read 0). Each element
+    is hashed on its own: for reads that are no GEMM B block (`roast_b_tile` is the fast form)."""
     index, sign = roast_index_and_sign(k, n, tile_rows, tile_cols, alignment, window_start, offset_range,
                                        a_row, a_col, hb, c_row, c_col, hd)
-    return signed_values(mem_ptr, index, sign, mask)
+    w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(sign > 0, w, -w)
 
 
 @triton.jit
-def roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n,
-                 tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-                 VIEW_IS_B: tl.constexpr):
-    """The (len(offs_r), len(offs_n)) B tile of a GEMM, signed, in fp32, read from the memory at its hashed
-    slots: element (r, n) of the B operand is element (r, n) of the view, or (n, r) of it."""
-    if VIEW_IS_B:
-        index, sign = roast_index_and_sign(
-            offs_r[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-            offset_range, a_row, a_col, hb, c_row, c_col, hd)
-    else:
-        index, sign = roast_index_and_sign(
-            offs_n[None, :], offs_r[:, None], tile_rows, tile_cols, alignment, window_start,
-            offset_range, a_row, a_col, hb, c_row, c_col, hd)
-    # index and sign first, then the mask: the order the compiled kernels were checked in (compile_check.py);
-    # building the mask first cost the transposed read 8 bytes of spills on sm_80
-    return signed_values(mem_ptr, index, sign, mask_r[:, None] & mask_n[None, :])
+def roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
+                 tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
+                 offset_range, a_row, a_col, hb, c_row, c_col, hd,
+                 VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The (BLOCK_R, len(offs_n)) B block of a GEMM at reduction rows r0 + offs_t, signed, in fp32, read from
+    the memory at its hashed slots: element (r, n) of the B operand is element (r, n) of the view, or (n, r)
+    of it. (hterm, intile, sterm) are `view_free_terms` of offs_n and ct the `view_red_terms`, computed once
+    per program."""
+    index, neg = view_block_slots(r0, offs_t, offs_n, hterm, intile, sterm, ct, VIEW_IS_B, BLOCK_R, MAX_SPLIT,
+                                  tile_rows, tile_cols, alignment, window_start, offset_range,
+                                  a_row, a_col, hb, c_row, c_col, hd)
+    return signed_values(mem_ptr, index, neg, mask_r[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -110,7 +117,8 @@ def accumulate_dot(acc, a, w, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr
 @triton.jit
 def roast_matmul_block(
     a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -125,16 +133,23 @@ def roast_matmul_block(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
+    # the mapping's terms that stay fixed along the reduction, once per program
+    offs_t = tl.arange(0, BLOCK_R)
+    hterm, intile, sterm = view_free_terms(offs_n, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, hb, c_row, c_col,
+                                           hd)
+    ct = view_red_terms(offs_t, VIEW_IS_B, c_row, c_col)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_r = r0 + offs_t
         mask_r = offs_r < R
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
         )
-        w = roast_b_tile(mem_ptr, offs_r, offs_n, mask_r, mask_n, tile_rows, tile_cols, alignment, window_start,
-                         offset_range, a_row, a_col, hb, c_row, c_col, hd, VIEW_IS_B)
+        w = roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
+                         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
+                         hd, VIEW_IS_B, BLOCK_R)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     return acc, offs_m, offs_n
 
@@ -145,7 +160,8 @@ def _roast_matmul_kernel(
     M, N, R,
     stride_am, stride_ar, stride_om, stride_on, stride_resm, stride_resn,
     scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -208,7 +224,8 @@ def _roast_grad_memory_kernel(
     M, k_start, k_end, N,
     stride_am, stride_ak, stride_cm, stride_cn,
     scale,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):

@@ -97,6 +97,24 @@ def test_groups_in_one_launch_at_any_strides_and_block(groups, cout, determinist
     torch.testing.assert_close(got.double().cpu(), want_mem, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cout", [32, 24], ids=["groups-on-tiles", "groups-off-tiles"])
+@pytest.mark.parametrize("tiles", [(8, 16), (4, 64), (6, 5)], ids=["two-tiles", "inside-a-tile", "per-element"])
+def test_grouped_input_gradient_reads_whole_tiles_only_where_groups_line_up(cout, tiles, device):
+    """dX reduces over each group's output channels from g * cout/groups: 16 channels per group start on the
+    16- and 64-column hash tiles' boundaries within a 32-deep block, 12 per group do not, and 5-column tiles
+    never do; each way the slots are the reference's."""
+    groups, cin, kernel, stride, padding = 2, 4, (3, 3), (1, 1), (1, 1)
+    mapping = random_mapping(cin // groups * 9, cout, *tiles, alignment=1, window_start=5, seed=cout + tiles[1])
+    memory = random_memory(mapping, seed=11)
+    x = randn(2, cin, 5, 6, seed=12, dtype=torch.float64)
+    grad = randn(*output_shape(2, cout, (5, 6), kernel, stride, padding, (1, 1)), seed=13, dtype=torch.float64)
+    want_dx, _ = reference_group_grads(x, memory, mapping, 0.5, grad, groups, kernel, stride, padding, (1, 1))
+    dx = torch.full(x.shape, float("nan"), device=device)
+    roast_conv_grad_input(grad.float().to(device), memory.float().to(device), mapping, 0.5, dx, kernel, stride,
+                          padding, (1, 1), groups=groups, config=configs.BlockConfig(32, 32, 32, 1, 1))
+    torch.testing.assert_close(dx.double().cpu(), want_dx, rtol=1e-4, atol=1e-4)
+
+
 TRANSPOSED = [  # (cin, cout, kernel, stride, padding, output_padding, dilation, spatial, groups, tiles)
     (4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5), 1, (3, 4)),
     (4, 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), (4, 5), 2, (3, 4)),  # 3-row tiles split groups of 2 rows

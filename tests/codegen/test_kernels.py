@@ -75,6 +75,35 @@ def test_results_do_not_depend_on_block_sizes(device):
     torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-5)
 
 
+# the GEMM main loop computes a tile's start once per free index when its B blocks hold whole hash tiles along
+# the reduction (1, 2 or 4 of them) or lie inside one; other tilings hash each element. With 32-row blocks:
+BLOCK_TILINGS = [
+    (32, 32, 32, 0),   # one tile per block, either way
+    (16, 32, 16, 48),  # two tiles along a view-rows reduction, one along a view-columns one
+    (8, 64, 8, 8),     # four tiles / inside one (64 columns, 32-column blocks)
+    (64, 16, 4, 20),   # inside one tile (64 rows) / two tiles
+    (2, 4, 1, 3),      # 16 and 8 tiles per block: hashed per element
+    (24, 8, 8, 16),    # 24 divides no 32-row block, nor does 32 divide 24: per element
+]
+
+
+@pytest.mark.parametrize("tiling", BLOCK_TILINGS)
+@pytest.mark.parametrize("view_is_b", [True, False])
+@pytest.mark.parametrize("memory_dtype", [torch.float32, torch.float16])
+def test_gemm_blocks_read_the_reference_slots_and_signs(tiling, view_is_b, memory_dtype, device):
+    # x = identity: the product is the B operand itself, every element one slot read once and signed, so a
+    # wrong slot or sign shows as a wrong element (fp32 products of one nonzero term are exact)
+    rows, cols = 96, 80
+    mapping = random_mapping(rows, cols, *tiling, window_size=tiling[0] * tiling[1] + 211, seed=sum(tiling))
+    memory = random_memory(mapping, seed=5).to(memory_dtype).float()
+    R = rows if view_is_b else cols
+    eye = torch.eye(R, dtype=torch.float32, device=device)
+    got, _ = roast_matmul(eye, memory.to(device, memory_dtype), mapping, 1.0, view_is_b,
+                          config=configs.BlockConfig(32, 32, 32, 1, 1))
+    view = reference.materialize(memory, mapping, 1.0)
+    assert torch.equal(got.cpu(), view if view_is_b else view.t())
+
+
 # -- forward ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("tiling", TILINGS)
 @pytest.mark.parametrize("transposed_view", [True, False])
