@@ -42,7 +42,7 @@ def parse_args(argv=None):
     return parse_common(p, argv, DRY_RUN_SHAPES, SHAPES)
 
 
-def run(args):
+def run(args, save=lambda rows: None):
     import torch
     import torch.nn.functional as F
 
@@ -113,6 +113,7 @@ def run(args):
                                  grad_rel_err_vs_materialized=errors.get(method, (None, None))[1], forward_ms=fwd,
                                  forward_backward_ms=fwd_bwd, forward_tflops=flops / fwd / 1e9,
                                  forward_backward_tflops=3 * flops / fwd_bwd / 1e9))
+            save(rows)
     os.environ.pop("ROASTFX_CONV", None)
     return rows
 

@@ -169,19 +169,26 @@ def time_forward_backward(bench, fn, x, dy, warmup: int, rep: int, params=()) ->
 
 def run_script(script: str, parse_args, run, print_table, argv=None, prefix: str = "") -> None:
     """What a timing script's main does: parse, pick the device, run, print the table, and (not in a dry
-    run) write benchmarks/results/<prefix><gpu>-<date>.json with the environment and every row."""
+    run) write benchmarks/results/<prefix><gpu>-<date>.json with the environment and every row. ``run(args,
+    save)`` calls ``save(rows)`` as rows come in, so a run cut short (a device session's time limit) leaves
+    the rows it measured, marked ``"complete": false``."""
     import json
 
     args = parse_args(argv)
     select_device(args.dry_run, script)
-    rows = run(args)
     env = environment()
-    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
-    print_table(rows)
-    if not args.dry_run:
-        path = results_path(args.out, env, prefix)
+    path = None if args.dry_run else results_path(args.out, env, prefix)
+
+    def save(rows, complete=False):
+        if path is None:
+            return
         with open(path, "w") as f:
             json.dump(dict(environment=env, dtype=args.dtype, l2=args.l2, warmup_ms=args.warmup, rep_ms=args.rep,
-                           results=rows),
-                      f, indent=1)
+                           complete=complete, results=rows), f, indent=1)
+
+    rows = run(args, save)
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  dtype {args.dtype}")
+    print_table(rows)
+    if path is not None:
+        save(rows, complete=True)
         print(f"wrote {path}")

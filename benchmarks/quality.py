@@ -47,8 +47,9 @@ def parse_args(argv=None):
                    help="memory lr = mult * lr / median site scale (default: each task's, chosen on a validation split)")
     p.add_argument("--grad-scaling", default=Q.GRAD_SCALING, choices=("none", "site"),
                    help="roastfx grad_scaling of every compressed method (default %(default)s)")
-    p.add_argument("--no-index-cache", action="store_true",
-                   help="rehash every weight at each forward as the reference path does (slower, same numbers)")
+    p.add_argument("--no-view-cache", action="store_true",
+                   help="recompute every weight's sign and run starts at each forward and backward "
+                        "(ROASTFX_VIEW_CACHE_MB=0; slower, same numbers)")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results/quality-<date>.json)")
     p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "results.md"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "quality.png"))
@@ -244,18 +245,18 @@ def main(argv=None):
     started = time.time()
     date = datetime.date.today().isoformat()
     json_path = args.json or os.path.join(ROOT, "benchmarks", "results", f"quality-{date}.json")
-    from roastfx.codegen import hashing
+    from roastfx.codegen import runs as torch_path
 
-    cache = hashing.INDEX_CACHE
-    if args.no_index_cache:  # the reference path's per-mapping (slot, sign) cache off (ROASTFX_INDEX_CACHE_MB=0)
-        hashing.INDEX_CACHE = hashing.IndexCache(0)
+    cache = torch_path.VIEW_CACHE
+    if args.no_view_cache:  # the PyTorch path's per-mapping cache off (ROASTFX_VIEW_CACHE_MB=0)
+        torch_path.VIEW_CACHE = torch_path.ViewCache(0)
     runs = []
     try:
         for task_name in args.tasks:  # outputs are rewritten after each task, so a cut run keeps its tables
             runs += run_task(args, task_name)
             rows, checks = write_outputs(args, argv, runs, started, json_path)
     finally:
-        hashing.INDEX_CACHE = cache
+        torch_path.VIEW_CACHE = cache
     for t, v in checks:
         print(f"{t}: {v}")
     print(f"wrote {json_path}" + (f", {args.markdown}" if args.markdown else "") + (f", {args.plot}" if args.plot else ""))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, row_windows, use_triton
-from .reference import materialize as _materialize
+from .runs import gather_view
 
 
 CONV_MODES = ("implicit", "im2col")
@@ -99,7 +99,7 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     _check_dims("roast_conv", kernel, stride, padding, dilation)
     path = _triton_path(x, mapping, groups, len(kernel))
     if path is None:
-        view = _materialize(memory, _mapping(mapping), scale)
+        view = gather_view(memory, _mapping(mapping), scale)
         weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
         # contiguous as the fake says (a channels_last x gives a channels_last output)
         return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups).contiguous()
@@ -441,7 +441,7 @@ def roast_conv_transpose(x: torch.Tensor, memory: torch.Tensor, mapping: list[in
     xb = _batched(x, kernel)
     path = _triton_path(x, mapping, groups, len(kernel), transposed=True)
     if path is None:
-        weight = _materialize(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], -1, *kernel)
+        weight = gather_view(memory, _mapping(mapping), scale).to(x.dtype).reshape(mapping[0], -1, *kernel)
         return _CONV_TRANSPOSE[len(kernel)](x, weight, bias, stride, padding, output_padding, groups,
                                             dilation).contiguous()
     mode, windows = path

@@ -6,8 +6,6 @@ the same slots. All arithmetic is int64 with every intermediate below 2**62.
 """
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -94,19 +92,10 @@ class TileHash:
         return self.index(k, n), self.sign(k, n)
 
     def full_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index int64, sign int8) for the whole B view, each (rows, cols).
-
-        The same values as ``index_and_sign`` on the full grid. On the CPU the result
-        is kept in a bounded cache (`INDEX_CACHE`), since the reference path asks for
-        it at every forward and backward; treat the returned tensors as read-only.
-        """
-        if torch.device(device or "cpu").type == "cpu":
-            return INDEX_CACHE.get(self)
-        return self.compute_full_index(device)
-
-    def compute_full_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`full_index` without the cache, with the per-row and per-column terms
-        separated so each element costs a few ops."""
+        """(index int64, sign int8) for the whole B view, each (rows, cols): the same values as
+        ``index_and_sign`` on the full grid, with the per-row and per-column terms separated so each
+        element costs a few ops. For the oracle and one-off uses (projection, slot loads): the runtime path
+        (codegen/runs.py) reads whole runs and keeps no per-element index."""
         k = torch.arange(self.rows, device=device, dtype=torch.int64)
         n = torch.arange(self.cols, device=device, dtype=torch.int64)
         ti = torch.arange(self.grid[0], device=device, dtype=torch.int64)[:, None]
@@ -117,52 +106,3 @@ class TileHash:
         g = (self.c_row * k % PRIME)[:, None] + (self.c_col * n % PRIME + self.d)[None, :]
         sign = (1 - 2 * ((g % PRIME >> SIGN_BIT) & 1)).to(torch.int8)
         return index, sign
-
-
-class IndexCache:
-    """Least-recently-used (index, sign) tensors of CPU mappings, bounded in bytes.
-
-    The mapping is a pure function of the frozen ``TileHash``, so a cached entry is
-    exactly what `TileHash.compute_full_index` would return. Each weight element
-    costs 9 bytes here (int64 slot, int8 sign): the budget keeps a large model on the
-    reference path from holding more than ``max_bytes`` of indices.
-    ROASTFX_INDEX_CACHE_MB sets the budget (default 256; 0 turns caching off).
-    """
-
-    def __init__(self, max_bytes: int):
-        if max_bytes < 0:
-            raise ValueError(f"index cache budget must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._entries: OrderedDict[TileHash, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    def get(self, mapping: TileHash) -> tuple[torch.Tensor, torch.Tensor]:
-        entry = self._entries.get(mapping)
-        if entry is not None:
-            self._entries.move_to_end(mapping)
-            return entry
-        entry = mapping.compute_full_index()
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if size <= self.max_bytes:
-            while self.bytes + size > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.bytes -= sum(t.numel() * t.element_size() for t in old)
-            self._entries[mapping] = entry
-            self.bytes += size
-        return entry
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
-
-def _cache_budget() -> int:
-    value = os.environ.get("ROASTFX_INDEX_CACHE_MB", "256")
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise ValueError(f"ROASTFX_INDEX_CACHE_MB={value!r} is not a number of megabytes (0 turns the cache off)")
-    return int(megabytes * 2**20)
-
-
-INDEX_CACHE = IndexCache(_cache_budget())

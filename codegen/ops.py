@@ -16,7 +16,7 @@ import torch
 
 from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .hashing import PRIME, TileHash
-from .reference import materialize as _materialize
+from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
 __all__ = ["materialize", "roast_linear", "roast_embedding", "roast_conv", "embedding_bag_of_rows", "mapping_args",
            "use_triton"]
@@ -60,16 +60,10 @@ def _windows(mapping: list[int], parts: int, rows: bool) -> list[list[int]] | No
             for start in range(0, size, width)]
 
 
-def _memory_grad(memory: torch.Tensor, mapping: TileHash, scale: float, grad_view: torch.Tensor) -> torch.Tensor:
-    index, sign = mapping.full_index(memory.device)
-    values = (grad_view * sign.to(grad_view.dtype) * scale).reshape(-1).to(memory.dtype)
-    return torch.zeros_like(memory).index_add_(0, index.reshape(-1), values)
-
-
 @torch.library.custom_op("roastfx::materialize", mutates_args=())
 def materialize(memory: torch.Tensor, mapping: list[int], scale: float) -> torch.Tensor:
     """The (rows, cols) B view of one site, computed from the memory."""
-    return _materialize(memory, _mapping(mapping), scale)
+    return gather_view(memory, _mapping(mapping), scale)
 
 
 @materialize.register_fake
@@ -91,8 +85,7 @@ def _materialize_backward(ctx, grad):
 @torch.library.custom_op("roastfx::memory_grad", mutates_args=())
 def _memory_grad_op(grad_view: torch.Tensor, mapping: list[int], scale: float, size: int) -> torch.Tensor:
     """d(loss)/d(memory) of a memory of ``size`` slots, given d(loss)/d(B view)."""
-    memory = grad_view.new_zeros(size)
-    return _memory_grad(memory, _mapping(mapping), scale, grad_view)
+    return scatter_view_grad(grad_view, _mapping(mapping), scale, size)
 
 
 @_memory_grad_op.register_fake
@@ -163,7 +156,7 @@ def roast_linear(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scal
     if use_triton(x):
         _kernels()
         return torch.ops.roastfx.linear(x, memory, bias, None, mapping, scale, not transpose_view, act, False)[0]
-    view = _materialize(memory, _mapping(mapping), scale).to(x.dtype)
+    view = gather_view(memory, _mapping(mapping), scale).to(x.dtype)
     out = x @ (view.t() if transpose_view else view)
     return activation(out + bias if bias is not None else out, act)
 
@@ -220,13 +213,8 @@ roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_line
 
 def _row_memory_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHash, scale: float,
                      size: int, dtype: torch.dtype) -> torch.Tensor:
-    k = ids.reshape(-1, 1).to(torch.int64)
-    n = torch.arange(mapping.cols, device=grad_rows.device, dtype=torch.int64)
-    index, sign = mapping.index_and_sign(k, n)
     values = grad_rows.reshape(-1, mapping.cols).to(torch.float32 if dtype != torch.float64 else dtype)
-    values = values * sign.to(values.dtype) * scale
-    out = torch.zeros(size, dtype=values.dtype, device=grad_rows.device)
-    return out.index_add_(0, index.reshape(-1), values.reshape(-1)).to(dtype)
+    return scatter_rows_grad(values, ids.reshape(-1), mapping, scale, size).to(dtype)
 
 
 @torch.library.custom_op("roastfx::roast_embedding", mutates_args=())
@@ -240,9 +228,7 @@ def roast_embedding(ids: torch.Tensor, memory: torch.Tensor, mapping: list[int],
     if use_triton(memory):
         _kernels()
         return torch.ops.roastfx.gather_rows(memory, ids, mapping, scale, None)
-    from .reference import materialize_rows
-
-    return materialize_rows(memory, _mapping(mapping), scale, ids)
+    return gather_rows(memory, _mapping(mapping), scale, ids)
 
 
 @roast_embedding.register_fake

@@ -5,7 +5,7 @@ start plus ``(k mod tile_rows) * tile_cols`` (docs/mapping.md). So a view, or so
 (an embedding lookup), is a gather of runs (rows of ``memory.unfold``), not of single elements,
 and a gradient goes back as whole runs added at once. Only the signs are per element: computed
 from the sign hash in 32-bit arithmetic, or on the CPU read from a bounded cache of one byte per
-element (`SIGN_CACHE`). This is what runs wherever no Triton kernel does (the CPU, float64);
+element (`VIEW_CACHE`, which also keeps the run starts). This is what runs wherever no Triton kernel does (the CPU, float64);
 codegen/reference.py keeps the element-by-element formulas, the oracle both paths are tested
 against.
 """
@@ -27,8 +27,8 @@ def run_starts(mapping: TileHash, rows: torch.Tensor) -> torch.Tensor:
     return mapping.tile_offset((k // mapping.tile_rows)[..., None], j) + ((k % mapping.tile_rows) * mapping.tile_cols)[..., None]
 
 
-def negative(mapping: TileHash, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Where the sign of element (row, col) is -1 (bool, rows and cols broadcast): bit 16 of
+def signs(mapping: TileHash, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The sign (int8 +1/-1) of element (row, col), rows and cols broadcast: bit 16 of
     (c_row * k + c_col * n + d) mod P, in int32 without overflow. With u = c_row * k mod P and
     v = (c_col * n + d) mod P, s = u + v - P lies in [-P, P); the sum mod P is s where s >= 0,
     else s + P = s - 1 + 2**31, whose bits below 31 are those of s - 1."""
@@ -36,35 +36,42 @@ def negative(mapping: TileHash, rows: torch.Tensor, cols: torch.Tensor) -> torch
     v = ((mapping.c_col * cols.to(torch.int64) % PRIME + mapping.d) % PRIME - PRIME).to(torch.int32)
     s = u + v
     s += s >> 31
-    return (s & (1 << SIGN_BIT)) != 0
+    return (1 - ((s >> (SIGN_BIT - 1)) & 2)).to(torch.int8)
 
 
-class SignCache:
-    """The signs of whole CPU views (bool, one byte per element), least recently used first out,
-    bounded in bytes. A sign is a pure function of the frozen ``TileHash``, so an entry is exactly
-    what `negative` computes. ROASTFX_SIGN_CACHE_MB sets the budget (default 256; 0 turns it off)."""
+class ViewCache:
+    """Per CPU mapping, what reading its whole view needs besides the memory: the signs (int8 +1/-1, one
+    byte per element) and the run starts (int64, one per row and tile column), least recently used first
+    out, bounded in bytes. Both are pure functions of the frozen ``TileHash``, so an entry is exactly what
+    `signs` and `run_starts` compute. ROASTFX_VIEW_CACHE_MB sets the budget (default 256; 0 turns it off)."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
-            raise ValueError(f"sign cache budget must be >= 0 bytes, got {max_bytes}")
+            raise ValueError(f"view cache budget must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[TileHash, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[TileHash, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def get(self, mapping: TileHash) -> torch.Tensor:
+    def get(self, mapping: TileHash) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signs (rows, cols) int8, run starts (rows, tile columns) int64) of the whole view."""
         entry = self._entries.get(mapping)
         if entry is not None:
             self._entries.move_to_end(mapping)
             return entry
-        entry = negative(mapping, torch.arange(mapping.rows)[:, None], torch.arange(mapping.cols)[None, :])
-        size = entry.numel()
+        rows = torch.arange(mapping.rows)
+        entry = (signs(mapping, rows[:, None], torch.arange(mapping.cols)[None, :]), run_starts(mapping, rows))
+        size = sum(t.numel() * t.element_size() for t in entry)
         if size <= self.max_bytes:
             while self.bytes + size > self.max_bytes:
                 _, old = self._entries.popitem(last=False)
-                self.bytes -= old.numel()
+                self.bytes -= sum(t.numel() * t.element_size() for t in old)
             self._entries[mapping] = entry
             self.bytes += size
         return entry
+
+    def holds(self, mapping: TileHash) -> bool:
+        """Whether ``mapping``'s entry is here or would fit in the budget."""
+        return mapping in self._entries or mapping.rows * (mapping.cols + 8 * mapping.grid[1]) <= self.max_bytes
 
     def clear(self) -> None:
         self._entries.clear()
@@ -72,67 +79,73 @@ class SignCache:
 
 
 def _cache_budget() -> int:
-    name = "ROASTFX_SIGN_CACHE_MB"
+    name = "ROASTFX_VIEW_CACHE_MB"
     value = os.environ.get(name)
-    if value is None and "ROASTFX_INDEX_CACHE_MB" in os.environ:  # its name before the cache held only signs
+    if value is None and "ROASTFX_INDEX_CACHE_MB" in os.environ:  # its name when it held an index per element
         name, value = "ROASTFX_INDEX_CACHE_MB", os.environ["ROASTFX_INDEX_CACHE_MB"]
     try:
         megabytes = float(value if value is not None else 256)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number of megabytes (0 turns the sign cache off)")
+        raise ValueError(f"{name}={value!r} is not a number of megabytes (0 turns the view cache off)")
     if megabytes < 0:
-        raise ValueError(f"{name}={value!r}: the sign cache budget must be >= 0 megabytes")
+        raise ValueError(f"{name}={value!r}: the view cache budget must be >= 0 megabytes")
     return int(megabytes * 2**20)
 
 
-SIGN_CACHE = SignCache(_cache_budget())
+VIEW_CACHE = ViewCache(_cache_budget())
 
 
-def view_negative(mapping: TileHash, device) -> torch.Tensor:
-    """`negative` over the whole (rows, cols) view, from `SIGN_CACHE` on the CPU."""
+def _whole_view(mapping: TileHash, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signs, run starts) of every row of the view: from `VIEW_CACHE` on the CPU."""
     if torch.device(device).type == "cpu":
-        return SIGN_CACHE.get(mapping)
-    return negative(mapping, torch.arange(mapping.rows, device=device)[:, None],
-                    torch.arange(mapping.cols, device=device)[None, :])
+        return VIEW_CACHE.get(mapping)
+    rows = torch.arange(mapping.rows, device=device)
+    return signs(mapping, rows[:, None], torch.arange(mapping.cols, device=device)[None, :]), run_starts(mapping, rows)
 
 
-def _gather(memory: torch.Tensor, mapping: TileHash, rows: torch.Tensor) -> torch.Tensor:
-    """Unsigned, unscaled view rows: rows.shape + (cols,)."""
-    starts = run_starts(mapping, rows)
-    runs = memory.unfold(0, mapping.tile_cols, 1)[starts]  # rows.shape + (tile columns, tile_cols)
-    return runs.reshape(*rows.shape, -1)[..., :mapping.cols]
-
-
-def _signed_scaled(values: torch.Tensor, negative_: torch.Tensor, scale: float) -> torch.Tensor:
-    # the sign flip is exact; the Python scale then multiplies in the values' dtype and rounds once, as
-    # reference.materialize does
-    return torch.where(negative_, -values, values) * float(scale)
+def _gather(memory: torch.Tensor, mapping: TileHash, starts: torch.Tensor) -> torch.Tensor:
+    """The runs at ``starts`` (shape S + (tile columns,)), laid side by side and cut to the view's width:
+    unsigned, unscaled view rows, S + (cols,), a new tensor (possibly a narrowed view of one)."""
+    runs = memory.unfold(0, mapping.tile_cols, 1)[starts]  # S + (tile columns, tile_cols)
+    return runs.reshape(*starts.shape[:-1], -1)[..., :mapping.cols]
 
 
 def gather_view(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:
-    """The (rows, cols) view ``scale * sign * memory[index]``, equal to reference.materialize."""
-    rows = torch.arange(mapping.rows, device=memory.device)
-    return _signed_scaled(_gather(memory, mapping, rows), view_negative(mapping, memory.device), scale)
+    """The (rows, cols) view ``scale * sign * memory[index]``, equal to reference.materialize; no autograd
+    (the ops that call it define their backward)."""
+    sign, starts = _whole_view(mapping, memory.device)
+    # the sign flip is exact, then the Python scale multiplies in the memory's dtype and rounds once, as
+    # reference.materialize does
+    return _gather(memory, mapping, starts).mul_(sign).mul_(float(scale)).contiguous()
 
 
 def gather_rows(memory: torch.Tensor, mapping: TileHash, scale: float, ids: torch.Tensor) -> torch.Tensor:
     """View rows ``ids`` (an embedding lookup), shape ids.shape + (cols,), equal to
     reference.materialize_rows."""
-    cols = torch.arange(mapping.cols, device=memory.device)
-    return _signed_scaled(_gather(memory, mapping, ids), negative(mapping, ids[..., None], cols), scale)
+    sign, starts = _row_terms(mapping, ids)
+    return _gather(memory, mapping, starts).mul_(sign).mul_(float(scale)).contiguous()
 
 
-def _scatter(values: torch.Tensor, mapping: TileHash, rows: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum each element of ``values`` (rows.shape + (cols,), already signed and scaled) into its slot of a
-    zero memory of ``size`` slots: whole runs at a time, as rows of ``block`` slots where runs start on
+def _row_terms(mapping: TileHash, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signs, run starts) of view rows ``ids``: read from the whole view's where the CPU cache holds it (or
+    has room for it), else computed for these rows only."""
+    if ids.device.type == "cpu" and VIEW_CACHE.holds(mapping):
+        sign, starts = VIEW_CACHE.get(mapping)
+        return sign[ids], starts[ids]
+    cols = torch.arange(mapping.cols, device=ids.device)
+    return signs(mapping, ids[..., None], cols), run_starts(mapping, ids)
+
+
+def _scatter(values: torch.Tensor, mapping: TileHash, starts: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum each element of ``values`` (starts.shape[:-1] + (cols,), already signed and scaled) into its slot
+    of a zero memory of ``size`` slots: whole runs at a time, as rows of ``block`` slots, runs starting on
     multiples of ``block`` (the gcd of the alignment and the run length)."""
     tn, grid_cols = mapping.tile_cols, mapping.grid[1]
     block = math.gcd(mapping.alignment, tn)
     flat = values.reshape(-1, mapping.cols)
     if grid_cols * tn != mapping.cols:  # the last tile column's runs are longer than the view: pad them
         flat = torch.nn.functional.pad(flat, (0, grid_cols * tn - mapping.cols))
-    starts = run_starts(mapping, rows.reshape(-1)) // block  # (rows, tile columns) in blocks
-    index = (starts[..., None] + torch.arange(tn // block, device=values.device)).reshape(-1)
+    index = (starts.reshape(-1, grid_cols, 1) // block + torch.arange(tn // block, device=values.device)).reshape(-1)
     out = values.new_zeros(-(-size // block), block)
     out.index_add_(0, index, flat.reshape(-1, block))
     return out.reshape(-1)[:size]
@@ -140,13 +153,12 @@ def _scatter(values: torch.Tensor, mapping: TileHash, rows: torch.Tensor, size: 
 
 def scatter_view_grad(grad_view: torch.Tensor, mapping: TileHash, scale: float, size: int) -> torch.Tensor:
     """d(loss)/d(memory) of a memory of ``size`` slots, given d(loss)/d(view); in grad_view's dtype."""
-    signed = _signed_scaled(grad_view, view_negative(mapping, grad_view.device), scale)
-    return _scatter(signed, mapping, torch.arange(mapping.rows, device=grad_view.device), size)
+    sign, starts = _whole_view(mapping, grad_view.device)
+    return _scatter((grad_view * float(scale)).mul_(sign), mapping, starts, size)
 
 
 def scatter_rows_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHash, scale: float,
                       size: int) -> torch.Tensor:
     """d(loss)/d(memory) of `gather_rows`, given d(loss)/d(rows), in grad_rows' dtype."""
-    cols = torch.arange(mapping.cols, device=grad_rows.device)
-    signed = _signed_scaled(grad_rows, negative(mapping, ids[..., None], cols), scale)
-    return _scatter(signed, mapping, ids, size)
+    sign, starts = _row_terms(mapping, ids)
+    return _scatter((grad_rows * float(scale)).mul_(sign), mapping, starts, size)

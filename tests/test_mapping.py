@@ -127,38 +127,6 @@ def test_weights_equal_independent_materializer():
         assert torch.allclose(getattr(module, attr).double(), expected, rtol=1e-6, atol=1e-7), site.name
 
 
-def test_index_cache_returns_the_formulas_and_respects_its_budget(monkeypatch):
-    from roastfx.codegen import hashing
-
-    gen = torch.Generator().manual_seed(11)
-    maps = [random_hash(gen, 37 + i, 29, (4, 8), 8, 0, 4096) for i in range(4)]
-    per_entry = [m.rows * m.cols * 9 for m in maps]  # int64 slot + int8 sign per element
-    cache = hashing.IndexCache(max_bytes=per_entry[0] + per_entry[1] + per_entry[2] - 1)
-    monkeypatch.setattr(hashing, "INDEX_CACHE", cache)
-    for m in maps:
-        index, sign = m.full_index()
-        k = torch.arange(m.rows)[:, None]
-        n = torch.arange(m.cols)[None, :]
-        assert torch.equal(index, m.index(k, n)) and torch.equal(sign.long(), m.sign(k, n))
-        assert cache.bytes <= cache.max_bytes
-    # the two most recent fit; the oldest were evicted
-    assert list(cache._entries) == maps[2:]
-    assert maps[3].full_index()[0] is maps[3].full_index()[0]  # a hit returns the cached tensor
-    off = hashing.IndexCache(0)
-    monkeypatch.setattr(hashing, "INDEX_CACHE", off)
-    assert torch.equal(maps[0].full_index()[0], maps[0].compute_full_index()[0]) and off.bytes == 0
-
-
-def test_index_cache_budget_errors(monkeypatch):
-    from roastfx.codegen import hashing
-
-    monkeypatch.setenv("ROASTFX_INDEX_CACHE_MB", "lots")
-    with pytest.raises(ValueError, match="ROASTFX_INDEX_CACHE_MB='lots'"):
-        hashing._cache_budget()
-    with pytest.raises(ValueError, match="got -1"):
-        hashing.IndexCache(-1)
-
-
 def test_mapping_crosses_op_boundaries_as_its_fields_in_order():
     gen = torch.Generator().manual_seed(4)
     m = random_hash(gen, 37, 45, (8, 16), 4, 0, 500)

@@ -1,0 +1,113 @@
+"""The PyTorch path by runs (codegen/runs.py) against the element-by-element oracle (codegen/reference.py)."""
+import pytest
+import torch
+
+from roastfx.codegen import reference, runs
+from roastfx.codegen.hashing import PRIME, TileHash
+
+# (rows, cols, tile, alignment, window start, window size): tiles wider than the view, one-row chunks, odd tiles
+# that divide nothing, alignments that divide the run length or not, windows off the memory's start
+LAYOUTS = [
+    (37, 45, (8, 16), 4, 0, 500),
+    (5, 70, (1, 32), 32, 64, 320),
+    (33, 9, (5, 3), 1, 7, 100),
+    (16, 16, (16, 16), 16, 0, 256),
+    (50, 7, (4, 12), 8, 24, 90),
+    (3, 100, (2, 6), 4, 12, 61),
+]
+
+
+def mapping_for(layout, seed):
+    rows, cols, tile, align, start, window = layout
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=gen))
+    return TileHash(rows, cols, tile[0], tile[1], align, start, window,
+                    r(1, PRIME), r(1, PRIME), r(0, PRIME), r(1, PRIME), r(1, PRIME), r(0, PRIME))
+
+
+@pytest.fixture(params=[256, 0], ids=["view-cache", "no-view-cache"])
+def view_cache(request, monkeypatch):
+    cache = runs.ViewCache(request.param * 2**20)
+    monkeypatch.setattr(runs, "VIEW_CACHE", cache)
+    return cache
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_view_and_its_gradient_equal_the_oracle(layout, view_cache):
+    mapping = mapping_for(layout, seed=sum(layout[:2]))
+    size = mapping.window_start + mapping.window_size + 5
+    memory = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(runs.gather_view(memory, mapping, 0.37), reference.materialize(memory, mapping, 0.37))
+    grad = torch.randn(mapping.rows, mapping.cols, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    leaf = memory.clone().requires_grad_()
+    reference.materialize(leaf, mapping, 0.37).backward(grad)
+    torch.testing.assert_close(runs.scatter_view_grad(grad, mapping, 0.37, size), leaf.grad, rtol=1e-12, atol=1e-12)
+    assert (view_cache.bytes > 0) == (view_cache.max_bytes > 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_and_their_gradient_equal_the_oracle(layout, view_cache):
+    mapping = mapping_for(layout, seed=7)
+    size = mapping.window_start + mapping.window_size
+    memory = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, mapping.rows, (4, 3), generator=torch.Generator().manual_seed(4))
+    ids[0, 0] = ids[1, 2]  # a repeated id sums its gradients
+    got = runs.gather_rows(memory, mapping, 1.7, ids)
+    assert got.shape == (4, 3, mapping.cols)
+    assert torch.equal(got, reference.materialize_rows(memory, mapping, 1.7, ids))
+    grad = torch.randn(4, 3, mapping.cols, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    leaf = memory.clone().requires_grad_()
+    reference.materialize_rows(leaf, mapping, 1.7, ids).backward(grad)
+    torch.testing.assert_close(runs.scatter_rows_grad(grad, ids, mapping, 1.7, size), leaf.grad, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_signs_near_the_prime_need_no_wider_integers():
+    # coordinates near 2**31 and constants near P make u + v - P span nearly all of [-P, P)
+    mapping = TileHash(rows=PRIME - 1, cols=40, tile_rows=4, tile_cols=8, alignment=8, window_start=8,
+                       window_size=400, a_row=PRIME - 2, a_col=PRIME - 3, b=PRIME - 1, c_row=PRIME - 1,
+                       c_col=PRIME - 2, d=PRIME - 1)
+    k = torch.tensor([0, 1, PRIME - 2, 2**31 - 100, 12345678])[:, None]
+    n = torch.arange(40)[None, :]
+    assert torch.equal(runs.signs(mapping, k, n).long(), mapping.sign(k, n))
+    memory = torch.randn(420, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(runs.gather_rows(memory, mapping, 1.0, k[:, 0]),
+                       reference.materialize_rows(memory, mapping, 1.0, k[:, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_half_and_single_precision_views_round_as_the_oracle(dtype):
+    mapping = mapping_for(LAYOUTS[0], seed=9)
+    memory = torch.randn(520, generator=torch.Generator().manual_seed(7)).to(dtype)
+    assert torch.equal(runs.gather_view(memory, mapping, 1.3), reference.materialize(memory, mapping, 1.3))
+
+
+def test_view_cache_holds_signs_and_run_starts_within_its_budget():
+    maps = [mapping_for((37 + i, 29, (4, 8), 8, 0, 4096), seed=i) for i in range(4)]
+    sizes = [m.rows * m.cols + m.rows * m.grid[1] * 8 for m in maps]  # int8 signs, int64 run starts
+    cache = runs.ViewCache(max_bytes=sizes[1] + sizes[2] + sizes[3] - 1)
+    for m in maps:
+        sign, starts = cache.get(m)
+        k = torch.arange(m.rows)[:, None]
+        assert sign.dtype == torch.int8 and torch.equal(sign.long(), m.sign(k, torch.arange(m.cols)[None, :]))
+        assert torch.equal(starts, m.index(k, torch.arange(0, m.cols, m.tile_cols)[None, :]))
+        assert cache.bytes <= cache.max_bytes
+    assert list(cache._entries) == maps[2:]  # the two most recent fit; the oldest went
+    assert cache.get(maps[3])[0] is cache.get(maps[3])[0]
+    off = runs.ViewCache(0)
+    off.get(maps[0])
+    assert off.bytes == 0 and not off._entries and not off.holds(maps[0])
+
+
+def test_view_cache_budget_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv("ROASTFX_VIEW_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="ROASTFX_VIEW_CACHE_MB='lots'"):
+        runs._cache_budget()
+    monkeypatch.setenv("ROASTFX_VIEW_CACHE_MB", "-3")
+    with pytest.raises(ValueError, match=">= 0 megabytes"):
+        runs._cache_budget()
+    monkeypatch.delenv("ROASTFX_VIEW_CACHE_MB")
+    monkeypatch.setenv("ROASTFX_INDEX_CACHE_MB", "2")  # the variable's earlier name still sets the budget
+    assert runs._cache_budget() == 2 * 2**20
+    with pytest.raises(ValueError, match="got -1"):
+        runs.ViewCache(-1)
