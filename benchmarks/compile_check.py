@@ -231,6 +231,7 @@ def run(args):
                        loop_instructions=c.loop and c.loop.instructions,
                        loop_integer_ops=c.loop and c.loop.integer_ops(),
                        loop_tensor_core=c.loop and c.loop.tensor_core, loop_calls=c.loop and c.loop.calls,
+                       loop_spill_ops=c.loop and c.loop.local_memory_ops,
                        compile_s=round(c.seconds, 2))
             rows.append(row)
             if cfg is not None and dname != "fp32" and not c.tensor_core_ops:
@@ -243,11 +244,15 @@ def run(args):
     summary = dict(launches=len(rows), failures=failures, kept_but_refused=refused,
                    fit_but_pruned=[f"{r['kernel']} [{r['variant']}] {r['dtype']} {r['config']}" for r in missed],
                    max_registers=max((r["registers"] or 0 for r in rows if "registers" in r), default=None),
-                   any_spills=any((r.get("spill_bytes") or 0) > 0 for r in rows))
+                   any_spills=any((r.get("spill_bytes") or 0) > 0 for r in rows),
+                   max_spill_bytes=max((r.get("spill_bytes") or 0 for r in rows), default=0),
+                   spills_in_main_loops=any((r.get("loop_spill_ops") or 0) > 0 for r in rows))
     print(f"\n{len(rows)} launches compiled for {profile.name} (sm_{profile.cuda_arch}); "
           f"{len(failures)} failure(s); {len(refused)} kept by configs.candidates but over the shared memory "
           f"(the device refuses them and configs.run_fitting falls back); {len(missed)} that fit but are pruned; "
-          f"max {summary['max_registers']} registers/thread; spills: {'yes' if summary['any_spills'] else 'none'}")
+          f"max {summary['max_registers']} registers/thread; spills: "
+          f"{'at most %d bytes' % summary['max_spill_bytes'] if summary['any_spills'] else 'none'}, "
+          f"{'some' if summary['spills_in_main_loops'] else 'none'} inside a main loop")
     for f in failures:
         print("FAIL", f)
     for r in refused:

@@ -58,7 +58,10 @@ if [ "$STAGE" = core ]; then
   XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
   step "kernel tests on CUDA" 150 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/codegen
   step "kernel benchmark" 170 "$PY" benchmarks/bench_kernels.py --out "$OUTDIR"
-  step "cost-model validation" 130 "$PY" benchmarks/validate_cost_model.py --out "$OUTDIR"
+  # every layout timed is a compiled variant (its tile is a kernel constant: about 3 x 1.5 s of compiling per
+  # new layout): 100x first, the planner's choice, the default rule and 3 others per shape
+  step "cost-model validation" 130 "$PY" benchmarks/validate_cost_model.py --compression 100,10,1000 --layouts 3 \
+    --out "$OUTDIR"
 else
   step "conv benchmark" 70 "$PY" benchmarks/bench_conv.py --out "$OUTDIR"
   step "whole model: bert-base" 150 "$PY" benchmarks/bench_models.py --models bert-base --compression 10,100 \

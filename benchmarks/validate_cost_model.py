@@ -77,7 +77,7 @@ def predict(spec, layout, window, profile, memory_size, tokens):
     return {mode: predicted_time(g, profile, tokens, mode) for mode in MODES}
 
 
-def run(args):
+def run(args, save=lambda rows: None):
     import torch
 
     from roastfx.codegen.kernels import roast_linear
@@ -116,6 +116,7 @@ def run(args):
                 rows.append(dict(shape=name, M=M, K=K, N=N, compression=factor, memory_size=memory_size,
                                  layout=label, tile=list(layout[:2]), alignment=layout[2],
                                  predicted_ms={m: 1e3 * t for m, t in predicted.items()}, measured_ms=measured))
+            save(rows)
     return rows, profile.name
 
 
@@ -184,14 +185,21 @@ def print_report(rows, summary, env):
 def main(argv=None):
     args = parse_args(argv)
     select_device(args.dry_run, "validate_cost_model.py")
-    rows, profile = run(args)
+    env = environment(profile=args.target)
+    path = None if args.dry_run else results_path(args.out, env, prefix="costmodel-")
+
+    def save(rows, summary=None):  # after each (shape, compression): a run cut short keeps what it measured
+        if path is not None:
+            with open(path, "w") as f:
+                json.dump(dict(environment=env, dtype=args.dtype, complete=summary is not None, results=rows,
+                               summary=summary), f, indent=1)
+
+    rows, profile = run(args, save)
     summary = summarize(rows)
-    env = environment(profile=profile)
+    env["profile"] = profile
     print_report(rows, summary, env)
-    if not args.dry_run:
-        path = results_path(args.out, env, prefix="costmodel-")
-        with open(path, "w") as f:
-            json.dump(dict(environment=env, dtype=args.dtype, results=rows, summary=summary), f, indent=1)
+    if path is not None:
+        save(rows, summary)
         print(f"wrote {path}")
     return rows, summary
 

@@ -61,6 +61,11 @@ class LoopProfile:
     opcodes: dict  # opcode (without modifiers) -> count
     calls: int
 
+    @property
+    def local_memory_ops(self) -> int:
+        """Loads and stores of the thread's local memory (spilled registers) inside the loop."""
+        return self.opcodes.get("LDL", 0) + self.opcodes.get("STL", 0)
+
     def integer_ops(self) -> int:
         """Integer and logic arithmetic: where the hashing, addressing and sign flips go."""
         return sum(n for op, n in self.opcodes.items() if op in _INTEGER_OPS)

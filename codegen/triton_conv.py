@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args, view_free_terms, view_red_terms
+from .triton_hashing import block_split, hash_args, view_free_terms, view_red_terms
 from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_store, grouped_program, grouped_tile,
                             roast_b_tile, roast_view_values)
 
@@ -68,6 +68,7 @@ def roast_conv_block(
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
 ):
     """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of group program_id(1)'s conv (N output
     and R / (KD * KH * KW) input channels per group), and the block's coordinates: image, od, oh, ow per
@@ -103,7 +104,7 @@ def roast_conv_block(
                             c0, D, H, W, KD, KH, KW, DD, DH, DW, stride_xc, stride_xd, stride_xh, stride_xw)
         w = roast_b_tile(mem_ptr, r0, offs_t, o0 + offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
                          tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
-                         hd, VIEW_IS_B, BLOCK_R)
+                         hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     channel = (o0 + offs_n).to(tl.int64)
     return (acc, channel, mask_m, mask_n, image.to(tl.int64), od.to(tl.int64), oh.to(tl.int64),
@@ -184,6 +185,7 @@ def _roast_conv_grad_memory_kernel(
     a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
 ):
     """dV = im2col(x)^T @ dY, the im2col tiles read from x in place: a program owns a (BLOCK_K reduction
     indices in [k_start, k_end), BLOCK_N output channels) block of one group's columns of dV (N per group,
@@ -216,7 +218,8 @@ def _roast_conv_grad_memory_kernel(
         acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
     grad_memory_store(acc, offs_k.to(tl.int64), (o0 + offs_n).to(tl.int64), mask_k, mask_n, k_start, N_TOTAL,
                       grad_ptr, contrib_ptr, sumsq_ptr, scale, tile_rows, tile_cols, alignment, window_start,
-                      offset_range, a_row, a_col, hb, c_row, c_col, hd, DETERMINISTIC, SUMSQ, VIEW_TRANSPOSED)
+                      offset_range, a_row, a_col, hb, c_row, c_col, hd, DETERMINISTIC, SUMSQ, VIEW_TRANSPOSED, BLOCK_K,
+                      BLOCK_SPLIT)
 
 
 @triton.jit
@@ -226,8 +229,9 @@ def roast_transposed_conv_block(
     stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
     tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
     a_row, a_col, hb, c_row, c_col, hd,
-    VIEW_TRANSPOSED: tl.constexpr, RED_ALIGNED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
 ):
     """A conv's dX, which is the transposed conv of its output gradient: this program's fp32 block for group
     program_id(1) (N input and OC output channels of the conv per group), an implicit GEMM over the conv's
@@ -286,10 +290,10 @@ def roast_transposed_conv_block(
                 a = tl.load(g_ptr + row[:, None] + (o0 + oc).to(tl.int64)[None, :] * stride_gc,
                             mask=hit[:, None] & mask_oc[None, :], other=0.0)
                 mask_w = mask_oc[:, None] & mask_n[None, :]
-                if RED_ALIGNED:  # B[oc, c] is the view's (o0 + oc, view_row) or (view_row, o0 + oc)
+                if BLOCK_SPLIT >= 0:  # B[oc, c] is the view's (o0 + oc, view_row) or (view_row, o0 + oc)
                     w = roast_b_tile(mem_ptr, o0 + oc0, offs_t, view_row, mask_oc, mask_n, hterm, intile, sterm,
                                      ct, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col,
-                                     hb, c_row, c_col, hd, VIEW_TRANSPOSED, BLOCK_R)
+                                     hb, c_row, c_col, hd, VIEW_TRANSPOSED, BLOCK_R, BLOCK_SPLIT)
                 elif VIEW_TRANSPOSED:
                     w = roast_view_values(mem_ptr, (o0 + oc)[:, None], view_row[None, :], mask_w, tile_rows,
                                           tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
@@ -357,6 +361,7 @@ def roast_conv_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int
             DETERMINISTIC=deterministic, SUMSQ=partial is not None, VIEW_TRANSPOSED=transposed,
             PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
+            BLOCK_SPLIT=block_split(mapping, not transposed, cfg.block_m, k_start),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

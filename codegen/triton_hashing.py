@@ -1,9 +1,13 @@
 """The ROAST mapping inside Triton kernels, and what every kernel file shares.
 
-`roast_index_and_sign` is the only place a kernel evaluates the mapping. It is the
-arithmetic of `hashing.TileHash.index` and `TileHash.sign`, element by element, so a
-kernel reads the same slots whatever its block sizes and however the hash tiles
-straddle its blocks.
+A kernel evaluates the mapping in one of two places, both the arithmetic of
+`hashing.TileHash.index` and `TileHash.sign` (docs/mapping.md), so it reads the same
+slots whatever its block sizes and however the hash tiles straddle its blocks:
+`roast_index_and_sign` hashes each element on its own; `view_block_slots` serves a GEMM's
+B blocks, computing each hash tile's start once per column where the block holds whole
+tiles along the reduction (or lies inside one), with `view_free_terms` and
+`view_red_terms` hoisted out of the main loop. Signs are taken in int32 without overflow
+(`_sign_mask`) and applied as a flip of the float's sign bit.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from .hashing import PRIME, SIGN_BIT, TileHash
 
 
 _P = tl.constexpr(2147483647)
+MAX_SPLIT = 4  # the most whole hash tiles along the reduction a block may hold and still compute their starts once
 _SIGN_MASK = tl.constexpr(-2147483648)  # 0x80000000 as int32: the fp32 sign bit
 
 
@@ -42,9 +47,9 @@ def _addmod_p(x, y):
 
 
 @triton.jit
-def _tile_start(h, alignment: tl.constexpr, window_start, offset_range):
+def _tile_start(h, alignment, window_start, offset_range):
     """The first slot of a hash tile whose hash is h (0 <= h < P), int32: window_start + align_down(h mod
-    offset_range). h and offset_range are below 2**31, so the remainder is a 32-bit division."""
+    offset_range). h, offset_range and the alignment are below 2**31: 32-bit divisions."""
     hm = h.to(tl.int32) % offset_range
     return window_start + hm // alignment * alignment
 
@@ -62,8 +67,7 @@ def _sign_mask(u, v_minus_p):
 @triton.jit
 def roast_index_and_sign(
     k, n,
-    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
-    a_row, a_col, b, c_row, c_col, d,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
 ):
     """(memory slot as int64, +1/-1) of element (k, n) of a site's B view, every element hashed on its own.
 
@@ -89,12 +93,12 @@ def signed(w, neg):
 
 
 @triton.jit
-def view_free_terms(offs_f, VIEW_IS_B: tl.constexpr, tile_rows: tl.constexpr, tile_cols: tl.constexpr,
-                    a_row, a_col, b, c_row, c_col, d):
+def view_free_terms(offs_f, VIEW_IS_B: tl.constexpr, tile_rows, tile_cols, a_row, a_col, b, c_row, c_col, d):
     """The parts of the mapping that a GEMM's B blocks keep along the reduction, per index of the free axis
-    (B's columns: the view's columns when VIEW_IS_B, else its rows): the tile-hash term with b added (int64,
-    in [0, P)), the element's offset inside its tile along that axis (int32), and the sign-hash term with d
-    added, minus P (int32). Computed once per program, outside the main loop."""
+    (B's columns: the view's columns when VIEW_IS_B, else its rows): the tile-hash term with b added, minus P
+    (int32), the element's offset inside its tile along that axis (int32), and the sign-hash term with d
+    added, minus P (int32). Computed once per program, outside the main loop. Both terms are kept minus P,
+    in [-P, 0), so that adding a term in [0, P) cannot overflow int32."""
     f = offs_f.to(tl.int32)
     if VIEW_IS_B:
         hterm = _addmod_p(_mulmod_p(a_col, f // tile_cols), b)
@@ -104,7 +108,7 @@ def view_free_terms(offs_f, VIEW_IS_B: tl.constexpr, tile_rows: tl.constexpr, ti
         hterm = _addmod_p(_mulmod_p(a_row, f // tile_rows), b)
         intile = (f % tile_rows) * tile_cols
         sterm = _addmod_p(_mulmod_p(c_row, f), d)
-    return hterm, intile, (sterm - _P).to(tl.int32)
+    return (hterm - _P).to(tl.int32), intile, (sterm - _P).to(tl.int32)
 
 
 @triton.jit
@@ -118,62 +122,63 @@ def view_red_terms(offs_t, VIEW_IS_B: tl.constexpr, c_row, c_col):
 
 
 @triton.jit
-def _red_tile_start(hterm, i, a_red, alignment: tl.constexpr, window_start, offset_range):
-    """First slot of tile (i along the reduction, the free axis' tiles as in hterm), int32 per free index."""
-    return _tile_start(_addmod_p(hterm, _mulmod_p(a_red, i)), alignment, window_start, offset_range)
+def _red_tile_start(hterm, i, a_red, alignment, window_start, offset_range):
+    """First slot of tile (i along the reduction, the free axis' tiles as in hterm: their hash terms minus P),
+    int32 per free index: the hash (hterm + a_red * i) mod P taken in int32 as the sign's is."""
+    s = hterm + _mulmod_p(a_red, i).to(tl.int32)  # in [-P, P)
+    return _tile_start(tl.where(s < 0, s + _P, s), alignment, window_start, offset_range)
 
 
 @triton.jit
 def view_block_slots(
     r0, offs_t, offs_f, hterm, intile, sterm, ct,
-    VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, MAX_SPLIT: tl.constexpr,
-    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
-    a_row, a_col, b, c_row, c_col, d,
+    VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
 ):
     """(memory slot, `_sign_mask`) of each element of a GEMM's (BLOCK_R, F) B block: rows r0 + offs_t of the
-    reduction axis (offs_t = arange(BLOCK_R), r0 a multiple of BLOCK_R), columns offs_f of the free axis,
-    whose `view_free_terms` are (hterm, intile, sterm) and whose reduction sign terms are ct
-    (`view_red_terms`). B[r, f] is the view's element (r, f) when VIEW_IS_B, else (f, r).
+    reduction axis (offs_t = arange(BLOCK_R)), columns offs_f of the free axis, whose `view_free_terms` are
+    (hterm, intile, sterm) and whose reduction sign terms are ct (`view_red_terms`). B[r, f] is the view's
+    element (r, f) when VIEW_IS_B, else (f, r).
 
-    When the block holds up to MAX_SPLIT whole hash tiles along the reduction, or lies inside one, each
-    tile's start is computed once per free index, and the slot of an element is that start plus its
-    offsets in the tile (a select between the tiles' starts when there are several): a few integer
-    operations per element. Other tilings hash every element on its own (`roast_index_and_sign`). Either
-    way the slots and signs are those of docs/mapping.md.
+    ``BLOCK_SPLIT`` (`block_split`, from the host) says how the block meets the hash tiles along the
+    reduction: n >= 1, it holds n whole tiles (r0 on a tile boundary); 0, it lies inside one tile; -1,
+    tiles straddle it. In the first two cases each tile's start is computed once per free index and an
+    element's slot is that start plus its offsets in the tile (a select between the starts where there
+    are several): a few integer operations per element. With -1 every element is hashed on its own
+    (`roast_index_and_sign`). Either way the slots and signs are those of docs/mapping.md.
     """
     if VIEW_IS_B:
-        TILE_R: tl.constexpr = tile_rows
-        STRIDE_R: tl.constexpr = tile_cols
+        tile_r = tile_rows
+        stride_r = tile_cols
         a_red = a_row
         c_red = c_row
     else:
-        TILE_R: tl.constexpr = tile_cols
-        STRIDE_R: tl.constexpr = 1
+        tile_r = tile_cols
+        stride_r = 1
         a_red = a_col
         c_red = c_col
     # sign: (c_red * (r0 + t) + the free term) mod P, bit 16
     s = (_mulmod_p(c_red, r0) - _P).to(tl.int32) + ct  # in [-P, P)
     u = tl.where(s < 0, s + _P, s)
     neg = _sign_mask(u[:, None], sterm[None, :])
-    i0 = r0 // TILE_R
-    if (BLOCK_R % TILE_R == 0) and (BLOCK_R // TILE_R <= MAX_SPLIT):
-        # whole tiles along the reduction: tile i0 + t // TILE_R, row t % TILE_R of it
+    if BLOCK_SPLIT > 0:
+        # whole tiles along the reduction: tile i0 + t // tile_r, row t % tile_r of it
+        i0 = r0 // tile_r
         start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range)
-        red = (offs_t % TILE_R) * STRIDE_R
-        if BLOCK_R == TILE_R:
-            index = red[:, None] + (start + intile)[None, :]
+        if BLOCK_SPLIT == 1:
+            index = (offs_t * stride_r)[:, None] + (start + intile)[None, :]
         else:
             starts = tl.broadcast_to(start[None, :], (BLOCK_R, start.shape[0]))
-            sub = offs_t // TILE_R
-            for j in tl.static_range(1, BLOCK_R // TILE_R):
+            sub = offs_t // tile_r
+            for j in tl.static_range(1, BLOCK_SPLIT):
                 start_j = _red_tile_start(hterm, i0 + j, a_red, alignment, window_start, offset_range)
                 starts = tl.where((sub == j)[:, None], start_j[None, :], starts)
-            index = red[:, None] + (starts + intile[None, :])
-    elif TILE_R % BLOCK_R == 0:
+            index = ((offs_t - sub * tile_r) * stride_r)[:, None] + (starts + intile[None, :])
+    elif BLOCK_SPLIT == 0:
         # the block lies inside tile i0 along the reduction
+        i0 = r0 // tile_r
         start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range)
-        red = (r0 % TILE_R + offs_t) * STRIDE_R
-        index = red[:, None] + (start + intile)[None, :]
+        index = ((r0 - i0 * tile_r + offs_t) * stride_r)[:, None] + (start + intile)[None, :]
     else:
         # tiles straddle the block: every element hashed on its own
         if VIEW_IS_B:
@@ -183,6 +188,19 @@ def view_block_slots(
             index, _ = roast_index_and_sign(offs_f[None, :], (r0 + offs_t)[:, None], tile_rows, tile_cols,
                                             alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d)
     return index, neg
+
+
+def block_split(mapping: TileHash, view_is_b: bool, block_r: int, first_row_step: int = 0) -> int:
+    """The BLOCK_SPLIT constexpr of a GEMM whose B blocks are ``block_r`` rows of the reduction, starting at
+    multiples of ``block_r`` plus multiples of ``first_row_step`` (a group's first row: a grouped conv's dX;
+    0: none): n >= 1 when every block holds n <= MAX_SPLIT whole hash tiles along the reduction, 0 when every
+    block lies inside one tile, -1 otherwise (every element hashed on its own)."""
+    extent = mapping.tile_rows if view_is_b else mapping.tile_cols
+    if block_r % extent == 0 and block_r // extent <= MAX_SPLIT:
+        return block_r // extent if first_row_step % extent == 0 else -1
+    if extent % block_r == 0:
+        return 0 if first_row_step % block_r == 0 else -1
+    return -1
 
 
 def hash_args(mapping: TileHash) -> tuple[int, ...]:

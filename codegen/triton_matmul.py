@@ -21,13 +21,11 @@ import triton.language as tl
 
 from . import configs
 from .hashing import TileHash
-from .triton_hashing import (hash_args, maybe_dump, roast_index_and_sign, signed, view_block_slots, view_free_terms,
-                             view_red_terms)
+from .triton_hashing import (block_split, hash_args, maybe_dump, roast_index_and_sign, signed, view_block_slots,
+                             view_free_terms, view_red_terms)
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# the most hash tiles along the reduction a GEMM block may hold and still compute each tile's start once
-MAX_SPLIT = tl.constexpr(4)
 DETERMINISTIC_CHUNK_ELEMENTS = 1 << 24  # view elements per deterministic reduction (fp32 + int64 each)
 
 
@@ -77,8 +75,7 @@ def signed_values(mem_ptr, index, neg, mask):
 
 @triton.jit
 def roast_view_values(mem_ptr, k, n, mask,
-                      tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
-                      offset_range, a_row, a_col, hb, c_row, c_col, hd):
+                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd):
     """Elements (k, n) of a site's view, signed, in fp32, read from the memory at their hashed slots; k and n
     are index tensors that broadcast against each other and ``mask`` (masked elements read 0). Each element
     is hashed on its own: for reads that are no GEMM B block (`roast_b_tile` is the fast form)."""
@@ -90,14 +87,14 @@ def roast_view_values(mem_ptr, k, n, mask,
 
 @triton.jit
 def roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
-                 tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
-                 offset_range, a_row, a_col, hb, c_row, c_col, hd,
-                 VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The (BLOCK_R, len(offs_n)) B block of a GEMM at reduction rows r0 + offs_t, signed, in fp32, read from
-    the memory at its hashed slots: element (r, n) of the B operand is element (r, n) of the view, or (n, r)
-    of it. (hterm, intile, sterm) are `view_free_terms` of offs_n and ct the `view_red_terms`, computed once
-    per program."""
-    index, neg = view_block_slots(r0, offs_t, offs_n, hterm, intile, sterm, ct, VIEW_IS_B, BLOCK_R, MAX_SPLIT,
+                 tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
+                 VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """The (BLOCK_R, len(offs_n)) B block of a GEMM at reduction rows r0 + offs_t, signed, read from the
+    memory at its hashed slots (`signed_values`): element (r, n) of the B operand is element (r, n) of the
+    view, or (n, r) of it. (hterm, intile, sterm) are `view_free_terms` of offs_n and ct the
+    `view_red_terms`, computed once per program; BLOCK_SPLIT is `block_split`'s."""
+    index, neg = view_block_slots(r0, offs_t, offs_n, hterm, intile, sterm, ct, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT,
                                   tile_rows, tile_cols, alignment, window_start, offset_range,
                                   a_row, a_col, hb, c_row, c_col, hd)
     return signed_values(mem_ptr, index, neg, mask_r[:, None] & mask_n[None, :])
@@ -121,6 +118,7 @@ def roast_matmul_block(
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
 ):
     """This program's (BLOCK_M, BLOCK_N) block of ``a @ op(V)`` in fp32, with its row and column offsets.
 
@@ -149,7 +147,7 @@ def roast_matmul_block(
         )
         w = roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
                          tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
-                         hd, VIEW_IS_B, BLOCK_R)
+                         hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     return acc, offs_m, offs_n
 
@@ -165,11 +163,12 @@ def _roast_matmul_kernel(
     VIEW_IS_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
 ):
     acc, offs_m, offs_n = roast_matmul_block(
         a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M)
+        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
@@ -190,22 +189,36 @@ def _roast_matmul_kernel(
 
 @triton.jit
 def grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr, contrib_ptr, sumsq_ptr, scale,
-                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-                      DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr):
+                      tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
+                      offset_range, a_row, a_col, hb, c_row, c_col, hd,
+                      DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     """Send a program's (BLOCK_K, BLOCK_N) block ``acc`` of dV (view rows offs_k, columns offs_n; with
     VIEW_TRANSPOSED, the view's columns and rows) to the memory: signed and scaled, by atomic add into
     ``grad_ptr`` at each element's slot, or (DETERMINISTIC) written to ``contrib_ptr`` (rows from k_start,
     N wide) for a sorted reduction in torch. With SUMSQ the program also writes its block's sum of dV^2 in
-    fp64 to ``sumsq_ptr`` (one per program)."""
-    if VIEW_TRANSPOSED:
-        index, sign = roast_index_and_sign(
-            offs_n[None, :], offs_k[:, None], tile_rows, tile_cols, alignment, window_start,
-            offset_range, a_row, a_col, hb, c_row, c_col, hd)
+    fp64 to ``sumsq_ptr`` (one per program). The slots: as a GEMM's B block whose reduction rows are offs_k
+    (`view_block_slots`, ``BLOCK_SPLIT`` from `block_split`), offs_k starting at a multiple of BLOCK_K."""
+    if BLOCK_SPLIT >= 0:
+        offs_t = tl.arange(0, BLOCK_K)
+        hterm, intile, sterm = view_free_terms(offs_n, not VIEW_TRANSPOSED, tile_rows, tile_cols, a_row, a_col,
+                                               hb, c_row, c_col, hd)
+        ct = view_red_terms(offs_t, not VIEW_TRANSPOSED, c_row, c_col)
+        r0 = k_start + tl.program_id(0) * BLOCK_K
+        index, neg = view_block_slots(r0, offs_t, offs_n, hterm, intile, sterm, ct, not VIEW_TRANSPOSED, BLOCK_K,
+                                      BLOCK_SPLIT, tile_rows, tile_cols, alignment, window_start, offset_range,
+                                      a_row, a_col, hb, c_row, c_col, hd)
+        grad = signed(acc, neg) * scale
     else:
-        index, sign = roast_index_and_sign(
-            offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-            offset_range, a_row, a_col, hb, c_row, c_col, hd)
-    grad = tl.where(sign > 0, acc, -acc) * scale
+        if VIEW_TRANSPOSED:
+            index, sign = roast_index_and_sign(
+                offs_n[None, :], offs_k[:, None], tile_rows, tile_cols, alignment, window_start,
+                offset_range, a_row, a_col, hb, c_row, c_col, hd)
+        else:
+            index, sign = roast_index_and_sign(
+                offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+                offset_range, a_row, a_col, hb, c_row, c_col, hd)
+        grad = tl.where(sign > 0, acc, -acc) * scale
     mask = mask_k[:, None] & mask_n[None, :]
     if SUMSQ:
         # one partial per program, summed in torch: deterministic, and fp64 squares of fp32 never overflow
@@ -227,7 +240,7 @@ def _roast_grad_memory_kernel(
     tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
     a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):
     # one program owns a BLOCK_K x BLOCK_N block of view rows [k_start, k_end) and reduces over all M
     pid_k = tl.program_id(0)
@@ -257,7 +270,7 @@ def _roast_grad_memory_kernel(
 
     grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr, contrib_ptr, sumsq_ptr, scale,
                       tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
-                      hd, DETERMINISTIC, SUMSQ, False)
+                      hd, DETERMINISTIC, SUMSQ, False, BLOCK_K, BLOCK_SPLIT)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -375,7 +388,8 @@ def roast_matmul(
             VIEW_IS_B=view_is_b, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
             HAS_RESIDUAL=residual is not None, STORE_PRE=store_pre, PRECISION=dot_precision(a.dtype),
             DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
-            GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GROUP_M=8, BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     launched = launch_gemm("roast_matmul", a, memory, config, launch, lambda: choose_config(
@@ -435,6 +449,7 @@ def _grad_memory(a, c, memory_size, mapping, scale, deterministic, config, sumsq
             DETERMINISTIC=deterministic, SUMSQ=partial is not None, PRECISION=dot_precision(a.dtype),
             DOT_IN_FP32=dot_in_fp32(a.dtype),
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
+            BLOCK_SPLIT=block_split(mapping, True, cfg.block_m, k_start),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

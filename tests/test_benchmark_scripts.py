@@ -88,7 +88,7 @@ def test_compile_check_compiles_every_kernel_kind_for_h100_without_a_gpu(tmp_pat
     assert sum(k.startswith("roast_embedding_epilogue_") for k in kernels) == 1
     for r in result["launches"]:
         assert r["shared_bytes"] <= 227 * 1024 and r["registers"] and r["registers"] <= 255, r
-        assert r["spill_bytes"] == 0, r
+        assert r["spill_bytes"] <= 16 and not r["loop_spill_ops"], r
         if r["config"] != "fixed":  # every bf16 GEMM runs on tensor cores (wgmma) ...
             assert r["tensor_core_ops"] > 0, r
             # ... fed by cp.async copies, except the conv's dMemory: both its operands are gathers of 2-byte

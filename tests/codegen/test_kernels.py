@@ -87,6 +87,21 @@ BLOCK_TILINGS = [
 ]
 
 
+def test_block_split_says_how_blocks_meet_the_tiles_along_the_reduction():
+    from roastfx.codegen.triton_hashing import block_split
+
+    def split(tile_rows, tile_cols, view_is_b, block_r, step=0):
+        return block_split(random_mapping(500, 500, tile_rows, tile_cols), view_is_b, block_r, step)
+
+    assert split(32, 8, True, 32) == 1 and split(16, 8, True, 64) == 4 and split(8, 16, False, 32) == 2
+    assert split(8, 8, True, 64) == -1  # 8 tiles per block: more starts than a block computes once
+    assert split(64, 8, True, 32) == 0 and split(8, 128, False, 64) == 0  # inside one tile
+    assert split(24, 8, True, 32) == -1 and split(8, 24, False, 32) == -1  # neither divides the other
+    # a grouped conv's dX: group g's reduction starts at g * step
+    assert split(16, 8, True, 32, step=48) == 2 and split(16, 8, True, 32, step=40) == -1
+    assert split(64, 8, True, 32, step=96) == 0 and split(64, 8, True, 32, step=80) == -1
+
+
 @pytest.mark.parametrize("tiling", BLOCK_TILINGS)
 @pytest.mark.parametrize("view_is_b", [True, False])
 @pytest.mark.parametrize("memory_dtype", [torch.float32, torch.float16])
@@ -171,6 +186,24 @@ def test_linear_gradients_match_reference(deterministic, transposed_view, activa
 
     for name, got, want in zip(["x", "memory", "bias", "residual"], leaves, ref):
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("tiling", BLOCK_TILINGS)
+@pytest.mark.parametrize("deterministic,chunk_elements", [(False, 1 << 24), (True, 1 << 24), (True, 2000)])
+def test_memory_gradient_blocks_send_each_element_to_its_slot(tiling, deterministic, chunk_elements, device,
+                                                             monkeypatch):
+    # dMemory for dV = a^T c at each block/tile relation, atomics and the deterministic path in one or in
+    # 32-row chunks (2000 elements), against autograd through the float64 oracle
+    monkeypatch.setattr("roastfx.codegen.triton_matmul.DETERMINISTIC_CHUNK_ELEMENTS", chunk_elements)
+    rows, cols = 96, 80
+    mapping = random_mapping(rows, cols, *tiling, window_size=tiling[0] * tiling[1] + 211, seed=sum(tiling))
+    memory = random_memory(mapping, seed=6)
+    a, c = randn(37, rows, seed=13, dtype=torch.float64), randn(37, cols, seed=14, dtype=torch.float64)
+    got = roast_grad_memory(a.float().to(device), c.float().to(device), memory.numel(), mapping, 0.6, deterministic,
+                            config=configs.BlockConfig(32, 32, 32, 1, 1))
+    leaf = memory.clone().requires_grad_()
+    (reference.materialize(leaf, mapping, 0.6) * (a.t() @ c)).sum().backward()
+    torch.testing.assert_close(got.double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 2000])  # 2000: one 32-row chunk at a time
