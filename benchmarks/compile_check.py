@@ -69,16 +69,16 @@ def fma_dot(dname: str) -> bool:
     return dname == "fp32" and dot_precision(torch.float32) == "ieee"
 
 
-def launches(quick: bool):
+def launches(quick: bool, arch: int = 90):
     """(name, variant, dtype, config or None, B operand's element size, call) for each launch to compile:
     the forward GEMMs read B from the memory (fp32 unless said), dMemory reads two activations."""
     out = []
     for dname in (["bf16"] if quick else list(DTYPES)):
-        out += _launches_for(dname, quick)  # one scope per dtype: the lambdas bind that dtype's tensors
+        out += _launches_for(dname, quick, arch)  # one scope per dtype: the lambdas bind that dtype's tensors
     return out
 
 
-def _launches_for(dname: str, quick: bool):
+def _launches_for(dname: str, quick: bool, arch: int):
     import torch
 
     from roastfx.codegen import (configs, triton_conv, triton_embedding, triton_epilogue, triton_materialize,
@@ -89,7 +89,8 @@ def _launches_for(dname: str, quick: bool):
     if fma_dot(dname):  # a full-precision fp32 dot runs on FMA units, with its own configs
         gemm_configs, default = configs.FMA_CANDIDATES, configs.FMA_CANDIDATES[0]
     else:
-        gemm_configs = configs.CANDIDATES[:2] if quick else configs.CANDIDATES
+        gemm_configs = [c for c in configs.CANDIDATES if c.min_arch <= arch]  # what the target is offered
+        gemm_configs = gemm_configs[:2] if quick else gemm_configs
         default = configs.BlockConfig(64, 64, 64, num_warps=4, num_stages=3)
     out = []
     dtype = getattr(torch, DTYPES[dname])
@@ -207,7 +208,7 @@ def run(args):
     profile = args.profile
     limit = profile.smem_per_block_bytes
     rows, failures, refused = [], [], []
-    for name, variant, dname, cfg, b_size, call in launches(args.quick):
+    for name, variant, dname, cfg, b_size, call in launches(args.quick, profile.cuda_arch):
         with compile_only(profile.cuda_arch) as compiled:
             try:
                 call()

@@ -19,6 +19,7 @@ class BlockConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    min_arch: int = 0  # the lowest CUDA compute capability (major * 10 + minor) it is offered on; 0: any
 
     def shared_memory(self, element_size: int, b_element_size: int | None = None) -> int:
         """Bytes of shared memory the pipelined A and B tiles take (B in ``b_element_size`` bytes, default
@@ -36,6 +37,12 @@ class BlockConfig:
 
 
 CANDIDATES: tuple[BlockConfig, ...] = (
+    # sm_90 only: two warpgroups share each B tile that the main loop signs in registers, twice the MMA work per
+    # iteration for the same register pass over B (benchmarks/compile_check.py: 1,024 HGMMA cycles against
+    # about 900 issue cycles at 256x128x64, 512 against 830 at 128x128x64; no spills); on sm_80 and sm_89 their
+    # mma.sync accumulators spill 80-112 bytes
+    BlockConfig(256, 128, 64, num_warps=8, num_stages=3, min_arch=90),
+    BlockConfig(256, 128, 32, num_warps=8, num_stages=4, min_arch=90),
     BlockConfig(128, 128, 64, num_warps=8, num_stages=3),
     BlockConfig(128, 128, 32, num_warps=8, num_stages=4),
     BlockConfig(128, 64, 64, num_warps=4, num_stages=4),
@@ -80,11 +87,14 @@ INTERPRETER_CONFIG = BlockConfig(32, 32, 32, num_warps=1, num_stages=1)
 
 
 def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] | None = None,
-               b_element_size: int | None = None, fma: bool = False, conv: bool = False) -> list[BlockConfig]:
+               b_element_size: int | None = None, fma: bool = False, conv: bool = False,
+               arch: int | None = None) -> list[BlockConfig]:
     """The candidates for a hardware profile: those whose pipelined tiles fit in its shared memory.
 
     ``target`` is a hardware profile (anything with ``smem_per_block_bytes``, e.g.
-    ``roastfx.profiles.PROFILES["h100"]``) or a number of bytes. ``block_tile`` is the
+    ``roastfx.profiles.PROFILES["h100"]``, whose ``cuda_arch`` is the architecture) or a number of
+    bytes (then ``arch``, the CUDA compute capability as major * 10 + minor, says which
+    architecture-specific configs apply; None: none of them). ``block_tile`` is the
     plan's hash tile as seen by the kernel's (block_m, block_n, block_k) axes (0 = no
     constraint on that axis): when some fitting candidates are multiples of it, only
     those are kept, so a block never splits a hash tile; otherwise all fitting ones are
@@ -99,6 +109,8 @@ def candidates(target, element_size: int = 2, block_tile: tuple[int, int, int] |
         raise ValueError(f"shared_memory_limit must be a positive number of bytes, got {limit}")
     pool = ((FMA_CONV_CANDIDATES if conv else FMA_CANDIDATES) if fma else
             (CONV_CANDIDATES if conv else CANDIDATES))
+    arch = getattr(target, "cuda_arch", None) if arch is None else arch
+    pool = [c for c in pool if c.min_arch <= (arch or 0)]
     fitting = [c for c in pool if c.shared_memory(element_size, b_element_size) <= limit]
     if not fitting:
         smallest = min(c.shared_memory(element_size, b_element_size) for c in pool)
@@ -118,12 +130,13 @@ def _holds_whole_tiles(c: BlockConfig, block_tile: tuple[int, int, int]) -> bool
 
 def pick(m: int, n: int, k: int, shared_memory_limit, element_size: int = 2,
          block_tile: tuple[int, int, int] | None = None, b_element_size: int | None = None,
-         exclude=(), fma: bool = False, conv: bool = False) -> BlockConfig:
+         exclude=(), fma: bool = False, conv: bool = False, arch: int | None = None) -> BlockConfig:
     """A good config without timing: the largest tile that still gives the GPU enough programs
-    (``exclude``: configs the device refused)."""
+    (``exclude``: configs the device refused; ``arch``: as in :func:`candidates`)."""
     if interpreting():
         return INTERPRETER_CONFIG
-    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size, fma, conv), exclude)
+    fitting = _usable(candidates(shared_memory_limit, element_size, block_tile, b_element_size, fma, conv, arch),
+                      exclude)
 
     def score(c: BlockConfig):
         programs = -(-m // c.block_m) * -(-n // c.block_n)
@@ -172,7 +185,16 @@ def shared_memory_limit(device) -> int:
     return int(limit)
 
 
-_limits: dict[int, int] = {}
+def cuda_arch(device) -> int:
+    """The CUDA compute capability of ``device`` as major * 10 + minor (90 for an H100)."""
+    import torch
+
+    dev = torch.device(device)
+    major, minor = torch.cuda.get_device_capability(dev.index if dev.index is not None else None)
+    return major * 10 + minor
+
+
+_devices: dict[int, tuple[int, int]] = {}  # device index -> (shared memory per block, CUDA compute capability)
 _tuned: dict[tuple, BlockConfig] = {}
 
 
@@ -260,19 +282,20 @@ def choose(device, m: int, n: int, k: int, element_size: int, kernel: str | None
         return INTERPRETER_CONFIG
     dev = torch_device(device)
     index = dev.index if dev.index is not None else 0
-    if index not in _limits:
-        _limits[index] = shared_memory_limit(dev)
+    if index not in _devices:
+        _devices[index] = (shared_memory_limit(dev), cuda_arch(dev))
+    limit, arch = _devices[index]
     refused = _refused.get(refused_key(dev, kernel, dtype or element_size), set())
     if autotune_enabled() and bench is not None and kernel is not None:
         key = (kernel, shape_bucket(m, n, k), str(dtype or element_size), index, block_tile, fma, conv)
         if key in _tuned and _tuned[key] in refused:
             del _tuned[key]
         if key in _tuned or not _capturing():  # no timing inside a CUDA graph capture
-            options = _usable(candidates(_limits[index], element_size, block_tile, b_element_size, fma, conv),
+            options = _usable(candidates(limit, element_size, block_tile, b_element_size, fma, conv, arch),
                               refused)
             return tune(key, options, bench)
-    return pick(m, n, k, _limits[index], element_size, block_tile, b_element_size, exclude=refused, fma=fma,
-                conv=conv)
+    return pick(m, n, k, limit, element_size, block_tile, b_element_size, exclude=refused, fma=fma,
+                conv=conv, arch=arch)
 
 
 def _capturing() -> bool:

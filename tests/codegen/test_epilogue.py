@@ -350,7 +350,7 @@ def test_autotune_switch(monkeypatch):
 def test_autotune_times_fitting_candidates_once_per_bucket(monkeypatch):
     # a CUDA device object needs no GPU; the interpreter check and the device query are bypassed
     monkeypatch.setattr(configs, "interpreting", lambda: False)
-    monkeypatch.setattr(configs, "_limits", {0: 100 * 1024})
+    monkeypatch.setattr(configs, "_devices", {0: (100 * 1024, 80)})  # an A100-like device: no sm_90 configs
     monkeypatch.setattr(configs, "_tuned", {})
     monkeypatch.setattr(configs, "_autotune", True)
     timed = []

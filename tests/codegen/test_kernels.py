@@ -316,7 +316,11 @@ def test_errors_name_the_bad_value(device):
 
 def test_configs_are_pruned_by_shared_memory():
     everything = configs.candidates(10**9)
-    assert everything == list(configs.CANDIDATES)
+    assert everything == [c for c in configs.CANDIDATES if not c.min_arch]  # no architecture: none of sm_90's
+    assert configs.candidates(10**9, arch=90) == list(configs.CANDIDATES)
+    from roastfx.profiles import PROFILES
+    assert any(c.min_arch == 90 for c in configs.candidates(PROFILES["h100"], 2))
+    assert not any(c.min_arch for c in configs.candidates(PROFILES["a100"], 2) + configs.candidates(10**9, arch=89))
     assert all(min(c.block_m, c.block_n, c.block_k) >= configs.MIN_BLOCK for c in everything)
     fitting = configs.candidates(48 * 1024, element_size=2)
     assert fitting and all(c.shared_memory(2) <= 48 * 1024 for c in fitting)
