@@ -75,6 +75,17 @@ def test_signs_near_the_prime_need_no_wider_integers():
                        reference.materialize_rows(memory, mapping, 1.0, k[:, 0]))
 
 
+def test_sign_where_the_sum_lands_on_a_multiple_of_65536_below_p():
+    # (u + v) mod P is taken as s = u + v - P in int32 and, where s < 0, as s - 1 below bit 31: that "- 1"
+    # changes bit 16 only when s's low 16 bits are all zero. d = P - 65536 puts element (0, 0) there
+    from dataclasses import replace
+
+    mapping = replace(mapping_for(LAYOUTS[0], seed=4), d=PRIME - 65536)
+    k, n = torch.arange(mapping.rows)[:, None], torch.arange(mapping.cols)[None, :]
+    assert mapping.sign(torch.tensor(0), torch.tensor(0)) == 1
+    assert torch.equal(runs.signs(mapping, k, n).long(), mapping.sign(k, n))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_half_and_single_precision_views_round_as_the_oracle(dtype):
     mapping = mapping_for(LAYOUTS[0], seed=9)

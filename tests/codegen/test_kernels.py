@@ -1,5 +1,6 @@
 """The Triton kernels against the PyTorch reference path (codegen/reference.py), in float64."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,6 +187,25 @@ def test_linear_gradients_match_reference(deterministic, transposed_view, activa
 
     for name, got, want in zip(["x", "memory", "bias", "residual"], leaves, ref):
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("tiling", [(32, 32), (8, 16), (5, 3)])
+def test_signs_where_the_sum_lands_on_a_multiple_of_65536_below_p(tiling, device):
+    # the kernels take (u + v) mod P as s = u + v - P in int32 and its bits below 31 as those of s - 1 where
+    # s < 0: the "- 1" changes bit 16 only when s's low 16 bits are all zero, once in 65,536 random elements.
+    # d = P - 65536 puts element (0, 0) there (u = v - d = 0, s = -65536)
+    mapping = replace(random_mapping(40, 48, *tiling, window_size=tiling[0] * tiling[1] + 100, seed=3),
+                      d=PRIME - 65536)
+    memory = random_memory(mapping, seed=9).float()
+    view = reference.materialize(memory.double(), mapping, 1.0)
+    assert mapping.sign(torch.tensor(0), torch.tensor(0)) == 1  # bit 16 of P - 65536 = 0x7ffeffff is 0
+    for view_is_b in (True, False):
+        eye = torch.eye(40 if view_is_b else 48, device=device)
+        got, _ = roast_matmul(eye, memory.to(device), mapping, 1.0, view_is_b, config=configs.BlockConfig(32, 32, 32, 1, 1))
+        assert torch.equal(got.double().cpu(), view if view_is_b else view.t())
+    ids = torch.tensor([0, 5, 0], device=device)
+    assert torch.equal(gather_rows(memory.to(device), mapping, 1.0, ids).double().cpu(), view[[0, 5, 0]])
+    assert torch.equal(materialize(memory.to(device), mapping, 1.0).double().cpu(), view)
 
 
 @pytest.mark.parametrize("tiling", BLOCK_TILINGS)
