@@ -203,10 +203,18 @@ def block_split(mapping: TileHash, view_is_b: bool, block_r: int, first_row_step
     return -1
 
 
+MAX_KERNEL_SLOT = 2**31 - 1  # the last slot the kernels can address: they take tile starts and slots in int32
+
+
 def hash_args(mapping: TileHash) -> tuple[int, ...]:
     """The scalar kernel arguments that `roast_index_and_sign` takes after (k, n)."""
     assert PRIME == 2147483647 and SIGN_BIT == 16, "roast_index_and_sign hard-codes P and the sign bit"
     m = mapping
+    if m.window_start + m.window_size - 1 > MAX_KERNEL_SLOT:
+        raise ValueError(
+            f"a window whose last memory slot is {m.window_start + m.window_size - 1} is beyond the Triton kernels' "
+            f"32-bit slot arithmetic (slots up to {MAX_KERNEL_SLOT}); use a smaller memory, or the PyTorch path "
+            "(ROASTFX_KERNELS=reference)")
     return (
         m.tile_rows, m.tile_cols, m.alignment, m.window_start, m.offset_range,
         m.a_row, m.a_col, m.b, m.c_row, m.c_col, m.d,

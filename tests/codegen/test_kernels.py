@@ -334,6 +334,15 @@ def test_errors_name_the_bad_value(device):
         roast_embedding(torch.tensor([3, 45], device=device), memory, mapping, 1.0)
 
 
+def test_a_memory_beyond_32_bit_slots_is_refused_before_any_launch():
+    from roastfx.codegen.triton_hashing import hash_args
+
+    mapping = replace(random_mapping(4, 4, 2, 2, seed=1), window_start=2**31 - 64, window_size=64)
+    assert hash_args(mapping)  # its last slot, 2**31 - 1, is the last one a kernel can address
+    with pytest.raises(ValueError, match="last memory slot is 2147483648 is beyond the Triton kernels' 32-bit"):
+        hash_args(replace(mapping, window_size=65))
+
+
 def test_configs_are_pruned_by_shared_memory():
     everything = configs.candidates(10**9)
     assert everything == [c for c in configs.CANDIDATES if not c.min_arch]  # no architecture: none of sm_90's
