@@ -5,9 +5,9 @@ start plus ``(k mod tile_rows) * tile_cols`` (docs/mapping.md). So a view, or so
 (an embedding lookup), is a gather of runs (rows of ``memory.unfold``), not of single elements,
 and a gradient goes back as whole runs added at once. Only the signs are per element: computed
 from the sign hash in 32-bit arithmetic, or on the CPU read from a bounded cache of one byte per
-element (`VIEW_CACHE`, which also keeps the run starts). This is what runs wherever no Triton kernel does (the CPU, float64);
-codegen/reference.py keeps the element-by-element formulas, the oracle both paths are tested
-against.
+element (`VIEW_CACHE`, which also keeps the run starts). This is what runs wherever no Triton
+kernel does (the CPU, float64); codegen/reference.py keeps the element-by-element formulas, the
+oracle both paths are tested against.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def run_starts(mapping: TileHash, rows: torch.Tensor) -> torch.Tensor:
     """First slot of each (row, tile column) run: shape rows.shape + (tile columns,), int64."""
     k = rows.to(torch.int64)
     j = torch.arange(mapping.grid[1], device=rows.device, dtype=torch.int64)
-    return mapping.tile_offset((k // mapping.tile_rows)[..., None], j) + ((k % mapping.tile_rows) * mapping.tile_cols)[..., None]
+    in_tile = (k % mapping.tile_rows) * mapping.tile_cols
+    return mapping.tile_offset((k // mapping.tile_rows)[..., None], j) + in_tile[..., None]
 
 
 def signs(mapping: TileHash, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,8 @@ def roast_view_values(mem_ptr, k, n, mask,
 
 @triton.jit
 def roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
-                 tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
-    a_row, a_col, hb, c_row, c_col, hd,
+                 tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
+                 offset_range, a_row, a_col, hb, c_row, c_col, hd,
                  VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     """The (BLOCK_R, len(offs_n)) B block of a GEMM at reduction rows r0 + offs_t, signed, read from the
     memory at its hashed slots (`signed_values`): element (r, n) of the B operand is element (r, n) of the
