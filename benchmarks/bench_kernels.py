@@ -5,7 +5,9 @@
 
 Methods, each computing y = x @ W^T for a (out, in) = (N, K) weight:
   dense      F.linear with a dense bf16 weight
-  roast      the fused kernel: B tiles read straight from the memory (codegen.kernels.roast_linear)
+  roast      the fused kernel: B tiles read straight from the memory (codegen.kernels.roast_linear), its
+             reduction split over several programs where the output alone gives the GPU fewer programs than SMs
+  roast-1    the same, never split (ROASTFX_SPLIT_K=1): beside roast at the small-batch shape
   roast-mat  the same ROAST mapping, materialized by a kernel, then F.linear
   hashednet  HashedNets style: per-element hash (1x1 tiles), materialize W with a kernel, then F.linear
   eager      the PyTorch reference path: gather W with torch indexing, then F.linear
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_arguments, parse_common, run_script, time_forward_backward, timer  # noqa: E402
 
 DRY_RUN_SHAPES = {"tiny": (33, 64, 48)}
-METHODS = ("dense", "roast", "roast-mat", "hashednet", "eager", "dense+gelu", "roast+gelu")
+METHODS = ("dense", "roast", "roast-1", "roast-mat", "hashednet", "eager", "dense+gelu", "roast+gelu")
 TILE_CHOICES = ((64, 64), (32, 64), (16, 64), (8, 64), (4, 64), (1, 64), (1, 32), (1, 8), (1, 1))
 
 
@@ -85,6 +87,7 @@ def run(args, save=lambda rows: None):
             fns = {
                 "dense": lambda x: F.linear(x, dense_w_param),
                 "roast": lambda x: roast_linear(x, memory, roast_map, scale, True),
+                "roast-1": lambda x: roast_linear(x, memory, roast_map, scale, True),  # timed with ROASTFX_SPLIT_K=1
                 "roast-mat": lambda x: x @ roast_materialize(memory, roast_map, scale, dtype),
                 "hashednet": lambda x: x @ roast_materialize(memory, hashed_map, scale, dtype),
                 "eager": lambda x: x @ reference.materialize(memory, roast_map, scale).to(dtype),
@@ -100,8 +103,10 @@ def run(args, save=lambda rows: None):
                 print(f"WARNING: {name} at {factor:g}x: fused kernel differs from materialize-then-GEMM "
                       f"by {rel_err:.3g} (relative)", file=sys.stderr)
             for method in args.method_list:
+                os.environ["ROASTFX_SPLIT_K"] = "1" if method == "roast-1" else "auto"
                 fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep,
                                                      params=(memory, dense_w_param, bias))
+                os.environ.pop("ROASTFX_SPLIT_K")
                 rows.append(dict(
                     shape=name, M=M, K=K, N=N, compression=factor, memory_size=size, memory_dtype=str(memory.dtype),
                     tile=list(tile),

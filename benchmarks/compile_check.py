@@ -5,7 +5,7 @@
 
 Each launch a real run would make (forward GEMM with each block config (fp32 at torch's
 default "highest" precision: the FMA configs), its fixed
-epilogue, dX, dMemory with atomics / deterministic / with the sum of squares, generated
+epilogue, dX, a split-K forward, dMemory with atomics / deterministic / with the sum of squares, generated
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
 every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a transposed conv with a
@@ -112,6 +112,8 @@ def _launches_for(dname: str, quick: bool, arch: int):
          lambda: triton_matmul.roast_matmul(x, memory.to(dtype), site, 0.5, True, config=default)),
         ("roast_matmul", "dX = dY @ V^T", dname, default, 4,
          lambda: triton_matmul.roast_matmul(dy, memory, site, 0.5, False, config=default)),
+        ("roast_matmul", "split-K, 3 splits", dname, default, 4,
+         lambda: triton_matmul.roast_matmul(x[:16], memory, site, 0.5, True, config=default, split_k=3)),
         ("roast_matmul", "x @ V^T (tied head)", dname, default, 4,
          lambda: triton_matmul.roast_matmul(x, memory, head, 0.5, False, config=default)),
         ("roast_grad_memory", "deterministic", dname, default, size,

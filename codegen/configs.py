@@ -6,6 +6,7 @@ speed and the summation order of floating-point reductions change.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -183,6 +184,21 @@ def shared_memory_limit(device) -> int:
 
         limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return int(limit)
+
+
+def multiprocessors(device) -> int:
+    """How many SMs ``device`` (a CUDA device) has."""
+    import torch
+
+    dev = torch.device(device)
+    return _multiprocessors(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def cuda_arch(device) -> int:

@@ -27,7 +27,7 @@ from torch import Tensor
 from .hashing import TileHash
 from .triton_embedding import gather_rows, scatter_rows_grad
 from .triton_materialize import materialize
-from .triton_matmul import ACTIVATIONS, roast_grad_memory, roast_grad_memory_sumsq, roast_matmul
+from .triton_matmul import ACTIVATIONS, apply_activation, roast_grad_memory, roast_grad_memory_sumsq, roast_matmul
 
 __all__ = ["roast_linear", "roast_embedding", "roast_embedding_bag", "roast_materialize", "apply_activation",
            "mapping_to_list"]
@@ -39,19 +39,6 @@ def mapping_to_list(mapping: TileHash) -> list[int]:
 
 def _mapping(values: list[int]) -> TileHash:
     return TileHash(*values)
-
-
-def apply_activation(z: Tensor, activation: str | None) -> Tensor:
-    """The epilogue activations in plain torch (the kernels compute the same functions)."""
-    if activation in (None, "none"):
-        return z
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if activation == "silu":
-        return F.silu(z)
-    raise ValueError(f"activation {activation!r} is not one of {sorted(k for k in ACTIVATIONS if k)} or None")
 
 
 def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:

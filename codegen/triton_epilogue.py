@@ -26,7 +26,8 @@ import triton
 from .epilogue import Epilogue
 from .hashing import TileHash
 from .triton_hashing import block_split, hash_args, maybe_dump
-from .triton_matmul import _check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, launch_gemm
+from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, launch_gemm, split_matmul,
+                            split_reduction)
 from . import configs
 
 _kernels: dict[str, object] = {}
@@ -349,6 +350,11 @@ def roast_matmul_epilogue(
     operands = [arg for v in views for arg in (v, v.stride(0), v.stride(1))] + list(epilogue.constants)
 
     def launch(cfg, out=out):
+        splits, r_split = split_reduction(M, N, R, cfg, a.device)
+        if splits > 1:  # a thin launch (few tokens): split-K, then the epilogue in eager torch on the fp32 sum
+            z, launched = split_matmul(a, memory, mapping, scale, view_is_b, N, cfg, splits, r_split)
+            out.copy_(epilogue.apply(z, extras))
+            return launched
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
         return kernel[grid](
             a, memory.reshape(-1), out,

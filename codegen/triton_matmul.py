@@ -15,6 +15,8 @@ Two kernels serve forward and backward of ``y = epilogue(x @ B)``:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,21 @@ from .triton_hashing import (block_split, hash_args, maybe_dump, roast_index_and
                              view_free_terms, view_red_terms)
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def apply_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The epilogue activations in plain torch (the kernels compute the same functions)."""
+    if activation in (None, "none"):
+        return z
+    if activation == "relu":
+        return torch.nn.functional.relu(z)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    raise ValueError(f"activation {activation!r} is not one of {sorted(k for k in ACTIVATIONS if k)} or None")
+
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DETERMINISTIC_CHUNK_ELEMENTS = 1 << 24  # view elements per deterministic reduction (fp32 + int64 each)
 
@@ -118,12 +135,13 @@ def roast_matmul_block(
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, r_lo=0, r_hi=None,
 ):
-    """This program's (BLOCK_M, BLOCK_N) block of ``a @ op(V)`` in fp32, with its row and column offsets.
+    """This program's (BLOCK_M, BLOCK_N) block of ``a @ op(V)`` in fp32, with its row and column offsets;
+    over the reduction's rows [r_lo, r_hi) (default all R; r_lo a multiple of BLOCK_R, rows from R on read 0).
 
-    Every fused GEMM (the fixed epilogue below, the generated ones in triton_epilogue.py)
-    runs this main loop and differs only in what it does with the block afterwards.
+    Every fused GEMM (the fixed epilogue below, the generated ones in triton_epilogue.py, the split-K
+    kernel) runs this main loop and differs only in what it does with the block afterwards.
     """
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -137,8 +155,10 @@ def roast_matmul_block(
                                            hd)
     ct = view_red_terms(offs_t, VIEW_IS_B, c_row, c_col)
 
+    if r_hi is None:
+        r_hi = R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(r_lo, r_hi, BLOCK_R):
         offs_r = r0 + offs_t
         mask_r = offs_r < R
         a = tl.load(
@@ -185,6 +205,30 @@ def _roast_matmul_kernel(
         res = tl.load(res_ptr + offs_m[:, None] * stride_resm + offs_n[None, :] * stride_resn, mask=mask_out, other=0.0)
         acc += res.to(tl.float32)
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _roast_matmul_split_kernel(
+    a_ptr, mem_ptr, part_ptr,
+    M, N, R, r_split,
+    stride_am, stride_ar,
+    scale,
+    tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
+    a_row, a_col, hb, c_row, c_col, hd,
+    VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    """Split-K: program (tile, s) computes its output block over the reduction rows [s * r_split, (s + 1) *
+    r_split) and stores it, scaled, to partial s ((splits, M, N), fp32); the partials are summed after."""
+    split = tl.program_id(1)
+    r_lo = split * r_split
+    acc, offs_m, offs_n = roast_matmul_block(
+        a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
+        tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT, r_lo, r_lo + r_split)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(part_ptr + (split * M + offs_m)[:, None] * N + offs_n[None, :], acc * scale, mask=mask)
 
 
 @triton.jit
@@ -349,10 +393,12 @@ def roast_matmul(
     residual: torch.Tensor | None = None,
     store_pre: bool = False,
     config: configs.BlockConfig | None = None,
+    split_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``epilogue(a @ op(V))`` for a 2-D ``a``; op(V) = V if view_is_b else V^T.
 
-    Returns (out, pre-activation or None); out has a's dtype.
+    Returns (out, pre-activation or None); out has a's dtype. ``split_k``: how many programs share the
+    reduction of each output block (`split_reduction`; default: chosen from the shape and the device).
     """
     if a.dim() != 2:
         raise ValueError(f"roast_matmul takes a 2-D input, got shape {tuple(a.shape)}")
@@ -377,9 +423,25 @@ def roast_matmul(
         return out, pre
     res = residual if residual is not None else out
 
+    def launch_split(cfg, splits, r_split, out, pre):
+        # the epilogue as the fused kernel's, in fp32, on the summed partial products
+        z, launched = split_matmul(a, memory, mapping, scale, view_is_b, N, cfg, splits, r_split)
+        if bias is not None:
+            z = z + bias.float()
+        if pre is not None:
+            pre.copy_(z)
+        z = apply_activation(z, activation)
+        if residual is not None:
+            z = z + residual.float()
+        out.copy_(z)
+        return _roast_matmul_split_kernel, launched
+
     def launch(cfg, out=out, pre=pre):
+        splits, r_split = split_reduction(M, N, R, cfg, a.device, split_k)
+        if splits > 1:
+            return launch_split(cfg, splits, r_split, out, pre)
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        return _roast_matmul_kernel[grid](
+        return _roast_matmul_kernel, _roast_matmul_kernel[grid](
             a, memory.reshape(-1), out, pre if pre is not None else out,
             bias if bias is not None else out, res,
             M, N, R,
@@ -392,11 +454,55 @@ def roast_matmul(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    launched = launch_gemm("roast_matmul", a, memory, config, launch, lambda: choose_config(
+    kernel, launched = launch_gemm("roast_matmul", a, memory, config, launch, lambda: choose_config(
         "roast_matmul", a, M, N, R, mapping, view_is_b, launch,
         lambda: (torch.empty_like(out), torch.empty_like(pre) if store_pre else None), memory))
-    maybe_dump(_roast_matmul_kernel, launched)
+    maybe_dump(kernel, launched)
     return out, pre
+
+
+def split_matmul(a: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, view_is_b: bool, N: int,
+                 cfg: configs.BlockConfig, splits: int, r_split: int):
+    """(``a @ op(V) * scale`` in fp32, the launch) by split-K: ``splits`` programs per output block, each over
+    ``r_split`` rows of the reduction; their fp32 partial products summed in a fixed order (deterministic)."""
+    M, R = a.shape
+    part = torch.empty((splits, M, N), device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), splits)
+    launched = _roast_matmul_split_kernel[grid](
+        a, memory.reshape(-1), part, M, N, R, r_split, a.stride(0), a.stride(1), float(scale),
+        *hash_args(mapping), VIEW_IS_B=view_is_b, PRECISION=dot_precision(a.dtype),
+        DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
+        GROUP_M=8, BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part.sum(0), launched
+
+
+def split_reduction(M: int, N: int, R: int, cfg: configs.BlockConfig, device, split_k: int | None = None
+                    ) -> tuple[int, int]:
+    """(splits, reduction rows per split) of an (M x R) @ (R x N) GEMM at ``cfg`` (split-K).
+
+    ``split_k`` given (or ROASTFX_SPLIT_K set to a number): that many splits at most (1: none), each a
+    whole number of BLOCK_R blocks. Else, on a GPU, split when the output gives fewer programs than the
+    device has SMs (a decode step's 16 tokens): enough splits for two programs per SM, each keeping at
+    least 4 blocks of the reduction. Under the interpreter or off CUDA: none."""
+    blocks = triton.cdiv(R, cfg.block_k)
+    env = os.environ.get("ROASTFX_SPLIT_K", "auto")
+    if split_k is None and env != "auto":
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"ROASTFX_SPLIT_K={env!r}; accepted: auto, or a positive number of splits (1: none)")
+        split_k = int(env)
+    if split_k is None:
+        split_k = 1
+        if torch.device(device).type == "cuda" and not configs.interpreting():
+            programs = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+            units = configs.multiprocessors(device)
+            if programs < units:
+                split_k = max(1, min(triton.cdiv(2 * units, programs), blocks // 4))
+    elif isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be a positive int (1: no split), got {split_k!r}")
+    per_split = triton.cdiv(blocks, min(split_k, blocks))
+    return triton.cdiv(blocks, per_split), per_split * cfg.block_k
 
 
 def roast_grad_memory(

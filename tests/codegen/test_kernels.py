@@ -161,6 +161,49 @@ def test_linear_half_precision_inputs_accumulate_in_fp32(dtype, device):
     torch.testing.assert_close(got.double().cpu(), want, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 40])  # 40: more splits than the reduction has blocks
+@pytest.mark.parametrize("view_is_b,tiling", [(True, (16, 8, 4, 8)), (False, (5, 3, 1, 7)), (True, (64, 32, 32, 0))])
+def test_split_k_matches_reference_with_every_epilogue_part(split_k, view_is_b, tiling, device):
+    # each output block's reduction shared by split_k programs, partial sums added after, then bias,
+    # pre-activation, activation and residual as the fused kernel applies them
+    K, N = 131, 70  # 131: 5 blocks of 32, the last one partly past the end
+    rows, cols = (K, N) if view_is_b else (N, K)
+    mapping = random_mapping(rows, cols, *tiling, seed=17)
+    memory = random_memory(mapping, seed=18)
+    x, bias, residual = randn(19, K, seed=19, dtype=torch.float64), randn(N, seed=20, dtype=torch.float64), \
+        randn(19, N, seed=21, dtype=torch.float64)
+    got, pre = roast_matmul(x.float().to(device), memory.float().to(device), mapping, 0.4, view_is_b,
+                            bias.float().to(device), "gelu_tanh", residual.float().to(device), store_pre=True,
+                            config=configs.BlockConfig(32, 32, 32, 1, 1), split_k=split_k)
+    want = reference_linear(x, memory, mapping, 0.4, view_is_b, bias, "gelu_tanh", residual)
+    want_pre = reference_linear(x, memory, mapping, 0.4, view_is_b, bias)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pre.double().cpu(), want_pre, rtol=1e-4, atol=1e-4)
+
+
+def test_split_reduction_splits_only_thin_launches(monkeypatch):
+    from roastfx.codegen.triton_matmul import split_reduction
+
+    cfg = configs.BlockConfig(32, 64, 64)
+    assert split_reduction(16, 8192, 8192, cfg, "cpu") == (1, 8192)  # off CUDA: none unless asked
+    assert split_reduction(16, 8192, 8192, cfg, "cpu", split_k=4) == (4, 2048)
+    assert split_reduction(16, 100, 130, cfg, "cpu", split_k=4) == (3, 64)  # 3 blocks: at most 3 splits
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        split_reduction(16, 100, 130, cfg, "cpu", split_k=0)
+    monkeypatch.setenv("ROASTFX_SPLIT_K", "2")
+    assert split_reduction(16, 8192, 8192, cfg, "cpu") == (2, 4096)
+    monkeypatch.setenv("ROASTFX_SPLIT_K", "many")
+    with pytest.raises(ValueError, match="ROASTFX_SPLIT_K='many'"):
+        split_reduction(16, 8192, 8192, cfg, "cpu")
+    monkeypatch.delenv("ROASTFX_SPLIT_K")
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "multiprocessors", lambda device: 132)
+    # a decode step on an H100: 128 programs for 132 SMs, so 3 splits of 43 blocks (2 programs per SM)
+    assert split_reduction(16, 8192, 8192, cfg, "cuda") == (3, 43 * 64)
+    assert split_reduction(4096, 4096, 4096, cfg, "cuda") == (1, 4096)  # 8,192 programs: none
+    assert split_reduction(16, 768, 256, cfg, "cuda") == (1, 256)  # 4 blocks: too few to split
+
+
 # -- backward --------------------------------------------------------------------------------
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("transposed_view,activation,tiling", [
