@@ -67,3 +67,26 @@ def _site_grad_norm_backward(ctx, grad):
 
 
 site_grad_norm.register_autograd(_site_grad_norm_backward)
+
+
+class SiteGradNorm(torch.autograd.Function):
+    """``site_grad_norm`` as an autograd.Function that torch.func transforms accept (setup_context and a
+    generated vmap rule): under vmap each sample's view gradient is divided by its own RMS."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(view):
+        return view.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return normalize(grad, site_grad_rms(grad))
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent  # forward mode: the identity's (the scaling acts on gradients only)

@@ -59,8 +59,10 @@ class ViewCache:
         if entry is not None:
             self._entries.move_to_end(mapping)
             return entry
-        rows = torch.arange(mapping.rows)
-        entry = (signs(mapping, rows[:, None], torch.arange(mapping.cols)[None, :]), run_starts(mapping, rows))
+        # plain tensors even inside a torch.func transform, whose wrappers must not outlive it in the cache
+        with torch._C._DisableFuncTorch():
+            rows = torch.arange(mapping.rows)
+            entry = (signs(mapping, rows[:, None], torch.arange(mapping.cols)[None, :]), run_starts(mapping, rows))
         size = sum(t.numel() * t.element_size() for t in entry)
         if size <= self.max_bytes:
             while self.bytes + size > self.max_bytes:
@@ -97,8 +99,9 @@ VIEW_CACHE = ViewCache(_cache_budget())
 
 
 def _whole_view(mapping: TileHash, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signs, run starts) of every row of the view: from `VIEW_CACHE` on the CPU."""
-    if torch.device(device).type == "cpu":
+    """(signs, run starts) of every row of the view: from `VIEW_CACHE` on the CPU (not while torch.compile
+    traces, whose tensors must not enter the cache)."""
+    if torch.device(device).type == "cpu" and not torch.compiler.is_compiling():
         return VIEW_CACHE.get(mapping)
     rows = torch.arange(mapping.rows, device=device)
     return signs(mapping, rows[:, None], torch.arange(mapping.cols, device=device)[None, :]), run_starts(mapping, rows)
@@ -118,6 +121,15 @@ def gather_view(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.
     # the sign flip is exact, then the Python scale multiplies in the memory's dtype and rounds once, as
     # reference.materialize does
     return _gather(memory, mapping, starts).mul_(sign).mul_(float(scale)).contiguous()
+
+
+def gather_view_differentiable(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:
+    """The same view as `gather_view`, built of differentiable torch ops (one memory index per element, a
+    transient int64 tensor of the view's shape), so that autograd and torch.func transforms (grad, vmap,
+    jacrev, jvp) differentiate it themselves: for transforms, which cannot enter the roast custom ops."""
+    sign, starts = _whole_view(mapping, memory.device)
+    index = (starts[..., None] + torch.arange(mapping.tile_cols, device=memory.device)).reshape(mapping.rows, -1)
+    return memory[index[:, :mapping.cols]] * sign.to(memory.dtype) * float(scale)
 
 
 def gather_rows(memory: torch.Tensor, mapping: TileHash, scale: float, ids: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ from torch import nn
 
 from roastfx import rnn
 from roastfx.codegen import ops
-from roastfx.codegen.grad_norm import site_grad_norm, site_grad_rms  # noqa: F401 (site_grad_rms: public here too)
+from roastfx.codegen.grad_norm import site_grad_rms  # noqa: F401 (public here too)
+from roastfx.codegen.grad_norm import SiteGradNorm, site_grad_norm
+from roastfx.codegen.runs import gather_view_differentiable
 from roastfx.codegen.reference import view_to_weight
 from roastfx.plan import Plan, check_grad_scaling
 
@@ -33,7 +35,7 @@ def scale_site_grad(view: torch.Tensor, grad_scaling: str) -> torch.Tensor:
     """``view`` unchanged, with its gradient scaled as ``grad_scaling`` says ("none" or "site": divided
     by its RMS through ``roastfx::site_grad_norm``, which the compiled graph's fused ops apply themselves)."""
     if grad_scaling == "site" and view.requires_grad:
-        return site_grad_norm(view)
+        return SiteGradNorm.apply(view) if torch._C._are_functorch_transforms_active() else site_grad_norm(view)
     check_grad_scaling(grad_scaling)
     return view
 
@@ -62,7 +64,11 @@ class RoastState:
     def weight(self, site_name: str) -> torch.Tensor:
         """The site's weight in its dense shape, computed from the memory."""
         site, args = self._sites[site_name], self._args[site_name]
-        view = ops.materialize(self.memory, args, site.scale)
+        if torch._C._are_functorch_transforms_active():
+            # torch.func (grad, vmap, jacrev, ...) cannot enter the custom ops: torch ops it differentiates
+            view = gather_view_differentiable(self.memory, site.mapping, site.scale)
+        else:
+            view = ops.materialize(self.memory, args, site.scale)
         view = scale_site_grad(view, self.plan.grad_scaling)
         weight = view_to_weight(view, site.shape, site.transposed)
         dtype = self.compute_dtypes[site_name]
@@ -175,8 +181,12 @@ class _DenseGrad(torch.autograd.Function):
     sparse gradient, but the weight is computed from the shared memory, whose gradient is dense."""
 
     @staticmethod
-    def forward(ctx, weight):
+    def forward(weight):
         return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
