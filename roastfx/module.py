@@ -9,6 +9,7 @@ reference path; the dense tensor is deleted.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import weakref
 
@@ -119,6 +120,20 @@ def _reset_parameters(self, *args, **kwargs):
         f"{sorted(sites.values())}); their values are computed from the model's shared roast_memory, which this "
         "method cannot re-initialize. Re-initialize the memory (model.roast_memory) or compress a freshly "
         "initialized dense model (roastfx.compress(..., init='random'))")
+
+
+def _root_dtype(self) -> torch.dtype:
+    """transformers' ``model.dtype`` (its first floating-point parameter's), with the memory standing for the
+    weights read from it: with ``memory_dtype="float32"`` under a bf16 model the model's dtype stays bf16."""
+    state = self.__dict__["_roast_state"]
+    for name, p in self.named_parameters():
+        if p.is_floating_point():
+            if name != MEMORY_ATTR:
+                return p.dtype
+            if state.compute_dtypes:
+                return next(iter(state.compute_dtypes.values()))
+            return p.dtype
+    return type(self)._roast_base_class.dtype.fget(self)
 
 
 def _root_get_parameter(self, target: str):
@@ -244,6 +259,8 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
             namespace["get_parameter"] = _root_get_parameter
             if callable(getattr(cls, "save_pretrained", None)) and callable(getattr(cls, "from_pretrained", None)):
                 namespace["save_pretrained"] = _save_pretrained  # transformers' PreTrainedModel
+            if isinstance(inspect.getattr_static(cls, "dtype", None), property):  # PreTrainedModel.dtype
+                namespace["dtype"] = property(_root_dtype)
             if callable(getattr(cls, "resize_token_embeddings", None)):
                 namespace["resize_token_embeddings"] = _resize_token_embeddings
         if attrs and callable(getattr(cls, "reset_parameters", None)):

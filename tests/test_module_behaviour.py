@@ -276,3 +276,20 @@ def test_transformers_tie_resize_and_save_pretrained(tmp_path):
     roastfx.save(model, tmp_path / "m.safetensors")
     loaded = roastfx.load(_tiny_gpt2, tmp_path / "m.safetensors")
     torch.testing.assert_close(loaded(ids).logits, before, rtol=0, atol=0)
+
+
+def test_transformers_dtype_is_the_weights_not_the_fp32_master_memory():
+    """model.dtype (transformers: the first floating parameter's, which is the memory) reports the dtype the
+    weights are read in: bf16 over a float32 master memory, and what .float() / .to() make of it."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=16)
+    model = roastfx.compress(BertModel(config).bfloat16(), "4x", memory_dtype="float32", init="random")
+    assert model.roast_memory.dtype == torch.float32
+    assert model.dtype == torch.bfloat16
+    assert model(torch.randint(0, 64, (2, 5))).last_hidden_state.dtype == torch.bfloat16
+    model.float()
+    assert model.dtype == torch.float32
+    fp32 = roastfx.compress(BertModel(config), "4x", init="random")
+    assert fp32.dtype == torch.float32 and fp32.to(torch.float16).dtype == torch.float16
