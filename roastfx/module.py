@@ -36,7 +36,10 @@ def scale_site_grad(view: torch.Tensor, grad_scaling: str) -> torch.Tensor:
     """``view`` unchanged, with its gradient scaled as ``grad_scaling`` says ("none" or "site": divided
     by its RMS through ``roastfx::site_grad_norm``, which the compiled graph's fused ops apply themselves)."""
     if grad_scaling == "site" and view.requires_grad:
-        return SiteGradNorm.apply(view) if torch._C._are_functorch_transforms_active() else site_grad_norm(view)
+        # the autograd.Function under torch.func (it must) and in eager (cheaper); the op in compiled graphs
+        if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+            return site_grad_norm(view)
+        return SiteGradNorm.apply(view)
     check_grad_scaling(grad_scaling)
     return view
 
@@ -68,8 +71,10 @@ class RoastState:
         if torch._C._are_functorch_transforms_active():
             # torch.func (grad, vmap, jacrev, ...) cannot enter the custom ops: torch ops it differentiates
             view = gather_view_differentiable(self.memory, site.mapping, site.scale)
+        elif torch.compiler.is_compiling():
+            view = ops.materialize(self.memory, args, site.scale)  # what the roast backend finds and fuses
         else:
-            view = ops.materialize(self.memory, args, site.scale)
+            view = ops.EagerMaterialize.apply(self.memory, site.mapping, site.scale)
         view = scale_site_grad(view, self.plan.grad_scaling)
         weight = view_to_weight(view, site.shape, site.transposed)
         dtype = self.compute_dtypes[site_name]

@@ -139,19 +139,21 @@ def test_grad_of_every_site_kind():
     assert_close_dicts(got, want, rtol=1e-11, atol=1e-13)
 
 
-def test_outside_transforms_the_custom_ops_still_run(monkeypatch):
-    """The differentiable gather is for transforms only: an ordinary forward goes through roastfx::materialize."""
+def test_outside_transforms_reads_take_the_runs_path(monkeypatch):
+    """The differentiable gather (an index per element) is for transforms only: an ordinary eager forward
+    reads each weight by runs (codegen/runs.gather_view)."""
+    from roastfx import module
     from roastfx.codegen import ops
 
     model = compressed_mlp()
-    calls = []
-    original = ops.materialize
-    monkeypatch.setattr(ops, "materialize", lambda *a: calls.append(1) or original(*a))
+    transform_reads, eager_reads = [], []
+    differentiable, gather = module.gather_view_differentiable, ops.gather_view
+    monkeypatch.setattr(module, "gather_view_differentiable", lambda *a: transform_reads.append(1) or differentiable(*a))
+    monkeypatch.setattr(ops, "gather_view", lambda *a: eager_reads.append(1) or gather(*a))
     model(torch.randn(2, 13, dtype=torch.float64))
-    assert len(calls) == 2
-    calls.clear()
+    assert (len(eager_reads), len(transform_reads)) == (2, 0)
     grad(lambda p: functional_call(model, p, (torch.randn(2, 13, dtype=torch.float64),)).sum())(detached(model))
-    assert calls == []
+    assert (len(eager_reads), len(transform_reads)) == (2, 2)
 
 
 def test_torch_compile_of_grad_with_the_roast_backend():
