@@ -76,10 +76,22 @@ def environment(**extra) -> dict:
     import triton
 
     return dict(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         python=platform.python_version(), date=datetime.date.today().isoformat(), commit=_commit(), **extra,
     )
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform says, else "cpu"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def _commit() -> str | None:

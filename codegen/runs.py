@@ -118,13 +118,14 @@ def _gather(memory: torch.Tensor, mapping: TileHash, starts: torch.Tensor) -> to
 
 def _scaled_gather(memory: torch.Tensor, mapping: TileHash, starts: torch.Tensor, sign: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """``scale * sign * memory[runs]``, contiguous. The scale multiplies the memory first where it is the
-    smaller tensor: the same numbers, since a sign flip commutes with rounding."""
+    """``scale * sign * memory[runs]``, a new contiguous tensor (not a view: ops return it, and a caller may
+    write to it in place). The scale multiplies the memory first where it is the smaller tensor: the same
+    numbers, since a sign flip commutes with rounding."""
     if memory.numel() < starts.numel() * mapping.tile_cols:
-        return _gather(memory * float(scale), mapping, starts).mul_(sign).contiguous()
+        return torch.mul(_gather(memory * float(scale), mapping, starts), sign).contiguous()
     # the sign flip is exact, then the Python scale multiplies in the memory's dtype and rounds once, as
     # reference.materialize does
-    return _gather(memory, mapping, starts).mul_(sign).mul_(float(scale)).contiguous()
+    return torch.mul(_gather(memory, mapping, starts), sign).mul_(float(scale)).contiguous()
 
 
 def gather_view(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:

@@ -113,3 +113,13 @@ def test_compile_only_refuses_the_interpreter_and_bad_architectures(monkeypatch)
     with pytest.raises(ValueError, match="'sm90'"):
         with compile_only("sm90"):
             pass
+
+
+def test_cpu_benchmark_quick_run():
+    """benchmarks/bench_cpu.py --quick: every case and method timed, ratios printed (no JSON written)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for word in ("embedding-tiny", "linear-tiny", "rows", "whole table", "eager", "custom op", "dense", "x"):
+        assert word in done.stdout, (word, done.stdout)
+    assert "wrote" not in done.stdout
