@@ -10,7 +10,8 @@ epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
 every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a transposed conv with a
 batch-norm epilogue, a grouped conv3d's three kernels, embedding gather and scatter
-and BERT's summed embeddings as a gather epilogue, materialize) is compiled by Triton and ptxas for the target's CUDA architecture
+and BERT's summed embeddings as a gather epilogue, materialize; and, as the reference for the forward's
+main loop, a plain dense Triton GEMM at each 16-bit block config) is compiled by Triton and ptxas for the target's CUDA architecture
 (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
 configs.py prunes candidates with, registers per thread, spill bytes, and the PTX's
@@ -69,6 +70,49 @@ def fma_dot(dname: str) -> bool:
     return dname == "fp32" and dot_precision(torch.float32) == "ieee"
 
 
+_DENSE = []
+
+
+def dense_reference_kernel():
+    """A plain dense Triton GEMM (C = A @ B, both in memory as given, masked edges, tl.dot), defined on first
+    use: after run() has unset TRITON_INTERPRET. Compiled beside the ROAST forward at each block config, it
+    is the reference for the main loop's instruction count: what the hashing and the signs add."""
+    if not _DENSE:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def dense_reference_gemm(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                 stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+            offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_k = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak,
+                            mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+                b = tl.load(b_ptr + k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                            mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+                acc = tl.dot(a, b, acc)
+            tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                     acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+        _DENSE.append(dense_reference_gemm)
+    return _DENSE[0]
+
+
+def dense_launch(a, b, cfg):
+    import torch
+
+    c = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    grid = (-(-a.shape[0] // cfg.block_m), -(-b.shape[1] // cfg.block_n))
+    dense_reference_kernel()[grid](a, b, c, a.shape[0], b.shape[1], a.shape[1], *a.stride(), *b.stride(),
+                                   *c.stride(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def launches(quick: bool, arch: int = 90):
     """(name, variant, dtype, config or None, B operand's element size, call) for each launch to compile:
     the forward GEMMs read B from the memory (fp32 unless said), dMemory reads two activations."""
@@ -98,9 +142,13 @@ def _launches_for(dname: str, quick: bool, arch: int):
     x, dy = torch.zeros(M, K, dtype=dtype), torch.zeros(M, N, dtype=dtype)
     memory = torch.zeros(site.window_start + site.window_size, dtype=torch.float32)
     bias, residual = torch.zeros(N, dtype=dtype), torch.zeros(M, N, dtype=dtype)
+    weight = torch.zeros(K, N, dtype=dtype)
     for cfg in gemm_configs:
         out.append(("roast_matmul", "forward", dname, cfg, 4,
                     lambda cfg=cfg: triton_matmul.roast_matmul(x, memory, site, 0.5, True, config=cfg)))
+        if dname != "fp32":
+            out.append(("dense_reference_gemm", "dense x @ W (reference)", dname, cfg, size,
+                        lambda cfg=cfg: dense_launch(x, weight, cfg)))
         out.append(("roast_grad_memory", "atomic", dname, cfg, size,
                     lambda cfg=cfg: triton_matmul.roast_grad_memory(x, dy, memory.numel(), site, 0.5, False,
                                                                    config=cfg)))
@@ -218,7 +266,8 @@ def run(args):
             except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
                 error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         size = 4 if dname == "fp32" else 2
-        kept = None if cfg is None else cfg in configs.candidates(profile, size, b_element_size=b_size,
+        kept = None if cfg is None or name == "dense_reference_gemm" else cfg in configs.candidates(
+            profile, size, b_element_size=b_size,
                                                                   fma=fma_dot(dname),
                                                                   conv="conv" in name)
         if error or not compiled:
@@ -249,13 +298,17 @@ def run(args):
                    max_registers=max((r["registers"] or 0 for r in rows if "registers" in r), default=None),
                    any_spills=any((r.get("spill_bytes") or 0) > 0 for r in rows),
                    max_spill_bytes=max((r.get("spill_bytes") or 0 for r in rows), default=0),
-                   spills_in_main_loops=any((r.get("loop_spill_ops") or 0) > 0 for r in rows))
+                   spills_in_main_loops=any((r.get("loop_spill_ops") or 0) > 0 for r in rows),
+                   forward_loop_vs_dense=loop_vs_dense(rows))
     print(f"\n{len(rows)} launches compiled for {profile.name} (sm_{profile.cuda_arch}); "
           f"{len(failures)} failure(s); {len(refused)} kept by configs.candidates but over the shared memory "
           f"(the device refuses them and configs.run_fitting falls back); {len(missed)} that fit but are pruned; "
           f"max {summary['max_registers']} registers/thread; spills: "
           f"{'at most %d bytes' % summary['max_spill_bytes'] if summary['any_spills'] else 'none'}, "
           f"{'some' if summary['spills_in_main_loops'] else 'none'} inside a main loop")
+    for key, (roast, dense) in summary["forward_loop_vs_dense"].items():
+        print(f"main loop, forward {key}: ROAST {roast} instructions per iteration, dense Triton GEMM {dense} "
+              f"({roast / dense:.2f}x)")
     for f in failures:
         print("FAIL", f)
     for r in refused:
@@ -274,6 +327,17 @@ def run(args):
             json.dump(dict(environment=env, summary=summary, launches=rows), f, indent=1)
         print(f"wrote {path}")
     return 1 if failures else 0
+
+
+def loop_vs_dense(rows) -> dict:
+    """{"<dtype> <config>": [ROAST forward's main-loop instructions, the dense reference GEMM's]} where both
+    compiled at that config (a 16-bit input, the ROAST memory in fp32)."""
+    loops = {}
+    for r in rows:
+        if r.get("loop_instructions") and (r["kernel"], r["variant"]) in (
+                ("roast_matmul_kernel", "forward"), ("dense_reference_gemm", "dense x @ W (reference)")):
+            loops.setdefault(f"{r['dtype']} {r['config']}", {})[r["kernel"]] = r["loop_instructions"]
+    return {key: [v["roast_matmul_kernel"], v["dense_reference_gemm"]] for key, v in loops.items() if len(v) == 2}
 
 
 def _cfg(cfg):

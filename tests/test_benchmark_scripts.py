@@ -86,6 +86,10 @@ def test_compile_check_compiles_every_kernel_kind_for_h100_without_a_gpu(tmp_pat
     assert sum(k.startswith("roast_transposed_conv_epilogue_") for k in kernels) == 2
     assert "roast_conv_grad_memory_kernel" in kernels
     assert sum(k.startswith("roast_embedding_epilogue_") for k in kernels) == 1
+    # the dense reference GEMM beside the forward at each config: its main loop has the same tensor-core
+    # instructions and fewer instructions in all (no hashing, no signs)
+    pairs = result["summary"]["forward_loop_vs_dense"]
+    assert len(pairs) == 2 and all(0 < dense < roast for roast, dense in pairs.values()), pairs
     for r in result["launches"]:
         assert r["shared_bytes"] <= 227 * 1024 and r["registers"] and r["registers"] <= 255, r
         assert r["spill_bytes"] <= 16 and not r["loop_spill_ops"], r
