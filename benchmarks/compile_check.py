@@ -11,8 +11,8 @@ conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory
 every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a transposed conv with a
 batch-norm epilogue, a grouped conv3d's three kernels, embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize; and, as the reference for the forward's
-main loop, a plain dense Triton GEMM at each 16-bit block config) is compiled by Triton and ptxas for the target's CUDA architecture
-(codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
+main loop, a plain dense Triton GEMM at each 16-bit block config) is compiled by Triton and ptxas for the
+target's CUDA architecture (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
 memory the compiled kernel asks for against the target's limit per block, the estimate
 configs.py prunes candidates with, registers per thread, spill bytes, and the PTX's
 tensor-core instructions ("mma") and asynchronous global-to-shared copies ("cp.async"). It fails (exit 1)

@@ -148,7 +148,8 @@ def test_outside_transforms_reads_take_the_runs_path(monkeypatch):
     model = compressed_mlp()
     transform_reads, eager_reads = [], []
     differentiable, gather = module.gather_view_differentiable, ops.gather_view
-    monkeypatch.setattr(module, "gather_view_differentiable", lambda *a: transform_reads.append(1) or differentiable(*a))
+    monkeypatch.setattr(module, "gather_view_differentiable",
+                        lambda *a: transform_reads.append(1) or differentiable(*a))
     monkeypatch.setattr(ops, "gather_view", lambda *a: eager_reads.append(1) or gather(*a))
     model(torch.randn(2, 13, dtype=torch.float64))
     assert (len(eager_reads), len(transform_reads)) == (2, 0)
