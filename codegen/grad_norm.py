@@ -13,24 +13,29 @@ divides the op's memory gradient by the RMS of the op's dV. Scattering is linear
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def site_grad_rms(grad: torch.Tensor, numel: int | None = None) -> torch.Tensor:
-    """Root mean square of one site's view gradient (float32 0-d tensor; computed as
-    peak * rms(grad / peak), so tiny or huge gradients neither underflow nor overflow).
+    """Root mean square of one site's view gradient (float32 0-d tensor; computed in float64, or for a float64
+    gradient as peak * rms(grad / peak), so tiny or huge gradients neither underflow nor overflow).
 
     ``numel``: the whole view's element count when ``grad`` holds only its nonzero part
     (an embedding's looked-up rows); the missing elements count as zeros.
     """
-    g = grad.detach().to(torch.float32)
+    g = grad.detach()
+    n = g.numel() if numel is None else numel
     if g.numel() == 0:
-        return g.new_zeros(())
+        return g.new_zeros((), dtype=torch.float32)
+    if g.dtype != torch.float64:
+        # squares of any fp32/bf16/fp16 value neither overflow nor underflow in float64: one reduction
+        return (torch.linalg.vector_norm(g, dtype=torch.float64) / math.sqrt(n)).to(torch.float32)
+    g = g.to(torch.float32)
     peak = g.abs().amax()
     safe = torch.where(peak > 0, peak, torch.ones_like(peak))
-    if numel is None:
-        return peak * (g / safe).square().mean().sqrt()
-    return peak * ((g / safe).square().sum() / numel).sqrt()
+    return peak * ((g / safe).square().sum() / n).sqrt()
 
 
 def rms_from_sumsq(sumsq: torch.Tensor, numel: int) -> torch.Tensor:
@@ -41,8 +46,7 @@ def rms_from_sumsq(sumsq: torch.Tensor, numel: int) -> torch.Tensor:
 
 def grad_norm_factor(rms: torch.Tensor) -> torch.Tensor:
     """1 / rms, or 1 where rms is zero or not finite (float32 0-d)."""
-    ok = (rms > 0) & torch.isfinite(rms)
-    return torch.where(ok, 1.0 / torch.where(ok, rms, torch.ones_like(rms)), torch.ones_like(rms))
+    return torch.where((rms > 0) & torch.isfinite(rms), rms, torch.ones_like(rms)).reciprocal()
 
 
 def normalize(grad: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
