@@ -169,3 +169,21 @@ def test_torch_compile_of_grad_with_the_roast_backend():
     assert_close_dicts(got, want, rtol=1e-12, atol=1e-14)
     for signs, starts in VIEW_CACHE._entries.values():
         assert signs.untyped_storage().data_ptr() and starts.untyped_storage().data_ptr()
+
+
+def test_second_order_autograd_in_eager_matches_the_torch_func_hessian():
+    """create_graph=True through eager weight reads (ops.EagerMaterialize's backward is made of torch ops):
+    a Hessian-vector product in the memory equals torch.func.hessian's (the differentiable gather)."""
+    from torch.func import hessian
+
+    model = compressed_mlp()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 13, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad(model(x).square().sum(), model.roast_memory, create_graph=True)
+    v = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    (hv,) = torch.autograd.grad(g @ v, model.roast_memory)
+    params = detached(model)
+    H = hessian(lambda m: functional_call(model, {**params, "roast_memory": m}, (x,)).square().sum())(
+        params["roast_memory"])
+    assert H.abs().max() > 0
+    torch.testing.assert_close(hv, H @ v, rtol=1e-10, atol=1e-12)
