@@ -184,8 +184,8 @@ def scatter_view_grad(grad_view: torch.Tensor, mapping: TileHash, scale: float, 
 
 def _signed_scatter(values: torch.Tensor, mapping: TileHash, starts: torch.Tensor, sign: torch.Tensor,
                     scale: float, size: int) -> torch.Tensor:
-    """`_scatter` of ``scale * sign * values``, each element scaled before the sums, as autograd of
-    reference.materialize computes it (bit for bit)."""
+    """`_scatter` of ``scale * sign * values``, each element scaled and signed before the sums, as autograd of
+    reference.materialize does it (the sums' order may differ)."""
     return _scatter((values * float(scale)).mul_(sign), mapping, starts, size)
 
 
