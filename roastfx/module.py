@@ -156,15 +156,10 @@ def _reset_parameters(self, *args, **kwargs):
 def _root_dtype(self) -> torch.dtype:
     """transformers' ``model.dtype`` (its first floating-point parameter's), with the memory standing for the
     weights read from it: with ``memory_dtype="float32"`` under a bf16 model the model's dtype stays bf16."""
-    state = self.__dict__["_roast_state"]
     for name, p in self.named_parameters():
         if p.is_floating_point():
-            if name != MEMORY_ATTR:
-                return p.dtype
-            if state.compute_dtypes:
-                return next(iter(state.compute_dtypes.values()))
-            return p.dtype
-    return type(self)._roast_base_class.dtype.fget(self)
+            return next(iter(self.__dict__["_roast_state"].compute_dtypes.values())) if name == MEMORY_ATTR else p.dtype
+    return type(self)._roast_base_class.dtype.fget(self)  # no floating parameter: transformers' own answer
 
 
 def _root_get_parameter(self, target: str):
