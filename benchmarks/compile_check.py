@@ -76,7 +76,8 @@ _DENSE = []
 def dense_reference_kernel():
     """A plain dense Triton GEMM (C = A @ B, both in memory as given, masked edges, tl.dot), defined on first
     use: after run() has unset TRITON_INTERPRET. Compiled beside the ROAST forward at each block config, it
-    is the reference for the main loop's instruction count: what the hashing and the signs add."""
+    is the reference for the main loop's instruction count: what the hashing and the signs add. Like the
+    ROAST kernels (triton_matmul.even_flags) it drops the masks along K and N where the blocks are whole."""
     if not _DENSE:
         import triton
         import triton.language as tl
@@ -84,17 +85,23 @@ def dense_reference_kernel():
         @triton.jit
         def dense_reference_gemm(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                                  stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_K: tl.constexpr):
+                                 BLOCK_K: tl.constexpr, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr):
             offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_k = tl.arange(0, BLOCK_K)
+            mask_n = offs_n < N
+            if EVEN_N:
+                mask_n = tl.full((BLOCK_N,), True, tl.int1)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
+                mask_k = k < K
+                if EVEN_R:
+                    mask_k = tl.full((BLOCK_K,), True, tl.int1)
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak,
-                            mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+                            mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)
                 b = tl.load(b_ptr + k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                            mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 acc = tl.dot(a, b, acc)
             tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
                      acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -106,11 +113,13 @@ def dense_reference_kernel():
 def dense_launch(a, b, cfg):
     import torch
 
+    from roastfx.codegen.triton_matmul import even_flags
+
     c = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
     grid = (-(-a.shape[0] // cfg.block_m), -(-b.shape[1] // cfg.block_n))
     dense_reference_kernel()[grid](a, b, c, a.shape[0], b.shape[1], a.shape[1], *a.stride(), *b.stride(),
                                    *c.stride(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                   **even_flags(b.shape[1], a.shape[1], cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def launches(quick: bool, arch: int = 90):

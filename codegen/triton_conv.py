@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import block_split, hash_args, view_free_terms, view_red_terms
+from .triton_hashing import (advance_bases, block_split, hash_args, offset_magic, reduction_bases, view_free_terms,
+                             view_red_terms)
 from .triton_matmul import (_check_kernel_dtype, accumulate_dot, grad_memory_store, grouped_program, grouped_tile,
                             roast_b_tile, roast_view_values)
 
@@ -95,6 +96,10 @@ def roast_conv_block(
     hterm, intile, sterm = view_free_terms(o0 + offs_n, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, hb, c_row,
                                            c_col, hd)
     ct = view_red_terms(offs_t, VIEW_IS_B, c_row, c_col)
+    # the reduction's terms of the first block, what each block adds to them, the remainder's constants
+    sbase, hbase = reduction_bases(0, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, c_row, c_col)
+    sstep, hstep = reduction_bases(BLOCK_R, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, c_row, c_col)
+    omagic = offset_magic(offset_range)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -104,8 +109,9 @@ def roast_conv_block(
                             c0, D, H, W, KD, KH, KW, DD, DH, DW, stride_xc, stride_xd, stride_xh, stride_xw)
         w = roast_b_tile(mem_ptr, r0, offs_t, o0 + offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
                          tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
-                         hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT)
+                         hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT, sbase, hbase if BLOCK_SPLIT > 0 else None, omagic)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
+        sbase, hbase = advance_bases(sbase, hbase, sstep, hstep)
     channel = (o0 + offs_n).to(tl.int64)
     return (acc, channel, mask_m, mask_n, image.to(tl.int64), od.to(tl.int64), oh.to(tl.int64),
             ow.to(tl.int64))
@@ -267,6 +273,7 @@ def roast_transposed_conv_block(
     image_base = image.to(tl.int64) * stride_gn
     offs_t = tl.arange(0, BLOCK_R)
     ct = view_red_terms(offs_t, VIEW_TRANSPOSED, c_row, c_col)
+    omagic = offset_magic(offset_range)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, KD * KH * KW):
         plane = tap % (KH * KW)
@@ -293,15 +300,15 @@ def roast_transposed_conv_block(
                 if BLOCK_SPLIT >= 0:  # B[oc, c] is the view's (o0 + oc, view_row) or (view_row, o0 + oc)
                     w = roast_b_tile(mem_ptr, o0 + oc0, offs_t, view_row, mask_oc, mask_n, hterm, intile, sterm,
                                      ct, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col,
-                                     hb, c_row, c_col, hd, VIEW_TRANSPOSED, BLOCK_R, BLOCK_SPLIT)
+                                     hb, c_row, c_col, hd, VIEW_TRANSPOSED, BLOCK_R, BLOCK_SPLIT, omagic=omagic)
                 elif VIEW_TRANSPOSED:
                     w = roast_view_values(mem_ptr, (o0 + oc)[:, None], view_row[None, :], mask_w, tile_rows,
                                           tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
-                                          c_col, hd)
+                                          c_col, hd, omagic)
                 else:
                     w = roast_view_values(mem_ptr, view_row[None, :], (o0 + oc)[:, None], mask_w, tile_rows,
                                           tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
-                                          c_col, hd)
+                                          c_col, hd, omagic)
                 acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     channel = (c0 + offs_n).to(tl.int64)
     return (acc, channel, mask_m, mask_n, image.to(tl.int64), i_d.to(tl.int64), ih.to(tl.int64),

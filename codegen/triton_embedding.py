@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
+from .triton_hashing import hash_args, maybe_dump, offset_magic, roast_index_and_sign
 
 BLOCK_T = 32
 BLOCK_N = 32
@@ -32,7 +32,7 @@ def _row_slots(
     rows = tl.load(ids_ptr + offs_t, mask=mask_t, other=0)
     index, sign = roast_index_and_sign(
         rows[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd)
+        offset_range, a_row, a_col, hb, c_row, c_col, hd, offset_magic(offset_range))
     return index, sign, offs_t, offs_n, mask
 
 

@@ -26,8 +26,8 @@ import triton
 from .epilogue import Epilogue
 from .hashing import TileHash
 from .triton_hashing import block_split, hash_args, maybe_dump
-from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, launch_gemm, split_matmul,
-                            split_reduction)
+from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, even_flags, launch_gemm,
+                            split_matmul, split_reduction)
 from . import configs
 
 _kernels: dict[str, object] = {}
@@ -57,13 +57,14 @@ def {name}(
     a_row, a_col, hb, c_row, c_col, hd,
 {operand_args}    VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # the GEMM: this program's fp32 block of x @ op(V), the weight never materialized
     acc, offs_m, offs_n = roast_matmul_block(
         a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT)
+        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT,
+        EVEN_R=EVEN_R, EVEN_N=EVEN_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     z = acc * scale  # the site's ROAST scale: part of the product, not of the epilogue
 
@@ -363,7 +364,7 @@ def roast_matmul_epilogue(
             float(scale), *hash_args(mapping), *operands,
             VIEW_IS_B=view_is_b, PRECISION=dot_precision(a.dtype), DOT_IN_FP32=dot_in_fp32(a.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
-            BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k),
+            BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k), **even_flags(N, R, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

@@ -47,10 +47,38 @@ def _addmod_p(x, y):
 
 
 @triton.jit
-def _tile_start(h, alignment, window_start, offset_range):
+def offset_magic(offset_range):
+    """The constants that reduce mod ``offset_range`` (d, 1 <= d < 2**31) without a division (`_tile_start`),
+    packed in an int64: m = ceil(2**(31 + l) / d) < 2**32 in the low 32 bits and l - 1 above, l = ceil(log2 d)
+    (Granlund and Montgomery, "Division by invariant integers using multiplication", 1994: for every
+    0 <= h < 2**31, h // d = (h * m) >> (31 + l), i.e. umulhi(h, m) >> (l - 1)); 0 for d = 1 (every h mod 1 is
+    0). Computed once per program: l from the exponent of d - 1 as a float64, which holds it exactly."""
+    d = offset_range.to(tl.int64)
+    bits = (d - 1).to(tl.float64).to(tl.int64, bitcast=True)
+    l = tl.maximum(((bits >> 52) & 2047) - 1022, 1)  # floor(log2(d - 1)) + 1 for d >= 2
+    m = ((tl.full((), 1, tl.int64) << (31 + l)) + d - 1) // d
+    return tl.where(d > 1, m | ((l - 1) << 32), 0)
+
+
+@triton.jit
+def _mod(h, offset_range, omagic):
+    """h mod offset_range for int32 0 <= h < 2**31: ``h % offset_range``, or with `offset_magic` ``omagic``
+    (not None) a high multiply, a shift and a multiply-add instead of a 32-bit division."""
+    if omagic is None:
+        r = h % offset_range
+    else:
+        # the high word of a 64-bit product (not tl.umulhi: Triton's analysis then keeps the constancy of h along
+        # a tile's columns, which vectorizes the loads of the slots)
+        q = (h.to(tl.int64) * (omagic & 0xFFFFFFFF)) >> (32 + (omagic >> 32))
+        r = tl.where(omagic == 0, 0, h - q.to(tl.int32) * offset_range)
+    return r  # one return: the compiler visits the statements after a constexpr if's early return
+
+
+@triton.jit
+def _tile_start(h, alignment, window_start, offset_range, omagic=None):
     """The first slot of a hash tile whose hash is h (0 <= h < P), int32: window_start + align_down(h mod
-    offset_range). h, offset_range and the alignment are below 2**31: 32-bit divisions."""
-    hm = h.to(tl.int32) % offset_range
+    offset_range). h, offset_range and the alignment are below 2**31: 32-bit arithmetic (`_mod`)."""
+    hm = _mod(h.to(tl.int32), offset_range, omagic)
     return window_start + hm // alignment * alignment
 
 
@@ -67,18 +95,19 @@ def _sign_mask(u, v_minus_p):
 @triton.jit
 def roast_index_and_sign(
     k, n,
-    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
+    tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d, omagic=None,
 ):
     """(memory slot as int64, +1/-1) of element (k, n) of a site's B view, every element hashed on its own.
 
     k and n are non-negative integer tensors below 2**31 that broadcast against each other. The per-row
     and per-column products are taken on k's and n's own shapes; only sums, one 32-bit remainder and the
-    sign bit are per element. (`view_block_slots` is the fast form for GEMM blocks.)
+    sign bit are per element. (`view_block_slots` is the fast form for GEMM blocks.) ``omagic``: the
+    `offset_magic` of offset_range, computed once per program (None: a division per element).
     """
     k = k.to(tl.int32)
     n = n.to(tl.int32)
     h = _addmod_p(_mulmod_p(a_row, k // tile_rows), _addmod_p(_mulmod_p(a_col, n // tile_cols), b))
-    start = _tile_start(h, alignment, window_start, offset_range)
+    start = _tile_start(h, alignment, window_start, offset_range, omagic)
     index = (start + (k % tile_rows) * tile_cols + n % tile_cols).to(tl.int64)
     u = _mulmod_p(c_row, k).to(tl.int32)
     v = (_addmod_p(_mulmod_p(c_col, n), d) - _P).to(tl.int32)
@@ -122,11 +151,39 @@ def view_red_terms(offs_t, VIEW_IS_B: tl.constexpr, c_row, c_col):
 
 
 @triton.jit
-def _red_tile_start(hterm, i, a_red, alignment, window_start, offset_range):
+def _addmod32(x, y):
+    """x + y mod P for int32 0 <= x, y < P, in int32: x + (y - P) lies in [-P, P)."""
+    s = x + (y - _P)
+    return tl.where(s < 0, s + _P, s)
+
+
+@triton.jit
+def reduction_bases(r, VIEW_IS_B: tl.constexpr, tile_rows, tile_cols, a_row, a_col, c_row, c_col):
+    """(c_red * r mod P, a_red * (r // tile_r) mod P), int32: the parts of the sign's and of the tile hash's
+    terms that a GEMM's B block starting at reduction row r adds (`view_block_slots`); c_red, a_red and tile_r
+    are the reduction axis' (the view's rows when VIEW_IS_B, else its columns). A main loop computes them for
+    its first block and for the step BLOCK_R (`reduction_steps`), then advances them by one `_addmod32`
+    each per block: two integer additions instead of two 64-bit products mod P."""
+    if VIEW_IS_B:
+        return _mulmod_p(c_row, r).to(tl.int32), _mulmod_p(a_row, r // tile_rows).to(tl.int32)
+    return _mulmod_p(c_col, r).to(tl.int32), _mulmod_p(a_col, r // tile_cols).to(tl.int32)
+
+
+@triton.jit
+def advance_bases(sbase, hbase, sstep, hstep):
+    """`reduction_bases` of the next block: each base plus its step, mod P."""
+    return _addmod32(sbase, sstep), _addmod32(hbase, hstep)
+
+
+@triton.jit
+def _red_tile_start(hterm, i, a_red, alignment, window_start, offset_range, hbase=None, omagic=None):
     """First slot of tile (i along the reduction, the free axis' tiles as in hterm: their hash terms minus P),
-    int32 per free index: the hash (hterm + a_red * i) mod P taken in int32 as the sign's is."""
-    s = hterm + _mulmod_p(a_red, i).to(tl.int32)  # in [-P, P)
-    return _tile_start(tl.where(s < 0, s + _P, s), alignment, window_start, offset_range)
+    int32 per free index: the hash (hterm + a_red * i) mod P taken in int32 as the sign's is. ``hbase``: a_red
+    * i mod P already known (int32)."""
+    if hbase is None:
+        hbase = _mulmod_p(a_red, i).to(tl.int32)
+    s = hterm + hbase  # in [-P, P)
+    return _tile_start(tl.where(s < 0, s + _P, s), alignment, window_start, offset_range, omagic)
 
 
 @triton.jit
@@ -134,6 +191,7 @@ def view_block_slots(
     r0, offs_t, offs_f, hterm, intile, sterm, ct,
     VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
     tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
+    sbase=None, hbase=None, omagic=None,
 ):
     """(memory slot, `_sign_mask`) of each element of a GEMM's (BLOCK_R, F) B block: rows r0 + offs_t of the
     reduction axis (offs_t = arange(BLOCK_R)), columns offs_f of the free axis, whose `view_free_terms` are
@@ -158,35 +216,44 @@ def view_block_slots(
         a_red = a_col
         c_red = c_col
     # sign: (c_red * (r0 + t) + the free term) mod P, bit 16
-    s = (_mulmod_p(c_red, r0) - _P).to(tl.int32) + ct  # in [-P, P)
+    if sbase is None:
+        sbase = _mulmod_p(c_red, r0).to(tl.int32)
+    s = (sbase - _P) + ct  # in [-P, P)
     u = tl.where(s < 0, s + _P, s)
     neg = _sign_mask(u[:, None], sterm[None, :])
     if BLOCK_SPLIT > 0:
         # whole tiles along the reduction: tile i0 + t // tile_r, row t % tile_r of it
         i0 = r0 // tile_r
-        start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range)
+        start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range, hbase, omagic)
         if BLOCK_SPLIT == 1:
             index = (offs_t * stride_r)[:, None] + (start + intile)[None, :]
         else:
             starts = tl.broadcast_to(start[None, :], (BLOCK_R, start.shape[0]))
             sub = offs_t // tile_r
             for j in tl.static_range(1, BLOCK_SPLIT):
-                start_j = _red_tile_start(hterm, i0 + j, a_red, alignment, window_start, offset_range)
+                if hbase is None:
+                    start_j = _red_tile_start(hterm, i0 + j, a_red, alignment, window_start, offset_range,
+                                              None, omagic)
+                else:
+                    start_j = _red_tile_start(hterm, i0 + j, a_red, alignment, window_start, offset_range,
+                                              _addmod32(hbase, _mulmod_p(a_red, j).to(tl.int32)), omagic)
                 starts = tl.where((sub == j)[:, None], start_j[None, :], starts)
             index = ((offs_t - sub * tile_r) * stride_r)[:, None] + (starts + intile[None, :])
     elif BLOCK_SPLIT == 0:
         # the block lies inside tile i0 along the reduction
         i0 = r0 // tile_r
-        start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range)
+        start = _red_tile_start(hterm, i0, a_red, alignment, window_start, offset_range, None, omagic)
         index = ((r0 - i0 * tile_r + offs_t) * stride_r)[:, None] + (start + intile)[None, :]
     else:
         # tiles straddle the block: every element hashed on its own
         if VIEW_IS_B:
             index, _ = roast_index_and_sign((r0 + offs_t)[:, None], offs_f[None, :], tile_rows, tile_cols,
-                                            alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d)
+                                            alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
+                                            omagic)
         else:
             index, _ = roast_index_and_sign(offs_f[None, :], (r0 + offs_t)[:, None], tile_rows, tile_cols,
-                                            alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d)
+                                            alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
+                                            omagic)
     return index, neg
 
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args, maybe_dump, roast_index_and_sign
+from .triton_hashing import hash_args, maybe_dump, offset_magic, roast_index_and_sign
 
 BLOCK = 32
 
@@ -28,7 +28,7 @@ def _materialize_kernel(
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
     index, sign = roast_index_and_sign(
         offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd)
+        offset_range, a_row, a_col, hb, c_row, c_col, hd, offset_magic(offset_range))
     w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
     w = tl.where(sign > 0, w, -w) * scale
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from . import configs
 from .hashing import TileHash
-from .triton_hashing import (block_split, hash_args, maybe_dump, roast_index_and_sign, signed, view_block_slots,
-                             view_free_terms, view_red_terms)
+from .triton_hashing import (advance_bases, block_split, hash_args, maybe_dump, offset_magic, reduction_bases,
+                             roast_index_and_sign, signed, view_block_slots, view_free_terms, view_red_terms)
 
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -92,12 +92,13 @@ def signed_values(mem_ptr, index, neg, mask):
 
 @triton.jit
 def roast_view_values(mem_ptr, k, n, mask,
-                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd):
+                      tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+                      omagic=None):
     """Elements (k, n) of a site's view, signed, in fp32, read from the memory at their hashed slots; k and n
     are index tensors that broadcast against each other and ``mask`` (masked elements read 0). Each element
     is hashed on its own: for reads that are no GEMM B block (`roast_b_tile` is the fast form)."""
     index, sign = roast_index_and_sign(k, n, tile_rows, tile_cols, alignment, window_start, offset_range,
-                                       a_row, a_col, hb, c_row, c_col, hd)
+                                       a_row, a_col, hb, c_row, c_col, hd, omagic)
     w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
     return tl.where(sign > 0, w, -w)
 
@@ -106,14 +107,15 @@ def roast_view_values(mem_ptr, k, n, mask,
 def roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
                  tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start,
                  offset_range, a_row, a_col, hb, c_row, c_col, hd,
-                 VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+                 VIEW_IS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr, sbase=None, hbase=None,
+                 omagic=None):
     """The (BLOCK_R, len(offs_n)) B block of a GEMM at reduction rows r0 + offs_t, signed, read from the
     memory at its hashed slots (`signed_values`): element (r, n) of the B operand is element (r, n) of the
     view, or (n, r) of it. (hterm, intile, sterm) are `view_free_terms` of offs_n and ct the
     `view_red_terms`, computed once per program; BLOCK_SPLIT is `block_split`'s."""
     index, neg = view_block_slots(r0, offs_t, offs_n, hterm, intile, sterm, ct, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT,
                                   tile_rows, tile_cols, alignment, window_start, offset_range,
-                                  a_row, a_col, hb, c_row, c_col, hd)
+                                  a_row, a_col, hb, c_row, c_col, hd, sbase, hbase, omagic)
     return signed_values(mem_ptr, index, neg, mask_r[:, None] & mask_n[None, :])
 
 
@@ -135,10 +137,12 @@ def roast_matmul_block(
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr, r_lo=0, r_hi=None,
+    BLOCK_SPLIT: tl.constexpr, r_lo=0, r_hi=None, EVEN_R: tl.constexpr = False, EVEN_N: tl.constexpr = False,
 ):
     """This program's (BLOCK_M, BLOCK_N) block of ``a @ op(V)`` in fp32, with its row and column offsets;
-    over the reduction's rows [r_lo, r_hi) (default all R; r_lo a multiple of BLOCK_R, rows from R on read 0).
+    over the reduction's rows [r_lo, r_hi) (default all R; r_lo a multiple of BLOCK_R, r_hi <= R or rows from R
+    on read 0). EVEN_R: R is a multiple of BLOCK_R (so, with r_hi <= R, is every block); EVEN_N: N is a
+    multiple of BLOCK_N. Each drops a mask from the main loop's loads (`even_flags`).
 
     Every fused GEMM (the fixed epilogue below, the generated ones in triton_epilogue.py, the split-K
     kernel) runs this main loop and differs only in what it does with the block afterwards.
@@ -148,6 +152,8 @@ def roast_matmul_block(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if EVEN_N:
+        mask_n = tl.full((BLOCK_N,), True, tl.int1)
 
     # the mapping's terms that stay fixed along the reduction, once per program
     offs_t = tl.arange(0, BLOCK_R)
@@ -157,18 +163,25 @@ def roast_matmul_block(
 
     if r_hi is None:
         r_hi = R
+    # the reduction's terms of the first block, and what each block adds to them
+    sbase, hbase = reduction_bases(r_lo, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, c_row, c_col)
+    sstep, hstep = reduction_bases(BLOCK_R, VIEW_IS_B, tile_rows, tile_cols, a_row, a_col, c_row, c_col)
+    omagic = offset_magic(offset_range)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         offs_r = r0 + offs_t
         mask_r = offs_r < R
+        if EVEN_R:
+            mask_r = tl.full((BLOCK_R,), True, tl.int1)
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
         )
         w = roast_b_tile(mem_ptr, r0, offs_t, offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
                          tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
-                         hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT)
+                         hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT, sbase, hbase if BLOCK_SPLIT > 0 else None, omagic)
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
+        sbase, hbase = advance_bases(sbase, hbase, sstep, hstep)
     return acc, offs_m, offs_n
 
 
@@ -183,12 +196,13 @@ def _roast_matmul_kernel(
     VIEW_IS_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     acc, offs_m, offs_n = roast_matmul_block(
         a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT)
+        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT,
+        EVEN_R=EVEN_R, EVEN_N=EVEN_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
@@ -217,7 +231,7 @@ def _roast_matmul_split_kernel(
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """Split-K: program (tile, s) computes its output block over the reduction rows [s * r_split, (s + 1) *
     r_split) and stores it, scaled, to partial s ((splits, M, N), fp32); the partials are summed after."""
@@ -226,7 +240,8 @@ def _roast_matmul_split_kernel(
     acc, offs_m, offs_n = roast_matmul_block(
         a_ptr, mem_ptr, M, N, R, stride_am, stride_ar,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT, r_lo, r_lo + r_split)
+        VIEW_IS_B, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT, r_lo,
+        tl.minimum(r_lo + r_split, R), EVEN_R, EVEN_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(part_ptr + (split * M + offs_m)[:, None] * N + offs_n[None, :], acc * scale, mask=mask)
 
@@ -251,7 +266,7 @@ def grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr,
         r0 = k_start + tl.program_id(0) * BLOCK_K
         index, neg = view_block_slots(r0, offs_t, offs_n, hterm, intile, sterm, ct, not VIEW_TRANSPOSED, BLOCK_K,
                                       BLOCK_SPLIT, tile_rows, tile_cols, alignment, window_start, offset_range,
-                                      a_row, a_col, hb, c_row, c_col, hd)
+                                      a_row, a_col, hb, c_row, c_col, hd)  # a few tile starts: divisions
         grad = signed(acc, neg) * scale
     else:
         if VIEW_TRANSPOSED:
@@ -450,7 +465,7 @@ def roast_matmul(
             VIEW_IS_B=view_is_b, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
             HAS_RESIDUAL=residual is not None, STORE_PRE=store_pre, PRECISION=dot_precision(a.dtype),
             DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
-            GROUP_M=8, BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k),
+            GROUP_M=8, BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k), **even_flags(N, R, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -472,10 +487,16 @@ def split_matmul(a: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale
         a, memory.reshape(-1), part, M, N, R, r_split, a.stride(0), a.stride(1), float(scale),
         *hash_args(mapping), VIEW_IS_B=view_is_b, PRECISION=dot_precision(a.dtype),
         DOT_IN_FP32=dot_in_fp32(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
-        GROUP_M=8, BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k),
+        GROUP_M=8, BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k), **even_flags(N, R, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part.sum(0), launched
+
+
+def even_flags(N: int, R: int, cfg: configs.BlockConfig) -> dict:
+    """The EVEN_R / EVEN_N constexprs of `roast_matmul_block` for an (M x R) @ (R x N) launch at ``cfg``:
+    whether every reduction block, and every column block, is whole (its loads need no mask on that axis)."""
+    return dict(EVEN_R=R % cfg.block_k == 0, EVEN_N=N % cfg.block_n == 0)
 
 
 def split_reduction(M: int, N: int, R: int, cfg: configs.BlockConfig, device, split_k: int | None = None

@@ -4,6 +4,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from roastfx.codegen import configs, reference
 from roastfx.codegen.hashing import PRIME, TileHash
@@ -11,6 +13,7 @@ from roastfx.codegen.kernels import (
     apply_activation, roast_embedding, roast_embedding_bag, roast_linear, roast_materialize,
 )
 from roastfx.codegen.triton_embedding import gather_rows
+from roastfx.codegen.triton_hashing import _mod, offset_magic
 from roastfx.codegen.triton_materialize import materialize
 from roastfx.codegen.triton_matmul import roast_grad_memory, roast_grad_memory_sumsq, roast_matmul
 
@@ -249,6 +252,49 @@ def test_signs_where_the_sum_lands_on_a_multiple_of_65536_below_p(tiling, device
     ids = torch.tensor([0, 5, 0], device=device)
     assert torch.equal(gather_rows(memory.to(device), mapping, 1.0, ids).double().cpu(), view[[0, 5, 0]])
     assert torch.equal(materialize(memory.to(device), mapping, 1.0).double().cpu(), view)
+
+
+@triton.jit
+def _mod_kernel(h_ptr, out_ptr, n, offset_range, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    h = tl.load(h_ptr + offs, mask=mask, other=0)
+    tl.store(out_ptr + offs, _mod(h, offset_range, offset_magic(offset_range)), mask=mask)
+
+
+@pytest.mark.parametrize("offset_range", [1, 2, 3, 7, 64, 65, 1 << 20, (1 << 20) + 1, 123456789, (1 << 30) + 1,
+                                          PRIME - 1, PRIME])
+def test_tile_start_reduction_without_division_equals_the_remainder(offset_range, device):
+    # the GEMM main loop reduces a tile's hash mod offset_range by a high multiply and a shift (offset_magic);
+    # every hash is below P: the extremes, multiples of d and their neighbours, random ones
+    gen = torch.Generator().manual_seed(offset_range % 1000)
+    d = offset_range
+    h = torch.cat([torch.arange(0, 300), PRIME - 1 - torch.arange(0, 300),
+                   torch.arange(1, 200) * d, torch.arange(1, 200) * d - 1, torch.arange(1, 200) * d + 1,
+                   torch.randint(0, PRIME, (4000,), generator=gen)])
+    h = h[(h >= 0) & (h < PRIME)].to(torch.int32)
+    out = torch.empty_like(h)
+    _mod_kernel[(triton.cdiv(h.numel(), 1024),)](h.to(device), out.to(device) if device != "cpu" else out,
+                                                 h.numel(), d, BLOCK=1024)
+    if device != "cpu":
+        out = out.cpu()
+    assert torch.equal(out.long(), h.long() % d)
+
+
+@pytest.mark.parametrize("offset_range", [1, 2, 256, 257])
+def test_gemm_reads_the_reference_slots_at_degenerate_and_power_of_two_offset_ranges(offset_range, device):
+    # offset_range 1: every tile starts at the window's start (the window holds one tile); powers of two and
+    # their neighbours: the reduction's shift at its edges
+    for view_is_b, tiling in ((True, (16, 32, 16, 48)), (False, (8, 64, 8, 8))):
+        mapping = random_mapping(96, 64, *tiling[:2], alignment=1, window_start=tiling[3],
+                                 window_size=tiling[0] * tiling[1] + offset_range - 1, seed=offset_range)
+        assert mapping.offset_range == offset_range
+        memory = random_memory(mapping, seed=7).float()
+        eye = torch.eye(96 if view_is_b else 64, device=device)
+        got, _ = roast_matmul(eye, memory.to(device), mapping, 1.0, view_is_b,
+                              config=configs.BlockConfig(32, 32, 32, 1, 1))
+        view = reference.materialize(memory.double(), mapping, 1.0)
+        assert torch.equal(got.double().cpu(), view if view_is_b else view.t())
 
 
 @pytest.mark.parametrize("tiling", BLOCK_TILINGS)
