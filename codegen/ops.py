@@ -99,16 +99,15 @@ materialize.register_autograd(_materialize_backward, setup_context=_materialize_
 class EagerMaterialize(torch.autograd.Function):
     """``roastfx::materialize``'s forward and backward without the custom-op dispatch, for eager reads (a
     module's weight outside torch.compile): the same functions, about 60 us less per read and backward on a
-    CPU. Compiled graphs hold the op."""
+    CPU. Compiled graphs hold the op. The forward takes ``ctx`` itself: a separate setup_context would make
+    every apply bind its arguments through inspect.signature (20-50 us), and no torch.func transform calls
+    this Function (they read through runs.gather_view_differentiable)."""
 
     @staticmethod
-    def forward(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:
-        return gather_view(memory, mapping, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        memory, ctx.mapping, ctx.scale = inputs
+    def forward(ctx, memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:
+        ctx.mapping, ctx.scale = mapping, scale
         ctx.memory_size, ctx.memory_dtype = memory.shape[0], memory.dtype
+        return gather_view(memory, mapping, scale)
 
     @staticmethod
     def backward(ctx, grad):
