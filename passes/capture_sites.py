@@ -2,8 +2,13 @@
 
 Two sources, merged: module types (always) and, given example inputs, a trace
 of the model (torch.export, non-strict) that also finds weights used
-functionally (``x @ self.w``, ``F.linear(x, self.w)``, ``torch.einsum``).
-Tied weights (one tensor bound under several names) become one site.
+functionally (``x @ self.w``, ``F.linear(x, self.w)``, ``torch.einsum``), through
+view-like ops and indexing (a mixture of experts' stacked (experts, out, in) weight,
+one expert's slice per ``F.linear``). Where torch.export cannot trace the model
+(data-dependent control flow, such as a loop over the experts a router picked), the
+example inputs run it eagerly under a `torch.overrides.TorchFunctionMode` that follows
+each parameter through the same ops to its consumers. Tied weights (one tensor bound
+under several names) become one site.
 """
 from __future__ import annotations
 
@@ -70,6 +75,11 @@ _VIEW_OPS = {
     "detach", "alias", "clone", "unsqueeze", "squeeze", "type_as", "_unsafe_view", "lift_fresh_copy",
 }
 _TRANSPOSE_OPS = {"t", "transpose", "permute"}
+# ops that pick part of a weight (one expert of a stacked (experts, out, in) parameter): a weight that reaches
+# a consumer through one of these is read as a whole and indexed, so its view is laid out as stored
+# (transposed=False: rows along the leading, stacked axis)
+_INDEX_OPS = {"select", "index", "narrow", "slice", "__getitem__", "getitem", "index_select", "unbind", "chunk",
+              "split", "split_with_sizes"}
 _CONSUMERS = {
     "linear": ("linear", True), "addmm": ("matmul", False), "mm": ("matmul", False),
     "matmul": ("matmul", False), "bmm": ("matmul", False), "mv": ("matmul", False),
@@ -81,7 +91,11 @@ _CONSUMERS = {
     "embedding_bag": ("embedding_bag", False), "_embedding_bag": ("embedding_bag", False),
     "lstm": ("rnn", True), "gru": ("rnn", True), "rnn_tanh": ("rnn", True), "rnn_relu": ("rnn", True),
     "_native_multi_head_attention": ("attention", True),
+    # a mixture of experts' GEMM over its stacked (experts, ...) weights: torch's and transformers' (which
+    # transformers' MoE layers use under torch.export and torch.compile)
+    "_grouped_mm": ("linear", False), "grouped_mm": ("linear", False), "grouped_mm_fallback": ("linear", False),
 }
+_STACKED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}  # read whole, laid out as stored
 
 
 _WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
@@ -95,39 +109,128 @@ def _op_name(node: torch.fx.Node) -> str:
     return name.split(".")[0]
 
 
-def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0) -> list[tuple[str, bool]]:
-    """Follow a parameter through view-like ops to the matmul-like ops that consume it."""
+def _consumer_use(name: str, position: int | None, transposes: int, indexed: bool) -> tuple[str, bool] | None:
+    """(op, transposed) of a weight reaching consumer ``name`` as its argument ``position`` after ``transposes``
+    transposing views (and, ``indexed``, an indexing op), or None where it is no matmul operand there."""
+    if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1:
+        return None  # the tensor is a bias here, not a matmul operand
+    op, transposed = _CONSUMERS[name]
+    return (op, False) if indexed or name in _STACKED else (op, transposed ^ bool(transposes % 2))
+
+
+def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed: bool = False
+               ) -> list[tuple[str, bool]]:
+    """Follow a parameter through view-like and indexing ops to the matmul-like ops that consume it."""
     uses = []
     for user in node.users:
         if user.op != "call_function" or depth > 8:
             continue
         name = _op_name(user)
         if name in _CONSUMERS:
-            position = next((i for i, a in enumerate(user.args) if a is node), None)
-            if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1:
-                continue  # the tensor is a bias here, not a matmul operand
-            op, transposed = _CONSUMERS[name]
-            uses.append((op, transposed ^ bool(transposes % 2)))
-        elif name in _VIEW_OPS:
-            uses.extend(trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1))
+            use = _consumer_use(name, next((i for i, a in enumerate(user.args) if a is node), None), transposes,
+                                indexed)
+            if use is not None:
+                uses.append(use)
+        elif name in _VIEW_OPS or name in _INDEX_OPS:
+            uses.extend(trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1,
+                                   indexed or name in _INDEX_OPS))
     return uses
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) of ``example_inputs``: a tuple or list of positional inputs, one input, or a dict of
+    keyword inputs."""
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if len(args) == 1 and isinstance(args[0], dict):
+        return (), args[0]
+    return args, {}
+
+
+def _tensor_leaves(out) -> list[torch.Tensor]:
+    """The tensors in a model's output, through dicts (transformers' ModelOutput is one), lists and tuples;
+    other objects (a transformers KV cache) are dropped."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensor_leaves(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensor_leaves(v)]
+    return []
+
+
+class _TensorOutputs(nn.Module):
+    """``model`` with only the tensors of its output, as a list: torch.export refuses outputs of types it does not
+    know (a transformers DynamicCache), and the sites only need the graph up to the tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return _tensor_leaves(self.model(*args, **kwargs))
 
 
 def traced_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]]:
     """Parameter name -> (op, transposed) for each parameter a trace shows feeding a matmul."""
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    kwargs = {}
-    if len(args) == 1 and isinstance(args[0], dict):
-        args, kwargs = (), args[0]
-    exported = torch.export.export(model, args, kwargs, strict=False)
+    args, kwargs = _split_inputs(example_inputs)
+    exported = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
     placeholder_to_param = exported.graph_signature.inputs_to_parameters
     found = {}
     for node in exported.graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in placeholder_to_param:
             uses = trace_uses(node)
             if uses:
-                found[placeholder_to_param[node.name]] = uses[0]
+                found[placeholder_to_param[node.name].removeprefix("model.")] = uses[0]
     return found
+
+
+class _ParameterUses(torch.overrides.TorchFunctionMode):
+    """While active, follows each parameter of ``params`` (id -> name) through view-like and indexing ops
+    (tensor methods and torch functions alike) and records, per parameter name, the (op, transposed) of the
+    first matmul-like op that consumes it: `trace_uses` on an eager run."""
+
+    def __init__(self, params: dict[int, str]):
+        super().__init__()
+        # id -> (name, transposes, indexed, tensor): the tensor keeps its id from being reused during the run
+        self.origin = {pid: (name, 0, False, None) for pid, name in params.items()}
+        self.found: dict[str, tuple[str, bool]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "").split(".")[-1]
+        if name in ("__matmul__", "__rmatmul__"):
+            name = "matmul"
+        if name in _CONSUMERS:
+            for position, arg in [*enumerate(args), *((None, v) for v in kwargs.values())]:
+                origin = self.origin.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+                if origin is not None and origin[0] not in self.found:
+                    use = _consumer_use(name, 1 if position is None and "weight" in kwargs and
+                                        kwargs["weight"] is arg else position, origin[1], origin[2])
+                    if use is not None:
+                        self.found[origin[0]] = use
+        elif name in _VIEW_OPS or name in _INDEX_OPS:
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            origin = self.origin.get(id(source)) if source is not None else None
+            if origin is not None:
+                step = (origin[0], origin[1] + (name in _TRANSPOSE_OPS), origin[2] or name in _INDEX_OPS)
+                for t in _tensor_leaves(out):
+                    self.origin[id(t)] = (*step, t)
+        return out
+
+
+def eager_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]]:
+    """`traced_sites` by running the model on the example inputs (no gradients) under `_ParameterUses`: for
+    models torch.export cannot trace, such as a mixture of experts that loops over the experts its router
+    picked for these inputs (only the experts the inputs reach are found)."""
+    args, kwargs = _split_inputs(example_inputs)
+    params = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), name)
+    mode = _ParameterUses(params)
+    with torch.no_grad(), mode:
+        model(*args, **kwargs)
+    return mode.found
 
 
 def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[SiteSpec], list[str]]:
@@ -151,20 +254,28 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
 
     if example_inputs is not None:
         name_to_id = {n: pid for pid, names in by_param.items() for n in names}
+        how = "traced the model (torch.export)"
         try:
             traced = traced_sites(model, example_inputs)
-        except Exception as err:  # a model torch.export cannot trace still compresses by module type
-            traced = {}
-            notes.append(f"could not trace the model ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                         "found sites by module type only")
-            log.warning(notes[-1])
-        extra = 0
-        for pname, kind in traced.items():
-            pid = name_to_id.get(pname)
-            if pid is not None and pid not in kinds and params[pid].dim() >= 2:
-                kinds[pid] = kind
-                extra += 1
-        notes.append(f"traced the model: {len(traced)} weights feed matmul-like ops ({extra} used functionally)")
+        except Exception as err:  # data-dependent control flow, say: run the model eagerly instead
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
+            try:
+                traced = eager_sites(model, example_inputs)
+                how = f"ran the model on example_inputs (torch.export could not trace it: {reason})"
+            except Exception as err2:  # a model that does not run on its example inputs: module types only
+                traced = None
+                reason2 = f"{type(err2).__name__}: {str(err2).splitlines()[0][:200]}"
+                notes.append(f"could not trace the model ({reason}) nor run it on example_inputs ({reason2}); "
+                             "found sites by module type only")
+                log.warning(notes[-1])
+        if traced is not None:
+            extra = 0
+            for pname, kind in traced.items():
+                pid = name_to_id.get(pname)
+                if pid is not None and pid not in kinds and params[pid].dim() >= 2:
+                    kinds[pid] = kind
+                    extra += 1
+            notes.append(f"{how}: {len(traced)} weights feed matmul-like ops ({extra} used functionally)")
     else:
         notes.append("no example_inputs: found sites by module type only (functional uses such as x @ self.w "
                      "need example_inputs to be found)")

@@ -189,24 +189,37 @@ def test_compressed_weight_cannot_be_assigned():
         model.fc1.weight = nn.Parameter(torch.zeros(128, 64))
 
 
-def test_untraceable_model_falls_back_to_module_types(caplog):
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-            self.w = nn.Parameter(torch.randn(8, 8))
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 8))
 
-        def forward(self, x):
-            if x.sum().item() > 0:  # data-dependent control flow: export cannot trace it
-                return self.fc(x) @ self.w
-            return self.fc(x)
+    def forward(self, x):
+        if x.sum().item() > 0:  # data-dependent control flow: export cannot trace it
+            return self.fc(x) @ self.w
+        return self.fc(x)
 
+
+def test_untraceable_model_is_run_on_its_example_inputs_instead(caplog):
+    model = DataDependent()
+    x = torch.ones(2, 8)
+    with caplog.at_level("INFO", logger="roastfx"):
+        roastfx.compress(model, 0.5, example_inputs=(x,))
+    plan = roastfx.roast_state(model).plan
+    # w is found by running the model (x takes the branch that reads it), as x @ w: not transposed
+    assert [(s.name, s.op, s.transposed) for s in plan.sites] == [("w", "matmul", False), ("fc.weight", "linear", True)]
+    assert "ran the model on example_inputs (torch.export could not trace it: GuardOnDataDependentSymNode" in caplog.text
+    assert not isinstance(model._parameters.get("w"), nn.Parameter)
+    assert model(x).shape == (2, 8)
+
+
+def test_a_model_that_neither_traces_nor_runs_on_its_inputs_falls_back_to_module_types(caplog):
     model = DataDependent()
     with caplog.at_level("INFO", logger="roastfx"):
-        roastfx.compress(model, 0.5, example_inputs=(torch.ones(2, 8),))
-    names = [s.name for s in roastfx.roast_state(model).plan.sites]
-    assert names == ["fc.weight"]  # w is only found by a trace, which failed: it stays dense, and we say so
-    assert "could not trace the model (GuardOnDataDependentSymNode" in caplog.text
+        roastfx.compress(model, 0.5, example_inputs=(torch.ones(2, 8), "an extra argument forward does not take"))
+    assert [s.name for s in roastfx.roast_state(model).plan.sites] == ["fc.weight"]  # w stays dense, and we say so
+    assert "could not trace the model (" in caplog.text and "nor run it on example_inputs (TypeError" in caplog.text
     assert isinstance(model.w, nn.Parameter)
 
 
@@ -294,3 +307,48 @@ def test_traced_transposed_convs_are_the_same_sites():
     sites = {s.name: (s.op, s.transposed) for s in roastfx.roast_state(model).plan.sites}
     assert sites == {"up1.weight": ("conv_transpose", False), "up2.weight": ("conv_transpose", False),
                      "conv3.weight": ("conv", True), "up3.weight": ("conv_transpose", False)}
+
+
+class LoopedExperts(nn.Module):
+    """A mixture of experts as transformers writes one: stacked (experts, out, in) weights, a router, and a
+    Python loop over the experts the router picked (data-dependent: torch.export cannot trace it)."""
+
+    def __init__(self, dim=8, hidden=12, experts=3):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(experts, dim) * 0.3)
+        self.up = nn.Parameter(torch.randn(experts, hidden, dim) * 0.3)
+        self.down = nn.Parameter(torch.randn(experts, dim, hidden) * 0.3)
+
+    def forward(self, x):
+        choice = torch.nn.functional.linear(x, self.router).argmax(-1)
+        out = torch.zeros_like(x)
+        for e in choice.unique():
+            rows = (choice == e).nonzero().squeeze(-1)
+            h = torch.nn.functional.linear(x[rows], self.up[e]).relu()
+            out.index_add_(0, rows, torch.nn.functional.linear(h, self.down[e]))
+        return out
+
+
+def test_stacked_expert_weights_are_found_by_running_the_model_and_read_whole(caplog):
+    torch.manual_seed(0)
+    model = LoopedExperts()
+    x = torch.randn(10, 8)
+    with caplog.at_level("INFO", logger="roastfx"):
+        roastfx.compress(model, "2x", init="random", example_inputs=(x,))
+    assert "ran the model on example_inputs (torch.export could not trace it" in caplog.text
+    plan = roastfx.roast_state(model).plan
+    # the router as F.linear's weight (transposed view); the experts indexed first: their views as stored
+    assert [(s.name, s.shape, s.op, s.transposed) for s in plan.sites] == [
+        ("router", (3, 8), "linear", True), ("up", (3, 12, 8), "linear", False), ("down", (3, 8, 12), "linear", False)]
+    assert [n for n, _ in model.named_parameters()] == ["roast_memory"]
+    # the compressed model computes the same function as a dense one holding its decompressed weights
+    dense = LoopedExperts()
+    with torch.no_grad():
+        for name in ("router", "up", "down"):
+            getattr(dense, name).copy_(getattr(model, name))
+    torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+    model(x).square().sum().backward()
+    assert model.roast_memory.grad is not None and model.roast_memory.grad.abs().sum() > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(x), dense(x), rtol=1e-5, atol=1e-6)
