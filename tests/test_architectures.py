@@ -103,6 +103,51 @@ def whisper():
         max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
 
 
+def qwen3_moe():
+    """Another mixture-of-experts family: per-head q/k norms, stacked experts behind a top-2 router."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              moe_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                              num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                              max_position_embeddings=32, head_dim=8))
+
+
+def albert():
+    """One layer's weights shared by every layer (each weight read twice per forward), a factorized embedding."""
+    from transformers import AlbertConfig, AlbertForMaskedLM
+
+    return AlbertForMaskedLM(AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=16))
+
+
+def wav2vec2():
+    """A strided conv1d feature extractor, and a grouped positional conv under weight norm (a parametrized
+    weight: left dense, its parts are no matmul operand)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    return Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, conv_dim=(8, 8), conv_stride=(5, 2),
+                                         conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                                         num_conv_pos_embedding_groups=2))
+
+
+def mamba():
+    """A state-space model: in/out projections, a depthwise causal conv1d, the selective scan's projections."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=1, expand=2,
+                                        conv_kernel=4))
+
+
+def convnext():
+    """Depthwise 7x7 convs, LayerNorm and Linear layers over channels-last activations."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    return ConvNextForImageClassification(ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1],
+                                                         num_stages=2, image_size=32, num_labels=3))
+
+
 def _gen():
     return torch.Generator().manual_seed(0)
 
@@ -121,13 +166,20 @@ CASES = {
     "mixtral": (mixtral, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "whisper": (whisper, lambda: ((), {"input_features": torch.randn(2, 8, 32, generator=_gen()),
                                        "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=_gen())})),
+    "qwen3-moe": (qwen3_moe, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "albert": (albert, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "wav2vec2": (wav2vec2, lambda: ((), {"input_values": torch.randn(2, 400, generator=_gen())})),
+    "mamba": (mamba, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "convnext": (convnext, lambda: ((torch.randn(2, 3, 32, 32, generator=_gen()),), {})),
 }
 # Whisper's sinusoidal position table is frozen (requires_grad=False): it cannot share the trainable memory
 EXCLUDE = {"whisper": ["*embed_positions*"]}
 # found only with example_inputs: Mixtral's router (F.linear on a plain Parameter) and its experts, stacked
 # (experts, out, in) Parameters that transformers reads through a grouped GEMM
 TRACED = {"mixtral": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
-                      "model.layers.0.mlp.experts.down_proj"]}
+                      "model.layers.0.mlp.experts.down_proj"],
+          "qwen3-moe": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
+                        "model.layers.0.mlp.experts.down_proj"]}
 
 
 # (fused reads, all reads) the backend reports. Compressed RNNs run step by step under dynamo (roastfx/rnn.py):
@@ -137,7 +189,10 @@ FUSED = {
     "vit": (8, 8), "resnet": (9, 9), "t5": (21, 21), "llama": (16, 16), "whisper": (20, 20),
     # the experts' stacked weights reach transformers' grouped GEMM, which no roast op fuses: they are read whole
     # (materialized), the router and the attention fused
-    "mixtral": (7, 9),
+    "mixtral": (7, 9), "qwen3-moe": (7, 9), "albert": (18, 18), "wav2vec2": (10, 10), "convnext": (9, 9),
+    # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own, and multiplies dt_proj's
+    # weight from the left (W @ x): both read the weight whole
+    "mamba": (5, 7),
 }
 
 
