@@ -3,8 +3,10 @@
 # device time (a machine's start, 1-2 minutes, included), in two calls:
 #   bash benchmarks/gpu_session.sh core     # first call, at most ~8 minutes: the kernel tests on CUDA, the kernel
 #                                           # benchmark (issue 4's table) and the cost-model validation (issue 5)
-#   bash benchmarks/gpu_session.sh extra    # second call on the still-warm machine, at most ~4 minutes: the conv
-#                                           # benchmark and BERT-base dense vs ROAST
+#   bash benchmarks/gpu_session.sh extra    # second call on the still-warm machine, at most ~5 minutes: the conv
+#                                           # benchmark, BERT-base dense vs ROAST, and the forward GEMM at every
+#                                           # block config with its blocks per SM (which config the heuristic
+#                                           # should pick, and whether two resident blocks overlap the MMA)
 # Every step is bounded by a timeout (SIGINT first, so pytest prints its summary and Python its traceback) and
 # appends to one log; the JSON results go straight to $OUT when set (the device returns at most 8 files: a stage
 # writes gpu.txt, session-<stage>.log and its JSON files), else benchmarks/results/. The benchmarks save their
@@ -66,6 +68,8 @@ else
   step "conv benchmark" 70 "$PY" benchmarks/bench_conv.py --out "$OUTDIR"
   step "whole model: bert-base" 150 "$PY" benchmarks/bench_models.py --models bert-base --compression 10,100 \
     --out "$OUTDIR"
+  # one compile per block config (about 11 on sm_90), two shapes at 100x: last, so a cut keeps the rest
+  step "block config sweep" 75 "$PY" benchmarks/sweep_configs.py --out "$OUTDIR"
 fi
 rm -rf "$LINK"
 exit $FAILED

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     ("bench_conv.py", ["--dry-run", "--compression", "10"], ["dense", "implicit", "im2col", "vs dense fwd"]),
     ("bench_models.py", ["--dry-run", "--compression", "100", "--steps", "1", "--warmup", "1"],
      ["bert-tiny", "gpt2-tiny", "dense-compile", "roast-100x", "train x"]),
+    ("sweep_configs.py", ["--dry-run"], ["*32x32x32 w1 s1", "blk/SM", "x dense"]),
 ])
 def test_benchmark_dry_run(script, args, expect):
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -29,6 +30,20 @@ def test_benchmark_dry_run(script, args, expect):
     assert done.returncode == 0, done.stderr[-2000:]
     for word in expect:
         assert word in done.stdout, (word, done.stdout[-2000:])
+
+
+def test_blocks_per_sm_takes_the_tightest_resource():
+    from types import SimpleNamespace
+
+    from sweep_configs import blocks_per_sm
+
+    h100 = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472)
+    # 127 registers round up to 128 per thread (256 per warp): two blocks of 8 warps fill the register file
+    assert blocks_per_sm(127, 96 * 1024, 8, h100) == 2
+    assert blocks_per_sm(129, 96 * 1024, 8, h100) == 1  # one register more: 136 per thread, 1 block
+    assert blocks_per_sm(64, 120 * 1024, 4, h100) == 1  # shared memory: 2 x 121 KiB > 228 KiB
+    assert blocks_per_sm(32, 0, 4, h100) == 16  # threads: 2,048 per SM / 128
+    assert blocks_per_sm(None, 1024, 4, h100) is None
 
 
 def test_bad_benchmark_arguments_exit_2():
