@@ -162,8 +162,9 @@ def reduction_bases(r, VIEW_IS_B: tl.constexpr, tile_rows, tile_cols, a_row, a_c
     """(c_red * r mod P, a_red * (r // tile_r) mod P), int32: the parts of the sign's and of the tile hash's
     terms that a GEMM's B block starting at reduction row r adds (`view_block_slots`); c_red, a_red and tile_r
     are the reduction axis' (the view's rows when VIEW_IS_B, else its columns). A main loop computes them for
-    its first block and for the step BLOCK_R (`reduction_steps`), then advances them by one `_addmod32`
-    each per block: two integer additions instead of two 64-bit products mod P."""
+    its first block and, as steps, for r = BLOCK_R (a multiple of tile_r where it passes the tile hash's),
+    then advances them by one `_addmod32` each per block (`advance_bases`): two integer additions instead of
+    two 64-bit products mod P."""
     if VIEW_IS_B:
         return _mulmod_p(c_row, r).to(tl.int32), _mulmod_p(a_row, r // tile_rows).to(tl.int32)
     return _mulmod_p(c_col, r).to(tl.int32), _mulmod_p(a_col, r // tile_cols).to(tl.int32)
@@ -204,6 +205,10 @@ def view_block_slots(
     element's slot is that start plus its offsets in the tile (a select between the starts where there
     are several): a few integer operations per element. With -1 every element is hashed on its own
     (`roast_index_and_sign`). Either way the slots and signs are those of docs/mapping.md.
+
+    A main loop passes what it carries from block to block: ``sbase`` and ``hbase``, the `reduction_bases`
+    of r0 (hbase only where BLOCK_SPLIT > 0), and ``omagic``, the `offset_magic` of offset_range. None:
+    computed here (two products mod P) or a division per tile start.
     """
     if VIEW_IS_B:
         tile_r = tile_rows

@@ -222,14 +222,27 @@ class _ParameterUses(torch.overrides.TorchFunctionMode):
 def eager_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]]:
     """`traced_sites` by running the model on the example inputs (no gradients) under `_ParameterUses`: for
     models torch.export cannot trace, such as a mixture of experts that loops over the experts its router
-    picked for these inputs (only the experts the inputs reach are found)."""
+    picked for these inputs (only the experts the inputs reach are found). The run leaves no trace: the
+    model's buffers (a batch norm's running statistics) and the random number generators' states are put
+    back as they were."""
     args, kwargs = _split_inputs(example_inputs)
     params = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         params.setdefault(id(p), name)
     mode = _ParameterUses(params)
-    with torch.no_grad(), mode:
-        model(*args, **kwargs)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        with torch.no_grad(), mode:
+            model(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     return mode.found
 
 

@@ -352,3 +352,26 @@ def test_stacked_expert_weights_are_found_by_running_the_model_and_read_whole(ca
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})
     torch.testing.assert_close(compiled(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_running_the_model_to_find_its_sites_changes_no_buffer_nor_the_random_stream():
+    class Normed(DataDependent):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(8)  # training mode: a forward would update its running statistics
+            self.drop = nn.Dropout(0.5)  # draws from the random stream
+
+        def forward(self, x):
+            return super().forward(self.drop(self.norm(x)))
+
+    model = Normed()
+    x = torch.randn(6, 8) + 3
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    torch.manual_seed(123)
+    roastfx.compress(model, 0.5, example_inputs=(x,))
+    assert "w" in {s.name for s in roastfx.roast_state(model).plan.sites}  # found by the run
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(4))
