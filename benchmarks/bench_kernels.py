@@ -61,7 +61,7 @@ def run(args, save=lambda rows: None):
     import torch
     import torch.nn.functional as F
 
-    from roastfx.codegen import reference
+    from roastfx.codegen import configs, reference, triton_matmul
     from roastfx.codegen.hashing import TileHash
     from roastfx.codegen.epilogue_op import roast_linear_epilogue
     from roastfx.codegen.kernels import roast_linear, roast_materialize
@@ -82,6 +82,12 @@ def run(args, save=lambda rows: None):
             hashed_map = make_mapping(TileHash, K, N, size, (1, 1), seed=2)
             memory = (torch.randn(size, device=device, dtype=dtype, generator=gen)).requires_grad_()
             scale = 1 / K**0.5
+            # the forward's block config, as the kernel picks it without autotuning (benchmarks/sweep_configs.py
+            # times every candidate)
+            cfg = configs.INTERPRETER_CONFIG if args.dry_run else configs.pick(
+                M, N, K, configs.shared_memory_limit(x.device), x.element_size(),
+                triton_matmul.block_tile(roast_map, True), memory.element_size(), arch=configs.cuda_arch(x.device))
+            forward_config = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
             dense_w_param = dense_w.clone().requires_grad_()
             bias = torch.zeros(N, device=device, dtype=dtype, requires_grad=True)
             fns = {
@@ -109,7 +115,7 @@ def run(args, save=lambda rows: None):
                 os.environ.pop("ROASTFX_SPLIT_K")
                 rows.append(dict(
                     shape=name, M=M, K=K, N=N, compression=factor, memory_size=size, memory_dtype=str(memory.dtype),
-                    tile=list(tile),
+                    tile=list(tile), roast_forward_config=forward_config,
                     method=method, fused_vs_materialized_rel_err=rel_err, forward_ms=fwd, forward_backward_ms=fwd_bwd,
                     forward_tflops=2 * M * K * N / fwd / 1e9, forward_backward_tflops=6 * M * K * N / fwd_bwd / 1e9,
                 ))
