@@ -71,10 +71,10 @@ def module_weight_attrs(module: nn.Module) -> list[tuple[str, str, bool]]:
 
 
 _VIEW_OPS = {
-    "t", "transpose", "permute", "view", "reshape", "expand", "_to_copy", "to", "contiguous",
+    "t", "transpose", "permute", "T", "mT", "view", "reshape", "expand", "_to_copy", "to", "contiguous",
     "detach", "alias", "clone", "unsqueeze", "squeeze", "type_as", "_unsafe_view", "lift_fresh_copy",
 }
-_TRANSPOSE_OPS = {"t", "transpose", "permute"}
+_TRANSPOSE_OPS = {"t", "transpose", "permute", "T", "mT"}  # T, mT: the properties (an eager run sees them)
 # ops that pick part of a weight (one expert of a stacked (experts, out, in) parameter): a weight that reaches
 # a consumer through one of these is read as a whole and indexed, so its view is laid out as stored
 # (transposed=False: rows along the leading, stacked axis)
@@ -199,6 +199,8 @@ class _ParameterUses(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "").split(".")[-1]
+        if name == "__get__":  # a property of the tensor (w.T): its getter's descriptor has the name
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
         if name in ("__matmul__", "__rmatmul__"):
             name = "matmul"
         if name in _CONSUMERS:

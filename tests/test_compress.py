@@ -375,3 +375,24 @@ def test_running_the_model_to_find_its_sites_changes_no_buffer_nor_the_random_st
     after = torch.rand(4)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(4))
+
+
+def test_running_the_model_follows_transposing_properties():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 8))  # (out, in), read as x @ w.T
+            self.v = nn.Parameter(torch.randn(8, 5))  # read as x @ v.mT.T: two transposes cancel
+
+        def forward(self, x):
+            if x.sum().item() > 0:  # export cannot trace this: the model is run
+                return x @ self.w.T + x @ self.v.mT.T
+            return x
+
+    model = Branchy()
+    x = torch.ones(3, 8)
+    want = model(x)
+    roastfx.compress(model, 1.0, init="project", example_inputs=(x,))
+    plan = roastfx.roast_state(model).plan
+    assert [(s.name, s.op, s.transposed) for s in plan.sites] == [("w", "matmul", True), ("v", "matmul", False)]
+    assert model(x).shape == want.shape
