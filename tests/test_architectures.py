@@ -239,3 +239,21 @@ def test_compiled_equals_eager(name, monkeypatch):
         if p.grad is not None:
             assert torch.allclose(p.grad, grads[n], atol=1e-5, rtol=1e-4), n
     assert (sum(u.fused for u in uses), len(uses)) == FUSED[name], [(u.fused, u.why) for u in uses]
+
+
+def test_compressed_llama_generates_the_same_tokens_eager_and_compiled():
+    """Greedy decoding with a KV cache (prefill, then one token at a time: a new shape each step), the forward
+    compiled by the roast backend with dynamic shapes."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = roastfx.compress(llama(), "4x", init="random").eval()
+    ids = torch.randint(0, 64, (2, 5), generator=_gen())
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        model.forward = torch.compile(model.forward, backend="roast", dynamic=True)
+        compiled = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert eager.shape == (2, 11) and torch.equal(eager[:, :5], ids)
+    assert torch.equal(compiled, eager)
