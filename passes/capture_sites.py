@@ -12,8 +12,11 @@ under several names) become one site.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -170,10 +173,34 @@ class _TensorOutputs(nn.Module):
         return _tensor_leaves(self.model(*args, **kwargs))
 
 
+# torch's loggers that warn while a failing export gives up: the failure is expected where the model has
+# data-dependent control flow, and find_sites says what it did instead
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Within: those loggers below ERROR silenced, and stderr held back (torch.export prints a failed trace's
+    partial graph there, dozens of lines); what was held back is written out if the export succeeds."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def traced_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]]:
     """Parameter name -> (op, transposed) for each parameter a trace shows feeding a matmul."""
     args, kwargs = _split_inputs(example_inputs)
-    exported = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
+    with _quiet_export():
+        exported = torch.export.export(_TensorOutputs(model), args, kwargs, strict=False)
     placeholder_to_param = exported.graph_signature.inputs_to_parameters
     found = {}
     for node in exported.graph_module.graph.nodes:
