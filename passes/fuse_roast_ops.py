@@ -164,8 +164,9 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
     x, weight, bias, b_is_weight_t, broadcast_ok, op = operands
     read = weight_read(weight)
     if read is None:
-        if weight_read(x) is not None:
-            return SiteUse(node.name, False, f"{op} reads the weight as its left operand (W @ x)")
+        left = weight_read(x)
+        if left is not None:
+            return _fuse_left_matmul(graph, node, left, weight, op)
         return None
     if b_is_weight_t is None:
         return SiteUse(node.name, False, f"{op} is not x @ W or x @ W.T on x's last dim")
@@ -191,6 +192,38 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
     graph.erase_node(node)
     return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}"
                    + _norm_note(read))
+
+
+def _fuse_left_matmul(graph, node, read, y, op: str) -> SiteUse:
+    """``W @ y`` (the weight as the left operand, y of shape (..., in, L)) as ``(y^T @ W^T)^T``: roast_linear on y
+    with its last two dims swapped, and the result's swapped back; both swaps are views."""
+    shape = example_shape(y)
+    if op not in ("matmul", "mm"):
+        return SiteUse(node.name, False, f"{op} reads the weight as its left operand (W @ x)")
+    if shape is None or len(shape) < 2:
+        return SiteUse(node.name, False, f"{op} reads the weight as its left operand (W @ x) and x is "
+                                         + ("of unknown shape" if shape is None else "a vector"))
+    if not read.matrix or read.broadcast:
+        return SiteUse(node.name, False, f"{op} reads the weight as its left operand (W @ x), reshaped to "
+                                         f"{read.shape}, not as the site's matrix")
+    if _shared(read, op):
+        return SiteUse(node.name, False, _shared(read, op))
+    why, y, _ = _compute_inputs(graph, node, read, y, None, op)
+    if why:
+        return SiteUse(node.name, False, why)
+    # W @ y = (y^T @ W^T)^T: roast_linear computes y^T @ B with B = W^T, i.e. y^T @ V^T when W = V
+    flip = not read.transposed
+    memory, mapping, scale = read.materialize.args
+    with graph.inserting_before(node):
+        y_t = graph.call_method("transpose", (y, -2, -1))
+        fused = graph.call_function(torch.ops.roastfx.roast_linear.default, (y_t, memory, list(mapping), scale, None),
+                                    ({"transpose_view": True} if flip else {}) | _norm_kwargs(read))
+        out = graph.call_method("transpose", (fused, -2, -1))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op} with the "
+                   "weight on the left (W @ x, as (x^T @ W^T)^T)" + _norm_note(read))
 
 
 def _norm_note(read) -> str:

@@ -190,9 +190,9 @@ FUSED = {
     # the experts' stacked weights reach transformers' grouped GEMM, which no roast op fuses: they are read whole
     # (materialized), the router and the attention fused
     "mixtral": (7, 9), "qwen3-moe": (7, 9), "albert": (18, 18), "wav2vec2": (10, 10), "convnext": (9, 9),
-    # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own, and multiplies dt_proj's
-    # weight from the left (W @ x): both read the weight whole
-    "mamba": (5, 7),
+    # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own: read whole. (Its dt_proj
+    # weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
+    "mamba": (6, 7),
 }
 
 

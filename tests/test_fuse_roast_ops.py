@@ -441,9 +441,43 @@ def test_unfusable_reads_fall_back_with_a_reason():
     assert not any(u.fused for u in uses) and len(uses) == 3
     whys = sorted(u.why for u in uses)
     assert "einsum 'bk,kn->nb' is not x @ W or x @ W.T on x's last dim" in whys
-    assert "matmul reads the weight as its left operand (W @ x)" in whys
+    assert "matmul reads the weight as its left operand (W @ x) and x is of unknown shape" in whys
     assert any(w.startswith("materialized for sum") for w in whys)
     assert torch.allclose(gm(x, y, mem), expected, atol=1e-5)
+
+
+class WeightOnTheLeft(torch.nn.Module):
+    """Weights multiplied from the left, as Mamba's dt_proj and channels-first code write it: W @ x over a
+    batch of (in, L) inputs, W^T @ x of a 2-D x, and W @ v of a vector (the one left unfused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 5))
+        self.u = torch.nn.Parameter(torch.randn(5, 7))
+
+    def forward(self, x):
+        a = self.w @ x  # (6, 5) @ (B, 5, L) -> (B, 6, L)
+        b = torch.mm(self.u.t(), x[0])  # (7, 5) @ (5, L)
+        c = self.w @ x[0, :, 0]  # a vector: matmul of a matrix and a vector
+        return a.square().sum() + b.square().sum() + c.sum()
+
+
+def test_weight_on_the_left_fuses_as_transposed_products(monkeypatch):
+    torch._dynamo.reset()
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    model = roastfx.compress(WeightOnTheLeft(), "2x", example_inputs=(x,), init="random", seed=3)
+    eager = model(x)
+    gx, gm = torch.autograd.grad(eager, (x, model.roast_memory))
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    cx, cm = torch.autograd.grad(out, (x, model.roast_memory))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cx, gx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cm, gm, rtol=1e-4, atol=1e-4)
+    fused = sorted(u.why for u in uses if u.fused)
+    assert len(fused) == 2 and all("with the weight on the left (W @ x, as (x^T @ W^T)^T)" in w for w in fused), fused
+    assert [u.why for u in uses if not u.fused] == [
+        "matmul reads the weight as its left operand (W @ x) and x is a vector"]
 
 
 def test_conv_same_padding_with_even_kernel_falls_back():
