@@ -69,12 +69,13 @@ def roast_conv_block(
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, EVEN_R: tl.constexpr = False, EVEN_N: tl.constexpr = False,
 ):
     """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of group program_id(1)'s conv (N output
     and R / (KD * KH * KW) input channels per group), and the block's coordinates: image, od, oh, ow per
     row, the output channel (across groups) per column. The conv kernels generated per epilogue run this
-    main loop."""
+    main loop. EVEN_R / EVEN_N: R and N are multiples of BLOCK_R and BLOCK_N (`triton_matmul.even_flags`), so
+    the loads need no mask along them (the input's padding masks stay)."""
     # rows (output pixels) and their coordinates in int32 (the host checks that they fit); only the
     # addresses are int64
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -85,6 +86,8 @@ def roast_conv_block(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if EVEN_N:
+        mask_n = tl.full((BLOCK_N,), True, tl.int1)
     image, od, oh, ow = output_pixels(offs_m, OD, OH, OW)
     front = (od * SD - PD)[:, None]
     top = (oh * SH - PH)[:, None]
@@ -105,6 +108,8 @@ def roast_conv_block(
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + offs_t
         mask_r = offs_r < R
+        if EVEN_R:
+            mask_r = tl.full((BLOCK_R,), True, tl.int1)
         a = conv_input_tile(x_ptr, row_base, front, top, left, mask_m[:, None], offs_r[None, :], mask_r[None, :],
                             c0, D, H, W, KD, KH, KW, DD, DH, DW, stride_xc, stride_xd, stride_xh, stride_xw)
         w = roast_b_tile(mem_ptr, r0, offs_t, o0 + offs_n, mask_r, mask_n, hterm, intile, sterm, ct,

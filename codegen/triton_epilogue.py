@@ -102,7 +102,7 @@ def {name}(
     a_row, a_col, hb, c_row, c_col, hd,
 {operand_args}    @VIEW@: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,@EVEN_PARAMS@
 ):
     # this program's fp32 block of output pixels x channels of its group (program axis 1), the weight never
     # materialized
@@ -110,7 +110,7 @@ def {name}(
         x_ptr, mem_ptr, M, N, @REDUCTION@, D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
         stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        @VIEW@, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT)
+        @VIEW@, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT@EVEN_ARGS@)
     mask = mask_m[:, None] & mask_n[None, :]
     z = acc * scale  # the site's ROAST scale: part of the product, not of the epilogue
 
@@ -122,8 +122,11 @@ def {name}(
 '''
 
 
-def _volume_template(doc: str, block: str, reduction: str, view: str) -> str:
-    parts = {"@DOC@": doc, "@BLOCK@": block, "@REDUCTION@": reduction, "@VIEW@": view}
+def _volume_template(doc: str, block: str, reduction: str, view: str, even: bool = False) -> str:
+    """The volume kernel for one main loop; ``even``: it takes `triton_matmul.even_flags`' EVEN_R / EVEN_N."""
+    parts = {"@DOC@": doc, "@BLOCK@": block, "@REDUCTION@": reduction, "@VIEW@": view,
+             "@EVEN_PARAMS@": " EVEN_R: tl.constexpr, EVEN_N: tl.constexpr," if even else "",
+             "@EVEN_ARGS@": ", EVEN_R=EVEN_R, EVEN_N=EVEN_N" if even else ""}
     text = _VOLUME_TEMPLATE
     for marker, value in parts.items():
         text = text.replace(marker, value)
@@ -135,7 +138,7 @@ _CONV_TEMPLATE = _volume_template(
     "depth 1), W read from the memory by the site's hash inside roast_conv_block\n"
     "(codegen/triton_conv.py); VIEW_IS_B: the site's view is the conv's B (W = V^T reshaped), else its\n"
     "transpose (a transposed conv's view).",
-    "roast_conv_block", "R", "VIEW_IS_B")
+    "roast_conv_block", "R", "VIEW_IS_B", even=True)
 
 _TRANSPOSED_CONV_TEMPLATE = _volume_template(
     "A fused ROAST transposed conv (or a conv's input gradient): out = epilogue(conv_transpose(x, W) * scale) as\n"
@@ -415,7 +418,7 @@ def roast_conv_epilogue(
             float(scale), *hash_args(mapping), *operands,
             VIEW_IS_B=view_is_b, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
-            BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k),
+            BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k), **even_flags(N, R, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

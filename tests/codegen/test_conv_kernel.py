@@ -22,6 +22,9 @@ CASES = [  # (batch, cin, cout, (h, w), kernel, stride, padding, dilation)
     (2, 3, 40, (6, 11), (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1: a plain GEMM over pixels
     (1, 4, 33, (5, 5), (3, 3), (3, 2), (4, 3), (1, 1)),  # padding wider than the kernel: all-zero rows
     (2, 7, 9, (12, 10), (5, 3), (1, 2), (2, 0), (1, 3)),
+    # whole blocks along the reduction (32 x 3 x 1 = 96) and the channels (64): the loads drop those masks
+    # (even_flags), the padding masks stay
+    (2, 32, 64, (5, 6), (3, 1), (1, 1), (1, 0), (1, 1)),
 ]
 
 
