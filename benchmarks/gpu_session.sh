@@ -3,8 +3,9 @@
 # device time (a machine's start, 1-2 minutes, included), in two calls:
 #   bash benchmarks/gpu_session.sh core     # first call, at most ~8 minutes: the kernel tests on CUDA, the kernel
 #                                           # benchmark (issue 4's table) and the cost-model validation (issue 5)
-#   bash benchmarks/gpu_session.sh extra    # second call on the still-warm machine, at most ~5 minutes: the conv
-#                                           # benchmark, BERT-base dense vs ROAST, and the forward GEMM at every
+#   bash benchmarks/gpu_session.sh extra    # second call on the still-warm machine, at most ~6 minutes: the conv
+#                                           # benchmark, BERT-base dense vs ROAST, a mixture of experts' grouped
+#                                           # GEMM (bench_moe.py), and the forward GEMM at every
 #                                           # block config with its blocks per SM (which config the heuristic
 #                                           # should pick, and whether two resident blocks overlap the MMA)
 # Every step is bounded by a timeout (SIGINT first, so pytest prints its summary and Python its traceback) and
@@ -68,6 +69,8 @@ else
   step "conv benchmark" 70 "$PY" benchmarks/bench_conv.py --out "$OUTDIR"
   step "whole model: bert-base" 150 "$PY" benchmarks/bench_models.py --models bert-base --compression 10,100 \
     --out "$OUTDIR"
+  # a mixture of experts' grouped GEMM (8 and 128 experts) at 100x: dense, fused per expert, materialized
+  step "moe grouped GEMM" 50 "$PY" benchmarks/bench_moe.py --out "$OUTDIR"
   # one compile per block config (about 11 on sm_90), two shapes at 100x: last, so a cut keeps the rest
   step "block config sweep" 75 "$PY" benchmarks/sweep_configs.py --out "$OUTDIR"
 fi

@@ -18,7 +18,7 @@ from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .hashing import PRIME, TileHash
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
-__all__ = ["materialize", "roast_linear", "roast_embedding", "roast_conv", "embedding_bag_of_rows", "mapping_args",
+__all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_embedding", "roast_conv", "embedding_bag_of_rows", "mapping_args",
            "use_triton"]
 
 
@@ -228,6 +228,120 @@ def linear_grad_memory(x2d: torch.Tensor, grad2d: torch.Tensor, memory: torch.Te
 
 
 roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)
+
+
+def _group_ranges(offs: torch.Tensor, rows: int, groups: int) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of each group with rows: ``offs`` holds the groups' cumulative ends (torch's
+    grouped_mm convention); rows past its last entry belong to no group."""
+    if offs.dim() != 1 or offs.numel() != groups or offs.dtype.is_floating_point or offs.is_complex():
+        raise ValueError(f"roast_grouped_mm: offs must be a 1-D integer tensor of {groups} cumulative group ends, "
+                         f"got {offs.dtype} of shape {tuple(offs.shape)}")
+    ranges, start = [], 0
+    for g, end in enumerate(offs.tolist()):  # one device sync, as torch's and transformers' fallbacks
+        end = min(int(end), rows)
+        if end < start:
+            raise ValueError(f"roast_grouped_mm: offs must not decrease, got {offs.tolist()}")
+        if end > start:
+            ranges.append((g, start, end))
+        start = end
+    return ranges
+
+
+def _group_columns(mapping: list[int], groups: int, g: int) -> slice:
+    width = mapping[1] // groups
+    return slice(g * width, (g + 1) * width)
+
+
+@torch.library.custom_op("roastfx::roast_grouped_mm", mutates_args=())
+def roast_grouped_mm(x: torch.Tensor, memory: torch.Tensor, offs: torch.Tensor, mapping: list[int], scale: float,
+                     groups: int, transpose_view: bool = False, grad_norm: bool = False) -> torch.Tensor:
+    """A grouped GEMM over a grouped site (a mixture of experts' stacked weights): the rows of ``x`` that
+    ``offs`` gives group g (sorted by group) times B_g, the view's g-th block of columns (B_g^T when
+    transpose_view), as ``torch._grouped_mm(x, W, offs=offs)``; rows past ``offs[-1]`` come out zero.
+
+    Each group runs the fused roast GEMM on its own mapping (``column_windows``: the group's columns are whole
+    hash tiles), so no expert's weight is built; where tiles straddle two groups, or on the reference path,
+    the view is gathered once and sliced."""
+    m = _mapping(mapping)
+    if m.cols % groups:
+        raise ValueError(f"roast_grouped_mm: the view's {m.cols} columns do not split into {groups} groups")
+    width = m.cols // groups
+    out = x.new_zeros((x.shape[0], m.rows if transpose_view else width))
+    ranges = _group_ranges(offs, x.shape[0], groups)
+    windows = column_windows(mapping, groups) if use_triton(x) else None
+    if windows is not None:
+        for g, a, b in ranges:
+            out[a:b] = roast_linear(x[a:b], memory, windows[g], scale, None, "none", transpose_view)
+        return out
+    view = gather_view(memory, m, scale).to(x.dtype)
+    for g, a, b in ranges:
+        block = view[:, _group_columns(mapping, groups, g)]
+        out[a:b] = x[a:b] @ (block.t() if transpose_view else block)
+    return out
+
+
+@roast_grouped_mm.register_fake
+def _(x, memory, offs, mapping, scale, groups, transpose_view=False, grad_norm=False):
+    return x.new_empty((x.shape[0], mapping[0] if transpose_view else mapping[1] // groups))
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, memory, offs, mapping, scale, groups, transpose_view, grad_norm = inputs
+    ctx.save_for_backward(x, memory, offs)
+    ctx.mapping, ctx.scale, ctx.groups, ctx.transpose_view, ctx.grad_norm = mapping, scale, groups, transpose_view, \
+        grad_norm
+
+
+def _grouped_backward(ctx, grad):
+    x, memory, offs = ctx.saved_tensors
+    grad_x, grad_memory = _grouped_mm_grad(grad, x, memory, offs, ctx.mapping, ctx.scale, ctx.groups,
+                                           ctx.transpose_view, ctx.grad_norm)
+    return grad_x, grad_memory, None, None, None, None, None, None
+
+
+# an op of its own: the backward reads offs on the host, which AOTAutograd cannot trace through
+@torch.library.custom_op("roastfx::roast_grouped_mm_grad", mutates_args=())
+def _grouped_mm_grad(grad: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, offs: torch.Tensor,
+                     mapping: list[int], scale: float, groups: int, flip: bool,
+                     grad_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dMemory) of ``roast_grouped_mm``."""
+    grad = grad.to(x.dtype)
+    grad_x = torch.zeros_like(x)
+    ranges = _group_ranges(offs, x.shape[0], groups)
+    windows = column_windows(mapping, groups) if use_triton(x) else None
+    if windows is not None:
+        _kernels()
+        grad_memory, sumsq = torch.zeros_like(memory, dtype=torch.float32), None
+        for g, a, b in ranges:
+            xg, dg = x[a:b].contiguous(), grad[a:b].contiguous()
+            grad_x[a:b] = torch.ops.roastfx.linear_grad_input(dg, memory, windows[g], scale, not flip)
+            if grad_norm:
+                part, ss = torch.ops.roastfx.linear_grad_memory_sumsq(xg, dg, memory, windows[g], scale, not flip)
+                sumsq = ss if sumsq is None else sumsq + ss
+            else:
+                part = torch.ops.roastfx.linear_grad_memory(xg, dg, memory, windows[g], scale, not flip)
+            grad_memory += part
+        if grad_norm and sumsq is not None:
+            grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
+        return grad_x, grad_memory.to(memory.dtype)
+    view = gather_view(memory, _mapping(mapping), scale).to(grad.dtype)
+    grad_view = torch.zeros_like(view)
+    for g, a, b in ranges:
+        cols = _group_columns(mapping, groups, g)
+        block = view[:, cols]
+        grad_x[a:b] = grad[a:b] @ (block if flip else block.t())
+        grad_view[:, cols] = grad[a:b].t() @ x[a:b] if flip else x[a:b].t() @ grad[a:b]
+    if grad_norm:
+        grad_view = normalize(grad_view, site_grad_rms(grad_view))
+    return grad_x, scatter_view_grad(grad_view, _mapping(mapping), scale, memory.numel()).to(memory.dtype)
+
+
+@_grouped_mm_grad.register_fake
+def _(grad, x, memory, offs, mapping, scale, groups, flip, grad_norm):
+    return torch.empty_like(x), torch.empty_like(memory)
+
+
+roast_grouped_mm.register_autograd(_grouped_backward, setup_context=_grouped_setup)
 
 
 def _row_memory_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHash, scale: float,

@@ -27,15 +27,38 @@ def materialize_rows(memory: torch.Tensor, mapping: TileHash, scale: float, rows
     return memory[index] * sign.to(memory.dtype) * float(scale)
 
 
-def view_to_weight(view: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
-    """Turn a B view back into the parameter's own shape."""
+GROUPED = "grouped"  # a site's op when its weight stacks groups, (groups, out, in) or (groups, in, out): experts
+
+
+def grouped_dims(shape: tuple[int, ...], transposed: bool) -> tuple[int, int, int]:
+    """(groups, K, N) of a stacked weight read one group at a time as B_g (K, N): W[g]^T when transposed
+    (stored (groups, N, K), as F.linear reads an expert), else W[g] (stored (groups, K, N))."""
+    if len(shape) != 3:
+        raise ValueError(f"a {GROUPED!r} site's weight is 3-D (groups, ...), got shape {tuple(shape)}")
+    g, a, b = shape
+    return (g, b, a) if transposed else (g, a, b)
+
+
+def view_to_weight(view: torch.Tensor, shape: tuple[int, ...], transposed: bool, op: str | None = None
+                   ) -> torch.Tensor:
+    """Turn a B view back into the parameter's own shape. A grouped site's view is (K, groups * N): group
+    g's B_g is the column block [g*N, (g+1)*N)."""
+    if op == GROUPED:
+        g, k, n = grouped_dims(shape, transposed)
+        # a strided view of V, no copy (as a Linear's weight is V.t()): group g's B_g is V's column block, which
+        # a GEMM reads in place
+        w = view.reshape(k, g, n)
+        return w.permute(1, 2, 0) if transposed else w.permute(1, 0, 2)
     if transposed:
         return view.t().reshape(shape)
     return view.reshape(shape)
 
 
-def weight_to_view(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The B view of a dense parameter: 2-D, (K, N) as the GEMM reads it."""
+def weight_to_view(weight: torch.Tensor, transposed: bool, op: str | None = None) -> torch.Tensor:
+    """The B view of a dense parameter: 2-D, (K, N) as the GEMM reads it ((K, groups * N) for a grouped site)."""
+    if op == GROUPED:
+        g, k, n = grouped_dims(tuple(weight.shape), transposed)
+        return (weight.permute(2, 0, 1) if transposed else weight.permute(1, 0, 2)).reshape(k, g * n)
     w2d = weight.reshape(weight.shape[0], -1) if weight.dim() >= 2 else weight.reshape(-1, 1)
     return w2d.t() if transposed else w2d
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from roastfx.codegen.reference import GROUPED
+
 log = logging.getLogger("roastfx")
 
 
@@ -112,18 +114,31 @@ def _op_name(node: torch.fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _consumer_use(name: str, position: int | None, transposes: int, indexed: bool) -> tuple[str, bool] | None:
-    """(op, transposed) of a weight reaching consumer ``name`` as its argument ``position`` after ``transposes``
-    transposing views (and, ``indexed``, an indexing op), or None where it is no matmul operand there."""
+def _consumer_use(name: str, position: int | None, transposes: int, indexed: bool, ndim: int = 2
+                  ) -> tuple[str, bool] | None:
+    """(op, transposed) of an ``ndim``-D weight reaching consumer ``name`` as its argument ``position`` after
+    ``transposes`` transposing views (and, ``indexed``, an indexing op), or None where it is no matmul
+    operand there. A 3-D weight indexed for a GEMM, or read by a grouped GEMM, is a grouped site (stacked
+    experts): transposed when each group is read transposed (F.linear on W[e], stored (experts, out, in))."""
     if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1:
         return None  # the tensor is a bias here, not a matmul operand
     op, transposed = _CONSUMERS[name]
-    return (op, False) if indexed or name in _STACKED else (op, transposed ^ bool(transposes % 2))
+    if not (indexed or name in _STACKED):
+        return op, transposed ^ bool(transposes % 2)
+    if ndim == 3 and op in ("linear", "matmul"):
+        return GROUPED, transposed ^ bool(transposes % 2)
+    return op, False  # part of a weight (a slice of a fused projection): laid out as stored
 
 
-def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed: bool = False
-               ) -> list[tuple[str, bool]]:
+def _ndim(node: torch.fx.Node) -> int:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return val.dim() if isinstance(val, torch.Tensor) else 2
+
+
+def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed: bool = False,
+               ndim: int | None = None) -> list[tuple[str, bool]]:
     """Follow a parameter through view-like and indexing ops to the matmul-like ops that consume it."""
+    ndim = _ndim(node) if ndim is None else ndim
     uses = []
     for user in node.users:
         if user.op != "call_function" or depth > 8:
@@ -131,12 +146,12 @@ def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed
         name = _op_name(user)
         if name in _CONSUMERS:
             use = _consumer_use(name, next((i for i, a in enumerate(user.args) if a is node), None), transposes,
-                                indexed)
+                                indexed, ndim)
             if use is not None:
                 uses.append(use)
         elif name in _VIEW_OPS or name in _INDEX_OPS:
             uses.extend(trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1,
-                                   indexed or name in _INDEX_OPS))
+                                   indexed or name in _INDEX_OPS, ndim))
     return uses
 
 
@@ -216,10 +231,11 @@ class _ParameterUses(torch.overrides.TorchFunctionMode):
     (tensor methods and torch functions alike) and records, per parameter name, the (op, transposed) of the
     first matmul-like op that consumes it: `trace_uses` on an eager run."""
 
-    def __init__(self, params: dict[int, str]):
+    def __init__(self, params: dict[int, str], ndims: dict[int, int] | None = None):
         super().__init__()
-        # id -> (name, transposes, indexed, tensor): the tensor keeps its id from being reused during the run
-        self.origin = {pid: (name, 0, False, None) for pid, name in params.items()}
+        ndims = ndims or {}
+        # id -> (name, transposes, indexed, tensor, ndim): the tensor keeps its id from being reused during the run
+        self.origin = {pid: (name, 0, False, None, ndims.get(pid, 2)) for pid, name in params.items()}
         self.found: dict[str, tuple[str, bool]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -235,7 +251,7 @@ class _ParameterUses(torch.overrides.TorchFunctionMode):
                 origin = self.origin.get(id(arg)) if isinstance(arg, torch.Tensor) else None
                 if origin is not None and origin[0] not in self.found:
                     use = _consumer_use(name, 1 if position is None and "weight" in kwargs and
-                                        kwargs["weight"] is arg else position, origin[1], origin[2])
+                                        kwargs["weight"] is arg else position, origin[1], origin[2], origin[4])
                     if use is not None:
                         self.found[origin[0]] = use
         elif name in _VIEW_OPS or name in _INDEX_OPS:
@@ -244,7 +260,7 @@ class _ParameterUses(torch.overrides.TorchFunctionMode):
             if origin is not None:
                 step = (origin[0], origin[1] + (name in _TRANSPOSE_OPS), origin[2] or name in _INDEX_OPS)
                 for t in _tensor_leaves(out):
-                    self.origin[id(t)] = (*step, t)
+                    self.origin[id(t)] = (*step, t, origin[4])
         return out
 
 
@@ -255,10 +271,11 @@ def eager_sites(model: nn.Module, example_inputs) -> dict[str, tuple[str, bool]]
     model's buffers (a batch norm's running statistics) and the random number generators' states are put
     back as they were."""
     args, kwargs = _split_inputs(example_inputs)
-    params = {}
+    params, ndims = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         params.setdefault(id(p), name)
-    mode = _ParameterUses(params)
+        ndims[id(p)] = p.dim()
+    mode = _ParameterUses(params, ndims)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from roastfx.codegen.reference import GROUPED, grouped_dims
 from roastfx.plan import Plan
 
 from .capture_sites import SiteSpec, dtype_name, trace_uses
@@ -85,6 +86,13 @@ def _read_weight(graph: torch.fx.Graph, memory: torch.fx.Node, site) -> torch.fx
     view = graph.call_function(torch.ops.roastfx.materialize.default, (memory, mapping, site.scale))
     view.meta["example_value"] = torch.empty((m.rows, m.cols), device="meta")
     weight = view
+    if site.op == GROUPED:  # (K, groups * N) -> (K, groups, N) -> the stored order (codegen.reference.view_to_weight)
+        groups, k, n = grouped_dims(site.shape, site.transposed)
+        weight = graph.call_method("reshape", (view, (k, groups, n)))
+        weight.meta["example_value"] = torch.empty((k, groups, n), device="meta")
+        weight = graph.call_method("permute", (weight, (1, 2, 0) if site.transposed else (1, 0, 2)))
+        weight.meta["example_value"] = torch.empty(site.shape, device="meta")
+        return weight
     if site.transposed:
         weight = graph.call_method("t", (view,))
         weight.meta["example_value"] = torch.empty((m.cols, m.rows), device="meta")

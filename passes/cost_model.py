@@ -153,6 +153,7 @@ class Geometry:
     block_m: int
     atomic_s: float  # backward: seconds of atomic adds into the memory
     uses: int
+    groups: int = 1  # a grouped site (stacked experts): each token multiplies one group's cols / groups columns
 
 
 def default_compute_dtype(dtype: str) -> str:
@@ -165,8 +166,10 @@ def default_compute_dtype(dtype: str) -> str:
 
 
 def geometry(layout, op: str, dtype: str, profile: HardwareProfile, *, memory_size: int, memory_itemsize: int,
-             compute_dtype: str | None = None, uses: int = 1, run_overhead_bytes: int | None = None) -> Geometry:
-    """Token-independent cost inputs of a site laid out as ``layout``."""
+             compute_dtype: str | None = None, uses: int = 1, run_overhead_bytes: int | None = None,
+             groups: int = 1) -> Geometry:
+    """Token-independent cost inputs of a site laid out as ``layout``; ``groups``: a grouped site's view
+    holds that many column blocks, one per group (expert), each token reading one of them."""
     line = profile.cache_line_bytes
     overhead = profile.sector_bytes if run_overhead_bytes is None else run_overhead_bytes
     reads = row_reads(layout, memory_itemsize, line) if op in EMBEDDING_OPS else tile_reads(layout, memory_itemsize,
@@ -183,7 +186,7 @@ def geometry(layout, op: str, dtype: str, profile: HardwareProfile, *, memory_si
     atomic_s = numel * (1.0 + contention) / profile.atomic_rate()
     cdtype = compute_dtype or default_compute_dtype(dtype)
     return Geometry(op, layout.rows, layout.cols, numel, itemsize(cdtype), cdtype, weight_bytes, resident, reuse,
-                    profile.kernel_block[0], atomic_s, uses)
+                    profile.kernel_block[0], atomic_s, uses, groups)
 
 
 def costs(g: Geometry, profile: HardwareProfile, tokens=T) -> dict:
@@ -204,9 +207,12 @@ def costs(g: Geometry, profile: HardwareProfile, tokens=T) -> dict:
         t_bwd = memory_time(act_bytes, 0, profile) + atomic
         t_compute = 0
     else:
-        act_bytes = tokens * (g.rows + g.cols) * g.act_itemsize
-        flops = 2 * tokens * g.rows * g.cols
-        repeats = _ceil(tokens / g.block_m) - 1  # later M blocks read every tile again
+        # a grouped site: each token multiplies one group's block of cols / groups columns, and each group's
+        # tiles are read again by that group's later M blocks (tokens spread evenly over the groups)
+        width = g.cols / g.groups
+        act_bytes = tokens * (g.rows + width) * g.act_itemsize
+        flops = 2 * tokens * g.rows * width
+        repeats = _ceil(tokens / (g.block_m * g.groups)) - 1  # later M blocks read every tile again
         dram = act_bytes + g.weight_bytes * (1 - g.resident) + repeats * g.weight_bytes * (1 - g.reuse)
         l2 = g.weight_bytes * g.resident + repeats * g.weight_bytes * g.reuse
         t_compute = flops / (profile.peak(g.compute_dtype) * 1e12)

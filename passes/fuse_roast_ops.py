@@ -7,6 +7,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
 
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
+    grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, one GEMM per expert)
     conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
     conv_transpose1d/2d/3d(x, W, b, ...)      -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .weight_reads import (einsum_as_matmul, example_shape, final_users, is_chain_step, is_materialize, op_name,
-                           weight_read)
+from .weight_reads import (einsum_as_matmul, example_shape, final_users, grouped_read, is_chain_step, is_materialize,
+                           op_name, weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -224,6 +225,47 @@ def _fuse_left_matmul(graph, node, read, y, op: str) -> SiteUse:
     graph.erase_node(node)
     return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op} with the "
                    "weight on the left (W @ x, as (x^T @ W^T)^T)" + _norm_note(read))
+
+
+_GROUPED_MM = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}  # torch's and transformers' (its fallback op)
+
+
+def _fuse_grouped(graph, node) -> SiteUse | None:
+    """``grouped_mm(x, W, offs)`` (a mixture of experts' GEMM over its stacked weights, x's rows sorted by expert)
+    whose W is a grouped site's read -> roastfx::roast_grouped_mm."""
+    name = op_name(node).split(".")[0]
+    if node.op != "call_function" or name not in _GROUPED_MM:
+        return None
+    weight = _arg(node, 1, "mat_b" if name != "grouped_mm_fallback" else "weight")
+    read = grouped_read(weight)
+    if read is None:
+        if weight_read(weight) is None and not isinstance(weight, torch.fx.Node):
+            return None
+        return SiteUse(node.name, False, f"{name} reads a weight that is not a grouped site's (groups, K, N) or "
+                                         "(groups, N, K) blocks")
+    x, offs = node.args[0], _arg(node, 2, "offs")
+    extra = {k: v for k, v in node.kwargs.items() if k not in ("mat_b", "weight", "offs") and v is not None}
+    if len(node.args) > 3 or extra:
+        return SiteUse(node.name, False, f"{name} with {sorted(extra) or 'a bias or out_dtype'} is not fused")
+    shape = example_shape(x)
+    if offs is None or shape is None or len(shape) != 2:
+        return SiteUse(node.name, False, f"{name} without offs, or with x not 2-D (tokens, features), is not fused")
+    if _shared(read, name):
+        return SiteUse(node.name, False, _shared(read, name))
+    why, x, _ = _compute_inputs(graph, node, read, x, None, name)
+    if why:
+        return SiteUse(node.name, False, why)
+    memory, mapping, scale = read.materialize.args
+    with graph.inserting_before(node):
+        fused = graph.call_function(torch.ops.roastfx.roast_grouped_mm.default,
+                                    (x, memory, offs, list(mapping), scale, read.groups),
+                                    ({"transpose_view": True} if read.transposed else {}) | _norm_kwargs(read))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return SiteUse(fused.name, True, f"roast_grouped_mm ({read.groups} groups" + (", x @ V_g^T" if read.transposed
+                                                                                    else "") + f") from {name}"
+                   + _norm_note(read))
 
 
 def _norm_note(read) -> str:
@@ -458,7 +500,7 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
     return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
 
 
-_FUSERS = (_fuse_matmul, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
+_FUSERS = (_fuse_matmul, _fuse_grouped, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {

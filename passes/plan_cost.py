@@ -18,7 +18,8 @@ from roastfx.profiles import HardwareProfile, get_profile
 
 from .capture_sites import SiteSpec
 from .cost_model import EMBEDDING_OPS, Layout, geometry, itemsize, positions, predicted_time
-from .plan_layout import MIN_POSITIONS, _pow2_at_least, _validate_tile, choose_tile, make_site, site_windows, view_shape
+from .plan_layout import (MIN_POSITIONS, _pow2_at_least, _validate_tile, choose_tile, group_width, make_site,
+                          site_windows, view_shape)
 
 DEFAULT_TOKENS = (1, 16, 256, 4096)  # decode to prefill
 MODES = ("infer", "train")
@@ -48,8 +49,9 @@ def execution_graph(specs: list[SiteSpec], order: Iterable[str] | None = None) -
 
 
 def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elements: int, *, tile=None,
-               alignment=None, chunk=None) -> list[tuple[int, int, int]]:
-    """(tile_rows, tile_cols, alignment) choices that keep >= MIN_POSITIONS aligned positions."""
+               alignment=None, chunk=None, group_cols: int | None = None) -> list[tuple[int, int, int]]:
+    """(tile_rows, tile_cols, alignment) choices that keep >= MIN_POSITIONS aligned positions; with
+    ``group_cols`` (a grouped site) only tiles whose columns divide it."""
     start, size = window
     sides = [2**e for e in range(int(math.log2(MAX_TILE_SIDE)) + 1)]
     if tile is not None:
@@ -60,6 +62,8 @@ def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elem
         shapes = [(r, c) for r in sides if r <= _pow2_at_least(rows) for c in sides if c <= _pow2_at_least(cols)]
         small = min(line_elements, _pow2_at_least(rows) * _pow2_at_least(cols))
         shapes = [s for s in shapes if s[0] * s[1] >= small]  # runs shorter than a line only waste lines
+        if group_cols:
+            shapes = [s for s in shapes if group_cols % s[1] == 0] or shapes  # none divides: the op materializes
     aligns = [alignment] if alignment is not None else [2**e for e in range(int(math.log2(line_elements)) + 1)]
     out = []
     for tk, tn in shapes:
@@ -71,7 +75,7 @@ def candidates(rows: int, cols: int, op: str, window: tuple[int, int], line_elem
             out.append((tk, tn, a))
     if not out:
         # a window too small for every candidate: the default planner's shrinking rule
-        out = [choose_tile(rows, cols, op, size, line_elements, tile, alignment, chunk)]
+        out = [choose_tile(rows, cols, op, size, line_elements, tile, alignment, chunk, group_cols)]
     return out
 
 
@@ -84,11 +88,13 @@ def choose_layout(spec: SiteSpec, window: tuple[int, int], profile: HardwareProf
     start, size = window
     line_elements = profile.alignment_elements(memory_itemsize)
     scored = []
+    width = group_width(spec)
     for tk, tn, a in candidates(rows, cols, spec.op, window, line_elements, tile=tile, alignment=alignment,
-                                chunk=chunk):
+                                chunk=chunk, group_cols=width):
         lay = Layout(rows, cols, tk, tn, a, start, size)
         gs = [geometry(lay, op, spec.dtype, profile, memory_size=memory_size, memory_itemsize=memory_itemsize,
-                       compute_dtype=compute_dtype) for op in (spec.op, *spec.other_ops)]
+                       compute_dtype=compute_dtype, groups=cols // width if width else 1)
+              for op in (spec.op, *spec.other_ops)]
         scored.append(((tk, tn, a), [sum(predicted_time(g, profile, t, mode) for g in gs) for t in token_counts],
                        positions(lay)))
     best_at = [min(times[i] for _, times, _ in scored) or 1e-30 for i in range(len(token_counts))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 from roastfx.codegen.hashing import PRIME, TileHash
+from roastfx.codegen.reference import GROUPED, grouped_dims
 from roastfx.plan import SCHEMES, Plan, Site
 
 from .capture_sites import SiteSpec
@@ -33,6 +34,9 @@ def _pow2_at_least(n: int) -> int:
 
 
 def view_shape(spec: SiteSpec) -> tuple[int, int]:
+    if spec.op == GROUPED:  # (K, groups * N): each group a block of whole columns
+        groups, k, n = grouped_dims(spec.shape, spec.transposed)
+        return k, groups * n
     rows = spec.shape[0]
     cols = 1
     for s in spec.shape[1:]:
@@ -40,14 +44,24 @@ def view_shape(spec: SiteSpec) -> tuple[int, int]:
     return (cols, rows) if spec.transposed else (rows, cols)
 
 
-def choose_tile(rows: int, cols: int, op: str, window: int, cache_line: int, tile=None, alignment=None, chunk=None):
-    """(tile_rows, tile_cols, alignment) for one site in a window of ``window`` slots."""
+def group_width(spec: SiteSpec) -> int | None:
+    """N, the columns of one group's block of a grouped site's view (tiles must not straddle two groups, so
+    that each group reads as a mapping of its own: ``codegen.ops.column_windows``); None for other sites."""
+    return grouped_dims(spec.shape, spec.transposed)[2] if spec.op == GROUPED else None
+
+
+def choose_tile(rows: int, cols: int, op: str, window: int, cache_line: int, tile=None, alignment=None, chunk=None,
+                group_cols: int | None = None):
+    """(tile_rows, tile_cols, alignment) for one site in a window of ``window`` slots; with ``group_cols``
+    (a grouped site) the tile's columns divide it."""
     if tile is not None:
         tk, tn = tile
     elif op in ("embedding", "embedding_bag"):
         tk, tn = 1, min(chunk or DEFAULT_CHUNK, _pow2_at_least(cols))
     else:
-        tk, tn = min(DEFAULT_TILE[0], _pow2_at_least(rows)), min(DEFAULT_TILE[1], _pow2_at_least(cols))
+        tk, tn = min(DEFAULT_TILE[0], _pow2_at_least(rows)), min(DEFAULT_TILE[1], _pow2_at_least(group_cols or cols))
+        while group_cols and group_cols % tn:
+            tn //= 2
     align = alignment if alignment is not None else cache_line
     if tile is None:
         # shrink until the window holds enough distinct positions: first alignment, then the tile
@@ -109,7 +123,7 @@ def plan_layout(
     for spec, (start, size) in zip(specs, windows):
         rows, cols = view_shape(spec)
         line = _start_alignment(start, cache_line) if alignment is None else cache_line
-        tk, tn, align = choose_tile(rows, cols, spec.op, size, line, tile, alignment, chunk)
+        tk, tn, align = choose_tile(rows, cols, spec.op, size, line, tile, alignment, chunk, group_width(spec))
         if tk * tn > size:
             raise ValueError(
                 f"memory too small: site {spec.name!r} needs a hash tile of {tk}x{tn} = {tk * tn} slots but its "

@@ -95,9 +95,9 @@ def _swaps_2d(node) -> bool:
     return [d % 2 for d in dims] == [1, 0]
 
 
-def weight_read(weight) -> WeightRead | None:
-    """The read behind a weight operand, or None when it does not come from one materialize
-    through reshape / transpose / broadcast ops only."""
+def _chain(weight):
+    """(materialize, chain from the weight back to it, grad_norm, cast) of a weight operand, or None when it does
+    not come from one materialize through chain steps only."""
     chain, node, norms, casts = [], weight, 0, []
     while isinstance(node, torch.fx.Node) and not is_materialize(node):
         norms += is_site_grad_norm(node)
@@ -109,8 +109,18 @@ def weight_read(weight) -> WeightRead | None:
         node = node.args[0]
     if not isinstance(node, torch.fx.Node) or norms > 1 or len(casts) > 1:
         return None
+    return node, chain, norms == 1, casts[0] if casts else None
+
+
+def weight_read(weight) -> WeightRead | None:
+    """The read behind a weight operand, or None when it does not come from one materialize
+    through reshape / transpose / broadcast ops only."""
+    found = _chain(weight)
+    if found is None:
+        return None
+    node, chain, norm, cast = found
     mapping = node.args[1]
-    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain, norms == 1, casts[0] if casts else None)
+    read = WeightRead(node, False, (mapping[0], mapping[1]), 0, chain, norm, cast)
     for step in reversed(chain):  # replay the chain from the view to the weight
         name, out = op_name(step), example_shape(step)
         if name in _IDENTITY or is_site_grad_norm(step) or cast_dtype(step) is not None:
@@ -125,6 +135,64 @@ def weight_read(weight) -> WeightRead | None:
         else:
             return None
     return read
+
+
+@dataclass
+class GroupedRead:
+    """A stacked (groups, ., .) weight computed from one materialize of a grouped site's view V (K, groups * N):
+    group g is B_g = V[:, g*N:(g+1)*N] (``transposed``: B_g^T), as a grouped GEMM reads it."""
+
+    materialize: torch.fx.Node
+    groups: int
+    transposed: bool
+    chain: list
+    grad_norm: bool = False
+    cast: torch.dtype | None = None
+
+    @property
+    def mapping(self) -> list:
+        return list(self.materialize.args[1])
+
+
+def _dims(step) -> list[int]:
+    return [d for a in step.args[1:] for d in (a if isinstance(a, (list, tuple)) else (a,))]
+
+
+def grouped_read(weight) -> GroupedRead | None:
+    """The read behind a grouped GEMM's weight operand, or None when it is not a grouped site's view split into
+    (K, groups, N) and permuted to (groups, K, N) or (groups, N, K), through reshapes, transposes and permutes:
+    the chain is replayed on the axes' names."""
+    found = _chain(weight)
+    if found is None:
+        return None
+    node, chain, norm, cast = found
+    k, width = node.args[1][0], node.args[1][1]
+    axes, sizes, groups = ["k", "gn"], {"k": k, "gn": width}, None
+    for step in reversed(chain):
+        name, out = op_name(step), example_shape(step)
+        if name in _IDENTITY or is_site_grad_norm(step) or cast_dtype(step) is not None:
+            continue
+        if step.kwargs or out is None:
+            return None
+        if name in _RESHAPE:
+            if axes == ["k", "gn"] and len(out) == 3 and out[0] == k and out[1] * out[2] == width:
+                axes, groups = ["k", "g", "n"], out[1]
+                sizes.update(g=out[1], n=out[2])
+            elif out != tuple(sizes[a] for a in axes):
+                return None
+        elif name in ("transpose", "permute") and len(axes) == 3:
+            dims = [d % 3 for d in _dims(step)]
+            if name == "transpose" and len(dims) == 2:
+                axes[dims[0]], axes[dims[1]] = axes[dims[1]], axes[dims[0]]
+            elif name == "permute" and sorted(dims) == [0, 1, 2]:
+                axes = [axes[d] for d in dims]
+            else:
+                return None
+        else:
+            return None
+    if axes not in (["g", "k", "n"], ["g", "n", "k"]):
+        return None
+    return GroupedRead(node, groups, axes == ["g", "n", "k"], chain, norm, cast)
 
 
 def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:

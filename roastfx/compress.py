@@ -247,7 +247,7 @@ def initial_memory(plan: Plan, params: dict, init: str) -> torch.Tensor:
     if init == "random":
         gen = torch.Generator().manual_seed(seeded_int(plan.seed, "memory-init", modulus=2**63))
         return torch.randn(plan.memory_size, generator=gen, dtype=torch.float64)
-    views = [weight_to_view(params[s.name], s.transposed) for s in plan.sites]
+    views = [weight_to_view(params[s.name], s.transposed, s.op) for s in plan.sites]
     return project(views, [s.mapping for s in plan.sites], [s.scale for s in plan.sites], plan.memory_size)
 
 

@@ -76,7 +76,7 @@ class RoastState:
         else:
             view = ops.EagerMaterialize.apply(self.memory, site.mapping, site.scale)
         view = scale_site_grad(view, self.plan.grad_scaling)
-        weight = view_to_weight(view, site.shape, site.transposed)
+        weight = view_to_weight(view, site.shape, site.transposed, site.op)
         dtype = self.compute_dtypes[site_name]
         return weight if weight.dtype == dtype else weight.to(dtype)
 

@@ -14,6 +14,7 @@ from roastfx.passes.cost_model import (
     analytic_load, exact_load_feasible, expected_collisions, geometry, itemsize, positions, slot_load_by_tiles,
     costs, symbolic_costs, tile_offsets,
 )
+from roastfx.codegen.reference import GROUPED
 from roastfx.plan import Plan
 from roastfx.profiles import PROFILES, HardwareProfile, get_profile
 
@@ -38,8 +39,9 @@ def analyze(plan: Plan, profile=None, tokens: int = REPORT_TOKENS, exact_load: b
     for site, coll in zip(plan.sites, collisions):
         m = site.mapping
         # every op that reads the weight (a tied embedding's lookup and its lm_head GEMM), costs summed
-        per_op = [geometry(m, op, site.dtype, prof, memory_size=plan.memory_size, memory_itemsize=mem_item)
-                  for op in site.ops]
+        groups = site.shape[0] if site.op == GROUPED else 1
+        per_op = [geometry(m, op, site.dtype, prof, memory_size=plan.memory_size, memory_itemsize=mem_item,
+                           groups=groups) for op in site.ops]
         parts = [costs(g, prof, tokens) for g in per_op]
         c = {k: sum(p[k] for p in parts) for k in ("flops", "dram_bytes", "l2_bytes", "t_forward", "t_train")}
         exprs = [symbolic_costs(g, prof) for g in per_op]

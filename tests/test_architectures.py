@@ -175,7 +175,7 @@ CASES = {
 # Whisper's sinusoidal position table is frozen (requires_grad=False): it cannot share the trainable memory
 EXCLUDE = {"whisper": ["*embed_positions*"]}
 # found only with example_inputs: Mixtral's router (F.linear on a plain Parameter) and its experts, stacked
-# (experts, out, in) Parameters that transformers reads through a grouped GEMM
+# (experts, out, in) Parameters that transformers reads through a grouped GEMM (grouped sites)
 TRACED = {"mixtral": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
                       "model.layers.0.mlp.experts.down_proj"],
           "qwen3-moe": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
@@ -187,9 +187,8 @@ TRACED = {"mixtral": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.expe
 FUSED = {
     "cnn-groups-depthwise": (4, 4), "unet3d": (4, 4), "lstm-gru-mha": (20, 20), "mha": (3, 3), "embedding-bag": (2, 2),
     "vit": (8, 8), "resnet": (9, 9), "t5": (21, 21), "llama": (16, 16), "whisper": (20, 20),
-    # the experts' stacked weights reach transformers' grouped GEMM, which no roast op fuses: they are read whole
-    # (materialized), the router and the attention fused
-    "mixtral": (7, 9), "qwen3-moe": (7, 9), "albert": (18, 18), "wav2vec2": (10, 10), "convnext": (9, 9),
+    # the experts' stacked weights are grouped sites: transformers' grouped GEMM over them is a roast_grouped_mm
+    "mixtral": (9, 9), "qwen3-moe": (9, 9), "albert": (18, 18), "wav2vec2": (10, 10), "convnext": (9, 9),
     # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own: read whole. (Its dt_proj
     # weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
     "mamba": (6, 7),
@@ -225,6 +224,9 @@ def test_compiled_equals_eager(name, monkeypatch):
     assert not dense & set(TRACED.get(name, ()))
     sites = {s.name for s in roastfx.roast_state(model).plan.sites}
     assert set(TRACED.get(name, ())) <= sites
+    experts = [s for s in roastfx.roast_state(model).plan.sites if ".experts." in s.name]
+    assert all(s.op == "grouped" and s.transposed for s in experts) and len(experts) == 2 * ("moe" in name or
+                                                                                            name == "mixtral")
     eager = _output(model(*args, **kwargs))
     eager.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     ("bench_models.py", ["--dry-run", "--compression", "100", "--steps", "1", "--warmup", "1"],
      ["bert-tiny", "gpt2-tiny", "dense-compile", "roast-100x", "train x"]),
     ("sweep_configs.py", ["--dry-run"], ["*32x32x32 w1 s1", "blk/SM", "x dense"]),
+    ("bench_moe.py", ["--dry-run"], ["tiny", "dense", "roast", "roast-mat"]),
 ])
 def test_benchmark_dry_run(script, args, expect):
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -279,3 +279,38 @@ def test_planner_errors_name_the_bad_value():
         plan_with_cost_model(specs, 10_000, {}, "h100")
     with pytest.raises(ValueError, match="memory too small"):
         plan_with_cost_model(specs, 10_000, {"s0.weight": 1.0}, "h100", tile=(128, 128))
+
+
+@pytest.mark.parametrize("planner", ["cost", "rules"])
+def test_grouped_sites_get_tiles_whole_within_each_group(planner):
+    """A stacked (experts, out, in) weight's view is (in, experts * out); its tiles' columns divide out (48 and
+    40, not powers of two), so each expert reads as a mapping of its own (column_windows), on both planners."""
+    from roastfx.codegen.ops import column_windows, mapping_args
+
+    specs = [SiteSpec("up", ("up",), (8, 48, 64), "grouped", True, "bfloat16"),
+             SiteSpec("down", ("down",), (8, 64, 40), "grouped", False, "bfloat16"),
+             SiteSpec("head", ("head",), (100, 64), "linear", True, "bfloat16")]
+    scales = {s.name: 0.1 for s in specs}
+    for memory in (2_000, 60_000):
+        plan = (plan_with_cost_model(specs, memory, scales, "h100", mode="train") if planner == "cost"
+                else plan_layout(specs, memory, scales, cache_line=32))
+        up, down = plan.sites[0].mapping, plan.sites[1].mapping
+        assert (up.rows, up.cols, down.rows, down.cols) == (64, 8 * 48, 64, 8 * 40)
+        assert 48 % up.tile_cols == 0 and 40 % down.tile_cols == 0
+        assert all(column_windows(mapping_args(m), 8) is not None for m in (up, down))
+
+
+def test_a_grouped_site_costs_one_group_per_token():
+    """Each token multiplies one expert: the FLOPs of a (K, E * N) grouped view are those of a (K, N) GEMM, and
+    the weight bytes those of the whole view (every expert is read once)."""
+    p = PROFILES["h100"]
+    lay = Layout(512, 8 * 256, 32, 32, 32, 0, 200_000)
+    grouped = geometry(lay, "grouped", "bfloat16", p, memory_size=200_000, memory_itemsize=2, groups=8)
+    one = geometry(Layout(512, 256, 32, 32, 32, 0, 200_000), "linear", "bfloat16", p, memory_size=200_000,
+                   memory_itemsize=2)
+    whole = geometry(lay, "linear", "bfloat16", p, memory_size=200_000, memory_itemsize=2)
+    for tokens in (16, 4096):
+        c, c1, cw = costs(grouped, p, tokens), costs(one, p, tokens), costs(whole, p, tokens)
+        assert c["flops"] == c1["flops"] == cw["flops"] / 8
+        assert c["dram_bytes"] + c["l2_bytes"] >= grouped.weight_bytes == whole.weight_bytes
+        assert predicted_time(grouped, p, tokens) <= predicted_time(whole, p, tokens)

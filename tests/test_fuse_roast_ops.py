@@ -751,3 +751,74 @@ def test_conv_ops_name_bad_geometry():
         ops.roast_conv(x, mem, mapping, 0.3, None, [2, 2, 2, 2], [1] * 4, [0] * 4, [1] * 4, 1)
     with pytest.raises(ValueError, match=r"roast_conv_transpose takes .* kernel=\[2, 2\] and \[\[1, 1\], \[0\]"):
         ops.roast_conv_transpose(x[0], mem, mapping, 0.3, None, [2, 2], [1, 1], [0], [0, 0], [1, 1])
+
+
+class GroupedExperts(torch.nn.Module):
+    """Top-1 mixture of experts read by torch's grouped GEMM over stacked weights: ``up`` stored (experts, out,
+    in) and read transposed, as transformers' experts are; ``down`` stored (experts, in, out) and read as is."""
+
+    def __init__(self, experts=3, d=16, h=24, grouped_mm=torch._grouped_mm):
+        super().__init__()
+        self.router = torch.nn.Linear(d, experts)
+        self.up = torch.nn.Parameter(torch.randn(experts, h, d) / 4)
+        self.down = torch.nn.Parameter(torch.randn(experts, h, d) / 5)
+        self.experts, self.grouped_mm = experts, grouped_mm
+
+    def forward(self, x):
+        prob, expert = torch.softmax(self.router(x), -1).max(-1)
+        order = torch.argsort(expert, stable=True)
+        counts = torch.histc(expert.float(), bins=self.experts, min=0, max=self.experts - 1)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch.relu(self.grouped_mm(x[order], self.up.transpose(-2, -1), offs=offs))
+        y = self.grouped_mm(h, self.down, offs=offs)
+        return torch.empty_like(y).index_copy(0, order, y) * prob.unsqueeze(-1)
+
+
+def _transformers_grouped_mm(x, w, offs):
+    from transformers.integrations import moe  # registers transformers::grouped_mm_fallback
+
+    return torch.ops.transformers.grouped_mm_fallback(x, w, offs=offs)
+
+
+_transformers_grouped_mm.__name__ = "grouped_mm_fallback"
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+@pytest.mark.parametrize("grouped_mm,dtype", [(torch._grouped_mm, torch.bfloat16), (F.grouped_mm, torch.bfloat16),
+                                              (_transformers_grouped_mm, torch.float64)],
+                         ids=["_grouped_mm", "F.grouped_mm", "transformers"])
+def test_grouped_gemm_over_stacked_experts_fuses(grouped_mm, dtype, path, monkeypatch):
+    """Both stacked weights become grouped sites (view (in, experts * out), each expert whole hash tiles) and
+    each grouped GEMM one roast_grouped_mm; compiled equals eager, gradients included (torch's grouped GEMM
+    traces in bfloat16 only; transformers' fallback op in float64, to 1e-9)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if dtype == torch.float64 and path == "triton":  # the kernels take 32 bits at most
+        dtype = torch.float32
+    x = torch.randn(29, 16, dtype=dtype)
+    model = roastfx.compress(GroupedExperts(grouped_mm=grouped_mm).to(dtype), "2x", example_inputs=(x,),
+                             init="random", memory_dtype="float32" if dtype == torch.bfloat16 else str(dtype)[6:])
+    plan = roastfx.roast_state(model).plan
+    sites = {s.name: s for s in plan.sites}
+    assert (sites["up"].op, sites["up"].transposed, sites["down"].op, sites["down"].transposed) == (
+        "grouped", True, "grouped", False)
+    for s in (sites["up"], sites["down"]):
+        assert s.mapping.rows * s.mapping.cols == math.prod(s.shape) and s.mapping.cols % 3 == 0
+        assert ops.column_windows(ops.mapping_args(s.mapping), 3) is not None
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    eager = model(x)
+    eager.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.float().square().mean().backward()
+    # bfloat16: GEMMs of different kernels and summation orders
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
+    assert (model.roast_memory.grad - grads["roast_memory"]).norm() <= tol * grads["roast_memory"].norm()
+    for n, p in model.named_parameters():  # the router's: small sums of many bfloat16 terms
+        torch.testing.assert_close(p.grad.float(), grads[n].float(), atol=min(tol, 1e-3), rtol=tol)
+    source = "_grouped_mm" if grouped_mm is not _transformers_grouped_mm else "grouped_mm_fallback"  # dynamo: F's
+    assert sorted(u.why for u in uses if "grouped" in u.why) == [f"roast_grouped_mm (3 groups) from {source}"] * 2
+    assert all(u.fused for u in uses), [u.why for u in uses]

@@ -142,3 +142,21 @@ def test_activation_grad_in_bf16_is_computed_in_float32(name):
     want16 = torch.autograd.grad(act16.sum(), x16)[0]
     assert (got - want16).abs().max() <= 2 ** -8 * want16.abs().max()
     assert (got - want).abs().max() < 0.006
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_grouped_view_holds_each_group_as_a_block_of_columns(transposed):
+    """A grouped site's view is (K, groups * N) with B_g = W[g]^T (stored (groups, N, K), read by F.linear) or
+    W[g] (stored (groups, K, N)) in columns [g*N, (g+1)*N); view_to_weight inverts it (a view of V, no copy)."""
+    from roastfx.codegen.reference import GROUPED, view_to_weight, weight_to_view
+
+    w = torch.randn(3, 5, 7, dtype=torch.float64)
+    view = weight_to_view(w, transposed, GROUPED)
+    n = 5 if transposed else 7
+    assert view.shape == (7 if transposed else 5, 3 * n)
+    for g in range(3):
+        assert torch.equal(view[:, g * n:(g + 1) * n], w[g].t() if transposed else w[g])
+    back = view_to_weight(view, tuple(w.shape), transposed, GROUPED)
+    assert torch.equal(back, w) and back.data_ptr() == view.data_ptr()
+    with pytest.raises(ValueError, match=r"3-D \(groups, \.\.\.\), got shape \(5, 7\)"):
+        weight_to_view(w[0], transposed, GROUPED)
