@@ -500,7 +500,8 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
     return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
 
 
-_FUSERS = (_fuse_matmul, _fuse_grouped, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
+_FUSERS = (_fuse_matmul, _fuse_grouped, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention,
+           _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {
