@@ -9,7 +9,8 @@ epilogue, dX, a split-K forward, dMemory with atomics / deterministic / with the
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
 every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a transposed conv with a
-batch-norm epilogue, a grouped conv3d's three kernels, embedding gather and scatter
+batch-norm epilogue, a grouped conv3d's three kernels, a mixture of experts' grouped GEMM (forward, dX,
+dMemory), embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize; and, as the reference for the forward's
 main loop, a plain dense Triton GEMM at each 16-bit block config) is compiled by Triton and ptxas for the
 target's CUDA architecture (codegen/aot.py), on CPU tensors, nothing run. The table gives, per launch: the shared
@@ -134,8 +135,8 @@ def launches(quick: bool, arch: int = 90):
 def _launches_for(dname: str, quick: bool, arch: int):
     import torch
 
-    from roastfx.codegen import (configs, triton_conv, triton_embedding, triton_epilogue, triton_materialize,
-                                 triton_matmul)
+    from roastfx.codegen import (configs, triton_conv, triton_embedding, triton_epilogue, triton_grouped,
+                                 triton_materialize, triton_matmul)
     from roastfx.codegen.epilogue import Epilogue
 
     site, head = mapping(K, N), mapping(N, K)  # head: a (N, K) view read transposed (x @ V^T)
@@ -239,6 +240,18 @@ def _launches_for(dname: str, quick: bool, arch: int):
         ("roast_conv_grad_memory", "conv3d dMemory", dname, conv_configs[0], size,
          lambda: triton_conv.roast_conv_grad_memory(volume, grad_volume, memory.numel(), site3d, 0.5, *geometry3d,
                                                     groups=2, deterministic=False, config=conv_configs[0])),
+    ]
+    # a mixture of experts' grouped GEMM over a grouped site: 4 experts of 128 columns, one launch for all
+    grouped, offs = mapping(K, 4 * 128), torch.tensor([50, 100, 150, M], dtype=torch.int32)
+    out += [
+        ("roast_grouped_matmul", "4 experts, forward", dname, default, 4,
+         lambda: triton_grouped.roast_grouped_matmul(x, memory, offs, grouped, 4, 0.5, True, config=default)),
+        ("roast_grouped_matmul", "4 experts, dX", dname, default, 4,
+         lambda: triton_grouped.roast_grouped_matmul(dy[:, :128], memory, offs, grouped, 4, 0.5, False,
+                                                     config=default)),
+        ("roast_grouped_grad_memory", "4 experts, atomic + sum of squares", dname, default, size,
+         lambda: triton_grouped.roast_grouped_grad_memory(x, dy[:, :128], offs, memory.numel(), grouped, 4, 0.5,
+                                                          sumsq=True, config=default)),
     ]
     ids = torch.zeros(M, dtype=torch.int64)
     # BERT's embeddings: word rows + token type rows + a position table broadcast over the batch

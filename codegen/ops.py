@@ -231,12 +231,16 @@ def linear_grad_memory(x2d: torch.Tensor, grad2d: torch.Tensor, memory: torch.Te
 roast_linear.register_autograd(_roast_linear_backward, setup_context=_roast_linear_setup)
 
 
-def _group_ranges(offs: torch.Tensor, rows: int, groups: int) -> list[tuple[int, int, int]]:
-    """(group, first row, end row) of each group with rows: ``offs`` holds the groups' cumulative ends (torch's
-    grouped_mm convention); rows past its last entry belong to no group."""
+def _check_offs(offs: torch.Tensor, groups: int) -> None:
     if offs.dim() != 1 or offs.numel() != groups or offs.dtype.is_floating_point or offs.is_complex():
         raise ValueError(f"roast_grouped_mm: offs must be a 1-D integer tensor of {groups} cumulative group ends, "
                          f"got {offs.dtype} of shape {tuple(offs.shape)}")
+
+
+def _group_ranges(offs: torch.Tensor, rows: int, groups: int) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of each group with rows: ``offs`` holds the groups' cumulative ends (torch's
+    grouped_mm convention); rows past its last entry belong to no group."""
+    _check_offs(offs, groups)
     ranges, start = [], 0
     for g, end in enumerate(offs.tolist()):  # one device sync, as torch's and transformers' fallbacks
         end = min(int(end), rows)
@@ -260,20 +264,22 @@ def roast_grouped_mm(x: torch.Tensor, memory: torch.Tensor, offs: torch.Tensor, 
     ``offs`` gives group g (sorted by group) times B_g, the view's g-th block of columns (B_g^T when
     transpose_view), as ``torch._grouped_mm(x, W, offs=offs)``; rows past ``offs[-1]`` come out zero.
 
-    Each group runs the fused roast GEMM on its own mapping (``column_windows``: the group's columns are whole
-    hash tiles), so no expert's weight is built; where tiles straddle two groups, or on the reference path,
-    the view is gathered once and sliced."""
+    With the kernels every group runs in one launch of the fused roast GEMM, each on its own column window of
+    the view (``column_windows``: the group's columns are whole hash tiles), so no expert's weight is built and
+    ``offs`` stays on the device (the kernels take a decreasing ``offs`` as empty groups; the other paths
+    refuse it). Where tiles straddle two groups, and on the reference path, the view is gathered once and
+    sliced."""
     m = _mapping(mapping)
     if m.cols % groups:
         raise ValueError(f"roast_grouped_mm: the view's {m.cols} columns do not split into {groups} groups")
     width = m.cols // groups
+    if use_triton(x) and width % m.tile_cols == 0:
+        _check_offs(offs, groups)
+        from .triton_grouped import roast_grouped_matmul
+
+        return roast_grouped_matmul(x, memory, offs, m, groups, scale, not transpose_view)
     out = x.new_zeros((x.shape[0], m.rows if transpose_view else width))
     ranges = _group_ranges(offs, x.shape[0], groups)
-    windows = column_windows(mapping, groups) if use_triton(x) else None
-    if windows is not None:
-        for g, a, b in ranges:
-            out[a:b] = roast_linear(x[a:b], memory, windows[g], scale, None, "none", transpose_view)
-        return out
     view = gather_view(memory, m, scale).to(x.dtype)
     for g, a, b in ranges:
         block = view[:, _group_columns(mapping, groups, g)]
@@ -300,31 +306,38 @@ def _grouped_backward(ctx, grad):
     return grad_x, grad_memory, None, None, None, None, None, None
 
 
-# an op of its own: the backward reads offs on the host, which AOTAutograd cannot trace through
+# an op of its own: the backward reads offs on the host (reference path, deterministic mode), which AOTAutograd
+# cannot trace through
 @torch.library.custom_op("roastfx::roast_grouped_mm_grad", mutates_args=())
 def _grouped_mm_grad(grad: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, offs: torch.Tensor,
                      mapping: list[int], scale: float, groups: int, flip: bool,
                      grad_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX, dMemory) of ``roast_grouped_mm``."""
     grad = grad.to(x.dtype)
+    m = _mapping(mapping)
+    if use_triton(x) and (m.cols // groups) % m.tile_cols == 0:
+        from .triton_grouped import roast_grouped_grad_memory, roast_grouped_matmul
+        from .triton_matmul import roast_grad_memory_sumsq
+
+        grad = grad.contiguous()
+        grad_x = roast_grouped_matmul(grad, memory, offs, m, groups, scale, flip)
+        a, c = (grad, x) if flip else (x, grad)  # dV_g = a_g^T c_g
+        if not torch.are_deterministic_algorithms_enabled():  # atomics: every group in one launch
+            grad_memory, sumsq = roast_grouped_grad_memory(a, c, offs, memory.numel(), m, groups, scale, grad_norm)
+        else:  # one launch per group, each reducing its memory gradient without atomics
+            windows = column_windows(mapping, groups)
+            grad_memory = torch.zeros(memory.numel(), device=memory.device, dtype=torch.float32)
+            sumsq = grad_memory.new_zeros((), dtype=torch.float64)
+            for g, lo, hi in _group_ranges(offs, x.shape[0], groups):
+                part, ss = roast_grad_memory_sumsq(a[lo:hi], c[lo:hi], memory.numel(), _mapping(windows[g]), scale,
+                                                   deterministic=True)
+                grad_memory += part
+                sumsq += ss
+        if grad_norm:
+            grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
+        return grad_x, grad_memory.to(memory.dtype).reshape(memory.shape)
     grad_x = torch.zeros_like(x)
     ranges = _group_ranges(offs, x.shape[0], groups)
-    windows = column_windows(mapping, groups) if use_triton(x) else None
-    if windows is not None:
-        _kernels()
-        grad_memory, sumsq = torch.zeros_like(memory, dtype=torch.float32), None
-        for g, a, b in ranges:
-            xg, dg = x[a:b].contiguous(), grad[a:b].contiguous()
-            grad_x[a:b] = torch.ops.roastfx.linear_grad_input(dg, memory, windows[g], scale, not flip)
-            if grad_norm:
-                part, ss = torch.ops.roastfx.linear_grad_memory_sumsq(xg, dg, memory, windows[g], scale, not flip)
-                sumsq = ss if sumsq is None else sumsq + ss
-            else:
-                part = torch.ops.roastfx.linear_grad_memory(xg, dg, memory, windows[g], scale, not flip)
-            grad_memory += part
-        if grad_norm and sumsq is not None:
-            grad_memory = normalize(grad_memory, rms_from_sumsq(sumsq, mapping[0] * mapping[1]))
-        return grad_x, grad_memory.to(memory.dtype)
     view = gather_view(memory, _mapping(mapping), scale).to(grad.dtype)
     grad_view = torch.zeros_like(view)
     for g, a, b in ranges:

@@ -138,17 +138,23 @@ def roast_matmul_block(
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr, r_lo=0, r_hi=None, EVEN_R: tl.constexpr = False, EVEN_N: tl.constexpr = False,
+    m_lo=None, pid_n=None,
 ):
     """This program's (BLOCK_M, BLOCK_N) block of ``a @ op(V)`` in fp32, with its row and column offsets;
     over the reduction's rows [r_lo, r_hi) (default all R; r_lo a multiple of BLOCK_R, r_hi <= R or rows from R
     on read 0). EVEN_R: R is a multiple of BLOCK_R (so, with r_hi <= R, is every block); EVEN_N: N is a
-    multiple of BLOCK_N. Each drops a mask from the main loop's loads (`even_flags`).
+    multiple of BLOCK_N. Each drops a mask from the main loop's loads (`even_flags`). ``m_lo`` and ``pid_n``
+    given (a grouped GEMM's program, triton_grouped.py): the block's rows are m_lo + [0, BLOCK_M) below M and
+    its column block pid_n, instead of this program's place in the grouped order.
 
     Every fused GEMM (the fixed epilogue below, the generated ones in triton_epilogue.py, the split-K
-    kernel) runs this main loop and differs only in what it does with the block afterwards.
+    kernel, the grouped GEMM) runs this main loop and differs only in what it does with the block afterwards.
     """
-    pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    if m_lo is None:
+        pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    else:
+        offs_m = m_lo.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N

@@ -92,7 +92,7 @@ def test_compile_check_compiles_every_kernel_kind_for_h100_without_a_gpu(tmp_pat
     result = json.loads(path.read_text())
     kernels = {r["kernel"] for r in result["launches"]}
     for name in ("roast_matmul_kernel", "roast_grad_memory_kernel", "gather_rows_kernel", "scatter_rows_kernel",
-                 "materialize_kernel"):
+                 "materialize_kernel", "roast_grouped_matmul_kernel", "roast_grouped_grad_memory_kernel"):
         assert name in kernels, kernels
     assert sum(k.startswith("roast_linear_epilogue_") for k in kernels) == 3
     # the plain conv (bias as a per-channel epilogue) and ResNet's conv + batch norm + residual + relu; the
