@@ -87,3 +87,19 @@ def test_not_a_roastfx_checkpoint(tmp_path):
 def test_save_requires_compressed_model(tmp_path):
     with pytest.raises(ValueError, match="compress"):
         roastfx.save(MLP(), tmp_path / "x.safetensors")
+
+
+def test_grouped_sites_round_trip_into_a_fresh_model(tmp_path):
+    """A mixture of experts' stacked weights (grouped sites, found by running the model) save and load: the
+    loaded model computes what the saved one did."""
+    from test_compress import LoopedExperts
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    model = roastfx.compress(LoopedExperts(), "2x", init="random", example_inputs=(x,))
+    assert [s.op for s in roastfx.roast_state(model).plan.sites] == ["linear", "grouped", "grouped"]
+    path = tmp_path / "moe.safetensors"
+    roastfx.save(model, path)
+    loaded = roastfx.load(LoopedExperts, path)
+    assert [s.op for s in roastfx.roast_state(loaded).plan.sites] == ["linear", "grouped", "grouped"]
+    assert torch.equal(loaded(x), model(x))
