@@ -36,13 +36,16 @@ def _user_error(what: str, err: BaseException) -> str:
     return f"{what} raised {type(err).__name__}: {message} ({TRACEBACK_HINT})"
 
 
-def load_factory(path: str, traceback: bool = False):
-    """The callable named by ``module.path:factory`` (attributes may be dotted).
+def load_factory(path: str, traceback: bool = False, what: str = "factory"):
+    """The callable named by ``module.path:factory`` (attributes may be dotted); ``what`` names it in errors
+    ("factory", or "inputs" for --inputs).
 
     An error raised while importing the module becomes a UsageError naming the module
     (with ``traceback``, it propagates as it is)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
+        if what != "factory":
+            raise UsageError(f"--{what} {path!r} is not of the form MODULE:FUNCTION (e.g. my_models:example_inputs)")
         raise UsageError(f"model factory {path!r} is not of the form MODULE:FACTORY (e.g. my_models:build_model)")
     if os.getcwd() not in sys.path:  # like `python -m`: modules in the current directory are importable
         sys.path.insert(0, os.getcwd())
@@ -51,17 +54,18 @@ def load_factory(path: str, traceback: bool = False):
     except ImportError as e:
         if traceback:
             raise
-        raise UsageError(f"cannot import module {module_name!r} of factory {path!r}: {e}") from None
+        raise UsageError(f"cannot import module {module_name!r} of {what} {path!r}: {e}") from None
     except Exception as e:  # a syntax error or an exception raised by the module's own code
         if traceback:
             raise
-        raise UsageError(_user_error(f"importing module {module_name!r} of factory {path!r}", e)) from None
+        raise UsageError(_user_error(f"importing module {module_name!r} of {what} {path!r}", e)) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"module {module_name!r} has no attribute {attr!r} (factory {path!r})")
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r} ({what} {path!r})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UsageError(f"{path!r} is of type {type(obj).__name__}, not a callable that builds a model")
+        raise UsageError(f"{path!r} is of type {type(obj).__name__}, not a callable that builds "
+                         + ("a model" if what == "factory" else "example inputs"))
     from inspect import signature
 
     try:
@@ -70,12 +74,12 @@ def load_factory(path: str, traceback: bool = False):
     except (TypeError, ValueError):  # no signature to read (some builtins): calling it will tell
         required = []
     if required:
-        raise UsageError(f"factory {path!r} needs the argument(s) {', '.join(required)}; "
+        raise UsageError(f"{what} {path!r} needs the argument(s) {', '.join(required)}; "
                          "roastfx plan calls it with none (wrap it in a function that takes no arguments)")
     return obj
 
 
-def build_model(factory, path: str, meta: bool = False, traceback: bool = False):
+def build_model(factory, path: str, meta: bool = False, traceback: bool = False, what: str = "factory"):
     """``factory()`` on the meta device or the CPU; an exception it raises becomes a UsageError naming it."""
     import torch
 
@@ -85,7 +89,7 @@ def build_model(factory, path: str, meta: bool = False, traceback: bool = False)
     except Exception as e:
         if traceback:
             raise
-        raise UsageError(_user_error(f"factory {path!r}", e)) from None
+        raise UsageError(_user_error(f"{what} {path!r}", e)) from None
 
 
 def default_init_std(module, p) -> float | None:
@@ -116,6 +120,7 @@ def default_init_std(module, p) -> float | None:
 def _scale(p, spec=None, modules=None) -> float:
     """The site scale compress would use; for a meta tensor, the std of its module's default init
     (1/sqrt(3*fan_in) for a module type not known here)."""
+    from roastfx.codegen.reference import GROUPED, grouped_dims
     from roastfx.compress import _site_scale
 
     if p.is_meta:
@@ -125,7 +130,11 @@ def _scale(p, spec=None, modules=None) -> float:
                 std = default_init_std(modules[path], p)
                 if std is not None:
                     return std
-        return 1.0 / math.sqrt(3.0 * max(1, math.prod(p.shape[1:]) if p.dim() > 1 else p.numel()))
+        if spec is not None and spec.op == GROUPED:  # stacked experts: each reads K inputs
+            fan_in = grouped_dims(spec.shape, spec.transposed)[1]
+        else:
+            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.numel()
+        return 1.0 / math.sqrt(3.0 * max(1, fan_in))
     return _site_scale(p)
 
 
@@ -173,9 +182,13 @@ def cmd_plan(args) -> int:
     model = build_model(factory, args.factory, meta=args.meta, traceback=args.traceback)
     if not isinstance(model, nn.Module):
         raise UsageError(f"factory {args.factory!r} returned {type(model).__name__}, not an nn.Module")
+    example_inputs = None
+    if args.inputs is not None:  # built like the model (on the meta device with --meta)
+        example_inputs = build_model(load_factory(args.inputs, traceback=args.traceback, what="inputs"),
+                                     args.inputs, meta=args.meta, traceback=args.traceback, what="inputs")
     # a ValueError from here on is one of roastfx's checks of this model and these arguments
     try:
-        specs, notes = find_sites(model, exclude=tuple(args.exclude))
+        specs, notes = find_sites(model, example_inputs, exclude=tuple(args.exclude))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not specs:
@@ -289,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tokens", default="1,16,256,4096", help="token counts the cost model plans for")
     plan.add_argument("--memory-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     plan.add_argument("--exclude", action="append", default=[], help="glob of weights to keep dense (repeatable)")
+    plan.add_argument("--inputs", default=None, metavar="MODULE:FUNCTION",
+                      help="a callable returning example inputs (a tuple, a dict of keyword inputs or a tensor): "
+                           "the model is traced on them, which finds weights used functionally (x @ self.w, a "
+                           "mixture of experts' stacked weights) as compress(example_inputs=...) does")
     plan.add_argument("--meta", action="store_true", help="build the model on the meta device (no weight memory; "
                                                           "scales from the default init)")
     plan.add_argument("--no-progress", action="store_true")

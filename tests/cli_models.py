@@ -75,3 +75,35 @@ def gpt2_conv1d():
     from transformers.pytorch_utils import Conv1D
 
     return nn.Sequential(Conv1D(512, 256), Conv1D(256, 512))
+
+
+class SmallMoE(nn.Module):
+    """A router and stacked (experts, out, in) expert weights indexed in a loop: plain Parameters, found only by
+    tracing with example inputs (`roastfx plan ... --inputs cli_models:moe_inputs`)."""
+
+    def __init__(self, dim=32, hidden=64, experts=4):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(experts, dim) * 0.1)
+        self.up = nn.Parameter(torch.randn(experts, hidden, dim) * 0.1)
+        self.down = nn.Parameter(torch.randn(experts, dim, hidden) * 0.1)
+
+    def forward(self, x):
+        choice = torch.nn.functional.linear(x, self.router).argmax(-1)
+        out = torch.zeros_like(x)
+        for e in range(self.up.shape[0]):
+            rows = choice == e
+            h = torch.nn.functional.linear(x, self.up[e]).relu()
+            out = out + torch.nn.functional.linear(h, self.down[e]) * rows[:, None]
+        return out
+
+
+def small_moe():
+    return SmallMoE()
+
+
+def moe_inputs():
+    return (torch.randn(6, 32),)
+
+
+def inputs_raise():
+    raise RuntimeError("no inputs today")

@@ -1,5 +1,6 @@
 import html.parser
 import json
+import math
 import os
 import subprocess
 import sys
@@ -396,3 +397,35 @@ def test_tied_weight_is_costed_for_every_op_that_reads_it(tmp_path):
     for site in old["sites"]:
         del site["other_ops"]
     assert roastfx.Plan.from_dict(old).site("emb.weight").other_ops == ()
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_cli_inputs_find_functional_and_grouped_weights(models_on_path, capsys, meta):
+    """--inputs traces the model on example inputs, as compress(example_inputs=...) does: the router (F.linear on
+    a plain Parameter) and the stacked experts (grouped sites, (in, experts * out) views) join the plan; without
+    it a model of plain Parameters has nothing to plan. On the meta device too, where the experts' scale is
+    1/sqrt(3 * in), their fan-in."""
+    extra = ["--meta"] if meta else []
+    assert main(["plan", "cli_models:small_moe", "--inputs", "cli_models:moe_inputs", "--format", "json",
+                 "--target", "h100", "--compression", "10x", *extra]) == 0
+    plan = plan_from_json(capsys.readouterr().out)
+    sites = {s.name: s for s in plan.sites}
+    assert {n: (s.op, s.transposed) for n, s in sites.items()} == {
+        "router": ("linear", True), "up": ("grouped", True), "down": ("grouped", True)}
+    assert (sites["up"].mapping.rows, sites["up"].mapping.cols) == (32, 4 * 64)
+    assert any("traced the model" in n for n in plan.notes)
+    if meta:
+        assert sites["up"].scale == pytest.approx(1 / math.sqrt(3 * 32))
+        assert sites["down"].scale == pytest.approx(1 / math.sqrt(3 * 64))
+    assert main(["plan", "cli_models:small_moe", "--target", "h100", *extra]) == 2
+    assert "nothing to plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["cli_models:small_moe", "--inputs", "cli_models"], ["--inputs 'cli_models' is not of the form MODULE:FUNCTION"]),
+    (["cli_models:small_moe", "--inputs", "cli_models:nope"], ["has no attribute 'nope' (inputs 'cli_models:nope')"]),
+    (["cli_models:small_moe", "--inputs", "cli_models:inputs_raise"],
+     ["inputs 'cli_models:inputs_raise' raised RuntimeError: no inputs today"]),
+])
+def test_cli_bad_inputs_are_one_line_exit_2(argv, fragments):
+    assert_one_line_usage_error(run_cli("plan", *argv), *fragments)
