@@ -120,8 +120,7 @@ def default_init_std(module, p) -> float | None:
 def _scale(p, spec=None, modules=None) -> float:
     """The site scale compress would use; for a meta tensor, the std of its module's default init
     (1/sqrt(3*fan_in) for a module type not known here)."""
-    from roastfx.codegen.reference import GROUPED, grouped_dims
-    from roastfx.compress import _site_scale
+    from roastfx.compress import _site_scale, site_fan_in
 
     if p.is_meta:
         for binding in spec.bindings if spec is not None and modules is not None else ():
@@ -130,12 +129,9 @@ def _scale(p, spec=None, modules=None) -> float:
                 std = default_init_std(modules[path], p)
                 if std is not None:
                     return std
-        if spec is not None and spec.op == GROUPED:  # stacked experts: each reads K inputs
-            fan_in = grouped_dims(spec.shape, spec.transposed)[1]
-        else:
-            fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.numel()
+        fan_in = site_fan_in(spec) if spec is not None else (math.prod(p.shape[1:]) if p.dim() > 1 else p.numel())
         return 1.0 / math.sqrt(3.0 * max(1, fan_in))
-    return _site_scale(p)
+    return _site_scale(p, site_fan_in(spec) if spec is not None else None)
 
 
 def _progress_bar(total: int, enabled: bool):

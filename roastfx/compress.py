@@ -14,7 +14,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from roastfx.codegen.reference import project, weight_to_view
+from roastfx.codegen.reference import GROUPED, grouped_dims, project, weight_to_view
 from roastfx.passes.capture_sites import find_sites, name_matches
 from roastfx.passes.plan_cost import plan_with_cost_model
 from roastfx.passes.plan_layout import plan_layout, seeded_int
@@ -71,13 +71,21 @@ def parse_compression(compression, dense_numel: int, itemsize: int) -> int:
     return math.ceil(dense_numel * exact)  # exact: "300x" of 2100 weights is 7 slots, not ceil(7.000000001)
 
 
-def _site_scale(weight: torch.Tensor) -> float:
+def site_fan_in(spec) -> int:
+    """The inputs each output of a site's weight reads: its (in,) dims, or K for a grouped site's experts."""
+    if spec.op == GROUPED:
+        return grouped_dims(spec.shape, spec.transposed)[1]
+    return math.prod(spec.shape[1:]) if len(spec.shape) > 1 else math.prod(spec.shape)
+
+
+def _site_scale(weight: torch.Tensor, fan_in: int | None = None) -> float:
     """The magnitude a site's recovered weights keep: the std of its dense weight
     (1/sqrt(3*fan_in), PyTorch's default init, when the weight is constant)."""
     w = weight.detach().to(torch.float64)
     std = float(w.std()) if w.numel() > 1 else 0.0
     if not math.isfinite(std) or std == 0.0:
-        fan_in = math.prod(w.shape[1:]) if w.dim() > 1 else w.numel()
+        if fan_in is None:
+            fan_in = math.prod(w.shape[1:]) if w.dim() > 1 else w.numel()
         std = 1.0 / math.sqrt(3.0 * max(1, fan_in))
     return std
 
@@ -168,7 +176,7 @@ def compress(
     itemsize = mem_dtype.itemsize
     dense_numel = sum(params[s.name].numel() for s in specs)
     memory_size = parse_compression(compression, dense_numel, itemsize)
-    scales = {s.name: _site_scale(params[s.name]) for s in specs}
+    scales = {s.name: _site_scale(params[s.name], site_fan_in(s)) for s in specs}
     tiling = dict(tile=options.get("tile"), alignment=options.get("alignment"), chunk=options.get("chunk"))
 
     def make_plan(group, size):

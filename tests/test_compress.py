@@ -400,3 +400,15 @@ def test_running_the_model_follows_transposing_properties():
     plan = roastfx.roast_state(model).plan
     assert [(s.name, s.op, s.transposed) for s in plan.sites] == [("w", "matmul", True), ("v", "matmul", False)]
     assert model(x).shape == want.shape
+
+
+def test_a_constant_grouped_weight_takes_the_default_init_scale_of_its_experts():
+    """A stacked (experts, out, in) weight left at zero scales like PyTorch's default init of one expert's
+    Linear, 1/sqrt(3 * in), not of a weight whose inputs are out * in."""
+    model = LoopedExperts()
+    with torch.no_grad():
+        model.up.zero_()
+    roastfx.compress(model, "2x", init="random", example_inputs=(torch.randn(10, 8),))
+    scales = {s.name: s.scale for s in roastfx.roast_state(model).plan.sites}
+    assert scales["up"] == pytest.approx(1 / math.sqrt(3 * 8))
+    assert scales["down"] != pytest.approx(1 / math.sqrt(3 * 12))  # random: its own std
