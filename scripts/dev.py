@@ -44,7 +44,10 @@ def main(argv: list[str]) -> int:
     if argv[0] == "demo":
         cmd = [PY, str(ROOT / "examples" / "quickstart.py"), *argv[1:]]
     else:
-        cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15", *argv[1:]]
+        # the tests in as many processes as there are cores, up to 4 (pytest-xdist; 2 cores: 5.5 instead of 9 min)
+        workers = min(4, os.cpu_count() or 1)
+        parallel = ["-n", str(workers)] if workers > 1 and not any(a.startswith("-n") for a in argv[1:]) else []
+        cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15", *parallel, *argv[1:]]
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
