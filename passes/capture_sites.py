@@ -141,9 +141,10 @@ def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed
     ndim = _ndim(node) if ndim is None else ndim
     uses = []
     for user in node.users:
-        if user.op != "call_function" or depth > 8:
+        if user.op not in ("call_function", "call_method") or depth > 8:
             continue
-        name = _op_name(user)
+        # dynamo's graphs hold tensor methods as call_method nodes (w.transpose(-2, -1)); export's, aten calls
+        name = user.target if user.op == "call_method" else _op_name(user)
         if name in _CONSUMERS:
             use = _consumer_use(name, next((i for i, a in enumerate(user.args) if a is node), None), transposes,
                                 indexed, ndim)

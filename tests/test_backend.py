@@ -257,3 +257,27 @@ def test_in_graph_compression_excludes_like_compress():
     with pytest.raises(Exception, match=r"exclude patterns \['nope\*'\] match no compressible weight"):
         with torch.no_grad():
             bad(x)
+
+
+def test_in_compiler_compression_finds_stacked_experts_read_through_tensor_methods(tmp_path):
+    """Weights that reach their GEMM through a tensor method in dynamo's graph (``self.up.transpose(-2, -1)``, a
+    call_method node) are found as export finds them: a mixture of experts' stacked weights become grouped
+    sites, planned as compress(example_inputs=...) plans them, and the compiled model computes what that one
+    does."""
+    from test_fuse_roast_ops import GroupedExperts, _transformers_grouped_mm
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dense = GroupedExperts(grouped_mm=_transformers_grouped_mm)
+    x = torch.randn(29, 16)
+    reference = roastfx.compress(copy.deepcopy(dense), 0.5, seed=4, target="h100", example_inputs=(x,))
+    report = tmp_path / "plan.json"
+    compiled = torch.compile(dense, backend="roast", options={"compression": 0.5, "seed": 4, "target": "h100",
+                                                              "inner": "aot_eager", "report": str(report)})
+    with torch.no_grad():
+        out = compiled(x)
+        torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-5)
+    plan = roastfx.Plan.from_json(report.read_text())
+    mine = {s.name: (s.op, s.transposed, s.mapping) for s in plan.sites}
+    assert mine == {s.name: (s.op, s.transposed, s.mapping) for s in roastfx.roast_state(reference).plan.sites}
+    assert mine["up"][:2] == ("grouped", True) and mine["down"][:2] == ("grouped", False)
