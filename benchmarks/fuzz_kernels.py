@@ -8,7 +8,8 @@ as 1, 2 or 4 whole tiles or from inside one, and odd sizes that straddle blocks)
 window, hash constants, block config and memory dtype, and checks against float64 autograd
 through reference.materialize: the forward GEMM (view read as B or transposed), dX, dMemory
 (atomics and the deterministic path, in row chunks), a grouped conv's forward, dX and dMemory
-(group sizes on and off tile boundaries), and an embedding lookup and its gradient. Prints one
+(group sizes on and off tile boundaries), an embedding lookup and its gradient, and a mixture of experts'
+grouped GEMM (forward, dX, dMemory and its sum of squares; empty groups, rows past the last). Prints one
 line per failure and a summary; exits 1 if any case failed. Not a timed benchmark: a check
 for changes to the mapping's kernel arithmetic, too slow (minutes) for the test suite.
 """
@@ -19,6 +20,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 
 if not os.environ.get("ROASTFX_TEST_CUDA"):
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before roastfx imports them
@@ -30,6 +32,7 @@ from roastfx.codegen import configs, reference  # noqa: E402
 from roastfx.codegen.hashing import PRIME, TileHash  # noqa: E402
 from roastfx.codegen.triton_conv import roast_conv_forward, roast_conv_grad_input, roast_conv_grad_memory  # noqa: E402
 from roastfx.codegen.triton_embedding import gather_rows, scatter_rows_grad  # noqa: E402
+from roastfx.codegen.triton_grouped import roast_grouped_grad_memory, roast_grouped_matmul  # noqa: E402
 from roastfx.codegen.triton_matmul import roast_grad_memory, roast_matmul  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ROASTFX_TEST_CUDA") else "cpu"
@@ -133,19 +136,57 @@ def case_embedding(rng, gen):
     return results
 
 
+def case_grouped(rng, gen):
+    """A grouped GEMM (roast_grouped_mm's kernels): 1-6 groups of random sizes (empty ones, rows past the
+    last), each group's columns whole tiles; forward or dX (either reading), and dMemory with its sum of
+    squares."""
+    groups, tn = rng.randrange(1, 7), rng.choice(SIDES)
+    width, k, s = tn * rng.randrange(1, 5), rng.randrange(1, 90), rng.randrange(1, 120)
+    drawn = draw_mapping(rng, k, groups * width)
+    mapping = replace(drawn, tile_cols=tn, window_size=drawn.tile_rows * tn + rng.randrange(1, 600))
+    view_is_b, cfg = rng.random() < 0.5, draw_config(rng)
+    ends = sorted(rng.randrange(0, s + 1) for _ in range(groups))
+    offs = torch.tensor(ends, dtype=torch.int32)
+    memory = randn(gen, mapping.window_start + mapping.window_size)
+    view = reference.materialize(memory, mapping, 0.6)
+    x = randn(gen, s, k if view_is_b else width)
+    want, start = torch.zeros(s, width if view_is_b else k, dtype=torch.float64), 0
+    for g, end in enumerate(ends):
+        block = view[:, g * width:(g + 1) * width]
+        want[start:end] = x[start:end] @ (block if view_is_b else block.t())
+        start = end
+    got = roast_grouped_matmul(x.float().to(DEVICE), memory.float().to(DEVICE), offs.to(DEVICE), mapping, groups,
+                               0.6, view_is_b, config=cfg)
+    results = [("grouped forward" if view_is_b else "grouped dX", *close(got, want, 1e-4), mapping, cfg, ends)]
+    a, c = randn(gen, s, k), randn(gen, s, width)
+    grad_view, start = torch.zeros(k, groups * width, dtype=torch.float64), 0
+    for g, end in enumerate(ends):
+        grad_view[:, g * width:(g + 1) * width] = a[start:end].t() @ c[start:end]
+        start = end
+    leaf = memory.clone().requires_grad_()
+    (reference.materialize(leaf, mapping, 0.6) * grad_view).sum().backward()
+    dm, sumsq = roast_grouped_grad_memory(a.float().to(DEVICE), c.float().to(DEVICE), offs.to(DEVICE), memory.numel(),
+                                          mapping, groups, 0.6, sumsq=True, config=cfg)
+    results.append(("grouped dMemory", *close(dm, leaf.grad, 1e-4), mapping, cfg, ends))
+    want_sumsq = grad_view.square().sum().reshape(1)
+    results.append(("grouped sum of squares", *close(sumsq.reshape(1), want_sumsq, 1e-4), mapping, cfg, ends))
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", type=int, default=200, help="random cases (each of one kind: GEMM, conv, embedding)")
+    p.add_argument("--cases", type=int, default=200,
+                   help="random cases (each of one kind: GEMM, conv, embedding, grouped GEMM)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.cases < 1:
         p.error(f"--cases must be >= 1, got {args.cases}")
     rng, gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
-    kinds = {"gemm": case_gemm, "conv": case_conv, "embedding": case_embedding}
+    kinds = {"gemm": case_gemm, "conv": case_conv, "embedding": case_embedding, "grouped": case_grouped}
     checks = failures = 0
     start = time.time()
     for i in range(args.cases):
-        kind = rng.choice(["gemm", "gemm", "conv", "embedding"])
+        kind = rng.choice(["gemm", "gemm", "conv", "embedding", "grouped"])
         for name, ok, err, mapping, cfg, extra in kinds[kind](rng, gen):
             checks += 1
             if not ok:
