@@ -19,8 +19,7 @@ from .hashing import PRIME, TileHash
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
 __all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_embedding", "roast_conv", "embedding_bag_of_rows",
-           "mapping_args",
-           "use_triton"]
+           "mapping_args", "use_triton"]
 
 
 def mapping_args(mapping: TileHash) -> list[int]:

@@ -130,8 +130,9 @@ def check_grouped(mapping: TileHash, groups: int) -> int:
     return width
 
 
-def _ends(offs: torch.Tensor, rows: int) -> torch.Tensor:
-    return offs.to(torch.int64).clamp(0, rows)
+def _ends(offs: torch.Tensor, rows: int, device) -> torch.Tensor:
+    """The groups' cumulative ends as int64 on the kernels' device, capped at the rows there are."""
+    return offs.to(device=device, dtype=torch.int64).clamp(0, rows)
 
 
 def roast_grouped_matmul(a: torch.Tensor, memory: torch.Tensor, offs: torch.Tensor, mapping: TileHash, groups: int,
@@ -152,7 +153,7 @@ def roast_grouped_matmul(a: torch.Tensor, memory: torch.Tensor, offs: torch.Tens
     out = torch.zeros((S, N), device=a.device, dtype=a.dtype)
     if S == 0 or N == 0:
         return out
-    ends = _ends(offs, S)
+    ends = _ends(offs, S, a.device)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     rows = (ends - starts).clamp_min(0)
 
@@ -193,7 +194,7 @@ def roast_grouped_grad_memory(a: torch.Tensor, c: torch.Tensor, offs: torch.Tens
     grad = torch.zeros(memory_size, device=a.device, dtype=torch.float32)
     if S == 0:
         return grad, grad.new_zeros((), dtype=torch.float64) if sumsq else None
-    ends = _ends(offs, S)
+    ends = _ends(offs, S, a.device)
     partial = []
 
     def launch(cfg):

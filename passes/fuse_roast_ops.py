@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .weight_reads import (einsum_as_matmul, example_shape, final_users, grouped_read, is_chain_step, is_materialize,
-                           op_name, weight_read)
+                           op_name, reads_memory, weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -239,8 +239,8 @@ def _fuse_grouped(graph, node) -> SiteUse | None:
     weight = _arg(node, 1, "mat_b" if name != "grouped_mm_fallback" else "weight")
     read = grouped_read(weight)
     if read is None:
-        if weight_read(weight) is None and not isinstance(weight, torch.fx.Node):
-            return None
+        if not reads_memory(weight):
+            return None  # a dense weight: not ours
         return SiteUse(node.name, False, f"{name} reads a weight that is not a grouped site's (groups, K, N) or "
                                          "(groups, N, K) blocks")
     x, offs = node.args[0], _arg(node, 2, "offs")

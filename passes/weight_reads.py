@@ -112,6 +112,11 @@ def _chain(weight):
     return node, chain, norms == 1, casts[0] if casts else None
 
 
+def reads_memory(weight) -> bool:
+    """Whether ``weight`` comes from one materialize through chain steps only (a compressed weight's read)."""
+    return _chain(weight) is not None
+
+
 def weight_read(weight) -> WeightRead | None:
     """The read behind a weight operand, or None when it does not come from one materialize
     through reshape / transpose / broadcast ops only."""
