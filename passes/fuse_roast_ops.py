@@ -7,7 +7,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
 
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
-    grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, one GEMM per expert)
+    grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
     conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
     conv_transpose1d/2d/3d(x, W, b, ...)      -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
