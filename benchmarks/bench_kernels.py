@@ -21,7 +21,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_arguments, parse_common, run_script, time_forward_backward, timer  # noqa: E402
+from common import (add_common_arguments, parse_common, print_timing_table, run_script,  # noqa: E402
+                    time_forward_backward, timer)
 
 DRY_RUN_SHAPES = {"tiny": (33, 64, 48)}
 METHODS = ("dense", "roast", "roast-1", "roast-mat", "hashednet", "eager", "dense+gelu", "roast+gelu")
@@ -52,9 +53,10 @@ def make_mapping(TileHash, rows, cols, memory_size, tile, seed):
     )
 
 
-def pick_tile(memory_size):
-    """The largest hash tile that leaves the window at least two tile spans."""
-    return next(t for t in TILE_CHOICES if 2 * t[0] * t[1] <= memory_size)
+def pick_tile(memory_size, width=None):
+    """The largest hash tile that leaves the window at least two tile spans (and, with ``width``, whose
+    columns divide it: a grouped view's experts, each whole tiles)."""
+    return next(t for t in TILE_CHOICES if 2 * t[0] * t[1] <= memory_size and (width is None or width % t[1] == 0))
 
 
 def run(args, save=lambda rows: None):
@@ -126,12 +128,7 @@ def run(args, save=lambda rows: None):
 
 
 def print_table(rows):
-    header = f"{'shape':<22}{'comp':>7}{'method':>11}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['shape']:<22}{r['compression']:>6g}x{r['method']:>11}{r['forward_ms']:>10.3f}"
-              f"{r['forward_tflops']:>10.1f}{r['forward_backward_ms']:>10.3f}{r['forward_backward_tflops']:>10.1f}")
+    print_timing_table(rows, 22)
 
 
 def main(argv=None):

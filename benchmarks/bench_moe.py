@@ -18,8 +18,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import make_mapping  # noqa: E402
-from common import add_common_arguments, parse_common, run_script, time_forward_backward, timer  # noqa: E402
+from bench_kernels import make_mapping, pick_tile  # noqa: E402
+from common import (add_common_arguments, parse_common, print_timing_table, run_script,  # noqa: E402
+                    time_forward_backward, timer)
 
 MOE_SHAPES = {  # name: (S rows = tokens x top-k, K, N, E)
     "mixtral-down-4096tok": (4096 * 2, 14336, 4096, 8),  # Mixtral 8x7B's w2: 8 experts, top-2
@@ -38,15 +39,6 @@ def parse_args(argv=None):
     if any(m not in METHODS for m in args.method_list):
         p.error(f"unknown method in {args.methods!r}; choose from {METHODS}")
     return args
-
-
-def tile_for(memory_size: int, width: int) -> tuple[int, int]:
-    """The largest of 64x64, 32x64, ... whose columns divide one expert's width (whole tiles per expert) and
-    that leaves the window two tile spans."""
-    for tile in ((64, 64), (32, 64), (16, 64), (8, 64), (32, 32), (8, 32), (1, 32), (1, 16), (1, 8), (1, 1)):
-        if width % tile[1] == 0 and 2 * tile[0] * tile[1] <= memory_size:
-            return tile
-    raise ValueError(f"no tile fits a memory of {memory_size} slots")
 
 
 def run(args, save=lambda rows: None):
@@ -74,7 +66,7 @@ def run(args, save=lambda rows: None):
         dense_w = (torch.randn(E, K, N, device=device, dtype=dtype, generator=gen) / K**0.5).requires_grad_()
         for factor in args.factors:
             size = max(int(E * K * N / factor), 2)
-            tile = tile_for(size, N)
+            tile = pick_tile(size, N)
             mapping = make_mapping(TileHash, K, E * N, size, tile, seed=1)
             args_list = ops.mapping_args(mapping)
             memory = torch.randn(size, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -120,15 +112,7 @@ def run(args, save=lambda rows: None):
 
 
 def print_table(rows):
-    header = f"{'shape':<24}{'comp':>7}{'method':>11}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}{'f+b TF/s':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['shape']:<24}{r['compression']:>6g}x{r['method']:>11}  failed: {r['error'][:60]}")
-            continue
-        print(f"{r['shape']:<24}{r['compression']:>6g}x{r['method']:>11}{r['forward_ms']:>10.3f}"
-              f"{r['forward_tflops']:>10.1f}{r['forward_backward_ms']:>10.3f}{r['forward_backward_tflops']:>10.1f}")
+    print_timing_table(rows, 24)
 
 
 def main(argv=None):

@@ -28,8 +28,8 @@ import triton.language as tl
 from . import configs
 from .hashing import TileHash
 from .triton_hashing import _addmod_p, _mulmod_p, block_split, hash_args, maybe_dump
-from .triton_matmul import (_check_kernel_dtype, block_tile, choose_config, dot_in_fp32, dot_precision,
-                            even_flags, grad_memory_store, launch_gemm, roast_matmul_block)
+from .triton_matmul import (_check_kernel_dtype, choose_config, dot_in_fp32, dot_precision, even_flags,
+                            grad_memory_block, grad_memory_store, launch_gemm, roast_matmul_block)
 
 
 @triton.jit
@@ -100,19 +100,8 @@ def _roast_grouped_grad_memory_kernel(
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m0 in range(row_lo, row_hi, BLOCK_M):
-        offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_hi
-        a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
-                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        c = tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        c = c.to(a_t.dtype)
-        if DOT_IN_FP32:
-            a_t = a_t.to(tl.float32)
-            c = c.to(tl.float32)
-        acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
+    acc = grad_memory_block(a_ptr, c_ptr, offs_k, offs_n, mask_k, mask_n, row_lo, row_hi, stride_am, stride_ak,
+                            stride_cm, stride_cn, PRECISION, DOT_IN_FP32, BLOCK_K, BLOCK_N, BLOCK_M)
     grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, 0, N, grad_ptr, grad_ptr, sumsq_ptr, scale,
                       tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb_g, c_row, c_col,
                       hd_g, False, SUMSQ, False, BLOCK_K, BLOCK_SPLIT)

@@ -297,6 +297,33 @@ def grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr,
 
 
 @triton.jit
+def grad_memory_block(a_ptr, c_ptr, offs_k, offs_n, mask_k, mask_n, m_lo, m_hi,
+                      stride_am, stride_ak, stride_cm, stride_cn,
+                      PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The fp32 (BLOCK_K, BLOCK_N) block of dV = a^T @ c at view rows offs_k and columns offs_n, reduced over
+    the rows [m_lo, m_hi) of a and c (all M, or a grouped GEMM's group)."""
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_hi
+        a_t = tl.load(
+            a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & mask_m[None, :], other=0.0,
+        )
+        c = tl.load(
+            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+        )
+        c = c.to(a_t.dtype)
+        if DOT_IN_FP32:
+            a_t = a_t.to(tl.float32)
+            c = c.to(tl.float32)
+        acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _roast_grad_memory_kernel(
     a_ptr, c_ptr, grad_ptr, contrib_ptr, sumsq_ptr,
     M, k_start, k_end, N,
@@ -315,24 +342,8 @@ def _roast_grad_memory_kernel(
     mask_k = offs_k < k_end
     mask_n = offs_n < N
 
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        a_t = tl.load(
-            a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
-            mask=mask_k[:, None] & mask_m[None, :], other=0.0,
-        )
-        c = tl.load(
-            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-        )
-        c = c.to(a_t.dtype)
-        if DOT_IN_FP32:
-            a_t = a_t.to(tl.float32)
-            c = c.to(tl.float32)
-        acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
-
+    acc = grad_memory_block(a_ptr, c_ptr, offs_k, offs_n, mask_k, mask_n, 0, M, stride_am, stride_ak, stride_cm,
+                            stride_cn, PRECISION, DOT_IN_FP32, BLOCK_K, BLOCK_N, BLOCK_M)
     grad_memory_store(acc, offs_k, offs_n, mask_k, mask_n, k_start, N, grad_ptr, contrib_ptr, sumsq_ptr, scale,
                       tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
                       hd, DETERMINISTIC, SUMSQ, False, BLOCK_K, BLOCK_SPLIT)

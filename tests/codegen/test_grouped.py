@@ -25,13 +25,14 @@ def _case(tiling, seed, transpose_view, dtype=torch.float32, device="cpu"):
     return mapping, memory, offs, x
 
 
-def _reference(x, memory, offs, mapping, scale, transpose_view):
-    """float64: out[rows of g] = x[rows] @ B_g (B_g^T), B_g the view's g-th block of N columns; other rows 0."""
+def _reference(x, memory, offs, mapping, scale, transpose_view, width=N):
+    """float64: out[rows of g] = x[rows] @ B_g (B_g^T), B_g the view's g-th block of ``width`` columns; other
+    rows 0."""
     view = reference.materialize(memory, mapping, scale)
-    out = x.new_zeros(x.shape[0], mapping.rows if transpose_view else N)
+    out = x.new_zeros(x.shape[0], mapping.rows if transpose_view else width)
     start = 0
     for g, end in enumerate(offs.tolist()):
-        block = view[:, g * N:(g + 1) * N]
+        block = view[:, g * width:(g + 1) * width]
         out[start:end] = x[start:end] @ (block.t() if transpose_view else block)
         start = end
     return out
@@ -126,13 +127,7 @@ def test_grouped_kernels_over_many_groups_of_several_row_blocks(deterministic, t
     assert len(launches) == 2  # forward and dX: one grouped launch each
 
     x64, mem64 = x.detach().double().requires_grad_(), memory.detach().double().requires_grad_()
-    view = reference.materialize(mem64, mapping, 0.5)
-    ref = x64.new_zeros(out.shape)
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        block = view[:, g * n:(g + 1) * n]
-        ref[start:end] = x64[start:end] @ (block.t() if transpose_view else block)
-        start = end
+    ref = _reference(x64, mem64, offs, mapping, 0.5, transpose_view, width=n)
     (ref * weights.double()).sum().backward()
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-4)
