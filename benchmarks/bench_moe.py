@@ -10,6 +10,12 @@ uniformly at random, so the groups are about even), multiplied by their expert's
   roast      roastfx::roast_grouped_mm: per expert with rows, the fused ROAST GEMM on the expert's column window
              of the grouped site's view (no expert weight built); one host read of the offsets per call
   roast-mat  the same mapping: the whole (K, E*N) view materialized by a kernel, then torch._grouped_mm
+and, with the rows in token order (each its own expert, unsorted), as transformers' ``batched_mm`` experts
+(meant for few tokens: decoding) compute them:
+  dense-picked   torch.bmm(x.unsqueeze(1), W[ids]): one dense (K, N) weight gathered per row (skipped where
+                 that gather would exceed 16 GiB)
+  roast-picked   roastfx.codegen.ops.roast_picked_mm, what the roast backend makes of that bmm: the rows sorted
+                 by expert on the device, one roast_grouped_mm, the rows put back
 """
 from __future__ import annotations
 
@@ -25,9 +31,12 @@ from common import (add_common_arguments, parse_common, print_timing_table, run_
 MOE_SHAPES = {  # name: (S rows = tokens x top-k, K, N, E)
     "mixtral-down-4096tok": (4096 * 2, 14336, 4096, 8),  # Mixtral 8x7B's w2: 8 experts, top-2
     "qwen3moe-up-2048tok": (2048 * 8, 2048, 1536, 128),  # Qwen3-30B-A3B's gate_up: 128 experts, top-8
+    "mixtral-down-32tok": (32 * 2, 14336, 4096, 8),  # decoding 32 sequences
+    "qwen3moe-up-32tok": (32 * 8, 2048, 1536, 128),
 }
 DRY_RUN_SHAPES = {"tiny": (37, 64, 48, 3)}
-METHODS = ("dense", "roast", "roast-mat")
+METHODS = ("dense", "roast", "roast-mat", "dense-picked", "roast-picked")
+PICKED_GATHER_LIMIT = 16 * 2**30  # bytes: dense-picked gathers one (K, N) weight per row
 
 
 def parse_args(argv=None):
@@ -80,20 +89,31 @@ def run(args, save=lambda rows: None):
                 "dense": lambda x: torch._grouped_mm(x, dense_w, offs=offs),
                 "roast": lambda x: ops.roast_grouped_mm(x, memory, offs, args_list, scale, E),
                 "roast-mat": materialized,
+                "dense-picked": lambda x: torch.bmm(x.unsqueeze(1), dense_w[expert]).squeeze(1),
+                "roast-picked": lambda x: ops.roast_picked_mm(x, expert, memory, args_list, scale, E),
             }
+            errors = {}
             with torch.no_grad():  # a GPU miscompile must not pass as a fast kernel
-                fused = fns["roast"](x).float()
-                first = int(offs[0])  # expert 0's rows, against x @ its block of the view (torch indexing)
                 block = TileHash(*ops.column_windows(args_list, E)[0])
-                expected = x[:first].float() @ reference_view(memory.detach().float(), block, scale)
-                rel_err = ((fused[:first] - expected).abs().max()
-                           / expected.abs().max().clamp_min(1e-30)).item() if first else 0.0
-            if rel_err > 2e-2:
-                print(f"WARNING: {name} at {factor:g}x: roast_grouped_mm differs from x @ expert 0's materialized "
-                      f"block by {rel_err:.3g} (relative)", file=sys.stderr)
+                expert0 = reference_view(memory.detach().float(), block, scale)
+                first = int(offs[0])  # the grouped methods: expert 0's rows are the first offs[0]
+                picked = (expert == 0).nonzero().squeeze(1)  # the picked ones: the rows whose id is 0
+                for method, rows0 in (("roast", torch.arange(first, device=device)), ("roast-picked", picked)):
+                    if method not in args.method_list or not len(rows0):
+                        continue
+                    fused = fns[method](x).float()[rows0]
+                    expected = x[rows0].float() @ expert0  # against x @ its block of the view (torch indexing)
+                    errors[method] = ((fused - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+                    if errors[method] > 2e-2:
+                        print(f"WARNING: {name} at {factor:g}x: {method} differs from x @ expert 0's materialized "
+                              f"block by {errors[method]:.3g} (relative)", file=sys.stderr)
             for method in args.method_list:
                 row = dict(shape=name, S=S, K=K, N=N, experts=E, compression=factor, memory_size=size,
-                           tile=list(tile), method=method, fused_vs_reference_rel_err=rel_err)
+                           tile=list(tile), method=method, fused_vs_reference_rel_err=errors.get(method))
+                gathered = S * K * N * x.element_size()
+                if method == "dense-picked" and gathered > PICKED_GATHER_LIMIT:
+                    rows.append(dict(row, error=f"skipped: W[ids] would gather {gathered / 2**30:.0f} GiB"))
+                    continue
                 try:
                     fwd, fwd_bwd = time_forward_backward(bench, fns[method], x, dy, args.warmup, args.rep,
                                                          params=(memory, dense_w))

@@ -208,15 +208,16 @@ def run_script(script: str, parse_args, run, print_table, argv=None, prefix: str
 
 def print_timing_table(rows, shape_width: int = 22) -> None:
     """The table the GEMM timing scripts print: per row its shape, compression, method, forward and forward +
-    backward ms and TFLOP/s; a row with an ``error`` (a method that failed) says so instead."""
-    header = (f"{'shape':<{shape_width}}{'comp':>7}{'method':>11}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}"
+    backward ms and TFLOP/s; a row with an ``error`` (a method that failed, or was skipped) says so instead."""
+    width = max([11] + [len(r["method"]) + 1 for r in rows])
+    header = (f"{'shape':<{shape_width}}{'comp':>7}{'method':>{width}}{'fwd ms':>10}{'fwd TF/s':>10}{'f+b ms':>10}"
               f"{'f+b TF/s':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        lead = f"{r['shape']:<{shape_width}}{r['compression']:>6g}x{r['method']:>11}"
+        lead = f"{r['shape']:<{shape_width}}{r['compression']:>6g}x{r['method']:>{width}}"
         if "error" in r:
-            print(f"{lead}  failed: {r['error'][:60]}")
+            print(f"{lead}  {'' if r['error'].startswith('skipped') else 'failed: '}{r['error'][:60]}")
             continue
         print(f"{lead}{r['forward_ms']:>10.3f}{r['forward_tflops']:>10.1f}{r['forward_backward_ms']:>10.3f}"
               f"{r['forward_backward_tflops']:>10.1f}")

@@ -18,7 +18,7 @@ from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .hashing import PRIME, TileHash
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
-__all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_embedding", "roast_conv", "embedding_bag_of_rows",
+__all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv", "embedding_bag_of_rows",
            "mapping_args", "use_triton"]
 
 
@@ -355,6 +355,21 @@ def _(grad, x, memory, offs, mapping, scale, groups, flip, grad_norm):
 
 
 roast_grouped_mm.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+
+
+def roast_picked_mm(x: torch.Tensor, group: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                    groups: int, transpose_view: bool = False, grad_norm: bool = False) -> torch.Tensor:
+    """Row r of ``x`` (rows, K) times B_g of its own group g = ``group[r]`` (B_g^T when transpose_view): what
+    ``bmm(x.unsqueeze(1), W[group])`` computes by gathering one stacked weight per row (transformers'
+    ``batched_mm`` experts), here with no weight gathered. The rows are sorted by group (a stable sort, on the
+    device: no host sync), run through one ``roast_grouped_mm`` and put back in their order. Plain torch ops
+    around the custom op, so autograd, dynamo and AOTAutograd trace it."""
+    group = group.long()
+    order = torch.argsort(group, stable=True)
+    offs = group.new_zeros(groups).scatter_add(0, group, torch.ones_like(group)).cumsum(0)
+    out = torch.ops.roastfx.roast_grouped_mm(x.index_select(0, order), memory, offs, mapping, scale, groups,
+                                             transpose_view=transpose_view, grad_norm=grad_norm)
+    return out.index_select(0, torch.argsort(order))
 
 
 def _row_memory_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHash, scale: float,

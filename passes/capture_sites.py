@@ -106,6 +106,7 @@ _STACKED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}  # read whole, l
 _WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d"}
 _BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
+_MATMUL_FAMILY = {"mm", "matmul", "bmm", "mv", "addmm", "baddbmm", "addmv"}  # operands by position: x @ W or W @ x
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -126,7 +127,10 @@ def _consumer_use(name: str, position: int | None, transposes: int, indexed: boo
     if not (indexed or name in _STACKED):
         return op, transposed ^ bool(transposes % 2)
     if ndim == 3 and op in ("linear", "matmul"):
-        return GROUPED, transposed ^ bool(transposes % 2)
+        # the view's rows are what each group's GEMM contracts: a group multiplied from the left (W[ids] @ x,
+        # transformers' batched_mm experts) is read transposed, so the layout is the grouped GEMM's
+        left = name in _MATMUL_FAMILY and position == (1 if name in _BIAS_FIRST else 0)
+        return GROUPED, transposed ^ bool(transposes % 2) ^ left
     return op, False  # part of a weight (a slice of a fused projection): laid out as stored
 
 

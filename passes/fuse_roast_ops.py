@@ -8,6 +8,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
     grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
+    bmm(W[ids], x), bmm(x, W[ids])            -> roast_picked_mm: the rows sorted by ids, one roast_grouped_mm
     conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
     conv_transpose1d/2d/3d(x, W, b, ...)      -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .weight_reads import (einsum_as_matmul, example_shape, final_users, grouped_read, is_chain_step, is_materialize,
-                           op_name, reads_memory, weight_read)
+from .weight_reads import (einsum_as_matmul, example_shape, final_users, gathered_read, grouped_read, is_chain_step,
+                           is_materialize, op_name, reads_memory, weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -265,6 +266,55 @@ def _fuse_grouped(graph, node) -> SiteUse | None:
     graph.erase_node(node)
     return SiteUse(fused.name, True, f"roast_grouped_mm ({read.groups} groups" + (", x @ V_g^T" if read.transposed
                                                                                     else "") + f") from {name}"
+                   + _norm_note(read))
+
+
+def _fuse_gathered(graph, node) -> SiteUse | None:
+    """``bmm(W[ids], x)`` or ``bmm(x, W[ids])`` (also matmul, ``@``): each batch entry s multiplied by the stacked
+    weight that ``ids[s]`` picks from a grouped site (transformers' ``batched_mm`` experts) -> ``roast_picked_mm``
+    over x's rows (each of its ``rows`` rows per entry with the entry's group): no weight is gathered per row."""
+    if not (node.op == "call_function" and node.target in _MATMUL or node.op == "call_method"
+            and node.target in _MATMUL_METHODS) or len(node.args) != 2 or node.kwargs:
+        return None
+    name = op_name(node).strip("_")
+    picked = [gathered_read(a) for a in node.args]
+    if picked == [None, None]:
+        return None
+    left = picked[0] is not None  # the picked weights are the left operand: out[s] = W_s @ x[s]
+    (read, ids), selected, x = picked[0] or picked[1], node.args[1 - left], node.args[left]
+    shapes = [example_shape(a) for a in (selected, x, node)]
+    if any(s is None or len(s) != 3 for s in shapes) or name == "mm":
+        return SiteUse(node.name, False, f"{name} of weights picked per row ({selected.name}) is fused for 3-D "
+                                         "operands only (one picked weight per batch entry)")
+    if len(selected.users) > 1 or _shared(read, name):
+        return SiteUse(node.name, False, _shared(read, name) or f"{name}: the picked weights have other users")
+    rows = shapes[1][2] if left else shapes[1][1]  # x[s] is (K, rows) on the right of W_s, else (rows, K)
+    if not isinstance(rows, int):
+        return SiteUse(node.name, False, f"{name} of weights picked per row with a dynamic row count per pick")
+    why, x, _ = _compute_inputs(graph, node, read, x, None, name)
+    if why:
+        return SiteUse(node.name, False, why)
+    from roastfx.codegen.ops import roast_picked_mm
+
+    memory, mapping, scale = read.materialize.args
+    # a picked weight is B_g or B_g^T (read.transposed); x[s] @ W_s, or (x[s]^T @ W_s^T)^T when W_s is on the left
+    flip = read.transposed != left
+    with graph.inserting_before(node):
+        tokens = graph.call_method("transpose", (x, 1, 2)) if left else x  # (S, rows, K)
+        flat = graph.call_method("reshape", (tokens, -1, shapes[1][1 if left else 2]))
+        group = graph.call_method("reshape", (graph.call_method("expand", (  # each flat row's group
+            graph.call_method("unsqueeze", (ids, 1)), -1, rows)), -1))
+        fused = graph.call_function(roast_picked_mm, (flat, group, memory, list(mapping), scale, read.groups),
+                                    ({"transpose_view": True} if flip else {}) | _norm_kwargs(read))
+        out = graph.call_method("reshape", (fused, -1, rows, shapes[2][1 if left else 2]))
+        if left:
+            out = graph.call_method("transpose", (out, 1, 2))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    graph.erase_node(selected)
+    return SiteUse(fused.name, True, f"roast_picked_mm ({read.groups} groups" + (", x @ V_g^T" if flip else "")
+                   + f") from {name} of weights picked per row: the rows sorted by group, one roast_grouped_mm"
                    + _norm_note(read))
 
 
@@ -500,7 +550,7 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
     return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
 
 
-_FUSERS = (_fuse_matmul, _fuse_grouped, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention,
+_FUSERS = (_fuse_matmul, _fuse_grouped, _fuse_gathered, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention,
            _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
@@ -536,7 +586,7 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
                     uses.append(use)
                 else:
                     for arg in node.all_input_nodes:
-                        read = weight_read(arg)
+                        read = weight_read(arg) or (gathered_read(arg) or (None,))[0]
                         if read is not None:
                             reasons[read.materialize] = use.why
             break

@@ -200,6 +200,28 @@ def grouped_read(weight) -> GroupedRead | None:
     return GroupedRead(node, groups, axes == ["g", "n", "k"], chain, norm, cast)
 
 
+def gathered_read(node) -> tuple[GroupedRead, torch.fx.Node] | None:
+    """(the grouped read, ids) when ``node`` picks one stacked weight per row, ``W[ids]`` or
+    ``W.index_select(0, ids)`` with ids a 1-D integer tensor (transformers' ``batched_mm`` experts), W a grouped
+    site's read; else None."""
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method") or node.kwargs:
+        return None
+    name = op_name(node)
+    if name == "getitem" and len(node.args) == 2:
+        weight, ids = node.args
+        if isinstance(ids, (tuple, list)) and len(ids) == 1:
+            ids = ids[0]
+    elif name == "index_select" and len(node.args) == 3 and node.args[1] == 0:
+        weight, _, ids = node.args
+    else:
+        return None
+    val = ids.meta.get("example_value") if isinstance(ids, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or val.dtype.is_floating_point or val.dtype == torch.bool:
+        return None
+    read = grouped_read(weight)
+    return None if read is None else (read, ids)
+
+
 def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
     """For a two-operand einsum whose operand ``weight_index`` is a 2-D W: False when it computes
     x @ W (contracting x's last dim with W's first), True when x @ W.T, None otherwise."""

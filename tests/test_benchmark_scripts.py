@@ -22,13 +22,14 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     ("bench_models.py", ["--dry-run", "--compression", "100", "--steps", "1", "--warmup", "1"],
      ["bert-tiny", "gpt2-tiny", "dense-compile", "roast-100x", "train x"]),
     ("sweep_configs.py", ["--dry-run"], ["*32x32x32 w1 s1", "blk/SM", "x dense"]),
-    ("bench_moe.py", ["--dry-run"], ["tiny", "dense", "roast", "roast-mat"]),
+    ("bench_moe.py", ["--dry-run"], ["tiny", "dense", "roast", "roast-mat", "dense-picked", "roast-picked"]),
 ])
 def test_benchmark_dry_run(script, args, expect):
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "WARNING" not in done.stderr, done.stderr[-2000:]  # the scripts' checks of the fused kernels' results
     for word in expect:
         assert word in done.stdout, (word, done.stdout[-2000:])
 

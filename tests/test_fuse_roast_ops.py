@@ -763,6 +763,8 @@ class GroupedExperts(torch.nn.Module):
         self.up = torch.nn.Parameter(torch.randn(experts, h, d) / 4)
         self.down = torch.nn.Parameter(torch.randn(experts, h, d) / 5)
         self.experts, self.grouped_mm = experts, grouped_mm
+        if grouped_mm is _transformers_grouped_mm:  # registers the op; not in forward: torch 2.11's dynamo breaks
+            import transformers.integrations.moe  # noqa: F401  the graph at an import of transformers' lazy modules
 
     def forward(self, x):
         prob, expert = torch.softmax(self.router(x), -1).max(-1)
@@ -775,8 +777,6 @@ class GroupedExperts(torch.nn.Module):
 
 
 def _transformers_grouped_mm(x, w, offs):
-    from transformers.integrations import moe  # registers transformers::grouped_mm_fallback
-
     return torch.ops.transformers.grouped_mm_fallback(x, w, offs=offs)
 
 
@@ -822,3 +822,76 @@ def test_grouped_gemm_over_stacked_experts_fuses(grouped_mm, dtype, path, monkey
     source = "_grouped_mm" if grouped_mm is not _transformers_grouped_mm else "grouped_mm_fallback"  # dynamo: F's
     assert sorted(u.why for u in uses if "grouped" in u.why) == [f"roast_grouped_mm (3 groups) from {source}"] * 2
     assert all(u.fused for u in uses), [u.why for u in uses]
+
+
+class PickedExperts(torch.nn.Module):
+    """Top-2 mixture of experts that picks each row's stacked weight by index and multiplies in one bmm, as
+    transformers' ``batched_mm`` experts do: ``up`` stored (experts, out, in) and multiplied from the left
+    (W[ids] @ x), ``down`` stored (experts, in, out) and from the right (x @ W[ids]); ``rows`` rows per pick."""
+
+    def __init__(self, experts=3, d=16, h=24, rows=1):
+        super().__init__()
+        self.router = torch.nn.Linear(d, experts)
+        self.up = torch.nn.Parameter(torch.randn(experts, h, d) / 4)
+        self.down = torch.nn.Parameter(torch.randn(experts, h, d) / 5)
+        self.rows = rows
+
+    def forward(self, x):  # x: (tokens, rows, d)
+        prob, expert = torch.softmax(self.router(x.mean(1)), -1).topk(2, -1)
+        ids = expert.reshape(-1)
+        picked = x.repeat_interleave(2, dim=0)  # (tokens * 2, rows, d)
+        h = torch.relu(torch.bmm(self.up[ids], picked.transpose(1, 2)))  # (tokens * 2, h, rows)
+        y = torch.bmm(h.transpose(1, 2), self.down.index_select(0, ids))  # (tokens * 2, rows, d)
+        return (y.reshape(x.shape[0], 2, self.rows, -1) * prob[:, :, None, None]).sum(1)
+
+
+@pytest.mark.parametrize("path,dtype", [("reference", torch.float64), ("triton", torch.float32)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_weights_picked_per_row_fuse_into_a_grouped_gemm(path, dtype, rows, monkeypatch):
+    """``bmm(W[ids], x)`` and ``bmm(x, W.index_select(0, ids))`` over a grouped site become one roast_grouped_mm
+    each (the rows sorted by expert, then put back), with no weight gathered per row; compiled equals eager,
+    gradients included. Both stacked weights get the grouped GEMM's layout: each expert's view block contracts
+    with x, whichever side the expert multiplies from."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(11, rows, 16, dtype=dtype)  # 22 picks over 3 experts: uneven groups
+    model = roastfx.compress(PickedExperts(rows=rows).to(dtype), "2x", example_inputs=(x,), init="random",
+                             memory_dtype=str(dtype)[6:])
+    sites = {s.name: s for s in roastfx.roast_state(model).plan.sites}
+    assert [(sites[n].op, sites[n].transposed, sites[n].mapping.rows) for n in ("up", "down")] == [
+        ("grouped", True, 16), ("grouped", False, 24)]
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    eager = model(x)
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.square().mean().backward()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=tol, rtol=tol)
+    assert sorted(u.why for u in uses if "picked" in u.why) == [
+        "roast_picked_mm (3 groups) from bmm of weights picked per row: the rows sorted by group, one "
+        "roast_grouped_mm"] * 2
+    assert all(u.fused for u in uses), [u.why for u in uses]
+
+
+def test_weights_picked_per_row_and_read_again_keep_their_materialize(monkeypatch):
+    """A picked weight with a second reader is not rewritten (the fused op would not replace it): it keeps the
+    materialize, and says why."""
+
+    class Twice(PickedExperts):
+        def forward(self, x):
+            ids = self.router(x.mean(1)).argmax(-1)
+            w = self.up[ids]
+            return torch.bmm(w, x.transpose(1, 2)).sum() + w.sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(7, 1, 16, dtype=torch.float64)
+    model = roastfx.compress(Twice().double(), "2x", example_inputs=(x,), init="random", memory_dtype="float64")
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    torch.testing.assert_close(out, model(x))
+    assert [u.why for u in uses if not u.fused] == ["bmm: the picked weights have other users"]
