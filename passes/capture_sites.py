@@ -76,10 +76,12 @@ def module_weight_attrs(module: nn.Module) -> list[tuple[str, str, bool]]:
 
 
 _VIEW_OPS = {
-    "t", "transpose", "permute", "T", "mT", "view", "reshape", "expand", "_to_copy", "to", "contiguous",
+    "t", "transpose", "permute", "T", "mT", "numpy_T", "view", "reshape", "expand", "_to_copy", "to", "contiguous",
     "detach", "alias", "clone", "unsqueeze", "squeeze", "type_as", "_unsafe_view", "lift_fresh_copy",
+    "type", "float", "double", "half", "bfloat16",  # casts as tensor methods (dynamo's graphs)
 }
-_TRANSPOSE_OPS = {"t", "transpose", "permute", "T", "mT"}  # T, mT: the properties (an eager run sees them)
+# T, mT: the properties (an eager run sees them; dynamo's graph holds getattr calls, export's aten.numpy_T, aten.mT)
+_TRANSPOSE_OPS = {"t", "transpose", "permute", "T", "mT", "numpy_T"}
 # ops that pick part of a weight (one expert of a stacked (experts, out, in) parameter): a weight that reaches
 # a consumer through one of these is read as a whole and indexed, so its view is laid out as stored
 # (transposed=False: rows along the leading, stacked axis)
@@ -147,8 +149,11 @@ def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed
     for user in node.users:
         if user.op not in ("call_function", "call_method") or depth > 8:
             continue
-        # dynamo's graphs hold tensor methods as call_method nodes (w.transpose(-2, -1)); export's, aten calls
+        # dynamo's graphs hold tensor methods as call_method nodes (w.transpose(-2, -1)) and the properties w.T,
+        # w.mT as getattr calls; export's, aten calls
         name = user.target if user.op == "call_method" else _op_name(user)
+        if user.target is getattr and len(user.args) == 2 and user.args[1] in ("T", "mT"):
+            name = user.args[1]
         if name in _CONSUMERS:
             use = _consumer_use(name, next((i for i, a in enumerate(user.args) if a is node), None), transposes,
                                 indexed, ndim)

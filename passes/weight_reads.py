@@ -2,11 +2,12 @@
 
 In dynamo's graph of a compressed model a weight is ``roastfx::materialize``
 (the site's B view V, (rows, cols)) followed by ops that rebuild the dense
-weight: reshape/view, t/transpose/permute, expand/unsqueeze; with
+weight: reshape/view, t/transpose/permute/.T/.mT, expand/unsqueeze; with
 ``grad_scaling="site"`` also ``roastfx::site_grad_norm`` (identity forward; its
-backward divides the view's gradient by its RMS); and a cast ``.to(dtype)`` where the
-weight is read in another dtype than the memory's (``memory_dtype="float32"`` under a
-bfloat16 model), which a roast op computing in its input's dtype does itself. ``weight_read`` replays that
+backward divides the view's gradient by its RMS); and a cast (``.to(dtype)``, ``.type(dtype)``,
+``.float()`` ...) where the weight is read in another dtype than the memory's (``memory_dtype="float32"``
+under a bfloat16 model; a router computing in float32), which a roast op computing in its input's dtype does
+itself. ``weight_read`` replays that
 chain and says what the weight is in terms of V, and whether the roast op must
 normalize the gradient (its ``grad_norm`` flag), which is what a rewrite into a
 roast op needs to know.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 _RESHAPE = {"reshape", "view"}
-_TRANSPOSE = {"t", "transpose", "permute"}
+_TRANSPOSE = {"t", "transpose", "permute", "T", "mT"}
 _BROADCAST = {"expand", "unsqueeze"}
 _IDENTITY = {"contiguous"}
 CHAIN_OPS = _RESHAPE | _TRANSPOSE | _BROADCAST | _IDENTITY  # ops that rebuild a weight from its view
@@ -60,9 +61,18 @@ def is_site_grad_norm(node) -> bool:
         return False
 
 
+_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
 def cast_dtype(node) -> torch.dtype | None:
-    """The dtype of a pure dtype cast ``t.to(dtype)`` (no device, copy or memory format), else None."""
-    if node.op != "call_method" or node.target != "to" or len(node.args) != 2 or node.kwargs:
+    """The dtype of a pure dtype cast, ``t.to(dtype)`` or ``t.type(dtype)`` (no device, copy or memory format),
+    ``t.float()``, ``t.double()``, ``t.half()`` or ``t.bfloat16()``, else None."""
+    if node.op != "call_method" or node.kwargs:
+        return None
+    if node.target in _CAST_METHODS and len(node.args) == 1:
+        return _CAST_METHODS[node.target]
+    if node.target not in ("to", "type") or len(node.args) != 2:
         return None
     return node.args[1] if isinstance(node.args[1], torch.dtype) else None
 
@@ -75,9 +85,15 @@ def is_chain_step(node) -> bool:
 
 
 def op_name(node) -> str:
+    """The op a node calls; the transposing properties ``w.T`` and ``w.mT`` (a ``getattr`` call in dynamo's
+    graph) as "T" and "mT"."""
     if node.op == "call_method":
         return node.target
-    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    if node.op != "call_function":
+        return ""
+    if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        return node.args[1]
+    return getattr(node.target, "__name__", "")
 
 
 def example_shape(node) -> tuple | None:
@@ -86,8 +102,8 @@ def example_shape(node) -> tuple | None:
 
 
 def _swaps_2d(node) -> bool:
-    """t(), transpose(a, b) or permute(1, 0) of a 2-D tensor: does it swap the two dims?"""
-    if node.target == "t" or op_name(node) == "t":
+    """t(), .T, .mT, transpose(a, b) or permute(1, 0) of a 2-D tensor: does it swap the two dims?"""
+    if node.target == "t" or op_name(node) in ("t", "T", "mT"):
         return True
     dims = [d for a in node.args[1:] for d in (a if isinstance(a, (list, tuple)) else (a,))]
     if op_name(node) == "transpose":
@@ -185,6 +201,8 @@ def grouped_read(weight) -> GroupedRead | None:
                 sizes.update(g=out[1], n=out[2])
             elif out != tuple(sizes[a] for a in axes):
                 return None
+        elif name in ("T", "mT") and len(axes) == 3:  # .T reverses the dims, .mT swaps the last two
+            axes = axes[::-1] if name == "T" else [axes[0], axes[2], axes[1]]
         elif name in ("transpose", "permute") and len(axes) == 3:
             dims = [d % 3 for d in _dims(step)]
             if name == "transpose" and len(dims) == 2:

@@ -101,6 +101,25 @@ def mixtral_batched_mm():
     return model
 
 
+def falcon():
+    """Falcon's linear layers compute ``x @ self.weight.T`` (the property: a getattr in dynamo's graph)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+
+
+def deepseek_v3():
+    """Multi-head latent attention (low-rank q and kv projections), a dense first layer, then shared experts
+    beside routed ones whose router computes in float32 (``weight.type(torch.float32)``)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=32))
+
+
 def whisper():
     """Speech encoder-decoder: conv1d stem over mel features, cross-attention."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -177,6 +196,8 @@ CASES = {
     "whisper": (whisper, lambda: ((), {"input_features": torch.randn(2, 8, 32, generator=_gen()),
                                        "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=_gen())})),
     "qwen3-moe": (qwen3_moe, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "falcon": (falcon, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "deepseek-v3": (deepseek_v3, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "albert": (albert, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "wav2vec2": (wav2vec2, lambda: ((), {"input_values": torch.randn(2, 400, generator=_gen())})),
     "mamba": (mamba, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
@@ -191,7 +212,9 @@ TRACED = {"mixtral": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.expe
           "mixtral-batched-mm": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
                                  "model.layers.0.mlp.experts.down_proj"],
           "qwen3-moe": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
-                        "model.layers.0.mlp.experts.down_proj"]}
+                        "model.layers.0.mlp.experts.down_proj"],
+          "deepseek-v3": ["model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj",
+                          "model.layers.1.mlp.experts.down_proj"]}
 
 
 # (fused reads, all reads) the backend reports. Compressed RNNs run step by step under dynamo (roastfx/rnn.py):
@@ -203,6 +226,9 @@ FUSED = {
     # and so is its batched_mm's bmm over each token's picked experts (the tokens sorted by expert)
     "mixtral": (9, 9), "mixtral-batched-mm": (9, 9), "qwen3-moe": (9, 9), "albert": (18, 18), "wav2vec2": (10, 10),
     "convnext": (9, 9),
+    # Falcon reads each weight as .T (a transposing step of the read, like .t()); DeepSeek-V3's router casts
+    # its weight with .type(torch.float32), as it casts its input: the roast op computes in float32 itself
+    "falcon": (6, 6), "deepseek-v3": (21, 21),
     # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own: read whole. (Its dt_proj
     # weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
     "mamba": (6, 7),
@@ -239,8 +265,8 @@ def test_compiled_equals_eager(name, monkeypatch):
     sites = {s.name for s in roastfx.roast_state(model).plan.sites}
     assert set(TRACED.get(name, ())) <= sites
     experts = [s for s in roastfx.roast_state(model).plan.sites if ".experts." in s.name]
-    assert all(s.op == "grouped" and s.transposed for s in experts) and len(experts) == 2 * ("moe" in name or
-                                                                                            "mixtral" in name)
+    assert all(s.op == "grouped" and s.transposed for s in experts) and len(experts) == 2 * (
+        "moe" in name or "mixtral" in name or name == "deepseek-v3")
     eager = _output(model(*args, **kwargs))
     eager.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

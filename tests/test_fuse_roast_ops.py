@@ -895,3 +895,43 @@ def test_weights_picked_per_row_and_read_again_keep_their_materialize(monkeypatc
     out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
     torch.testing.assert_close(out, model(x))
     assert [u.why for u in uses if not u.fused] == ["bmm: the picked weights have other users"]
+
+
+class PropertyReads(torch.nn.Module):
+    """Weights read through the transposing properties (``w.T``, ``w.mT``: getattr calls in dynamo's graph) and
+    cast by tensor methods (``.float()``, ``.type(dtype)``), as Falcon's linear layers and DeepSeek's router
+    read theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(24, 16) / 4)
+        self.v = torch.nn.Parameter(torch.randn(20, 24) / 5)
+        self.r = torch.nn.Parameter(torch.randn(5, 20) / 4)
+        self.s = torch.nn.Parameter(torch.randn(20, 3) / 4)
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.w.T)
+        h = torch.tanh(h @ self.v.mT)
+        logits = F.linear(h.float(), self.r.float()).double()
+        return logits.sum(-1, keepdim=True) + torch.matmul(h.type(torch.float32), self.s.type(torch.float32))
+
+
+def test_weights_read_through_properties_and_cast_methods_fuse(monkeypatch):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    model = roastfx.compress(PropertyReads().double(), "2x", example_inputs=(x,), init="random",
+                             memory_dtype="float64")
+    assert [(s.name, s.transposed) for s in roastfx.roast_state(model).plan.sites] == [
+        ("w", True), ("v", True), ("r", True), ("s", False)]
+    eager = model(x)
+    eager.square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)  # two GEMMs in float32
+    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-5, rtol=1e-5)
+    # w and v are laid out transposed (V = W^T), so x @ W.T and x @ W.mT read V as it is
+    assert sorted(u.why for u in uses) == ["roast_linear from linear"] + ["roast_linear from matmul"] * 3
