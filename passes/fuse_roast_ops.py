@@ -7,6 +7,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
 
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
     einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
+    einsum of an n-D W equal to one GEMM      -> roast_linear over x's contracted dims flattened ("ibh,hnd->ibnd")
     grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
     bmm(W[ids], x), bmm(x, W[ids])            -> roast_picked_mm: the rows sorted by ids, one roast_grouped_mm
     conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import operator
 from dataclasses import dataclass
 
@@ -36,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .weight_reads import (einsum_as_matmul, example_shape, final_users, gathered_read, grouped_read, is_chain_step,
-                           is_materialize, op_name, reads_memory, weight_read)
+from .weight_reads import (einsum_as_matmul, einsum_blocks, example_shape, final_users, gathered_read, grouped_read,
+                           is_chain_step, is_materialize, op_name, reads_memory, weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -194,6 +196,49 @@ def _fuse_matmul(graph, node) -> SiteUse | None:
     graph.erase_node(node)
     return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}"
                    + _norm_note(read))
+
+
+def _fuse_einsum_blocks(graph, node) -> SiteUse | None:
+    """A two-operand einsum over an n-D weight that is one GEMM (``weight_reads.einsum_blocks``: XLNet's and
+    Funnel's (d_model, heads, head_dim) projections) -> x's contracted dims flattened, roast_linear, the
+    result's last dim unflattened. Other einsums are left to ``_fuse_matmul``, which says why they stay."""
+    if node.op != "call_function" or node.target not in _EINSUM:
+        return None
+    equation, operands = _einsum_operands(node)
+    if len(operands) != 2 or not isinstance(equation, str):
+        return None
+    for i in (1, 0):
+        read = weight_read(operands[i])
+        if read is None or len(read.shape) < 3 or read.broadcast:
+            continue
+        rows = read.mapping[1] if read.transposed else read.mapping[0]  # the weight is (V or V^T).reshape(shape)
+        split = next((k for k in range(1, len(read.shape)) if math.prod(read.shape[:k]) == rows), 0)
+        blocks = einsum_blocks(equation, i, read.shape, split)
+        if blocks is None:
+            return None
+        op = f"einsum {equation!r}"
+        if _shared(read, op):
+            return SiteUse(node.name, False, _shared(read, op))
+        why, x, _ = _compute_inputs(graph, node, read, operands[1 - i], None, op)
+        if why:
+            return SiteUse(node.name, False, why)
+        # x2 @ M or x2 @ M^T, with M = V^T when the weight is built from V^T, else V
+        flip = read.transposed != blocks.transposed
+        memory, mapping, scale = read.materialize.args
+        with graph.inserting_before(node):
+            if blocks.contracted > 1:
+                x = graph.call_method("flatten", (x, -blocks.contracted))
+            out = fused = graph.call_function(torch.ops.roastfx.roast_linear.default,
+                                              (x, memory, list(mapping), scale, None),
+                                              ({"transpose_view": True} if flip else {}) | _norm_kwargs(read))
+            if len(blocks.kept) > 1:
+                out = graph.call_method("unflatten", (fused, -1, blocks.kept))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}, the "
+                       f"{len(read.shape)}-D weight as a matrix" + _norm_note(read))
+    return None
 
 
 def _fuse_left_matmul(graph, node, read, y, op: str) -> SiteUse:
@@ -550,8 +595,8 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
     return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
 
 
-_FUSERS = (_fuse_matmul, _fuse_grouped, _fuse_gathered, _fuse_conv, _fuse_conv_transpose, _fuse_embedding, _fuse_attention,
-           _fuse_encoder_layer)
+_FUSERS = (_fuse_einsum_blocks, _fuse_matmul, _fuse_grouped, _fuse_gathered, _fuse_conv, _fuse_conv_transpose,
+           _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {

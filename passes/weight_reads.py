@@ -260,6 +260,40 @@ def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
     return w[1] == contracted
 
 
+@dataclass
+class EinsumBlocks:
+    """An einsum of x with an n-D weight W that is one GEMM: x's trailing ``contracted`` dims flattened, times
+    the matrix M = W.reshape(prod(W's first ``split`` dims), prod(the rest)) (``transposed``: times M^T), the
+    result's last dim unflattened to ``kept``."""
+
+    contracted: int
+    transposed: bool
+    kept: tuple
+
+
+def einsum_blocks(equation: str, weight_index: int, shape: tuple, split: int) -> EinsumBlocks | None:
+    """For a two-operand einsum whose operand ``weight_index`` is a weight of ``shape``: whether it contracts
+    exactly W's first ``split`` dims or exactly the others, in W's order, with x's last dims, keeping W's other
+    dims last in the output (``"ibh,hnd->ibnd"``, ``"ibnd,hnd->ibh"``: XLNet's and Funnel's (d_model, heads,
+    head_dim) projections), and nothing else shared: then an ``EinsumBlocks``, else None."""
+    eq = equation.replace(" ", "").replace("...", "*")
+    if "->" not in eq or not 0 < split < len(shape):
+        return None
+    inputs, out = eq.split("->")
+    specs = inputs.split(",")
+    if len(specs) != 2:
+        return None
+    w, x = specs[weight_index], specs[1 - weight_index]
+    if len(w) != len(shape) or "*" in w or len(set(w)) != len(w) or len(set(x)) != len(x) or len(set(out)) != len(out):
+        return None
+    for contracted, kept, transposed in ((w[:split], w[split:], False), (w[split:], w[:split], True)):
+        prefix = x[:len(x) - len(contracted)]
+        if x.endswith(contracted) and out == prefix + kept and not set(prefix) & set(w):
+            sizes = tuple(shape[w.index(c)] for c in kept)
+            return EinsumBlocks(len(contracted), transposed, sizes)
+    return None
+
+
 def final_users(node) -> list:
     """The users of a weight after the reshape/transpose chain that rebuilds it."""
     out = []

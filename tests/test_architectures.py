@@ -120,6 +120,14 @@ def deepseek_v3():
         qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=32))
 
 
+def xlnet():
+    """Two-stream relative attention whose projections are (d_model, heads, head_dim) Parameters read by
+    einsum (``ibh,hnd->ibnd``, ``ibnd,hnd->ibh``)."""
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    return XLNetLMHeadModel(XLNetConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, d_inner=64))
+
+
 def whisper():
     """Speech encoder-decoder: conv1d stem over mel features, cross-attention."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -196,6 +204,7 @@ CASES = {
     "whisper": (whisper, lambda: ((), {"input_features": torch.randn(2, 8, 32, generator=_gen()),
                                        "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=_gen())})),
     "qwen3-moe": (qwen3_moe, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "xlnet": (xlnet, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "falcon": (falcon, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "deepseek-v3": (deepseek_v3, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "albert": (albert, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
@@ -213,6 +222,7 @@ TRACED = {"mixtral": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.expe
                                  "model.layers.0.mlp.experts.down_proj"],
           "qwen3-moe": ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
                         "model.layers.0.mlp.experts.down_proj"],
+          "xlnet": [f"transformer.layer.0.rel_attn.{w}" for w in "qkvor"],
           "deepseek-v3": ["model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj",
                           "model.layers.1.mlp.experts.down_proj"]}
 
@@ -229,6 +239,8 @@ FUSED = {
     # Falcon reads each weight as .T (a transposing step of the read, like .t()); DeepSeek-V3's router casts
     # its weight with .type(torch.float32), as it casts its input: the roast op computes in float32 itself
     "falcon": (6, 6), "deepseek-v3": (21, 21),
+    # XLNet's 3-D projection weights: each einsum over one is a GEMM over the weight as a matrix
+    "xlnet": (9, 9),
     # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own: read whole. (Its dt_proj
     # weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
     "mamba": (6, 7),

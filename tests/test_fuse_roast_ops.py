@@ -935,3 +935,53 @@ def test_weights_read_through_properties_and_cast_methods_fuse(monkeypatch):
     torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-5, rtol=1e-5)
     # w and v are laid out transposed (V = W^T), so x @ W.T and x @ W.mT read V as it is
     assert sorted(u.why for u in uses) == ["roast_linear from linear"] + ["roast_linear from matmul"] * 3
+
+
+class HeadProjections(torch.nn.Module):
+    """Attention projections stored (d_model, heads, head_dim) and applied by einsum, as XLNet's and Funnel's
+    are: q by ``ibh,hnd->ibnd``, the output by ``ibnd,hnd->ibh``, and one through an ellipsis."""
+
+    def __init__(self, d=12, heads=3, head=5):
+        super().__init__()
+        self.q = torch.nn.Parameter(torch.randn(d, heads, head) / 4)
+        self.o = torch.nn.Parameter(torch.randn(d, heads, head) / 4)
+        self.k = torch.nn.Parameter(torch.randn(d, heads, head) / 4)
+        self.seg = torch.nn.Parameter(torch.randn(2, heads, head) / 4)  # per-head: no single GEMM
+
+    def forward(self, x):
+        q = torch.einsum("ibh,hnd->ibnd", x, self.q)
+        k = torch.einsum("...h,hnd->...nd", x, self.k)
+        mixed = torch.tanh(q) * k
+        out = torch.einsum("ibnd,hnd->ibh", mixed, self.o)
+        return out + torch.einsum("ibnd,snd->ibns", mixed, self.seg).sum((-1, -2)).unsqueeze(-1)
+
+
+def test_einsum_over_a_weight_of_several_dims_is_one_gemm(monkeypatch):
+    """An einsum contracting all of a 3-D weight's leading dim, or all of its trailing dims, is x (its contracted
+    dims flattened) times the weight as a matrix: roast_linear, the result unflattened; compiled equals eager,
+    gradients included. An einsum batched over the weight's heads stays materialized, and says why."""
+    from roastfx.passes.weight_reads import einsum_blocks
+
+    assert einsum_blocks("ibh,hnd->ibnd", 1, (12, 3, 5), 1).kept == (3, 5)
+    assert einsum_blocks("ibnd,hnd->ibh", 1, (12, 3, 5), 1).transposed
+    assert einsum_blocks("ibnd,snd->ibns", 1, (2, 3, 5), 1) is None  # n is in x, W and the output
+    assert einsum_blocks("ibh,hnd->ibdn", 1, (12, 3, 5), 1) is None  # the kept dims out of W's order
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(7, 2, 12, dtype=torch.float64)
+    model = roastfx.compress(HeadProjections().double(), "2x", example_inputs=(x,), init="random",
+                             memory_dtype="float64")
+    eager = model(x)
+    eager.square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
+    assert sorted(u.why for u in uses) == [
+        "einsum 'ibnd,snd->ibns' is not x @ W or x @ W.T on x's last dim",
+        "roast_linear (x @ V^T) from einsum 'ibnd,hnd->ibh', the 3-D weight as a matrix",
+        "roast_linear from einsum '...h,hnd->...nd', the 3-D weight as a matrix",
+        "roast_linear from einsum 'ibh,hnd->ibnd', the 3-D weight as a matrix"], [u.why for u in uses]
