@@ -3,7 +3,7 @@
 ``roast_attention`` computes what ``F.multi_head_attention_forward`` computes for
 ``nn.MultiheadAttention`` without key/value biases, zero attention or static keys,
 with the three projections and the output projection as ``roast_linear`` ops, so
-neither projection weight is built. The in-projection view V (E, 3E) holds the
+neither projection weight is built (nor, with separate q, k and v weights, any of them). The in-projection view V (E, 3E) holds the
 q, k and v projections as three column windows: self-attention reads it whole,
 cross-attention reads each window on its own (``column_windows``) when the
 windows start on hash-tile boundaries, and otherwise slices the full projection.
@@ -28,8 +28,14 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim, grad_norm=False):
-    """q, k, v: each input through its third of the in-projection."""
+def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim, grad_norm=False, separate=None):
+    """q, k, v: each input through its third of the in-projection, or, with ``separate`` (three (mapping, scale,
+    transpose_view, grad_norm): q, k and v projection weights of their own, each a site), through its own
+    weight."""
+    if separate is not None:
+        biases = bias.split(embed_dim) if bias is not None else (None, None, None)
+        return tuple(roast_linear(x, memory, list(m), s, b, transpose_view=t, grad_norm=g)
+                     for x, (m, s, t, g), b in zip((query, key, value), separate, biases))
     if query is key and key is value:
         return roast_linear(query, memory, mapping, scale, bias, grad_norm=grad_norm).split(embed_dim, dim=-1)
     if grad_norm:
@@ -46,9 +52,12 @@ def _in_projection(query, key, value, memory, mapping, scale, bias, embed_dim, g
 def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[int], in_scale: float,
                     in_proj_bias, out_mapping: list[int], out_scale: float, out_proj_bias, dropout_p: float = 0.0,
                     training: bool = True, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
-                    average_attn_weights: bool = True, in_grad_norm: bool = False, out_grad_norm: bool = False):
+                    average_attn_weights: bool = True, in_grad_norm: bool = False, out_grad_norm: bool = False,
+                    separate: tuple | None = None):
     """(attn_output, attn_weights or None), sequence-first as ``F.multi_head_attention_forward``:
-    query (L, N, E) or unbatched (L, E); key and value (S, N, E) or (S, E)."""
+    query (L, N, E) or unbatched (L, E); key and value (S, N, E) or (S, E). ``separate``: the q, k and v
+    projections' own weights (``use_separate_proj_weight``: nn.MultiheadAttention with kdim/vdim, WavLM), each
+    (mapping, scale, transpose_view, grad_norm); in_mapping and in_scale are then unused."""
     batched = query.dim() == 3
     if not batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -57,7 +66,8 @@ def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[
     tgt_len, bsz, embed_dim = query.shape
     src_len = key.shape[0]
     head_dim = embed_dim // num_heads
-    q, k, v = _in_projection(query, key, value, memory, in_mapping, in_scale, in_proj_bias, embed_dim, in_grad_norm)
+    q, k, v = _in_projection(query, key, value, memory, in_mapping, in_scale, in_proj_bias, embed_dim, in_grad_norm,
+                             separate)
     q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)  # (N*H, L, D)
     k = k.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1)
     v = v.reshape(src_len, bsz * num_heads, head_dim).transpose(0, 1)

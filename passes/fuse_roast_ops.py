@@ -518,41 +518,52 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
         return None
     bound.apply_defaults()
     a = bound.arguments
-    reads = {name: weight_read(a[name]) for name in ("in_proj_weight", "out_proj_weight")}
+    separate = bool(a["use_separate_proj_weight"])
+    names = ("q_proj_weight", "k_proj_weight", "v_proj_weight") if separate else ("in_proj_weight",)
+    reads = {name: weight_read(a[name]) for name in (*names, "out_proj_weight")}
     if all(r is None for r in reads.values()):
         return None
     why = None
     if any(a[n] is not None for n in ("bias_k", "bias_v", "static_k", "static_v")) or a["add_zero_attn"]:
         why = "nn.MultiheadAttention with bias_k/bias_v, add_zero_attn or static keys is not decomposed"
-    elif a["use_separate_proj_weight"]:
-        why = "nn.MultiheadAttention with separate q/k/v projection weights (kdim/vdim) is not decomposed"
-    elif any(r is None or not r.transposed or not r.matrix or r.broadcast for r in reads.values()):
-        why = "nn.MultiheadAttention whose in and out projections are not both plain reads of compressed weights"
+    elif any(r is None or not r.matrix or r.broadcast for r in reads.values()) or not all(
+            reads[n].transposed for n in ("in_proj_weight", "out_proj_weight") if n in reads):
+        why = ("nn.MultiheadAttention whose projections are not all plain reads of compressed weights"
+               + (" (separate q/k/v weights)" if separate else ""))
     elif any(_shared(r, "nn.MultiheadAttention") for r in reads.values()):
         why = " / ".join(filter(None, (_shared(r, "nn.MultiheadAttention") for r in reads.values())))
     elif any(r.cast is not None for r in reads.values()):
         why = "nn.MultiheadAttention whose weights are read cast to another dtype is not decomposed"
-    elif reads["in_proj_weight"].materialize.args[0] is not reads["out_proj_weight"].materialize.args[0]:
+    elif len({id(r.materialize.args[0]) for r in reads.values()}) > 1:
         why = "nn.MultiheadAttention whose projections read different memories"
-    elif reads["in_proj_weight"].grad_norm and not a["query"] is a["key"] is a["value"]:
+    elif not separate and reads["in_proj_weight"].grad_norm and not a["query"] is a["key"] is a["value"]:
         why = ("nn.MultiheadAttention with distinct query/key/value inputs and grad_scaling='site': the q, k and v "
                "projections are separate roast ops, and the in-projection's gradient is normalized as a whole")
     if why is not None:
         return [SiteUse(node.name, False, why)]
     from roastfx.codegen.attention import roast_attention
 
-    (memory, in_mapping, in_scale), (_, out_mapping, out_scale) = (r.materialize.args for r in reads.values())
+    memory, out_mapping, out_scale = reads["out_proj_weight"].materialize.args
+    if separate:  # F.linear(x, W): x @ V when W = V^T (a Linear's layout), else x @ V^T
+        own = tuple((list(r.materialize.args[1]), r.materialize.args[2], not r.transposed, r.grad_norm)
+                    for r in (reads[n] for n in names))
+        in_args, in_norm = (None, None), False
+    else:
+        own, in_read = None, reads["in_proj_weight"]
+        in_args, in_norm = (list(in_read.materialize.args[1]), in_read.materialize.args[2]), in_read.grad_norm
     with graph.inserting_before(node):
         fused = graph.call_function(roast_attention, (
-            a["query"], a["key"], a["value"], a["num_heads"], memory, list(in_mapping), in_scale, a["in_proj_bias"],
+            a["query"], a["key"], a["value"], a["num_heads"], memory, *in_args, a["in_proj_bias"],
             list(out_mapping), out_scale, a["out_proj_bias"], a["dropout_p"], a["training"], a["key_padding_mask"],
-            a["need_weights"], a["attn_mask"], a["average_attn_weights"], reads["in_proj_weight"].grad_norm,
-            reads["out_proj_weight"].grad_norm))
+            a["need_weights"], a["attn_mask"], a["average_attn_weights"], in_norm,
+            reads["out_proj_weight"].grad_norm, own))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return [SiteUse(fused.name, True, "roast_attention: in-projection as roast_linear"),
-            SiteUse(fused.name, True, "roast_attention: out-projection as roast_linear")]
+    ins = [f"roast_attention: {n[0]} projection (its own weight) as roast_linear" for n in names] if separate else [
+        "roast_attention: in-projection as roast_linear"]
+    return [SiteUse(fused.name, True, why) for why in ins] + [
+        SiteUse(fused.name, True, "roast_attention: out-projection as roast_linear")]
 
 
 _ENCODER_WEIGHTS = {3: "qkv", 5: "proj", 14: "ffn1", 16: "ffn2"}  # argument positions of the fast path's weights

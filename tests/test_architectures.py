@@ -128,6 +128,16 @@ def xlnet():
     return XLNetLMHeadModel(XLNetConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, d_inner=64))
 
 
+def wavlm():
+    """Wav2Vec2's front end; attention through F.multi_head_attention_forward with its q, k and v Linears'
+    weights passed separately (use_separate_proj_weight=True), plus a gated relative position bias."""
+    from transformers import WavLMConfig, WavLMForCTC
+
+    return WavLMForCTC(WavLMConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                   num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2))
+
+
 def whisper():
     """Speech encoder-decoder: conv1d stem over mel features, cross-attention."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -204,6 +214,7 @@ CASES = {
     "whisper": (whisper, lambda: ((), {"input_features": torch.randn(2, 8, 32, generator=_gen()),
                                        "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=_gen())})),
     "qwen3-moe": (qwen3_moe, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
+    "wavlm": (wavlm, lambda: ((), {"input_values": torch.randn(2, 400, generator=_gen())})),
     "xlnet": (xlnet, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "falcon": (falcon, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "deepseek-v3": (deepseek_v3, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
@@ -241,6 +252,8 @@ FUSED = {
     "falcon": (6, 6), "deepseek-v3": (21, 21),
     # XLNet's 3-D projection weights: each einsum over one is a GEMM over the weight as a matrix
     "xlnet": (9, 9),
+    # WavLM's attention takes separate q/k/v weights: 4 reads in one roast_attention per layer
+    "wavlm": (12, 12),
     # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own: read whole. (Its dt_proj
     # weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
     "mamba": (6, 7),

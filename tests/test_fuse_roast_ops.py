@@ -626,6 +626,42 @@ def test_multihead_attention_fuses_through_the_backend(batch_first, monkeypatch)
     assert len(uses) == 4 and all(u.fused and u.why.startswith("roast_attention") for u in uses)
 
 
+@pytest.mark.parametrize("grad_scaling", ["none", "site"])
+def test_multihead_attention_with_separate_qkv_weights_fuses(grad_scaling, monkeypatch):
+    """kdim/vdim give nn.MultiheadAttention q, k and v projection weights of their own (WavLM passes its
+    Linears' weights the same way): each is a site and a roast_linear of its own inside roast_attention, each
+    normalizing its own gradient with grad_scaling="site"; compiled equals eager, gradients included."""
+
+    class Cross(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 4, kdim=10, vdim=6, batch_first=True)
+
+        def forward(self, x, k, v):
+            out, weights = self.attn(x, k, v)
+            return out, weights
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    x, k, v = (torch.randn(2, n, d, generator=gen, dtype=torch.float64) for n, d in ((5, 16), (7, 10), (7, 6)))
+    x.requires_grad_()
+    model = roastfx.compress(Cross().double(), "3x", init="random", seed=2, grad_scaling=grad_scaling,
+                             memory_dtype="float64")
+    assert [s.name for s in roastfx.roast_state(model).plan.sites] == [
+        "attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.out_proj.weight"]
+    eager, eager_weights = model(x, k, v)
+    gx, gm = torch.autograd.grad(eager.square().sum() + eager_weights.sum(), (x, model.roast_memory))
+    uses = record_uses(monkeypatch)
+    out, weights = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, k, v)
+    cx, cm = torch.autograd.grad(out.square().sum() + weights.sum(), (x, model.roast_memory))
+    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(weights, eager_weights, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cx, gx, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cm, gm, atol=1e-12, rtol=1e-12)
+    assert [u.why for u in uses] == [f"roast_attention: {p} projection (its own weight) as roast_linear"
+                                     for p in "qkv"] + ["roast_attention: out-projection as roast_linear"]
+
+
 @pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
 def test_transformer_encoder_inference_fast_path_fuses(norm_first, activation, monkeypatch):
     """In eval under no_grad, nn.TransformerEncoderLayer runs one aten op on dense weights; the backend
