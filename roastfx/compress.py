@@ -90,6 +90,20 @@ def _site_scale(weight: torch.Tensor, fan_in: int | None = None) -> float:
     return std
 
 
+def _check_materialized(model: nn.Module) -> None:
+    """A clear error for parameters that hold no values yet: lazy modules' (before their first forward) and
+    any on the meta device (a model built there for planning)."""
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"cannot compress {type(model).__name__}: {lazy[:5]} are uninitialized (lazy modules, "
+                         "e.g. nn.LazyLinear); run the model once on a batch to initialize them, then compress")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"cannot compress {type(model).__name__}: {len(meta)} parameters are on the meta device "
+                         f"({meta[:3]}...), with no values to project or to scale a fresh memory by; build the "
+                         "model on a real device (to plan it alone: `roastfx plan MODULE:FACTORY --meta`)")
+
+
 def compress(
     model: nn.Module,
     compression="100x",
@@ -154,6 +168,7 @@ def compress(
     profile = get_profile(target)
     if options.get("memory_dtype") is not None:
         memory_dtype(options["memory_dtype"])  # a bad name fails before the model is traced
+    _check_materialized(model)
 
     specs, notes = find_sites(model, example_inputs, exclude)
     if not specs:

@@ -93,6 +93,23 @@ def test_partly_frozen_weights_are_an_error():
     assert not model.fc1.weight.requires_grad
 
 
+def test_weights_without_values_are_an_error():
+    """A lazy module's weight before its first forward, and a model built on the meta device, hold no values to
+    project or to scale a fresh memory by: a clear error saying what to do, the model left as it was."""
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are uninitialized .*run the model once"):
+        roastfx.compress(lazy, "2x", init="random")
+    assert isinstance(lazy[0].weight, nn.parameter.UninitializedParameter)
+    lazy(torch.randn(3, 5))  # initialized: now it compresses
+    assert roastfx.compress(lazy, "2x").roast_memory.numel() > 0
+    with torch.device("meta"):
+        meta = MLP()
+    names = [n for n, _ in meta.named_parameters()]
+    with pytest.raises(ValueError, match=r"6 parameters are on the meta device .*roastfx plan MODULE:FACTORY --meta"):
+        roastfx.compress(meta, "10x", init="random")
+    assert [n for n, p in meta.named_parameters() if p.is_meta] == names
+
+
 def test_compress_twice_is_an_error():
     model = roastfx.compress(MLP(), "10x")
     snap = snapshot(model)
