@@ -1,0 +1,238 @@
+"""Compress many transformers architectures (tiny configs, random weights) and compile them with the roast
+backend: how many weight reads fuse, whether compiled equals eager (output and memory gradient), and why each
+read that stays materialized does. A coverage check that finds what the backend does not handle yet; the
+models the tests keep are in tests/test_architectures.py.
+
+    .venv/bin/python scripts/sweep_architectures.py            # every model below (about 5 minutes, 2 cores)
+    .venv/bin/python scripts/sweep_architectures.py xlnet wavlm
+
+Each model is compressed 4x with init="random" and ``example_inputs`` (so functional and stacked weights are
+found), run eagerly (forward + backward of the mean square of its output), then compiled
+(``options={"inner": "aot_eager"}``) and run again. Columns: sites in the plan, fused / all weight reads in
+the compiled graphs, the largest output difference, the memory gradient's relative difference. A model whose
+dense version already fails on these inputs, eagerly or under torch.compile, is reported as such.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+
+
+def _ids(n=7):
+    return lambda: {"input_ids": torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(0))}
+
+
+def _pixels(size=32):
+    return lambda: {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))}
+
+
+def _wave():
+    return {"input_values": torch.randn(2, 400, generator=torch.Generator().manual_seed(0))}
+
+
+def cases() -> dict:
+    import transformers as T
+
+    lm = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=64)
+    vit = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64)
+    audio = dict(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=8,
+                 num_conv_pos_embedding_groups=2)
+    text_vision = dict(text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=32),
+                       vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=64))
+    both = lambda: {**_ids()(), **_pixels(16)()}  # noqa: E731
+    return {
+        # decoder-only language models
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(**lm, ffn_dim=64, word_embed_proj_dim=32)), _ids()),
+        "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)),
+                  _ids()),
+        "gpt-neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**lm)), _ids()),
+        "gptj": (lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8,
+                                                        n_positions=32)), _ids()),
+        "gpt-bigcode": (lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=1,
+                                                                           n_head=2, n_positions=32)), _ids()),
+        "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2)), _ids()),
+        "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(**lm)), _ids()),
+        "phi3": (lambda: T.Phi3ForCausalLM(T.Phi3Config(**lm, pad_token_id=0)), _ids()),
+        "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**lm, num_key_value_heads=1, head_dim=16)), _ids()),
+        "gemma2": (lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**lm, num_key_value_heads=1, head_dim=16)), _ids()),
+        "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**lm, num_key_value_heads=1)), _ids()),
+        "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**lm, num_key_value_heads=1)), _ids()),
+        "stablelm": (lambda: T.StableLmForCausalLM(T.StableLmConfig(**lm, num_key_value_heads=2,
+                                                                    partial_rotary_factor=0.5)), _ids()),
+        "starcoder2": (lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**lm, num_key_value_heads=1)), _ids()),
+        "cohere": (lambda: T.CohereForCausalLM(T.CohereConfig(**lm, num_key_value_heads=1)), _ids()),
+        "xlnet": (lambda: T.XLNetLMHeadModel(T.XLNetConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2,
+                                                           d_inner=64)), _ids()),
+        # mixtures of experts
+        "olmoe": (lambda: T.OlmoeForCausalLM(T.OlmoeConfig(**{**lm, "intermediate_size": 32}, num_experts=4,
+                                                           num_experts_per_tok=2)), _ids()),
+        "granitemoe": (lambda: T.GraniteMoeForCausalLM(T.GraniteMoeConfig(**lm, num_local_experts=4,
+                                                                          num_experts_per_tok=2)), _ids()),
+        "phimoe": (lambda: T.PhimoeForCausalLM(T.PhimoeConfig(**lm, num_key_value_heads=1, num_local_experts=4,
+                                                              num_experts_per_tok=2)), _ids()),
+        "deepseek-v3": (lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
+            num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+            num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=32)), _ids()),
+        "gpt-oss": (lambda: T.GptOssForCausalLM(T.GptOssConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=32, layer_types=["full_attention"])), _ids()),
+        "jamba": (lambda: T.JambaForCausalLM(T.JambaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+            attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8, mamba_expand=2, mamba_dt_rank=4,
+            use_mamba_kernels=False)), _ids()),
+        "mamba2": (lambda: T.Mamba2ForCausalLM(T.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                              state_size=8, expand=2, n_groups=1, num_heads=4,
+                                                              head_dim=16, chunk_size=8)), _ids()),
+        # encoders and encoder-decoders
+        "distilbert": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=32)), _ids()),
+        "roberta": (lambda: T.RobertaForMaskedLM(T.RobertaConfig(**lm)), _ids()),
+        "deberta-v2": (lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(**lm)), _ids()),
+        "electra": (lambda: T.ElectraForPreTraining(T.ElectraConfig(**lm, embedding_size=16)), _ids()),
+        "convbert": (lambda: T.ConvBertForMaskedLM(T.ConvBertConfig(**lm, embedding_size=32)), _ids()),
+        "mpnet": (lambda: T.MPNetForMaskedLM(T.MPNetConfig(**lm)), _ids()),
+        "funnel": (lambda: T.FunnelForMaskedLM(T.FunnelConfig(vocab_size=64, d_model=32, n_head=2, d_head=16,
+                                                              d_inner=64, block_sizes=[1, 1],
+                                                              num_decoder_layers=1)), _ids()),
+        "longformer": (lambda: T.LongformerForMaskedLM(T.LongformerConfig(**{**lm, "max_position_embeddings": 80},
+                                                                          attention_window=4)), _ids(8)),
+        "bigbird": (lambda: T.BigBirdForMaskedLM(T.BigBirdConfig(**lm, attention_type="original_full")), _ids()),
+        "fnet": (lambda: T.FNetForMaskedLM(T.FNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                        intermediate_size=64, max_position_embeddings=32)), _ids()),
+        "nystromformer": (lambda: T.NystromformerForMaskedLM(T.NystromformerConfig(**lm, segment_means_seq_len=8,
+                                                                                   num_landmarks=4)), _ids(8)),
+        "canine": (lambda: T.CanineModel(T.CanineConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=64, num_hash_buckets=64,
+                                                        local_transformer_stride=4, downsampling_rate=4,
+                                                        max_position_embeddings=64)),
+                   lambda: {"input_ids": torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))}),
+        "perceiver": (lambda: T.PerceiverForMaskedLM(T.PerceiverConfig(
+            vocab_size=64, d_model=32, d_latents=32, num_latents=8, num_blocks=1, num_self_attends_per_block=1,
+            num_self_attention_heads=2, num_cross_attention_heads=2, max_position_embeddings=16)),
+                      lambda: {"inputs": torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))}),
+        "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)), _ids()),
+        # vision, audio, multimodal
+        "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16,
+                                                                   depths=[1, 1], num_heads=[1, 2],
+                                                                   window_size=4)), _pixels()),
+        "deit": (lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**vit)), _pixels()),
+        "beit": (lambda: T.BeitForImageClassification(T.BeitConfig(**vit, use_relative_position_bias=True)),
+                 _pixels()),
+        "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**vit)), _pixels()),
+        "segformer": (lambda: T.SegformerForSemanticSegmentation(T.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+            strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16)), _pixels()),
+        "mobilevit": (lambda: T.MobileViTForImageClassification(T.MobileViTConfig(
+            image_size=32, patch_size=2, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+            num_attention_heads=2)), _pixels()),
+        "regnet": (lambda: T.RegNetForImageClassification(T.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                                         depths=[1, 1], groups_width=8)), _pixels()),
+        "mobilenetv2": (lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=32,
+                                                                                       depth_multiplier=0.25)),
+                        _pixels()),
+        "hubert": (lambda: T.HubertForCTC(T.HubertConfig(**audio)), _wave),
+        "wavlm": (lambda: T.WavLMForCTC(T.WavLMConfig(**audio)), _wave),
+        "sew": (lambda: T.SEWForCTC(T.SEWConfig(**audio, squeeze_factor=2)), _wave),
+        "clip": (lambda: T.CLIPModel(T.CLIPConfig(**text_vision)), both),
+        "siglip": (lambda: T.SiglipModel(T.SiglipConfig(**text_vision)), both),
+        "llava": (lambda: T.LlavaForConditionalGeneration(T.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=8, hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+            text_config=dict(model_type="llama", **lm), image_token_index=63, vision_feature_layer=-1)),
+                  lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
+                           "pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}),
+    }
+
+
+def _main_output(out):
+    for name in ("logits", "logits_per_image", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out[0]
+
+
+def run_one(build, inputs) -> dict:
+    import roastfx
+    import roastfx.passes.fuse_roast_ops as fuse_pass
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kwargs = inputs()
+    for how, run in (("eager", lambda m: m), ("under torch.compile (backend='eager')",
+                                              lambda m: torch.compile(m, backend="eager"))):
+        try:
+            run(build().eval())(**kwargs)
+        except Exception as err:  # noqa: BLE001 (the dense model itself: reported, not ours)
+            return {"dense_fails": f"{how}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+        torch._dynamo.reset()
+    model = roastfx.compress(build().eval(), "4x", init="random", example_inputs=kwargs)
+    eager = _main_output(model(**kwargs))
+    eager.float().square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses, original = [], fuse_pass.fuse_roast_ops
+
+    def recording(gm):
+        found = original(gm)
+        uses.extend(found)
+        return found
+
+    fuse_pass.fuse_roast_ops = recording
+    try:
+        out = _main_output(torch.compile(model, backend="roast", options={"inner": "aot_eager"})(**kwargs))
+        out.float().square().mean().backward()
+    finally:
+        fuse_pass.fuse_roast_ops = original
+    scale = grad.norm().item()
+    return {"sites": len(roastfx.roast_state(model).plan.sites), "fused": sum(u.fused for u in uses),
+            "reads": len(uses), "out_err": (out - eager).abs().max().item(),
+            "grad_err": (model.roast_memory.grad - grad).norm().item() / scale if scale else 0.0,
+            "fallbacks": sorted({u.why for u in uses if not u.fused})}
+
+
+def main(argv=None) -> int:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    table = cases()
+    names = (argv if argv is not None else sys.argv[1:]) or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print(f"unknown model(s) {unknown}; choose from {list(table)}", file=sys.stderr)
+        return 2
+    print(f"{'model':<14}{'sites':>6}{'fused':>10}{'out diff':>11}{'grad rel diff':>15}")
+    failed = 0
+    for name in names:
+        try:
+            r = run_one(*table[name])
+        except Exception as err:  # noqa: BLE001 (one model failing must not stop the sweep)
+            failed += 1
+            print(f"{name:<14}FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+            traceback.print_exc(limit=-3)
+            continue
+        if "dense_fails" in r:
+            print(f"{name:<14}the dense model fails {r['dense_fails']}", flush=True)
+            continue
+        print(f"{name:<14}{r['sites']:>6}{r['fused']:>6} / {r['reads']:<3}{r['out_err']:>9.1e}{r['grad_err']:>15.1e}",
+              flush=True)
+        for why in r["fallbacks"]:
+            print(f"{'':<16}materialized: {why}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
