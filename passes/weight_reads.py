@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-_RESHAPE = {"reshape", "view"}
+_RESHAPE = {"reshape", "view", "squeeze"}  # squeezing size-1 dims is a reshape
 _TRANSPOSE = {"t", "transpose", "permute", "T", "mT"}
 _BROADCAST = {"expand", "unsqueeze"}
 _IDENTITY = {"contiguous"}
@@ -153,6 +153,8 @@ def weight_read(weight) -> WeightRead | None:
                 read.transposed, read.shape = not read.transposed, read.shape[::-1]
         elif name in _BROADCAST and read.matrix and out is not None and out[-2:] == read.shape:
             read.broadcast = len(out) - 2
+        elif name == "unsqueeze" and not read.broadcast and out is not None:
+            read.shape = out  # a size-1 dim added elsewhere than in front of a matrix: a reshape
         else:
             return None
     return read

@@ -254,9 +254,9 @@ FUSED = {
     "xlnet": (9, 9),
     # WavLM's attention takes separate q/k/v weights: 4 reads in one roast_attention per layer
     "wavlm": (12, 12),
-    # Mamba's slow path squeezes its depthwise conv1d weight for a conv of its own: read whole. (Its dt_proj
-    # weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
-    "mamba": (6, 7),
+    # Mamba's slow path squeezes its depthwise conv1d weight and unsqueezes it again for F.conv1d: reshapes of
+    # the read, so a roast_conv. (Its dt_proj weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
+    "mamba": (7, 7),
 }
 
 
