@@ -69,6 +69,10 @@ def module_weight_attrs(module: nn.Module) -> list[tuple[str, str, bool]]:
         return [(n, "attention", True) for n in names if isinstance(getattr(module, n, None), nn.Parameter)]
     if isinstance(module, nn.RNNBase):
         return [(n, "rnn", True) for n in module._flat_weights_names if n.startswith("weight_")]
+    if isinstance(module, nn.Bilinear):  # (out, in1, in2): y = (x1 outer x2 flattened) @ W.reshape(out, -1).T
+        return [("weight", "linear", True)]
+    if isinstance(module, nn.RNNCellBase):
+        return [("weight_ih", "rnn", True), ("weight_hh", "rnn", True)]
     # transformers.pytorch_utils.Conv1D (GPT-2): weight is (in, out), forward is x @ W
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return [("weight", "matmul", False)]
@@ -97,6 +101,8 @@ _CONSUMERS = {
     "conv_transpose3d": ("conv_transpose", False),
     "embedding_bag": ("embedding_bag", False), "_embedding_bag": ("embedding_bag", False),
     "lstm": ("rnn", True), "gru": ("rnn", True), "rnn_tanh": ("rnn", True), "rnn_relu": ("rnn", True),
+    "lstm_cell": ("rnn", True), "gru_cell": ("rnn", True), "rnn_tanh_cell": ("rnn", True),
+    "rnn_relu_cell": ("rnn", True), "bilinear": ("linear", True),
     "_native_multi_head_attention": ("attention", True),
     # a mixture of experts' GEMM over its stacked (experts, ...) weights: torch's and transformers' (which
     # transformers' MoE layers use under torch.export and torch.compile)
@@ -108,6 +114,7 @@ _STACKED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}  # read whole, l
 _WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d"}
 _BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
+_CELL_WEIGHTS = (2, 3)  # lstm_cell(x, hx, w_ih, w_hh, b_ih, b_hh) and the other cells: the weights' positions
 _MATMUL_FAMILY = {"mm", "matmul", "bmm", "mv", "addmm", "baddbmm", "addmv"}  # operands by position: x @ W or W @ x
 
 
@@ -123,8 +130,9 @@ def _consumer_use(name: str, position: int | None, transposes: int, indexed: boo
     ``transposes`` transposing views (and, ``indexed``, an indexing op), or None where it is no matmul
     operand there. A 3-D weight indexed for a GEMM, or read by a grouped GEMM, is a grouped site (stacked
     experts): transposed when each group is read transposed (F.linear on W[e], stored (experts, out, in))."""
-    if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1:
-        return None  # the tensor is a bias here, not a matmul operand
+    if name in _BIAS_FIRST and position == 0 or name in _WEIGHT_SECOND and position != 1 or (
+            name.endswith("_cell") and position not in _CELL_WEIGHTS or name == "bilinear" and position != 2):
+        return None  # the tensor is a bias here (or a cell's state), not a matmul operand
     op, transposed = _CONSUMERS[name]
     if not (indexed or name in _STACKED):
         return op, transposed ^ bool(transposes % 2)

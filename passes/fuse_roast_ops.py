@@ -10,6 +10,8 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     einsum of an n-D W equal to one GEMM      -> roast_linear over x's contracted dims flattened ("ibh,hnd->ibnd")
     grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
     bmm(W[ids], x), bmm(x, W[ids])            -> roast_picked_mm: the rows sorted by ids, one roast_grouped_mm
+    bilinear(x1, x2, W, b)                    -> roast_linear over x1 and x2's flattened outer product
+    lstm_cell / gru_cell / rnn_*_cell         -> two roast_linear (input and hidden projections) and the gates
     conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
     conv_transpose1d/2d/3d(x, W, b, ...)      -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
@@ -239,6 +241,82 @@ def _fuse_einsum_blocks(graph, node) -> SiteUse | None:
         return SiteUse(fused.name, True, "roast_linear" + (" (x @ V^T)" if flip else "") + f" from {op}, the "
                        f"{len(read.shape)}-D weight as a matrix" + _norm_note(read))
     return None
+
+
+def _fuse_bilinear(graph, node) -> SiteUse | None:
+    """``F.bilinear(x1, x2, W, b)`` (nn.Bilinear) over a compressed (out, in1, in2) weight -> roast_linear over
+    the flattened outer product of x1 and x2: y = (x1 outer x2) @ W.reshape(out, in1 * in2).T + b."""
+    if node.op != "call_function" or node.target not in (torch.bilinear, F.bilinear):
+        return None
+    x1, x2, weight, bias = (_arg(node, i, n) for i, n in enumerate(("input1", "input2", "weight", "bias")))
+    read = weight_read(weight)
+    if read is None:
+        return None
+    rows = read.mapping[1] if read.transposed else read.mapping[0]  # the weight is (V or V^T).reshape(shape)
+    if len(read.shape) != 3 or read.broadcast or rows != read.shape[0]:
+        return SiteUse(node.name, False, f"bilinear reads the weight reshaped to {read.shape}, not as the site's "
+                                         "(out, in1 * in2) matrix")
+    if _shared(read, "bilinear"):
+        return SiteUse(node.name, False, _shared(read, "bilinear"))
+    if _autocast_dtype(node, x1, bias) is not None or _cast_problem(read, x1, "bilinear"):
+        return SiteUse(node.name, False, _cast_problem(read, x1, "bilinear") or "bilinear under autocast is not "
+                                                                                "fused")
+    memory, mapping, scale = read.materialize.args
+    with graph.inserting_before(node):
+        outer = graph.call_function(operator.mul, (graph.call_method("unsqueeze", (x1, -1)),
+                                                   graph.call_method("unsqueeze", (x2, -2))))
+        # z @ W2^T, W2 = V^T when the weight is built from V^T: z @ V, else z @ V^T
+        fused = graph.call_function(torch.ops.roastfx.roast_linear.default,
+                                    (graph.call_method("flatten", (outer, -2)), memory, list(mapping), scale, bias),
+                                    ({} if read.transposed else {"transpose_view": True}) | _norm_kwargs(read))
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return SiteUse(fused.name, True, "roast_linear from bilinear, over x1 and x2's flattened outer product"
+                   + _norm_note(read))
+
+
+_CELL_MODES = {"lstm_cell": "LSTM", "gru_cell": "GRU", "rnn_tanh_cell": "RNN_TANH", "rnn_relu_cell": "RNN_RELU"}
+
+
+def _fuse_cell(graph, node) -> list[SiteUse] | None:
+    """An aten RNN cell op (``lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)``, ``gru_cell``, ``rnn_*_cell``:
+    what a dense nn.LSTMCell/GRUCell/RNNCell runs, e.g. under in-compiler compression) over compressed weights
+    -> its input and hidden projections as two roast_linear, then the gates (``rnn._gates``)."""
+    mode = _CELL_MODES.get(op_name(node))
+    if node.op != "call_function" or mode is None or len(node.args) < 4 or node.kwargs:
+        return None
+    x, hx, w_ih, w_hh = node.args[:4]
+    b_ih, b_hh = (node.args[4:6] + (None, None))[:2]
+    reads = [weight_read(w) for w in (w_ih, w_hh)]
+    if reads == [None, None]:
+        return None
+    name = op_name(node)
+    why = next((f"{name}: a weight that is not a plain read of a compressed matrix" for r in reads
+                if r is None or not r.matrix or r.broadcast), None)
+    why = why or next((_shared(r, name) or _cast_problem(r, x, name) for r in reads
+                       if _shared(r, name) or _cast_problem(r, x, name)), None)
+    if why is None and _autocast_dtype(node, x) is not None:
+        why = f"{name} under autocast is not decomposed"
+    if why:
+        return [SiteUse(node.name, False, why)]
+    from roastfx.rnn import _gates
+
+    h, c = tuple(hx) if mode == "LSTM" else (hx, None)
+    with graph.inserting_before(node):
+        # F.linear(x, W) = x @ W^T: x @ V when W = V^T (a cell's layout), else x @ V^T
+        gx, gh = (graph.call_function(torch.ops.roastfx.roast_linear.default,
+                                      (t, *r.materialize.args[:1], list(r.materialize.args[1]),
+                                       r.materialize.args[2], b),
+                                      ({} if r.transposed else {"transpose_view": True}) | _norm_kwargs(r))
+                  for t, r, b in ((x, reads[0], b_ih), (h, reads[1], b_hh)))
+        state = graph.call_function(_gates, (mode, gx, gh, h, c))
+        out = state if mode == "LSTM" else graph.call_function(operator.getitem, (state, 0))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return [SiteUse(gx.name, True, f"roast_linear from {name} (input projection)" + _norm_note(reads[0])),
+            SiteUse(gh.name, True, f"roast_linear from {name} (hidden projection)" + _norm_note(reads[1]))]
 
 
 def _fuse_left_matmul(graph, node, read, y, op: str) -> SiteUse:
@@ -606,8 +684,8 @@ def _fuse_encoder_layer(graph, node) -> list[SiteUse] | None:
     return [SiteUse(fused.name, True, f"roast_encoder_layer: {name} as roast_linear") for name in reads]
 
 
-_FUSERS = (_fuse_einsum_blocks, _fuse_matmul, _fuse_grouped, _fuse_gathered, _fuse_conv, _fuse_conv_transpose,
-           _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
+_FUSERS = (_fuse_einsum_blocks, _fuse_matmul, _fuse_bilinear, _fuse_cell, _fuse_grouped, _fuse_gathered, _fuse_conv,
+           _fuse_conv_transpose, _fuse_embedding, _fuse_attention, _fuse_encoder_layer)
 
 # why a read by these consumers keeps its materialize
 _NO_ROAST_OP = {

@@ -178,7 +178,8 @@ def compress(
         traced = [n for n in notes if n.startswith("could not trace")]  # why example_inputs found nothing
         raise ValueError(
             f"nothing to compress in {type(model).__name__}: no weight feeds a matmul-like op "
-            "(nn.Linear, Conv1d/2d/3d, Embedding, EmbeddingBag, MultiheadAttention, RNNs, transformers Conv1D, "
+            "(nn.Linear, Conv1d/2d/3d, Embedding, EmbeddingBag, MultiheadAttention, RNNs and RNN cells, Bilinear, "
+            "transformers Conv1D, "
             "or functional uses found with example_inputs)" + "".join(f"; {n}" for n in traced)
         )
     for n in notes:

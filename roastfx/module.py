@@ -335,6 +335,8 @@ def roast_subclass(cls: type, attrs: tuple[str, ...], root: bool = False) -> typ
                                     else _embedding_bag_forward)
         if cls in rnn.DECOMPOSED:  # step by step while dynamo traces it: every weight read a matmul (rnn.py)
             namespace["forward"] = rnn.roast_rnn_forward
+        elif cls in rnn.CELLS:
+            namespace["forward"] = rnn.roast_cell_forward
         _SUBCLASSES[key] = type(f"Roast{cls.__name__}", (cls,), namespace)
     return _SUBCLASSES[key]
 

@@ -1,4 +1,5 @@
-"""RNNs (nn.LSTM, nn.GRU, nn.RNN) step by step, so that every weight read is a matmul a roast op can take.
+"""RNNs (nn.LSTM, nn.GRU, nn.RNN, and their cells) step by step, so that every weight read is a matmul a roast op
+can take.
 
 torch's RNN modules hand all their weights at once to one aten op (``lstm``, ``gru``, ``rnn_tanh``,
 ``rnn_relu``), which needs them dense. Under torch.compile a compressed RNN module runs this
@@ -11,6 +12,9 @@ torch's op (faster on CPU, and the reference the decomposition is tested against
 runs the same steps over its padded (time, batch) form, each sequence's state held where its steps have
 ended, and its data is gathered back into the packed order.
 
+The cells (nn.LSTMCell, nn.GRUCell, nn.RNNCell) hand their weights to one aten op per step (``lstm_cell``,
+...); under torch.compile a compressed cell runs the same step as two ``F.linear`` and the gates.
+
 Dynamo only traces an RNN module with ``torch._dynamo.config.allow_rnn`` on; ``compress`` turns it on
 when a model has compressed RNN weights (module.py).
 """
@@ -22,6 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 DECOMPOSED = (nn.LSTM, nn.GRU, nn.RNN)  # exactly these classes: a user subclass keeps its own forward
+CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)  # one step each: the same decomposition, exactly these classes
 
 
 def roast_rnn_forward(self, input, hx=None):
@@ -32,6 +37,55 @@ def roast_rnn_forward(self, input, hx=None):
     if isinstance(input, PackedSequence):
         return decomposed_packed_forward(self, input, hx)
     return decomposed_forward(self, input, hx)
+
+
+def roast_cell_forward(self, input, hx=None):
+    """forward of a compressed nn.LSTMCell / nn.GRUCell / nn.RNNCell: torch's own in eager (its aten cell op,
+    on the weights read from the memory), `decomposed_cell` while dynamo traces it."""
+    if not torch.compiler.is_compiling():
+        return type(self)._roast_base_class.forward(self, input, hx)
+    return decomposed_cell(self, input, hx)
+
+
+def decomposed_cell(cell: nn.RNNCellBase, input: torch.Tensor, hx=None):
+    """What ``cell.forward(input, hx)`` returns, as two ``F.linear`` (input and hidden projections) and the
+    gate arithmetic: batched (B, in) or unbatched (in,) input, hx given or zeros."""
+    name = type(cell)._roast_base_class.__name__ if hasattr(type(cell), "_roast_base_class") else type(cell).__name__
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    lstm = isinstance(cell, nn.LSTMCell)
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    if hx is None:
+        h = c = x.new_zeros(x.shape[0], cell.hidden_size)
+    else:
+        h, c = hx if lstm else (hx, None)
+        if not batched:
+            h, c = h.unsqueeze(0), c.unsqueeze(0) if c is not None else None
+    mode = "LSTM" if lstm else "GRU" if isinstance(cell, nn.GRUCell) else f"RNN_{cell.nonlinearity.upper()}"
+    h, c = _gates(mode, F.linear(x, cell.weight_ih, cell.bias_ih), F.linear(h, cell.weight_hh, cell.bias_hh), h,
+                  c if lstm else None)
+    if not batched:
+        h, c = h.squeeze(0), c.squeeze(0) if lstm else None
+    return (h, c) if lstm else h
+
+
+def _gates(mode: str, gates_x: torch.Tensor, gates_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+    """(h, c) after one step of an RNN of ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") from the input's and
+    the hidden state's projections (biases included); c is None but for an LSTM."""
+    if mode == "LSTM":
+        i, f, g, o = (gates_x + gates_h).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        x_r, x_z, x_n = gates_x.chunk(3, -1)
+        h_r, h_z, h_n = gates_h.chunk(3, -1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return (1 - z) * n + z * h, None
+    z = gates_x + gates_h
+    return (torch.tanh(z) if mode == "RNN_TANH" else torch.relu(z)), None
 
 
 def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None):
@@ -155,23 +209,11 @@ def _run_direction(module, layer, direction, x, h, c, active=None):
     for t in order:
         h_before, c_before = h, c
         gates_h = F.linear(h, weight_hh if once else _weights(module, layer, direction, "weight_hh"), bias_hh)
+        h, c = _gates(mode, gates_x[t], gates_h, h, c)
         if mode == "LSTM":
-            i, f, g, o = (gates_x[t] + gates_h).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
             projection = weight_hr if once else _weights(module, layer, direction, "weight_hr")
             if projection is not None:
                 h = F.linear(h, projection)
-        elif mode == "GRU":
-            x_r, x_z, x_n = gates_x[t].chunk(3, -1)
-            h_r, h_z, h_n = gates_h.chunk(3, -1)
-            r = torch.sigmoid(x_r + h_r)
-            z = torch.sigmoid(x_z + h_z)
-            n = torch.tanh(x_n + r * h_n)
-            h = (1 - z) * n + z * h
-        else:
-            z = gates_x[t] + gates_h
-            h = torch.tanh(z) if mode == "RNN_TANH" else torch.relu(z)
         if active is not None:
             step = active[t, :, None]
             outputs[t] = h * step.to(h.dtype)

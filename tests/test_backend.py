@@ -281,3 +281,24 @@ def test_in_compiler_compression_finds_stacked_experts_read_through_tensor_metho
     mine = {s.name: (s.op, s.transposed, s.mapping) for s in plan.sites}
     assert mine == {s.name: (s.op, s.transposed, s.mapping) for s in roastfx.roast_state(reference).plan.sites}
     assert mine["up"][:2] == ("grouped", True) and mine["down"][:2] == ("grouped", False)
+
+
+def test_in_compiler_compression_fuses_rnn_cells_and_bilinear_layers(monkeypatch):
+    """A dense model's nn.LSTMCell/GRUCell/RNNCell run their aten cell ops in dynamo's graph: under in-compiler
+    compression each becomes two roast_linear and the gates; nn.Bilinear a roast_linear over the outer product.
+    The compiled model computes what roastfx.compress of a copy computes."""
+    from test_fuse_roast_ops import Bilinears, record_uses
+    from test_rnn import CellDecoder
+
+    for dense, args in ((CellDecoder().double(), (torch.randn(4, 6, dtype=torch.float64),)),
+                        (Bilinears().double(), (torch.randn(2, 5, 10, dtype=torch.float64),
+                                                torch.randn(2, 5, 6, dtype=torch.float64)))):
+        torch._dynamo.reset()
+        reference = roastfx.compress(copy.deepcopy(dense), "2x", seed=3, example_inputs=args)
+        uses = record_uses(monkeypatch)
+        with torch.no_grad():
+            out = torch.compile(dense, backend="roast", options={"compression": "2x", "seed": 3,
+                                                                 "inner": "aot_eager"})(*args)
+            torch.testing.assert_close(out, reference(*args), atol=1e-12, rtol=1e-12)
+        assert uses and all(u.fused for u in uses), [u.why for u in uses if not u.fused]
+        assert len(uses) == (18 if isinstance(dense, CellDecoder) else 2)

@@ -1021,3 +1021,37 @@ def test_einsum_over_a_weight_of_several_dims_is_one_gemm(monkeypatch):
         "roast_linear (x @ V^T) from einsum 'ibnd,hnd->ibh', the 3-D weight as a matrix",
         "roast_linear from einsum '...h,hnd->...nd', the 3-D weight as a matrix",
         "roast_linear from einsum 'ibh,hnd->ibnd', the 3-D weight as a matrix"], [u.why for u in uses]
+
+
+class Bilinears(torch.nn.Module):
+    """nn.Bilinear (over inputs with an extra leading dim), and F.bilinear on a plain Parameter without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Bilinear(10, 6, 4)
+        self.w = torch.nn.Parameter(torch.randn(3, 4, 6) / 4)
+
+    def forward(self, x, y):
+        return F.bilinear(torch.tanh(self.b(x, y)), y, self.w)
+
+
+def test_bilinear_weights_fuse_over_the_outer_product(monkeypatch):
+    """A bilinear weight (out, in1, in2) is a site laid out as the (in1 * in2, out) matrix; F.bilinear over it is
+    roast_linear over x1 and x2's flattened outer product; compiled equals eager, gradients included."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, 10, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    model = roastfx.compress(Bilinears().double(), "2x", example_inputs=(x, y), init="random",
+                             memory_dtype="float64")
+    assert sorted((s.name, s.transposed, s.mapping.rows, s.mapping.cols) for s in
+                  roastfx.roast_state(model).plan.sites) == [("b.weight", True, 60, 4), ("w", True, 24, 3)]
+    eager = model(x, y)
+    eager.square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
+    assert [u.why for u in uses] == ["roast_linear from bilinear, over x1 and x2's flattened outer product"] * 2

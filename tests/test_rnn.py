@@ -201,3 +201,80 @@ def test_site_gradient_scaling_compiled_equals_eager(monkeypatch):
     fused = [u for u in uses if u.fused]
     assert len(fused) == 1  # the input projection, read once for all steps
     assert len(uses) == 3 and all("other users" in u.why for u in uses if not u.fused)
+
+
+CELLS = {  # name: (cell factory, input shape, with initial state)
+    "lstm-cell": (lambda: nn.LSTMCell(5, 7), (3, 5), True),
+    "lstm-cell-unbatched-zero-state": (lambda: nn.LSTMCell(5, 7, bias=False), (5,), False),
+    "gru-cell": (lambda: nn.GRUCell(5, 7), (3, 5), True),
+    "rnn-cell-relu-unbatched": (lambda: nn.RNNCell(5, 7, nonlinearity="relu"), (5,), True),
+    "rnn-cell-tanh": (lambda: nn.RNNCell(5, 7), (3, 5), False),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_decomposition_equals_torchs_cell_op_in_float64(name):
+    """decomposed_cell (two F.linear and the gates) against torch's own cell (its aten op), forward and
+    backward, batched and unbatched, with and without an initial state."""
+    from roastfx.rnn import decomposed_cell
+
+    build, shape, with_state = CELLS[name]
+    torch.manual_seed(0)
+    cell = build().double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    state_shape = (*shape[:-1], cell.hidden_size)
+    hx = None
+    if with_state:
+        hx = tuple(torch.randn(state_shape, dtype=torch.float64, generator=gen) for _ in range(2))
+        hx = hx if isinstance(cell, nn.LSTMCell) else hx[0]
+    want, got = cell(x, hx), decomposed_cell(cell, x, hx)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    assert [t.shape for t in got] == [t.shape for t in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    leaves = [x, *cell.parameters()]
+    grads_want = torch.autograd.grad(sum(t.square().sum() for t in want), leaves)
+    grads_got = torch.autograd.grad(sum(t.square().sum() for t in got), leaves)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+class CellDecoder(nn.Module):
+    """A decoder loop over RNN cells, as seq2seq and reinforcement-learning code writes one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTMCell(6, 12)
+        self.gru = nn.GRUCell(12, 10)
+        self.rnn = nn.RNNCell(10, 6, nonlinearity="relu")
+
+    def forward(self, x, steps: int = 3):
+        state, outs = None, []
+        for _ in range(steps):
+            state = self.lstm(x, state)
+            x = self.rnn(self.gru(state[0]))
+            outs.append(x)
+        return torch.stack(outs)
+
+
+def test_compressed_rnn_cells_compile_with_every_weight_read_fused(monkeypatch):
+    """nn.LSTMCell, nn.GRUCell and nn.RNNCell are sites (weight_ih and weight_hh); under torch.compile each
+    compressed cell runs as two F.linear and its gates, so every read is a roast_linear; compiled equals eager
+    (torch's cell ops on the materialized weights), memory gradient included."""
+    from test_fuse_roast_ops import record_uses
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = roastfx.compress(CellDecoder().double(), "3x", init="random", memory_dtype="float64")
+    assert [s.name for s in roastfx.roast_state(model).plan.sites] == [
+        f"{m}.weight_{w}" for m in ("lstm", "gru", "rnn") for w in ("ih", "hh")]
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    eager = model(x)
+    want = torch.autograd.grad(eager.square().mean(), model.roast_memory)[0]
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    got = torch.autograd.grad(out.square().mean(), model.roast_memory)[0]
+    torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert len(uses) == 3 * 3 * 2 and all(u.fused for u in uses), [u.why for u in uses]
