@@ -362,11 +362,12 @@ def roast_picked_mm(x: torch.Tensor, group: torch.Tensor, memory: torch.Tensor, 
     """Row r of ``x`` (rows, K) times B_g of its own group g = ``group[r]`` (B_g^T when transpose_view): what
     ``bmm(x.unsqueeze(1), W[group])`` computes by gathering one stacked weight per row (transformers'
     ``batched_mm`` experts), here with no weight gathered. The rows are sorted by group (a stable sort, on the
-    device: no host sync), run through one ``roast_grouped_mm`` and put back in their order. Plain torch ops
+    device: no host sync; the groups' ends by a binary search in the sorted ids), run through one
+    ``roast_grouped_mm`` and put back in their order. Plain torch ops
     around the custom op, so autograd, dynamo and AOTAutograd trace it."""
-    group = group.long()
-    order = torch.argsort(group, stable=True)
-    offs = group.new_zeros(groups).scatter_add(0, group, torch.ones_like(group)).cumsum(0)
+    sorted_group, order = torch.sort(group.long(), stable=True)
+    # each group's cumulative end: where it stops in the sorted order (no atomics: deterministic on a GPU)
+    offs = torch.searchsorted(sorted_group, torch.arange(groups, device=group.device), right=True)
     out = torch.ops.roastfx.roast_grouped_mm(x.index_select(0, order), memory, offs, mapping, scale, groups,
                                              transpose_view=transpose_view, grad_norm=grad_norm)
     return out.index_select(0, torch.argsort(order))
