@@ -102,7 +102,8 @@ _CONSUMERS = {
     "embedding_bag": ("embedding_bag", False), "_embedding_bag": ("embedding_bag", False),
     "lstm": ("rnn", True), "gru": ("rnn", True), "rnn_tanh": ("rnn", True), "rnn_relu": ("rnn", True),
     "lstm_cell": ("rnn", True), "gru_cell": ("rnn", True), "rnn_tanh_cell": ("rnn", True),
-    "rnn_relu_cell": ("rnn", True), "bilinear": ("linear", True),
+    "rnn_relu_cell": ("rnn", True), "bilinear": ("linear", True), "inner": ("linear", True),
+    "tensordot": ("matmul", False),
     "_native_multi_head_attention": ("attention", True),
     # a mixture of experts' GEMM over its stacked (experts, ...) weights: torch's and transformers' (which
     # transformers' MoE layers use under torch.export and torch.compile)
@@ -111,8 +112,8 @@ _CONSUMERS = {
 _STACKED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}  # read whole, laid out as stored
 
 
-_WEIGHT_SECOND = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
-                  "conv_transpose3d"}
+_WEIGHT_SECOND = {"linear", "inner", "tensordot", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+                  "conv_transpose2d", "conv_transpose3d"}
 _BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
 _CELL_WEIGHTS = (2, 3)  # lstm_cell(x, hx, w_ih, w_hh, b_ih, b_hh) and the other cells: the weights' positions
 _MATMUL_FAMILY = {"mm", "matmul", "bmm", "mv", "addmm", "baddbmm", "addmv"}  # operands by position: x @ W or W @ x

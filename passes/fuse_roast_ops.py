@@ -5,8 +5,8 @@ In dynamo's graph of a compressed model each weight is a ``roastfx::materialize`
 it back into the dense weight. When that chain only rebuilds the weight for one
 consumer, the consumer and the chain become one op that reads the memory itself:
 
-    linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W),
-    einsum equal to x @ W or x @ W.T          -> roastfx::roast_linear (x @ V or x @ V^T)
+    linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W), inner(x, W),
+    tensordot(x, W, 1), einsum equal to x @ W or x @ W.T -> roastfx::roast_linear (x @ V or x @ V^T)
     einsum of an n-D W equal to one GEMM      -> roast_linear over x's contracted dims flattened ("ibh,hnd->ibnd")
     grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
     bmm(W[ids], x), bmm(x, W[ids])            -> roast_picked_mm: the rows sorted by ids, one roast_grouped_mm
@@ -90,6 +90,10 @@ def _matmul_operands(node):
     if is_method or node.op == "call_function" and node.target in _MATMUL:
         name = op_name(node)
         return node.args[0], node.args[1], None, False, name != "mm", name.strip("_")
+    if node.op == "call_function" and node.target is torch.inner:  # inner(x, W) = x @ W.T
+        return node.args[0], _arg(node, 1, "other"), None, True, False, "inner"
+    if node.op == "call_function" and node.target is torch.tensordot:
+        return node.args[0], _arg(node, 1, "b"), None, _tensordot_flip(node), False, "tensordot"
     if node.op == "call_function" and node.target in _EINSUM:
         equation, operands = _einsum_operands(node)
         if len(operands) != 2:
@@ -99,6 +103,20 @@ def _matmul_operands(node):
                 flip = einsum_as_matmul(equation, i) if isinstance(equation, str) else None
                 return operands[1 - i], operands[i], None, flip, False, f"einsum {equation!r}"
     return None
+
+
+def _tensordot_flip(node) -> bool | None:
+    """For ``tensordot(x, W, dims)`` with a 2-D W: False when it is x @ W (x's last dim with W's first: dims=1
+    or ([-1], [0])), True when x @ W.T (([-1], [1])), None otherwise."""
+    dims, xs = _arg(node, 2, "dims", 2), example_shape(node.args[0])
+    if dims == 1:
+        return False
+    if not isinstance(dims, (list, tuple)) or len(dims) != 2 or xs is None:
+        return None
+    a, b = ([d] if isinstance(d, int) else list(d) for d in dims)
+    if len(a) != 1 or len(b) != 1 or a[0] % len(xs) != len(xs) - 1 or b[0] not in (0, 1, -1, -2):
+        return None
+    return b[0] % 2 == 1
 
 
 def _shared(read, op: str) -> str | None:

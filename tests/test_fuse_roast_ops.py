@@ -1055,3 +1055,39 @@ def test_bilinear_weights_fuse_over_the_outer_product(monkeypatch):
     torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
     assert [u.why for u in uses] == ["roast_linear from bilinear, over x1 and x2's flattened outer product"] * 2
+
+
+class DotForms(torch.nn.Module):
+    """Weights read by tensordot (dims=1, ([-1], [0]) and ([-1], [1])) and by torch.inner."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(16, 12) / 4)
+        self.b = torch.nn.Parameter(torch.randn(12, 12) / 4)
+        self.c = torch.nn.Parameter(torch.randn(9, 12) / 4)
+        self.d = torch.nn.Parameter(torch.randn(7, 9) / 4)
+
+    def forward(self, x):
+        h = torch.tanh(torch.tensordot(x, self.a, dims=1))
+        h = torch.tanh(torch.tensordot(h, self.b, dims=([-1], [0])))
+        h = torch.tanh(torch.tensordot(h, self.c, dims=([2], [1])))  # h @ c.T
+        return torch.inner(h, self.d)  # h @ d.T
+
+
+def test_tensordot_and_inner_reads_fuse(monkeypatch):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    model = roastfx.compress(DotForms().double(), "2x", example_inputs=(x,), init="random", memory_dtype="float64")
+    assert [s.name for s in roastfx.roast_state(model).plan.sites] == ["a", "b", "c", "d"]
+    eager = model(x)
+    eager.square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
+    assert all(u.fused for u in uses) and sorted(u.why.split(" from ")[1] for u in uses) == [
+        "inner", "tensordot", "tensordot", "tensordot"], [u.why for u in uses]
