@@ -365,7 +365,13 @@ def roast_picked_mm(x: torch.Tensor, group: torch.Tensor, memory: torch.Tensor, 
     device: no host sync; the groups' ends by a binary search in the sorted ids), run through one
     ``roast_grouped_mm`` and put back in their order. Plain torch ops
     around the custom op, so autograd, dynamo and AOTAutograd trace it."""
-    sorted_group, order = torch.sort(group.long(), stable=True)
+    group = group.long()
+    group = torch.where(group < 0, group + groups, group)  # W[ids] wraps a negative id, as indexing does
+    # an id past the groups would leave its row out of every group (a zero row): refused instead, as W[ids] does,
+    # without a host sync on a GPU (a device-side assert)
+    torch._assert_async(((group >= 0) & (group < groups)).all(),
+                        f"roast_picked_mm: an id is out of range for {groups} groups (stacked weights)")
+    sorted_group, order = torch.sort(group, stable=True)
     # each group's cumulative end: where it stops in the sorted order (no atomics: deterministic on a GPU)
     offs = torch.searchsorted(sorted_group, torch.arange(groups, device=group.device), right=True)
     out = torch.ops.roastfx.roast_grouped_mm(x.index_select(0, order), memory, offs, mapping, scale, groups,

@@ -1091,3 +1091,22 @@ def test_tensordot_and_inner_reads_fuse(monkeypatch):
     torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
     assert all(u.fused for u in uses) and sorted(u.why.split(" from ")[1] for u in uses) == [
         "inner", "tensordot", "tensordot", "tensordot"], [u.why for u in uses]
+
+
+def test_roast_picked_mm_equals_picking_each_rows_weight_and_refuses_bad_ids():
+    """roast_picked_mm against ``bmm(W[ids], x)`` over the site's dense weights in float64 (odd sizes, uneven and
+    empty groups, a negative id read as Python indexing reads it), and an id past the groups refused, as
+    ``W[ids]`` refuses it, rather than leaving its row zero."""
+    torch.manual_seed(0)
+    x = torch.randn(11, 1, 16, dtype=torch.float64)
+    model = roastfx.compress(PickedExperts().double(), "2x", example_inputs=(x,), init="random",
+                             memory_dtype="float64")
+    site = next(s for s in roastfx.roast_state(model).plan.sites if s.name == "up")
+    rows = torch.randn(13, 16, dtype=torch.float64)
+    ids = torch.tensor([2, 0, 2, -1, 0, 2, 2, 0, -3, 2, 0, 2, 2])  # -1 is expert 2, -3 expert 0; expert 1 has none
+    want = torch.bmm(model.up[ids], rows.unsqueeze(-1)).squeeze(-1)
+    got = ops.roast_picked_mm(rows, ids, model.roast_memory, ops.mapping_args(site.mapping), site.scale, 3)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="roast_picked_mm: an id is out of range for 3 groups"):
+        ops.roast_picked_mm(rows, ids.clamp(max=1) + 2, model.roast_memory, ops.mapping_args(site.mapping),
+                            site.scale, 3)
