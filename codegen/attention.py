@@ -3,13 +3,15 @@
 ``roast_attention`` computes what ``F.multi_head_attention_forward`` computes for
 ``nn.MultiheadAttention`` without key/value biases, zero attention or static keys,
 with the three projections and the output projection as ``roast_linear`` ops, so
-neither projection weight is built (nor, with separate q, k and v weights, any of them). The in-projection view V (E, 3E) holds the
+neither projection weight is built. The in-projection view V (E, 3E) holds the
 q, k and v projections as three column windows: self-attention reads it whole,
 cross-attention reads each window on its own (``column_windows``) when the
 windows start on hash-tile boundaries, and otherwise slices the full projection.
 With ``in_grad_norm`` / ``out_grad_norm`` (``grad_scaling="site"``) the projections'
 roast_linear ops normalize their view gradients; only self-attention can, where one
-op reads the whole in-projection view.
+op reads the whole in-projection view. Separate q, k and v weights (``kdim``/``vdim``,
+``use_separate_proj_weight``) are sites of their own: one ``roast_linear`` each, each
+normalizing its own gradient.
 """
 from __future__ import annotations
 

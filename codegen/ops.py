@@ -18,8 +18,8 @@ from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .hashing import PRIME, TileHash
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
-__all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv", "embedding_bag_of_rows",
-           "mapping_args", "use_triton"]
+__all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv",
+           "embedding_bag_of_rows", "mapping_args", "use_triton"]
 
 
 def mapping_args(mapping: TileHash) -> list[int]:

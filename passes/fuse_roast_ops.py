@@ -300,7 +300,7 @@ _CELL_MODES = {"lstm_cell": "LSTM", "gru_cell": "GRU", "rnn_tanh_cell": "RNN_TAN
 def _fuse_cell(graph, node) -> list[SiteUse] | None:
     """An aten RNN cell op (``lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)``, ``gru_cell``, ``rnn_*_cell``:
     what a dense nn.LSTMCell/GRUCell/RNNCell runs, e.g. under in-compiler compression) over compressed weights
-    -> its input and hidden projections as two roast_linear, then the gates (``rnn._gates``)."""
+    -> its input and hidden projections as two roast_linear, then the gates (``codegen.recurrent.rnn_gates``)."""
     mode = _CELL_MODES.get(op_name(node))
     if node.op != "call_function" or mode is None or len(node.args) < 4 or node.kwargs:
         return None
@@ -318,17 +318,17 @@ def _fuse_cell(graph, node) -> list[SiteUse] | None:
         why = f"{name} under autocast is not decomposed"
     if why:
         return [SiteUse(node.name, False, why)]
-    from roastfx.rnn import _gates
+    from roastfx.codegen.recurrent import rnn_gates
 
     h, c = tuple(hx) if mode == "LSTM" else (hx, None)
     with graph.inserting_before(node):
         # F.linear(x, W) = x @ W^T: x @ V when W = V^T (a cell's layout), else x @ V^T
         gx, gh = (graph.call_function(torch.ops.roastfx.roast_linear.default,
-                                      (t, *r.materialize.args[:1], list(r.materialize.args[1]),
-                                       r.materialize.args[2], b),
+                                      (t, memory, list(mapping), scale, b),
                                       ({} if r.transposed else {"transpose_view": True}) | _norm_kwargs(r))
-                  for t, r, b in ((x, reads[0], b_ih), (h, reads[1], b_hh)))
-        state = graph.call_function(_gates, (mode, gx, gh, h, c))
+                  for t, r, b in ((x, reads[0], b_ih), (h, reads[1], b_hh))
+                  for memory, mapping, scale in (r.materialize.args,))
+        state = graph.call_function(rnn_gates, (mode, gx, gh, h, c))
         out = state if mode == "LSTM" else graph.call_function(operator.getitem, (state, 0))
     out.meta.update(node.meta)
     node.replace_all_uses_with(out)

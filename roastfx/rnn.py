@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from roastfx.codegen.recurrent import rnn_gates
+
 DECOMPOSED = (nn.LSTM, nn.GRU, nn.RNN)  # exactly these classes: a user subclass keeps its own forward
 CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)  # one step each: the same decomposition, exactly these classes
 
@@ -63,29 +65,11 @@ def decomposed_cell(cell: nn.RNNCellBase, input: torch.Tensor, hx=None):
         if not batched:
             h, c = h.unsqueeze(0), c.unsqueeze(0) if c is not None else None
     mode = "LSTM" if lstm else "GRU" if isinstance(cell, nn.GRUCell) else f"RNN_{cell.nonlinearity.upper()}"
-    h, c = _gates(mode, F.linear(x, cell.weight_ih, cell.bias_ih), F.linear(h, cell.weight_hh, cell.bias_hh), h,
+    h, c = rnn_gates(mode, F.linear(x, cell.weight_ih, cell.bias_ih), F.linear(h, cell.weight_hh, cell.bias_hh), h,
                   c if lstm else None)
     if not batched:
         h, c = h.squeeze(0), c.squeeze(0) if lstm else None
     return (h, c) if lstm else h
-
-
-def _gates(mode: str, gates_x: torch.Tensor, gates_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
-    """(h, c) after one step of an RNN of ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") from the input's and
-    the hidden state's projections (biases included); c is None but for an LSTM."""
-    if mode == "LSTM":
-        i, f, g, o = (gates_x + gates_h).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        x_r, x_z, x_n = gates_x.chunk(3, -1)
-        h_r, h_z, h_n = gates_h.chunk(3, -1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        return (1 - z) * n + z * h, None
-    z = gates_x + gates_h
-    return (torch.tanh(z) if mode == "RNN_TANH" else torch.relu(z)), None
 
 
 def decomposed_packed_forward(module: nn.RNNBase, input: PackedSequence, hx=None):
@@ -209,7 +193,7 @@ def _run_direction(module, layer, direction, x, h, c, active=None):
     for t in order:
         h_before, c_before = h, c
         gates_h = F.linear(h, weight_hh if once else _weights(module, layer, direction, "weight_hh"), bias_hh)
-        h, c = _gates(mode, gates_x[t], gates_h, h, c)
+        h, c = rnn_gates(mode, gates_x[t], gates_h, h, c)
         if mode == "LSTM":
             projection = weight_hr if once else _weights(module, layer, direction, "weight_hr")
             if projection is not None:
