@@ -242,9 +242,9 @@ def gathered_read(node) -> tuple[GroupedRead, torch.fx.Node] | None:
     return None if read is None else (read, ids)
 
 
-def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
-    """For a two-operand einsum whose operand ``weight_index`` is a 2-D W: False when it computes
-    x @ W (contracting x's last dim with W's first), True when x @ W.T, None otherwise."""
+def _einsum_specs(equation: str, weight_index: int) -> tuple[str, str, str] | None:
+    """(the weight's subscripts, x's, the output's) of a two-operand einsum with an explicit output ("..." as
+    "*"), or None."""
     eq = equation.replace(" ", "").replace("...", "*")
     if "->" not in eq:
         return None
@@ -252,7 +252,16 @@ def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
     specs = inputs.split(",")
     if len(specs) != 2:
         return None
-    w, x = specs[weight_index], specs[1 - weight_index]
+    return specs[weight_index], specs[1 - weight_index], out
+
+
+def einsum_as_matmul(equation: str, weight_index: int) -> bool | None:
+    """For a two-operand einsum whose operand ``weight_index`` is a 2-D W: False when it computes
+    x @ W (contracting x's last dim with W's first), True when x @ W.T, None otherwise."""
+    specs = _einsum_specs(equation, weight_index)
+    if specs is None:
+        return None
+    w, x, out = specs
     if len(w) != 2 or w[0] == w[1] or "*" in w or not x or len(set(x)) != len(x) or x[-1] not in w:
         return None
     contracted = x[-1]
@@ -278,14 +287,10 @@ def einsum_blocks(equation: str, weight_index: int, shape: tuple, split: int) ->
     exactly W's first ``split`` dims or exactly the others, in W's order, with x's last dims, keeping W's other
     dims last in the output (``"ibh,hnd->ibnd"``, ``"ibnd,hnd->ibh"``: XLNet's and Funnel's (d_model, heads,
     head_dim) projections), and nothing else shared: then an ``EinsumBlocks``, else None."""
-    eq = equation.replace(" ", "").replace("...", "*")
-    if "->" not in eq or not 0 < split < len(shape):
+    specs = _einsum_specs(equation, weight_index)
+    if specs is None or not 0 < split < len(shape):
         return None
-    inputs, out = eq.split("->")
-    specs = inputs.split(",")
-    if len(specs) != 2:
-        return None
-    w, x = specs[weight_index], specs[1 - weight_index]
+    w, x, out = specs
     if len(w) != len(shape) or "*" in w or len(set(w)) != len(w) or len(set(x)) != len(x) or len(set(out)) != len(out):
         return None
     for contracted, kept, transposed in ((w[:split], w[split:], False), (w[split:], w[:split], True)):

@@ -933,6 +933,21 @@ def test_weights_picked_per_row_and_read_again_keep_their_materialize(monkeypatc
     assert [u.why for u in uses if not u.fused] == ["bmm: the picked weights have other users"]
 
 
+def _compiled_equals_eager(model, inputs: tuple, monkeypatch, tol: float) -> list:
+    """The mean square of ``model(*inputs)`` forward and backward in eager, then through the roast backend
+    (inner aot_eager): outputs and memory gradients agree to ``tol``. Returns the compile's SiteUses."""
+    eager = model(*inputs)
+    eager.square().mean().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(*inputs)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
+    torch.testing.assert_close(model.roast_memory.grad, grad, atol=tol, rtol=tol)
+    return uses
+
+
 class PropertyReads(torch.nn.Module):
     """Weights read through the transposing properties (``w.T``, ``w.mT``: getattr calls in dynamo's graph) and
     cast by tensor methods (``.float()``, ``.type(dtype)``), as Falcon's linear layers and DeepSeek's router
@@ -960,15 +975,7 @@ def test_weights_read_through_properties_and_cast_methods_fuse(monkeypatch):
                              memory_dtype="float64")
     assert [(s.name, s.transposed) for s in roastfx.roast_state(model).plan.sites] == [
         ("w", True), ("v", True), ("r", True), ("s", False)]
-    eager = model(x)
-    eager.square().mean().backward()
-    grad = model.roast_memory.grad.clone()
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-    out.square().mean().backward()
-    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)  # two GEMMs in float32
-    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-5, rtol=1e-5)
+    uses = _compiled_equals_eager(model, (x,), monkeypatch, 1e-5)  # two GEMMs in float32
     # w and v are laid out transposed (V = W^T), so x @ W.T and x @ W.mT read V as it is
     assert sorted(u.why for u in uses) == ["roast_linear from linear"] + ["roast_linear from matmul"] * 3
 
@@ -1007,15 +1014,7 @@ def test_einsum_over_a_weight_of_several_dims_is_one_gemm(monkeypatch):
     x = torch.randn(7, 2, 12, dtype=torch.float64)
     model = roastfx.compress(HeadProjections().double(), "2x", example_inputs=(x,), init="random",
                              memory_dtype="float64")
-    eager = model(x)
-    eager.square().mean().backward()
-    grad = model.roast_memory.grad.clone()
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-    out.square().mean().backward()
-    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
+    uses = _compiled_equals_eager(model, (x,), monkeypatch, 1e-12)
     assert sorted(u.why for u in uses) == [
         "einsum 'ibnd,snd->ibns' is not x @ W or x @ W.T on x's last dim",
         "roast_linear (x @ V^T) from einsum 'ibnd,hnd->ibh', the 3-D weight as a matrix",
@@ -1045,15 +1044,7 @@ def test_bilinear_weights_fuse_over_the_outer_product(monkeypatch):
                              memory_dtype="float64")
     assert sorted((s.name, s.transposed, s.mapping.rows, s.mapping.cols) for s in
                   roastfx.roast_state(model).plan.sites) == [("b.weight", True, 60, 4), ("w", True, 24, 3)]
-    eager = model(x, y)
-    eager.square().mean().backward()
-    grad = model.roast_memory.grad.clone()
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y)
-    out.square().mean().backward()
-    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
+    uses = _compiled_equals_eager(model, (x, y), monkeypatch, 1e-12)
     assert [u.why for u in uses] == ["roast_linear from bilinear, over x1 and x2's flattened outer product"] * 2
 
 
@@ -1080,15 +1071,7 @@ def test_tensordot_and_inner_reads_fuse(monkeypatch):
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     model = roastfx.compress(DotForms().double(), "2x", example_inputs=(x,), init="random", memory_dtype="float64")
     assert [s.name for s in roastfx.roast_state(model).plan.sites] == ["a", "b", "c", "d"]
-    eager = model(x)
-    eager.square().mean().backward()
-    grad = model.roast_memory.grad.clone()
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-    out.square().mean().backward()
-    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(model.roast_memory.grad, grad, atol=1e-12, rtol=1e-12)
+    uses = _compiled_equals_eager(model, (x,), monkeypatch, 1e-12)
     assert all(u.fused for u in uses) and sorted(u.why.split(" from ")[1] for u in uses) == [
         "inner", "tensordot", "tensordot", "tensordot"], [u.why for u in uses]
 
