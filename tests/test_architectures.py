@@ -311,19 +311,27 @@ def test_compiled_equals_eager(name, monkeypatch):
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12),
                     reason="torch 2.11's inductor emits C++ that does not compile for this model on CPU (an undeclared "
                            "index in a bounds check under dynamic shapes), for the dense model as well")
-def test_compressed_llama_generates_the_same_tokens_eager_and_compiled():
+@pytest.mark.parametrize("name", ["llama", "mixtral-batched-mm"])
+def test_compressed_model_generates_the_same_tokens_eager_and_compiled(name, monkeypatch):
     """Greedy decoding with a KV cache (prefill, then one token at a time: a new shape each step), the forward
-    compiled by the roast backend with dynamic shapes."""
+    compiled by the roast backend (inductor) with dynamic shapes; for Mixtral with transformers' batched_mm
+    experts (meant for decoding), each step's few tokens sorted by expert into roast_picked_mm."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = roastfx.compress(llama(), "4x", init="random").eval()
     ids = torch.randint(0, 64, (2, 5), generator=_gen())
+    model = roastfx.compress(CASES[name][0](), "4x", init="random",
+                             example_inputs={"input_ids": ids} if name in TRACED else None).eval()
+    from test_fuse_roast_ops import record_uses
+
+    uses = record_uses(monkeypatch)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         model.forward = torch.compile(model.forward, backend="roast", dynamic=True)
         compiled = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert eager.shape == (2, 11) and torch.equal(eager[:, :5], ids)
     assert torch.equal(compiled, eager)
+    assert uses and all(u.fused for u in uses), [u.why for u in uses if not u.fused]
+    assert any("roast_picked_mm" in u.why for u in uses) == (name == "mixtral-batched-mm")
