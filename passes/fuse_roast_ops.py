@@ -429,6 +429,8 @@ def _fuse_gathered(graph, node) -> SiteUse | None:
                                          "operands only (one picked weight per batch entry)")
     if len(selected.users) > 1 or _shared(read, name):
         return SiteUse(node.name, False, _shared(read, name) or f"{name}: the picked weights have other users")
+    if not statically_known_true(shapes[0][0] == shapes[1][0]):
+        return SiteUse(node.name, False, f"{name} broadcasts x over the weights picked per row")
     rows = shapes[1][2] if left else shapes[1][1]  # x[s] is (K, rows) on the right of W_s, else (rows, K)
     if not isinstance(rows, int):
         return SiteUse(node.name, False, f"{name} of weights picked per row with a dynamic row count per pick")

@@ -1093,3 +1093,26 @@ def test_roast_picked_mm_equals_picking_each_rows_weight_and_refuses_bad_ids():
     with pytest.raises(RuntimeError, match="roast_picked_mm: an id is out of range for 3 groups"):
         ops.roast_picked_mm(rows, ids.clamp(max=1) + 2, model.roast_memory, ops.mapping_args(site.mapping),
                             site.scale, 3)
+
+
+def test_weights_picked_per_row_with_x_broadcast_keep_their_materialize(monkeypatch):
+    """matmul broadcasting one x over the picked weights is not one row per pick: it keeps its materialize (and
+    says so), and the compiled model computes what eager does."""
+
+    class Broadcast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 8, 6))
+            self.router = torch.nn.Linear(6, 3)
+
+        def forward(self, x):  # x (1, 6, 1), the picks (4, 8, 6)
+            return torch.matmul(self.w[self.router(x[0, :, 0]).argmax(-1).repeat(4)], x)
+
+    torch._dynamo.reset()
+    x = torch.randn(1, 6, 1, dtype=torch.float64)
+    model = roastfx.compress(Broadcast().double(), "2x", example_inputs=(x,), init="random",
+                             memory_dtype="float64")
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    torch.testing.assert_close(out, model(x))
+    assert [u.why for u in uses if not u.fused] == ["matmul broadcasts x over the weights picked per row"]
