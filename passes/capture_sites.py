@@ -24,6 +24,8 @@ from torch import nn
 
 from roastfx.codegen.reference import GROUPED
 
+from .weight_reads import transpose_property
+
 log = logging.getLogger("roastfx")
 
 
@@ -160,9 +162,7 @@ def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed
             continue
         # dynamo's graphs hold tensor methods as call_method nodes (w.transpose(-2, -1)) and the properties w.T,
         # w.mT as getattr calls; export's, aten calls
-        name = user.target if user.op == "call_method" else _op_name(user)
-        if user.target is getattr and len(user.args) == 2 and user.args[1] in ("T", "mT"):
-            name = user.args[1]
+        name = user.target if user.op == "call_method" else transpose_property(user) or _op_name(user)
         if name in _CONSUMERS:
             use = _consumer_use(name, next((i for i, a in enumerate(user.args) if a is node), None), transposes,
                                 indexed, ndim)

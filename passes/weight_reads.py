@@ -84,16 +84,21 @@ def is_chain_step(node) -> bool:
         node.op in ("call_method", "call_function") and op_name(node) in CHAIN_OPS)
 
 
+def transpose_property(node) -> str | None:
+    """"T" or "mT" when ``node`` reads that transposing property (``w.T``: a ``getattr`` call in dynamo's
+    graph), else None."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+        return node.args[1]
+    return None
+
+
 def op_name(node) -> str:
-    """The op a node calls; the transposing properties ``w.T`` and ``w.mT`` (a ``getattr`` call in dynamo's
-    graph) as "T" and "mT"."""
+    """The op a node calls; the transposing properties ``w.T`` and ``w.mT`` as "T" and "mT"."""
     if node.op == "call_method":
         return node.target
     if node.op != "call_function":
         return ""
-    if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
-        return node.args[1]
-    return getattr(node.target, "__name__", "")
+    return transpose_property(node) or getattr(node.target, "__name__", "")
 
 
 def example_shape(node) -> tuple | None:

@@ -44,15 +44,21 @@ def test_decomposition_equals_torchs_rnn_op_in_float64(name):
     hx = _initial_state(module, x, gen) if with_state else None
     want = _flat(module(x, hx))
     got = _flat(decomposed_forward(module, x, hx))
-    assert [t.shape for t in got] == [t.shape for t in want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     leaves = [x, *(hx if isinstance(hx, tuple) else [hx] if hx is not None else []), *module.parameters()]
     upstream = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in want]
+    _assert_same_outputs_and_gradients(got, want, upstream, leaves, (1e-10, 1e-12), (1e-9, 1e-11))
+
+
+def _assert_same_outputs_and_gradients(got, want, upstream, leaves, out_tol, grad_tol):
+    """The decomposition's outputs ``got`` equal torch's ``want`` to out_tol (rtol, atol), and so do the
+    gradients of sum(output * upstream) with respect to ``leaves`` to grad_tol."""
+    assert [t.shape for t in got] == [t.shape for t in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=out_tol[0], atol=out_tol[1])
     grads_want = torch.autograd.grad(sum((t * u).sum() for t, u in zip(want, upstream)), leaves)
     grads_got = torch.autograd.grad(sum((t * u).sum() for t, u in zip(got, upstream)), leaves)
     for g, w in zip(grads_got, grads_want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(g, w, rtol=grad_tol[0], atol=grad_tol[1])
 
 
 class Tagger(nn.Module):
@@ -230,14 +236,8 @@ def test_cell_decomposition_equals_torchs_cell_op_in_float64(name):
         hx = hx if isinstance(cell, nn.LSTMCell) else hx[0]
     want, got = cell(x, hx), decomposed_cell(cell, x, hx)
     want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
-    assert [t.shape for t in got] == [t.shape for t in want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-    leaves = [x, *cell.parameters()]
-    grads_want = torch.autograd.grad(sum(t.square().sum() for t in want), leaves)
-    grads_got = torch.autograd.grad(sum(t.square().sum() for t in got), leaves)
-    for g, w in zip(grads_got, grads_want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    upstream = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in want]
+    _assert_same_outputs_and_gradients(got, want, upstream, [x, *cell.parameters()], (1e-12, 1e-12), (1e-10, 1e-12))
 
 
 class CellDecoder(nn.Module):
