@@ -78,6 +78,25 @@ def project(
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
+def project_write(baseline: torch.Tensor, load: torch.Tensor, view: torch.Tensor, mapping: TileHash,
+                  scale: float) -> torch.Tensor:
+    """The memory after one site's weights are set to ``view`` (its B view) and every other site's kept: on
+    each slot the site lands on, the mean of ``sign * w / scale`` over every element there (``project``'s
+    least squares), where each other site's element counts with its value in ``baseline``, which is that
+    slot's value. ``load``: ``slot_load`` of every site. float64, on the baseline's device; the slots the
+    site does not touch keep their value."""
+    device = baseline.device
+    index, sign = mapping.full_index(device)
+    index = index.reshape(-1)
+    values = (view.detach().to(device, torch.float64) * sign.to(device, torch.float64) / scale).reshape(-1)
+    total = torch.zeros(baseline.numel(), dtype=torch.float64, device=device).index_add_(0, index, values)
+    mine = torch.zeros(baseline.numel(), dtype=torch.float64, device=device).index_add_(
+        0, index, torch.ones_like(values))
+    old = baseline.detach().to(torch.float64)
+    others = load.to(device, torch.float64) - mine
+    return torch.where(mine > 0, (old * others + total) / (others + mine).clamp_min(1), old)
+
+
 def slot_load(mappings: list[TileHash], memory_size: int) -> torch.Tensor:
     """How many weight elements land on each memory slot (int64, length memory_size)."""
     load = torch.zeros(memory_size, dtype=torch.int64)

@@ -16,12 +16,12 @@ import weakref
 import torch
 from torch import nn
 
-from roastfx import rnn
+from roastfx import rnn, weight_writes
 from roastfx.codegen import ops
 from roastfx.codegen.grad_norm import site_grad_rms  # noqa: F401 (public here too)
 from roastfx.codegen.grad_norm import SiteGradNorm, site_grad_norm
 from roastfx.codegen.runs import gather_view_differentiable
-from roastfx.codegen.reference import view_to_weight
+from roastfx.codegen.reference import project_write, slot_load, view_to_weight, weight_to_view
 from roastfx.plan import Plan, check_grad_scaling
 
 log = logging.getLogger("roastfx")
@@ -56,10 +56,13 @@ class RoastState:
         self.plan = plan
         self._sites = {s.name: s for s in plan.sites}
         self._args = {s.name: ops.mapping_args(s.mapping) for s in plan.sites}
+        self._slot_load = None
         # the dtype each site's weight is read in: its dense weight's, then whatever model.to / .double() /
         # .half() make of it (root's _apply); the memory keeps its own dtype (e.g. float32 under bf16 weights)
         self.compute_dtypes = {s.name: (compute_dtypes or {}).get(s.name, _DTYPES.get(s.dtype, torch.float32))
                                for s in plan.sites}
+        self._slot_load = None  # every site's elements per slot, for writes (weight_writes.py)
+        self.warned_write = False
 
     @property
     def memory(self) -> nn.Parameter:
@@ -79,6 +82,20 @@ class RoastState:
         weight = view_to_weight(view, site.shape, site.transposed, site.op)
         dtype = self.compute_dtypes[site_name]
         return weight if weight.dtype == dtype else weight.to(dtype)
+
+    def write(self, site_name: str, weight: torch.Tensor, baseline: torch.Tensor) -> None:
+        """Set one site's weight to ``weight`` (its dense shape) as well as the memory can hold it, the other
+        sites' elements kept at their values in ``baseline`` (``reference.project_write``)."""
+        site = self._sites[site_name]
+        if tuple(weight.shape) != site.shape:
+            raise ValueError(f"cannot write a weight of shape {tuple(weight.shape)} into site {site_name!r}, "
+                             f"whose shape is {site.shape}")
+        if self._slot_load is None:
+            self._slot_load = slot_load([s.mapping for s in self.plan.sites], self.plan.memory_size)
+        view = weight_to_view(weight.detach(), site.transposed, site.op)
+        memory = self.memory
+        with torch.no_grad():
+            memory.copy_(project_write(baseline, self._slot_load, view, site.mapping, site.scale))
 
     def rows(self, site_name: str, ids: torch.Tensor, padding_idx: int | None) -> torch.Tensor | None:
         """``F.embedding(ids, weight, padding_idx)`` reading only the looked-up rows from the memory
@@ -132,6 +149,7 @@ class RoastState:
         self.plan = plan
         self._sites = {s.name: s for s in plan.sites}
         self._args = {s.name: ops.mapping_args(s.mapping) for s in plan.sites}
+        self._slot_load = None
 
 
 def _root_get_extra_state(self):
@@ -241,6 +259,8 @@ def _roast_property(attr: str):
         if self.__dict__.get("sparse") is True and weight.requires_grad:
             weight = _DenseGrad.apply(weight)
         if not torch.compiler.is_compiling():
+            if not torch._C._are_functorch_transforms_active():
+                weight = weight_writes.hand_out(self.__dict__["_roast_state"], site, weight)
             weight._roast_site = site  # assigning it back to a binding of the same site is a no-op (a tie)
         return weight
 

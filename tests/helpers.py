@@ -5,18 +5,23 @@ from torch import nn
 P = 2**31 - 1
 
 
+def index_sign_from_docs(m: dict, k: int, n: int) -> tuple[int, float]:
+    """The memory slot and sign of element (k, n) of a site's B view, from docs/mapping.md with Python ints."""
+    span = m["tile_rows"] * m["tile_cols"]
+    i, j = k // m["tile_rows"], n // m["tile_cols"]
+    h = (m["a_row"] * i + m["a_col"] * j + m["b"]) % P
+    start = m["window_start"] + (h % (m["window_size"] - span + 1)) // m["alignment"] * m["alignment"]
+    index = start + (k % m["tile_rows"]) * m["tile_cols"] + n % m["tile_cols"]
+    g = (m["c_row"] * k + m["c_col"] * n + m["d"]) % P
+    return index, (-1.0 if (g >> 16) & 1 else 1.0)
+
+
 def materialize_from_docs(memory: torch.Tensor, m: dict, scale: float) -> torch.Tensor:
     """W_B[k, n] = scale * sign(k, n) * memory[index(k, n)], element by element with Python ints."""
     out = torch.empty(m["rows"], m["cols"], dtype=torch.float64)
-    span = m["tile_rows"] * m["tile_cols"]
     for k in range(m["rows"]):
         for n in range(m["cols"]):
-            i, j = k // m["tile_rows"], n // m["tile_cols"]
-            h = (m["a_row"] * i + m["a_col"] * j + m["b"]) % P
-            start = m["window_start"] + (h % (m["window_size"] - span + 1)) // m["alignment"] * m["alignment"]
-            index = start + (k % m["tile_rows"]) * m["tile_cols"] + n % m["tile_cols"]
-            g = (m["c_row"] * k + m["c_col"] * n + m["d"]) % P
-            sign = -1.0 if (g >> 16) & 1 else 1.0
+            index, sign = index_sign_from_docs(m, k, n)
             out[k, n] = scale * sign * float(memory[index])
     return out
 
