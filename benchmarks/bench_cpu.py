@@ -12,6 +12,11 @@ Cases, each forward + backward of one layer at 100x:
   tokens. ``eager``: the compressed module as it runs now (`ops.EagerMaterialize`); ``custom op``: the
   same read through ``roastfx::materialize``'s dispatch, as the module read it before (the gather itself
   is this commit's in both); ``dense``: nn.Linear.
+- repeated reads within one forward: an nn.LSTMCell (512 -> 512) stepped 16 times in Python over a batch of
+  16, and a stacked experts weight (8 experts, 256 -> 1024) indexed per expert in a Python loop over 64
+  tokens (each token picks one expert), as transformers' ``experts_implementation="eager"`` does.
+  ``shared``: the model as it runs now (a site the previous forward read more than once is read once per
+  forward, `RoastState.kept_read`); ``every use``: each use reading the memory (as before); ``dense``.
 """
 from __future__ import annotations
 
@@ -29,11 +34,47 @@ CASES = {  # name: (kind, rows of the input, in, out)
     "embedding-bert-base-words": ("embedding", 8 * 128, 30522, 768),
     "linear-quickstart-512": ("linear", 64, 512, 512),
     "linear-bert-ffn-up": ("linear", 8 * 128, 768, 3072),
+    "lstmcell-16-steps": ("cell-loop", 16, 512, 512),
+    "experts-loop-8": ("experts-loop", 64, 256, 1024),
 }
 QUICK_CASES = {
     "embedding-tiny": ("embedding", 24, 300, 40),
     "linear-tiny": ("linear", 16, 48, 40),
+    "lstmcell-tiny": ("cell-loop", 4, 24, 32),
+    "experts-loop-tiny": ("experts-loop", 12, 24, 40),
 }
+STEPS, EXPERTS = 16, 8  # the cell loop's steps; the experts loop's experts
+
+
+def _loop_models(kind: str, d_in: int, d_out: int):
+    """(dense model class, its constructor args, example input maker) of a repeated-reads case."""
+    import torch
+    from torch import nn
+
+    class CellLoop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.LSTMCell(d_in, d_out)
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[1], d_out)
+            for t in range(x.shape[0]):
+                h, c = self.cell(x[t], (h, c))
+            return h
+
+    class ExpertsLoop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(EXPERTS, d_out, d_in) / d_in ** 0.5)
+
+        def forward(self, x, pick):
+            out = x.new_zeros(x.shape[0], d_out)
+            for e in range(EXPERTS):
+                rows = (pick == e).nonzero().squeeze(1)
+                out = out.index_add(0, rows, x[rows] @ self.w[e].t())
+            return out
+
+    return CellLoop if kind == "cell-loop" else ExpertsLoop
 
 
 def parse_args(argv=None):
@@ -75,6 +116,27 @@ def methods(kind: str, rows: int, d_in: int, d_out: int):
             "whole table": lambda: nn.functional.embedding(ids, model.weight),
             "dense": lambda: dense(ids),
         }
+    elif kind in ("cell-loop", "experts-loop"):
+        from roastfx.module import RoastState
+
+        cls = _loop_models(kind, d_in, d_out)
+        if kind == "cell-loop":
+            inputs = (torch.randn(STEPS, rows, d_in, generator=gen),)
+        else:
+            inputs = (torch.randn(rows, d_in, generator=gen), torch.randint(0, EXPERTS, (rows,), generator=gen))
+        torch.manual_seed(0)
+        dense = cls()
+        model = roastfx.compress(cls(), "100x", init="random", example_inputs=inputs)
+
+        def every_use():
+            keep = RoastState.keep_read
+            RoastState.keep_read = lambda self, site, weight: None  # each use reads the memory
+            try:
+                return model(*inputs)
+            finally:
+                RoastState.keep_read = keep
+
+        calls = {"shared": lambda: model(*inputs), "every use": every_use, "dense": lambda: dense(*inputs)}
     else:
         dense = nn.Linear(d_in, d_out)
         x = torch.randn(rows, d_in, generator=gen)

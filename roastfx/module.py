@@ -8,9 +8,11 @@ reference path; the dense tensor is deleted.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import logging
+import threading
 import weakref
 
 import torch
@@ -63,6 +65,55 @@ class RoastState:
                                for s in plan.sites}
         self._slot_load = None  # every site's elements per slot, for writes (weight_writes.py)
         self.warned_write = False
+        self._reads = threading.local()  # this thread's eager forward of the root: its reads (begin_forward)
+        self.repeated: frozenset[str] = frozenset()  # sites the last eager forward read more than once
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_reads"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reads = threading.local()
+
+    # An eager forward of the root reads each weight from the memory as often as the model asks for it: a loop
+    # over experts indexes a stacked weight once per expert, an RNN cell called per step reads its weights
+    # every step. Within one forward the memory does not change, so the sites the previous forward read more
+    # than once are read once and shared (one autograd node: their gradients add up as for a dense weight);
+    # the others are not kept, so a forward holds no more weights than before.
+
+    def begin_forward(self) -> None:
+        reads = self._reads
+        reads.depth = getattr(reads, "depth", 0) + 1
+        if reads.depth == 1:
+            reads.counts, reads.kept = collections.Counter(), {}
+
+    def end_forward(self, completed: bool = True) -> None:
+        """``completed``: False after a forward that raised, whose reads say nothing about the next one."""
+        reads = self._reads
+        if getattr(reads, "depth", 0) <= 0:
+            return
+        reads.depth -= 1
+        if reads.depth == 0:
+            if completed:
+                self.repeated = frozenset(s for s, c in reads.counts.items() if c > 1)
+            reads.counts = reads.kept = None
+
+    def _read_key(self):
+        return self.memory._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def kept_read(self, site_name: str) -> torch.Tensor | None:
+        """The weight this forward already read for a site read repeatedly, or None (and the read counted)."""
+        reads = self._reads
+        if not getattr(reads, "depth", 0) or torch.compiler.is_compiling():
+            return None
+        reads.counts[site_name] += 1
+        kept = reads.kept.get(site_name)
+        return kept[1] if kept is not None and kept[0] == self._read_key() else None
+
+    def keep_read(self, site_name: str, weight: torch.Tensor) -> None:
+        reads = self._reads
+        if getattr(reads, "depth", 0) and site_name in self.repeated and not torch.compiler.is_compiling():
+            reads.kept[site_name] = (self._read_key(), weight)
 
     @property
     def memory(self) -> nn.Parameter:
@@ -254,13 +305,21 @@ class _DenseGrad(torch.autograd.Function):
 
 def _roast_property(attr: str):
     def get(self):
-        site = self.__dict__["_roast_sites"][attr]
-        weight = self.__dict__["_roast_state"].weight(site)
-        if self.__dict__.get("sparse") is True and weight.requires_grad:
+        site, state = self.__dict__["_roast_sites"][attr], self.__dict__["_roast_state"]
+        sparse = self.__dict__.get("sparse") is True
+        plain = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        if not sparse and not plain:
+            kept = state.kept_read(site)
+            if kept is not None:
+                return kept
+        weight = state.weight(site)
+        if sparse and weight.requires_grad:
             weight = _DenseGrad.apply(weight)
+        if not plain:
+            weight = weight_writes.hand_out(state, site, weight)
+            if not sparse:
+                state.keep_read(site, weight)
         if not torch.compiler.is_compiling():
-            if not torch._C._are_functorch_transforms_active():
-                weight = weight_writes.hand_out(self.__dict__["_roast_state"], site, weight)
             weight._roast_site = site  # assigning it back to a binding of the same site is a no-op (a tie)
         return weight
 
@@ -271,6 +330,16 @@ def _roast_property(attr: str):
         )
 
     return property(get, set_)
+
+
+def _root_forward_begins(module, args):
+    if not torch.compiler.is_compiling():
+        module.__dict__["_roast_state"].begin_forward()
+
+
+def _root_forward_ends(module, args, output):
+    if not torch.compiler.is_compiling():  # output None: the forward raised (or returns nothing)
+        module.__dict__["_roast_state"].end_forward(completed=output is not None)
 
 
 def _guarded_setattr(self, name, value):
@@ -386,6 +455,8 @@ def install(model: nn.Module, plan: Plan, memory: torch.Tensor,
         module.__dict__["_roast_sites"] = dict(attrs)
         module.__class__ = roast_subclass(module.__class__, tuple(sorted(attrs)), root=module is model)
     model.register_parameter(MEMORY_ATTR, memory if isinstance(memory, nn.Parameter) else nn.Parameter(memory))
+    model.register_forward_pre_hook(_root_forward_begins)
+    model.register_forward_hook(_root_forward_ends, always_call=True)
     _ROOTS.add(model)
     if any(type(m)._roast_base_class in rnn.DECOMPOSED for m, _ in per_module.values()):
         _trace_rnns()
