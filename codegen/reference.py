@@ -78,20 +78,22 @@ def project(
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
-def project_write(baseline: torch.Tensor, load: torch.Tensor, view: torch.Tensor, mapping: TileHash,
-                  scale: float) -> torch.Tensor:
-    """The memory after one site's weights are set to ``view`` (its B view) and every other site's kept: on
-    each slot the site lands on, the mean of ``sign * w / scale`` over every element there (``project``'s
+def project_write(baseline: torch.Tensor, load: torch.Tensor, views: list[torch.Tensor], mappings: list[TileHash],
+                  scales: list[float]) -> torch.Tensor:
+    """The memory after some sites' weights are set to ``views`` (their B views) and every other site's kept:
+    on each slot those sites land on, the mean of ``sign * w / scale`` over every element there (``project``'s
     least squares), where each other site's element counts with its value in ``baseline``, which is that
     slot's value. ``load``: ``slot_load`` of every site. float64, on the baseline's device; the slots the
-    site does not touch keep their value."""
+    written sites do not touch keep their value."""
     device = baseline.device
-    index, sign = mapping.full_index(device)
-    index = index.reshape(-1)
-    values = (view.detach().to(device, torch.float64) * sign.to(device, torch.float64) / scale).reshape(-1)
-    total = torch.zeros(baseline.numel(), dtype=torch.float64, device=device).index_add_(0, index, values)
-    mine = torch.zeros(baseline.numel(), dtype=torch.float64, device=device).index_add_(
-        0, index, torch.ones_like(values))
+    total = torch.zeros(baseline.numel(), dtype=torch.float64, device=device)
+    mine = torch.zeros(baseline.numel(), dtype=torch.float64, device=device)
+    for view, mapping, scale in zip(views, mappings, scales):
+        index, sign = mapping.full_index(device)
+        index = index.reshape(-1)
+        values = (view.detach().to(device, torch.float64) * sign.to(device, torch.float64) / scale).reshape(-1)
+        total.index_add_(0, index, values)
+        mine.index_add_(0, index, torch.ones_like(values))
     old = baseline.detach().to(torch.float64)
     others = load.to(device, torch.float64) - mine
     return torch.where(mine > 0, (old * others + total) / (others + mine).clamp_min(1), old)

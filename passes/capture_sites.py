@@ -81,6 +81,27 @@ def module_weight_attrs(module: nn.Module) -> list[tuple[str, str, bool]]:
     return []
 
 
+def weight_source(module: nn.Module, attr: str) -> nn.Parameter | None:
+    """The parameter a module's weight ``attr`` is, or is computed from when that parameter has the weight's
+    shape: torch.nn.utils.parametrize's ``original`` (spectral_norm, orthogonal, a user's parametrization),
+    weight_norm's direction ``original1`` (its magnitude ``original0`` stays dense), prune's ``weight_orig``
+    (the mask stays a buffer). The parametrization then runs on the weight read from the memory."""
+    p = module._parameters.get(attr) if attr in module._parameters else None
+    if isinstance(p, nn.Parameter):
+        return p
+    source = None
+    if nn.utils.parametrize.is_parametrized(module, attr):
+        originals = [q for q in module.parametrizations[attr].parameters(recurse=False)]
+        with torch.no_grad():
+            shape = getattr(module, attr).shape
+        same = [q for q in originals if q.shape == shape]
+        source = same[0] if len(same) == 1 else None
+    elif isinstance(module._parameters.get(attr + "_orig"), nn.Parameter) and hasattr(module, attr + "_mask"):
+        source = module._parameters[attr + "_orig"]
+        source = source if source.shape == getattr(module, attr).shape else None
+    return source
+
+
 _VIEW_OPS = {
     "t", "transpose", "permute", "T", "mT", "numpy_T", "view", "reshape", "expand", "_to_copy", "to", "contiguous",
     "detach", "alias", "clone", "unsqueeze", "squeeze", "type_as", "_unsafe_view", "lift_fresh_copy",
@@ -324,7 +345,7 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
     readers: dict[int, list] = {}  # per weight, (module, op) of each module that reads it
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for attr, op, transposed in module_weight_attrs(module):
-            p = getattr(module, attr, None)
+            p = weight_source(module, attr)
             if isinstance(p, nn.Parameter) and p.dim() >= 2:
                 kinds.setdefault(id(p), (op, transposed))
                 if not any(m is module for m, _ in readers.setdefault(id(p), [])):

@@ -134,19 +134,23 @@ class RoastState:
         dtype = self.compute_dtypes[site_name]
         return weight if weight.dtype == dtype else weight.to(dtype)
 
-    def write(self, site_name: str, weight: torch.Tensor, baseline: torch.Tensor) -> None:
-        """Set one site's weight to ``weight`` (its dense shape) as well as the memory can hold it, the other
-        sites' elements kept at their values in ``baseline`` (``reference.project_write``)."""
-        site = self._sites[site_name]
-        if tuple(weight.shape) != site.shape:
-            raise ValueError(f"cannot write a weight of shape {tuple(weight.shape)} into site {site_name!r}, "
-                             f"whose shape is {site.shape}")
+    def projected(self, weights: dict[str, torch.Tensor], baseline: torch.Tensor) -> torch.Tensor:
+        """The memory (float64) holding ``weights`` (site name: its weight in the dense shape) as well as it can,
+        the other sites' elements kept at their values in ``baseline`` (``reference.project_write``)."""
+        for name, weight in weights.items():
+            if tuple(weight.shape) != self._sites[name].shape:
+                raise ValueError(f"cannot write a weight of shape {tuple(weight.shape)} into site {name!r}, "
+                                 f"whose shape is {self._sites[name].shape}")
         if self._slot_load is None:
             self._slot_load = slot_load([s.mapping for s in self.plan.sites], self.plan.memory_size)
-        view = weight_to_view(weight.detach(), site.transposed, site.op)
-        memory = self.memory
+        sites = [self._sites[name] for name in weights]
+        views = [weight_to_view(w.detach(), s.transposed, s.op) for s, w in zip(sites, weights.values())]
+        return project_write(baseline, self._slot_load, views, [s.mapping for s in sites], [s.scale for s in sites])
+
+    def write(self, site_name: str, weight: torch.Tensor, baseline: torch.Tensor) -> None:
+        """Set one site's weight to ``weight`` as well as the memory can hold it (``projected``)."""
         with torch.no_grad():
-            memory.copy_(project_write(baseline, self._slot_load, view, site.mapping, site.scale))
+            self.memory.copy_(self.projected({site_name: weight}, baseline))
 
     def rows(self, site_name: str, ids: torch.Tensor, padding_idx: int | None) -> torch.Tensor | None:
         """``F.embedding(ids, weight, padding_idx)`` reading only the looked-up rows from the memory
@@ -457,6 +461,7 @@ def install(model: nn.Module, plan: Plan, memory: torch.Tensor,
     model.register_parameter(MEMORY_ATTR, memory if isinstance(memory, nn.Parameter) else nn.Parameter(memory))
     model.register_forward_pre_hook(_root_forward_begins)
     model.register_forward_hook(_root_forward_ends, always_call=True)
+    model._register_load_state_dict_pre_hook(weight_writes.load_dense_weights, with_module=True)
     _ROOTS.add(model)
     if any(type(m)._roast_base_class in rnn.DECOMPOSED for m, _ in per_module.values()):
         _trace_rnns()

@@ -196,3 +196,60 @@ def hand_out(state, site: str, weight: torch.Tensor) -> RoastWeight:
     weight.__class__ = RoastWeight  # the same tensor, no autograd node added
     weight._roast_writer = writer
     return weight
+
+
+def load_dense_weights(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs) -> None:
+    """``load_state_dict`` pre-hook of a compressed model's root: dense weights of compressed sites in the
+    state dict (a dense checkpoint of the same architecture, or one weight set in a roastfx state dict) are
+    projected into ``roast_memory`` as in-place writes are, all at once, instead of being unexpected keys.
+    Runs before anything is loaded, so a bad weight raises with the model as it was."""
+    from roastfx.codegen.reference import materialize, view_to_weight
+    from roastfx.module import EXTRA_STATE_KEY, MEMORY_ATTR
+    from roastfx.plan import Plan
+
+    state = module.__dict__["_roast_state"]
+    dense = {}
+    for site in state.plan.sites:
+        found = [(prefix + b, state_dict[prefix + b]) for b in site.bindings if prefix + b in state_dict]
+        for key, value in found:
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != site.shape:
+                what = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                        else type(value).__name__)
+                raise ValueError(f"load_state_dict: {key!r} is {what}; the compressed weight it would be projected "
+                                 f"into (site {site.name!r}) takes a floating-point tensor of shape {site.shape}. "
+                                 "Nothing was loaded")
+            if not torch.equal(value, found[0][1]):
+                raise ValueError(f"load_state_dict: {found[0][0]!r} and {key!r} are one compressed weight (site "
+                                 f"{site.name!r}, tied) but hold different values. Nothing was loaded")
+        if found:
+            dense[site.name] = found[0][1]
+    if not dense:
+        return
+    extra_key, memory_key = prefix + EXTRA_STATE_KEY, prefix + MEMORY_ATTR
+    if extra_key in state_dict:
+        theirs = Plan.from_json(state_dict[extra_key]["plan"])
+        if [(s.name, s.mapping) for s in theirs.sites] != [(s.name, s.mapping) for s in state.plan.sites]:
+            raise ValueError("load_state_dict: the state dict holds dense weights for compressed sites "
+                             f"({sorted(dense)}) and a roastfx plan other than this model's; load one or the "
+                             "other. Nothing was loaded")
+    for site in state.plan.sites:
+        for b in site.bindings:
+            state_dict.pop(prefix + b, None)
+    memory = state.memory
+    baseline = state_dict.get(memory_key, memory).detach().to(memory.device)
+    new = state.projected({name: w.to(memory.device) for name, w in dense.items()}, baseline)
+    state_dict[memory_key] = new.to(memory.dtype)
+    state_dict.setdefault(extra_key, {"plan": state.current_plan().to_json()})
+    errors = []
+    for name, weight in dense.items():
+        site = next(s for s in state.plan.sites if s.name == name)
+        held = view_to_weight(materialize(new, site.mapping, site.scale), site.shape, site.transposed, site.op)
+        w = weight.detach().to(held.device, torch.float64)
+        errors.append(float((held - w).norm() / torch.maximum(w.norm(), held.norm()).clamp_min(1e-300)))
+    log.info("load_state_dict: projected %d dense weights into roast_memory", len(dense))
+    warnings.warn(
+        f"roastfx: load_state_dict projected the dense weights of {len(dense)} compressed site(s) "
+        f"({', '.join(sorted(dense)[:4])}{', ...' if len(dense) > 4 else ''}) onto the shared memory, as "
+        f"well as it holds them: relative error up to {max(errors):.3g} (norm of the difference over the larger "
+        "norm; each slot is the mean over every weight element sharing it)", stacklevel=3)

@@ -295,3 +295,57 @@ def test_transformers_dtype_is_the_weights_not_the_fp32_master_memory():
     assert model.dtype == torch.float32
     fp32 = roastfx.compress(BertModel(config), "4x", init="random")
     assert fp32.dtype == torch.float32 and fp32.to(torch.float16).dtype == torch.float16
+
+
+def _parametrized(kind: str):
+    from torch.nn.utils import parametrizations, prune
+
+    layer = nn.Linear(12, 18)
+    if kind == "weight_norm":
+        layer = parametrizations.weight_norm(layer)
+    elif kind == "spectral_norm":
+        layer = parametrizations.spectral_norm(layer)
+    else:
+        prune.l1_unstructured(layer, "weight", 0.4)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(18, 3))
+
+
+@pytest.mark.parametrize("kind, source", [("weight_norm", "0.parametrizations.weight.original1"),
+                                          ("spectral_norm", "0.parametrizations.weight.original"),
+                                          ("prune", "0.weight_orig")])
+def test_parametrized_and_pruned_weights_compress_their_source_parameter(kind, source):
+    """A weight computed from a parameter of its shape (torch.nn.utils.parametrize, weight_norm's direction,
+    prune's weight_orig) compresses that parameter; the parametrization runs on it. Outputs and the memory's
+    gradient equal a dense copy holding the weights read from the memory (docs/mapping.md's formulas),
+    eagerly and compiled."""
+    def build():  # a pruned model cannot be deep-copied (its weight is not a leaf)
+        torch.manual_seed(0)
+        return _parametrized(kind).double().eval()
+
+    model = roastfx.compress(build(), "2x")
+    state = roastfx.roast_state(model)
+    assert [s.name for s in state.plan.sites] == [source, "2.weight"]
+    weights = _site_weights_from_docs(model)
+    reference = build()
+    with torch.no_grad():
+        for name, w in weights.items():
+            reference.get_parameter(name).copy_(w)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    out = model(x)
+    torch.testing.assert_close(out, reference(x))
+    out.square().sum().backward()
+    reference(x).square().sum().backward()
+    # the memory's gradient: each weight element's gradient, signed and scaled, summed into its slot
+    from helpers import index_sign_from_docs
+    expected = torch.zeros_like(model.roast_memory, dtype=torch.float64)
+    for site in state.plan.sites:
+        m = site.mapping.to_dict()
+        g = reference.get_parameter(site.name).grad
+        view = g.t() if site.transposed else g
+        for k in range(m["rows"]):
+            for n in range(m["cols"]):
+                index, sign = index_sign_from_docs(m, k, n)
+                expected[index] += sign * site.scale * view[k, n]
+    torch.testing.assert_close(model.roast_memory.grad, expected)
+    compiled = torch.compile(model, backend="roast")
+    torch.testing.assert_close(compiled(x), out)

@@ -241,3 +241,83 @@ def test_a_weight_pickles_and_copies_as_a_plain_tensor_and_outlives_its_model():
     gc.collect()
     w.zero_()  # the model is gone: a plain tensor's write
     assert not w.any()
+
+
+def test_load_state_dict_of_a_dense_model_projects_its_weights():
+    """A dense state dict of the same architecture loads into the compressed model: its compressed weights
+    become the memory's least squares (all sites at once), the rest loads as usual, no key is unexpected."""
+    model = _mlp()
+    torch.manual_seed(5)
+    dense = MLP(20, 24, 5).double()
+    before = model.roast_memory.detach().clone()
+    with pytest.warns(UserWarning, match=r"projected the dense weights of 3 compressed site\(s\)"):
+        result = model.load_state_dict(dense.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    targets = {n: p.detach() for n, p in dense.named_parameters() if n.endswith("weight")}
+    torch.testing.assert_close(model.roast_memory.detach(), _least_squares_from_docs(model, targets, before),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(model.fc1.bias.detach(), dense.fc1.bias.detach())
+
+
+def test_load_state_dict_with_one_dense_weight_and_nested_in_a_larger_model():
+    """A roastfx state dict with one weight set densely (and the model inside a wrapper: prefixed keys)."""
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    model = _mlp(1)
+    wrapper = Wrapper(model)
+    before = model.roast_memory.detach().clone()
+    old = _weights_from_docs(model)
+    sd = wrapper.state_dict()
+    new = torch.randn(24, 20, dtype=torch.float64)
+    sd["inner.fc1.weight"] = new
+    with pytest.warns(UserWarning, match="relative error"):
+        wrapper.load_state_dict(sd)
+    expected = _least_squares_from_docs(model, {**old, "fc1.weight": new}, before)
+    torch.testing.assert_close(model.roast_memory.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_load_state_dict_refuses_bad_dense_weights_and_changes_nothing():
+    from helpers import assert_unchanged, snapshot
+
+    model = _mlp(2)
+    good = MLP(20, 24, 5).double().state_dict()
+    other_plan = roastfx.compress(MLP(20, 24, 5).double(), "4x", seed=9).state_dict()
+    cases = [
+        ({**good, "fc2.weight": torch.zeros(24, 23, dtype=torch.float64)},
+         r"'fc2.weight' is a torch.float64 tensor of shape \(24, 23\); .* takes a floating-point tensor of shape \(24, 24\)"),
+        ({**good, "fc2.weight": torch.zeros(24, 24, dtype=torch.int64)}, r"'fc2.weight' is a torch.int64 tensor"),
+        ({**other_plan, "fc1.weight": good["fc1.weight"]}, "a roastfx plan other than this model's"),
+    ]
+    for sd, message in cases:
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            model.load_state_dict(sd)
+        assert_unchanged(model, snap)
+
+
+def test_load_state_dict_refuses_different_values_for_one_tied_weight():
+    from helpers import assert_unchanged, snapshot
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16)
+            self.head = nn.Linear(16, 30, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    model = roastfx.compress(Tied().double(), "2x")
+    (site,) = roastfx.roast_state(model).plan.sites
+    assert set(site.bindings) == {"emb.weight", "head.weight"}
+    w = torch.randn(30, 16, dtype=torch.float64)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="are one compressed weight .* but hold different values"):
+        model.load_state_dict({"emb.weight": w, "head.weight": w + 1})
+    assert_unchanged(model, snap)
+    with pytest.warns(UserWarning, match="1 compressed site"):
+        model.load_state_dict({"emb.weight": w, "head.weight": w})
