@@ -83,13 +83,20 @@ def roast_attention(query, key, value, num_heads: int, memory, in_mapping: list[
                                                                                              src_len)
         bias = padding if bias is None else bias + padding
 
-    scores = torch.bmm(q * (1.0 / math.sqrt(head_dim)), k.transpose(1, 2))
-    if bias is not None:
-        scores = scores + bias
-    weights = torch.softmax(scores, dim=-1)
-    if training and dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+    if need_weights:
+        scores = torch.bmm(q * (1.0 / math.sqrt(head_dim)), k.transpose(1, 2))
+        if bias is not None:
+            scores = scores + bias
+        weights = torch.softmax(scores, dim=-1)
+        if training and dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        out = torch.bmm(weights, v)
+    else:  # no weights to return: torch's fused attention (flash / memory-efficient kernels where they apply)
+        four_d = (bsz, num_heads, -1, head_dim)
+        mask = None if bias is None else bias.reshape(bsz, num_heads, -1, src_len) if bias.shape[0] > 1 else bias
+        out = F.scaled_dot_product_attention(q.reshape(four_d), k.reshape(four_d), v.reshape(four_d), attn_mask=mask,
+                                             dropout_p=dropout_p if training else 0.0).flatten(0, 1)
+    out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
     out = roast_linear(out, memory, out_mapping, out_scale, out_proj_bias,
                        grad_norm=out_grad_norm).reshape(tgt_len, bsz, -1)
     if not batched:
