@@ -104,14 +104,14 @@ class RoastWeight(torch.Tensor):
                         f"{tuple(target._roast_writer.weight.shape)} is part of the compression plan and cannot "
                         "change in place. Work on a copy (w.detach().clone())")
                 target._roast_writer.before_write()
-            versions = [t._version for t in ours]
+            versions = [None if t.is_inference() else t._version for t in ours]
             out = func(*args, **kwargs)
             if func == _DATA_SET:
                 args[0]._roast_writer.rebind(args[0])
                 versions[ours.index(args[0])] = -1
             writers = {}
             for t, version in zip(ours, versions):
-                if t._version != version:
+                if version is not None and t._version != version:
                     writers[id(t._roast_writer)] = t._roast_writer
             for writer in writers.values():
                 writer.write()
@@ -189,8 +189,12 @@ def _wrap_aliases(out, ours: list[RoastWeight]):
     return wrap(out)
 
 
-def hand_out(state, site: str, weight: torch.Tensor) -> RoastWeight:
-    """``weight`` (site ``site`` read from ``state``'s memory) as the RoastWeight eager code gets."""
+def hand_out(state, site: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (site ``site`` read from ``state``'s memory) as the RoastWeight eager code gets; as it is
+    under inference mode (inference tensors have no version counter to see writes by) and when it is already
+    a tensor subclass of its own (a DTensor memory, a fake tensor)."""
+    if type(weight) is not torch.Tensor or weight.is_inference():
+        return weight
     with torch._C.DisableTorchFunctionSubclass():
         writer = _Writer(state, site, weight.detach())  # no reference back to the tensor: no cycle
     weight.__class__ = RoastWeight  # the same tensor, no autograd node added

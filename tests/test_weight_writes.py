@@ -321,3 +321,24 @@ def test_load_state_dict_refuses_different_values_for_one_tied_weight():
     assert_unchanged(model, snap)
     with pytest.warns(UserWarning, match="1 compressed site"):
         model.load_state_dict({"emb.weight": w, "head.weight": w})
+
+
+def test_inference_mode_forwards_and_writes():
+    """Under torch.inference_mode the weights are plain inference tensors (no version counter to watch); a
+    weight handed out before it still writes when changed inside it."""
+    model = _mlp(3)
+    x = torch.randn(4, 20, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+        assert model(x).is_inference() and type(model.fc1.weight) is torch.Tensor
+    w = model.out.weight
+    before = model.roast_memory.detach().clone()
+    old = _weights_from_docs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.inference_mode():
+            w.fill_(0.5)
+    target = _least_squares_from_docs(model, {**old, "out.weight": torch.full_like(old["out.weight"], 0.5)}, before)
+    torch.testing.assert_close(model.roast_memory.detach(), target, rtol=1e-12, atol=1e-12)
