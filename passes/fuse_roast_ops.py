@@ -712,7 +712,11 @@ _NO_ROAST_OP = {
     **dict.fromkeys(("lstm", "gru", "rnn_tanh", "rnn_relu"),
                     "the aten RNN op takes the dense flat weights (compressed nn.LSTM/GRU/RNN run step by step "
                     "instead, roastfx/rnn.py, except in a subclass with its own forward)"),
-    "output": "the dense weight is itself an output of the graph",
+    "output": "the dense weight is itself an output of the graph (read for code dynamo runs eagerly, e.g. a Python "
+              "loop over a data-dependent list of experts: transformers' experts_implementation='eager'; its "
+              "'grouped_mm' (default) and 'batched_mm' fuse)",
+    "_weight_norm": "weight norm rescales each slice of the weight by its norm before the op (the direction "
+                    "parametrizations.weight.original1 is the site); no roast op applies it",
     "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }
 

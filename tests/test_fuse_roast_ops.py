@@ -1119,3 +1119,26 @@ def test_weights_picked_per_row_with_x_broadcast_keep_their_materialize(monkeypa
     out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
     torch.testing.assert_close(out, model(x))
     assert [u.why for u in uses if not u.fused] == ["matmul broadcasts x over the weights picked per row"]
+
+
+def test_a_weight_returned_by_the_graph_stays_materialized_and_says_why(monkeypatch):
+    """A read whose dense weight is an output of the graph (what dynamo compiles for a weight read by code it
+    runs eagerly) keeps its materialize, and the reason names the usual cause."""
+    class Returns(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.lin(x), self.lin.weight
+
+    torch._dynamo.reset()
+    model = roastfx.compress(Returns(), "2x", init="random")
+    x = torch.randn(3, 6)
+    uses = record_uses(monkeypatch)
+    out, weight = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    eager_out, eager_weight = model(x)
+    assert torch.allclose(out, eager_out, atol=1e-6) and torch.equal(weight, eager_weight)
+    assert sorted(u.fused for u in uses) == [False, True]
+    (kept,) = [u for u in uses if not u.fused]
+    assert "itself an output of the graph" in kept.why and "experts_implementation" in kept.why

@@ -313,7 +313,7 @@ def _parametrized(kind: str):
 @pytest.mark.parametrize("kind, source", [("weight_norm", "0.parametrizations.weight.original1"),
                                           ("spectral_norm", "0.parametrizations.weight.original"),
                                           ("prune", "0.weight_orig")])
-def test_parametrized_and_pruned_weights_compress_their_source_parameter(kind, source):
+def test_parametrized_and_pruned_weights_compress_their_source_parameter(kind, source, monkeypatch):
     """A weight computed from a parameter of its shape (torch.nn.utils.parametrize, weight_norm's direction,
     prune's weight_orig) compresses that parameter; the parametrization runs on it. Outputs and the memory's
     gradient equal a dense copy holding the weights read from the memory (docs/mapping.md's formulas),
@@ -347,5 +347,12 @@ def test_parametrized_and_pruned_weights_compress_their_source_parameter(kind, s
                 index, sign = index_sign_from_docs(m, k, n)
                 expected[index] += sign * site.scale * view[k, n]
     torch.testing.assert_close(model.roast_memory.grad, expected)
+    from test_fuse_roast_ops import record_uses
+
+    torch._dynamo.reset()
+    uses = record_uses(monkeypatch)
     compiled = torch.compile(model, backend="roast")
     torch.testing.assert_close(compiled(x), out)
+    assert sorted(u.fused for u in uses) == [False, True]  # the head fuses; the parametrized read stays whole
+    if kind == "weight_norm":
+        assert any("weight norm rescales" in u.why for u in uses)
