@@ -194,3 +194,58 @@ def scatter_rows_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileH
     """d(loss)/d(memory) of `gather_rows`, given d(loss)/d(rows), in grad_rows' dtype."""
     sign, starts = _row_terms(mapping, ids)
     return _signed_scatter(grad_rows, mapping, starts, sign, scale, size)
+
+
+def slot_sums(views: list[torch.Tensor], mappings: list[TileHash], scales: list[float], size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ``sign * w / scale``, number of elements) per memory slot over the given B views, in float64
+    on the CPU, whole runs at a time: the sums behind `reference.project` and `reference.project_write`,
+    without their per-element int64 index (compress projects every weight of a model through this)."""
+    total = torch.zeros(size, dtype=torch.float64)
+    count = torch.zeros(size, dtype=torch.float64)
+    for view, mapping, scale in zip(views, mappings, scales):
+        sign, starts = _whole_view(mapping, "cpu")
+        values = view.detach().to("cpu", torch.float64)
+        total += _signed_scatter(values, mapping, starts, sign, 1.0 / scale, size)
+        count += _run_counts(mapping, starts, size)
+    return total, count
+
+
+def _run_counts(mapping: TileHash, starts: torch.Tensor, size: int) -> torch.Tensor:
+    """Elements per slot of one view (float64): each run covers its slots once, so +1 at its start and -1
+    after its end, summed up (two index_adds per run instead of one per element)."""
+    grid_cols, tn = mapping.grid[1], mapping.tile_cols
+    widths = torch.full((grid_cols,), tn, dtype=torch.int64)
+    widths[-1] = mapping.cols - (grid_cols - 1) * tn  # the last tile column's runs end at the view's edge
+    runs = starts.reshape(-1, grid_cols).to(torch.int64)
+    edges = torch.zeros(size + 1, dtype=torch.int64)
+    edges.index_add_(0, runs.reshape(-1), torch.ones(runs.numel(), dtype=torch.int64))
+    edges.index_add_(0, (runs + widths).reshape(-1), torch.full((runs.numel(),), -1, dtype=torch.int64))
+    return edges.cumsum(0)[:size].to(torch.float64)
+
+
+def project(views: list[torch.Tensor], mappings: list[TileHash], scales: list[float], size: int) -> torch.Tensor:
+    """`reference.project` (per slot, the mean of ``sign * w / scale`` over every element landing there; empty
+    slots 0), by runs."""
+    total, count = slot_sums(views, mappings, scales, size)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def project_write(baseline: torch.Tensor, load: torch.Tensor, views: list[torch.Tensor], mappings: list[TileHash],
+                  scales: list[float]) -> torch.Tensor:
+    """`reference.project_write` (some sites set to ``views``, every other site's elements kept at their
+    ``baseline`` slot values; ``load``: every site's elements per slot), by runs; float64 on the baseline's
+    device."""
+    total, mine = slot_sums(views, mappings, scales, baseline.numel())
+    total, mine = total.to(baseline.device), mine.to(baseline.device)
+    old = baseline.detach().to(torch.float64)
+    others = load.to(baseline.device, torch.float64) - mine
+    return torch.where(mine > 0, (old * others + total) / (others + mine).clamp_min(1), old)
+
+
+def slot_load(mappings: list[TileHash], size: int) -> torch.Tensor:
+    """`reference.slot_load` (elements per slot over every mapping, int64), by runs."""
+    load = torch.zeros(size, dtype=torch.float64)
+    for mapping in mappings:
+        load += _run_counts(mapping, _whole_view(mapping, "cpu")[1], size)
+    return load.to(torch.int64)

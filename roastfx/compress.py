@@ -14,7 +14,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from roastfx.codegen.reference import GROUPED, grouped_dims, project, weight_to_view
+from roastfx.codegen.reference import GROUPED, grouped_dims, weight_to_view
+from roastfx.codegen.runs import project
 from roastfx.passes.capture_sites import find_sites, name_matches
 from roastfx.passes.plan_cost import plan_with_cost_model
 from roastfx.passes.plan_layout import plan_layout, seeded_int

@@ -23,7 +23,8 @@ from roastfx.codegen import ops
 from roastfx.codegen.grad_norm import site_grad_rms  # noqa: F401 (public here too)
 from roastfx.codegen.grad_norm import SiteGradNorm, site_grad_norm
 from roastfx.codegen.runs import gather_view_differentiable
-from roastfx.codegen.reference import project_write, slot_load, view_to_weight, weight_to_view
+from roastfx.codegen.reference import view_to_weight, weight_to_view
+from roastfx.codegen.runs import project_write, slot_load
 from roastfx.plan import Plan, check_grad_scaling
 
 log = logging.getLogger("roastfx")
