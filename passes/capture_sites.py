@@ -379,15 +379,20 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         notes.append("no example_inputs: found sites by module type only (functional uses such as x @ self.w "
                      "need example_inputs to be found)")
 
-    specs = []
+    specs, not_real = [], []
     for pid, names in by_param.items():
         if pid not in kinds:
             continue
         p = params[pid]
+        if not p.is_floating_point():  # a complex weight: a real memory cannot hold its imaginary part
+            not_real.append(f"{names[0]} ({str(p.dtype).removeprefix('torch.')})")
+            continue
         op, transposed = kinds[pid]
         others = tuple(o for _, o in readers.get(pid, [])[1:])  # a tied lm_head: the embedding's GEMM too
         specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p), others))
 
+    if not_real:
+        notes.append(f"left dense, not floating-point (a memory holds real numbers): {', '.join(not_real)}")
     patterns = tuple(exclude)
     if patterns:
         kept = []

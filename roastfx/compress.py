@@ -176,9 +176,9 @@ def compress(
         if exclude and find_sites(model, example_inputs, ())[0]:
             raise ValueError(f"nothing to compress in {type(model).__name__}: exclude={list(exclude)!r} excludes "
                              "every weight that feeds a matmul-like op")
-        traced = [n for n in notes if n.startswith("could not trace")]  # why example_inputs found nothing
+        traced = [n for n in notes if n.startswith(("could not trace", "left dense, not floating-point"))]
         raise ValueError(
-            f"nothing to compress in {type(model).__name__}: no weight feeds a matmul-like op "
+            f"nothing to compress in {type(model).__name__}: no floating-point weight feeds a matmul-like op "
             "(nn.Linear, Conv1d/2d/3d, Embedding, EmbeddingBag, MultiheadAttention, RNNs and RNN cells, Bilinear, "
             "transformers Conv1D, "
             "or functional uses found with example_inputs)" + "".join(f"; {n}" for n in traced)

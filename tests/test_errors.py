@@ -172,3 +172,34 @@ def test_untraceable_example_inputs_say_why_nothing_was_found():
     with pytest.raises(ValueError, match=r"nothing to compress in Functional: .*; could not trace the model"):
         roastfx.compress(model, "2x", example_inputs=(torch.randn(3, 5),))
     assert_unchanged(model, snap)
+
+
+def test_complex_weights_stay_dense_and_say_so(caplog):
+    """A real memory cannot hold a complex weight's imaginary part: complex weights are left dense with a
+    note (before, their imaginary parts were silently dropped); a model of complex weights only is refused."""
+    import logging
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8, dtype=torch.complex64)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x).real)
+
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(2, 8, dtype=torch.complex64)
+    a_weight = model.a.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="roastfx"):
+        roastfx.compress(model, "2x")
+    assert [s.name for s in roastfx.roast_state(model).plan.sites] == ["b.weight"]
+    assert "left dense, not floating-point (a memory holds real numbers): a.weight (complex64)" in caplog.text
+    assert torch.equal(model.a.weight.detach(), a_weight) and model(x).shape == (2, 3)
+    only_complex = nn.Sequential(nn.Linear(8, 4, dtype=torch.complex64))
+    snap = snapshot(only_complex)
+    with pytest.raises(ValueError, match=r"no floating-point weight .*; left dense, not floating-point .*0.weight "
+                                         r"\(complex64\)"):
+        roastfx.compress(only_complex, "2x")
+    assert_unchanged(only_complex, snap)
