@@ -31,6 +31,7 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
                               "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                               "__irshift__", "__imatmul__"})
 _DATA_SET = torch.Tensor.data.__set__
+_DATA_GET = torch.Tensor.data.__get__
 
 
 class _Writer:
@@ -91,6 +92,9 @@ class RoastWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # a handed-out weight given to a compiled function: a plain tensor
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         if not all(issubclass(cls, t) or issubclass(t, cls) for t in types):
             return NotImplemented
         with torch._C.DisableTorchFunctionSubclass():
@@ -115,6 +119,8 @@ class RoastWeight(torch.Tensor):
                     writers[id(t._roast_writer)] = t._roast_writer
             for writer in writers.values():
                 writer.write()
+            if getattr(func, "__name__", "") == "__get__" and func != _DATA_GET:
+                return out  # an attribute (._base, .grad, ...), not a new alias of the weight's values
             return _wrap_aliases(out, ours)
 
     def __deepcopy__(self, memo):

@@ -342,3 +342,20 @@ def test_inference_mode_forwards_and_writes():
             w.fill_(0.5)
     target = _least_squares_from_docs(model, {**old, "out.weight": torch.full_like(old["out.weight"], 0.5)}, before)
     torch.testing.assert_close(model.roast_memory.detach(), target, rtol=1e-12, atol=1e-12)
+
+
+def test_a_handed_out_weight_passes_through_a_compiled_function():
+    """A weight given to a function compiled on its own (a regularizer, say) is a plain tensor there: the same
+    values and the same memory gradient as eager."""
+    torch._dynamo.reset()
+    model = _mlp(4)
+    x = torch.randn(3, 20, dtype=torch.float64)
+    penalty = torch.compile(lambda w, x: torch.tanh(x @ w.t()).square().sum(), backend="eager")
+    got = penalty(model.fc1.weight, x)
+    got.backward()
+    grad = model.roast_memory.grad.clone()
+    model.roast_memory.grad = None
+    want = torch.tanh(x @ model.fc1.weight.t()).square().sum()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, model.roast_memory.grad)
