@@ -140,6 +140,9 @@ _WEIGHT_SECOND = {"linear", "inner", "tensordot", "conv1d", "conv2d", "conv3d", 
 _BIAS_FIRST = {"addmm", "baddbmm", "addmv"}
 _CELL_WEIGHTS = (2, 3)  # lstm_cell(x, hx, w_ih, w_hh, b_ih, b_hh) and the other cells: the weights' positions
 _MATMUL_FAMILY = {"mm", "matmul", "bmm", "mv", "addmm", "baddbmm", "addmv"}  # operands by position: x @ W or W @ x
+# batched GEMMs: a 3-D weight read whole by one is stacked per batch entry (RecurrentGemma's per-head gates,
+# baddbmm(b, x, W)), a grouped site as if each entry had been picked
+_BATCHED = {"bmm", "baddbmm", "matmul"}
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -158,7 +161,7 @@ def _consumer_use(name: str, position: int | None, transposes: int, indexed: boo
             name.endswith("_cell") and position not in _CELL_WEIGHTS or name == "bilinear" and position != 2):
         return None  # the tensor is a bias here (or a cell's state), not a matmul operand
     op, transposed = _CONSUMERS[name]
-    if not (indexed or name in _STACKED):
+    if not (indexed or name in _STACKED or ndim == 3 and name in _BATCHED):
         return op, transposed ^ bool(transposes % 2)
     if ndim == 3 and op in ("linear", "matmul"):
         # the view's rows are what each group's GEMM contracts: a group multiplied from the left (W[ids] @ x,

@@ -410,23 +410,46 @@ def _fuse_grouped(graph, node) -> SiteUse | None:
                    + _norm_note(read))
 
 
+def _picked_or_whole(node) -> tuple | None:
+    """(grouped read, ids) for ``W[ids]``; (grouped read, None) for a grouped site's whole stacked weight, which a
+    batched GEMM multiplies entry by entry (entry s by W_s, as if ids were 0, 1, ...); else None."""
+    found = gathered_read(node)
+    if found is None and isinstance(node, torch.fx.Node) and (read := grouped_read(node)) is not None:
+        found = (read, None)
+    return found
+
+
 def _fuse_gathered(graph, node) -> SiteUse | None:
     """``bmm(W[ids], x)`` or ``bmm(x, W[ids])`` (also matmul, ``@``): each batch entry s multiplied by the stacked
     weight that ``ids[s]`` picks from a grouped site (transformers' ``batched_mm`` experts) -> ``roast_picked_mm``
-    over x's rows (each of its ``rows`` rows per entry with the entry's group): no weight is gathered per row."""
-    if not (node.op == "call_function" and node.target in _MATMUL or node.op == "call_method"
-            and node.target in _MATMUL_METHODS) or len(node.args) != 2 or node.kwargs:
+    over x's rows (each of its ``rows`` rows per entry with the entry's group): no weight is gathered per row.
+    The same for a stacked weight read whole by a batched GEMM (entry s times W_s: RecurrentGemma's per-head
+    gates), and for ``baddbmm(bias, x, W, beta=, alpha=)``, whose bias and factors apply after the op."""
+    batched = node.op == "call_function" and node.target is torch.baddbmm or (
+        node.op == "call_method" and node.target == "baddbmm")
+    if batched:
+        if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
+            return None
+        bias, operands = node.args[0], node.args[1:]
+    elif not (node.op == "call_function" and node.target in _MATMUL or node.op == "call_method"
+              and node.target in _MATMUL_METHODS) or len(node.args) != 2 or node.kwargs:
         return None
+    else:
+        bias, operands = None, node.args
     name = op_name(node).strip("_")
-    picked = [gathered_read(a) for a in node.args]
+    picked = [_picked_or_whole(a) for a in operands]
     if picked == [None, None]:
         return None
     left = picked[0] is not None  # the picked weights are the left operand: out[s] = W_s @ x[s]
-    (read, ids), selected, x = picked[0] or picked[1], node.args[1 - left], node.args[left]
+    (read, ids), selected, x = picked[0] or picked[1], operands[1 - left], operands[left]
+    whole = ids is None
     shapes = [example_shape(a) for a in (selected, x, node)]
     if any(s is None or len(s) != 3 for s in shapes) or name == "mm":
         return SiteUse(node.name, False, f"{name} of weights picked per row ({selected.name}) is fused for 3-D "
                                          "operands only (one picked weight per batch entry)")
+    if whole and not statically_known_true(shapes[0][0] == read.groups):
+        return SiteUse(node.name, False, f"{name}: the stacked weight's {read.groups} groups against "
+                                         f"{shapes[0][0]} batch entries")
     if len(selected.users) > 1 or _shared(read, name):
         return SiteUse(node.name, False, _shared(read, name) or f"{name}: the picked weights have other users")
     if not statically_known_true(shapes[0][0] == shapes[1][0]):
@@ -443,6 +466,9 @@ def _fuse_gathered(graph, node) -> SiteUse | None:
     # a picked weight is B_g or B_g^T (read.transposed); x[s] @ W_s, or (x[s]^T @ W_s^T)^T when W_s is on the left
     flip = read.transposed != left
     with graph.inserting_before(node):
+        if whole:  # the whole stack: entry s takes group s
+            ids = graph.call_function(torch.arange, (read.groups,), {"device": graph.call_function(
+                getattr, (x, "device"))})
         tokens = graph.call_method("transpose", (x, 1, 2)) if left else x  # (S, rows, K)
         flat = graph.call_method("reshape", (tokens, -1, shapes[1][1 if left else 2]))
         group = graph.call_method("reshape", (graph.call_method("expand", (  # each flat row's group
@@ -452,13 +478,21 @@ def _fuse_gathered(graph, node) -> SiteUse | None:
         out = graph.call_method("reshape", (fused, -1, rows, shapes[2][1 if left else 2]))
         if left:
             out = graph.call_method("transpose", (out, 1, 2))
+        if batched:  # beta * bias + alpha * (x @ W), as baddbmm (beta 0 ignores the bias, NaNs included)
+            beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            out = out if alpha == 1 else graph.call_function(operator.mul, (out, alpha))
+            if beta != 0:
+                out = graph.call_function(operator.add, (
+                    out, bias if beta == 1 else graph.call_function(operator.mul, (bias, beta))))
     out.meta.update(node.meta)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
-    graph.erase_node(selected)
+    if not selected.users and selected.op != "placeholder":
+        graph.erase_node(selected)
+    how = "over the whole stack (entry s times group s)" if whole else "of weights picked per row: the rows " \
+        "sorted by group"
     return SiteUse(fused.name, True, f"roast_picked_mm ({read.groups} groups" + (", x @ V_g^T" if flip else "")
-                   + f") from {name} of weights picked per row: the rows sorted by group, one roast_grouped_mm"
-                   + _norm_note(read))
+                   + f") from {name} {how}, one roast_grouped_mm" + _norm_note(read))
 
 
 def _norm_note(read) -> str:

@@ -95,6 +95,10 @@ def cases() -> dict:
         "mamba2": (lambda: T.Mamba2ForCausalLM(T.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                               state_size=8, expand=2, n_groups=1, num_heads=4,
                                                               head_dim=16, chunk_size=8)), _ids()),
+        "recurrent-gemma": (lambda: T.RecurrentGemmaForCausalLM(T.RecurrentGemmaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            lru_width=32, attention_window_size=16, block_types=["recurrent", "attention"], conv1d_width=4)),
+            _ids()),
         # encoders and encoder-decoders
         "distilbert": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
             vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=32)), _ids()),

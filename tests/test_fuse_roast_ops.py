@@ -917,6 +917,53 @@ def test_weights_picked_per_row_fuse_into_a_grouped_gemm(path, dtype, rows, monk
     assert all(u.fused for u in uses), [u.why for u in uses]
 
 
+class PerHead(torch.nn.Module):
+    """Stacked per-head weights read whole by batched GEMMs, entry h times W_h: baddbmm with a bias, beta and
+    alpha (RecurrentGemma's gates), bmm with the weight on the left, and ``@`` (matmul) on 3-D operands."""
+
+    def __init__(self, heads=3, k=10, n=7):
+        super().__init__()
+        self.gate = torch.nn.Parameter(torch.randn(heads, k, n) / 3)  # (heads, in, out), x @ W_h
+        self.gate_bias = torch.nn.Parameter(torch.randn(heads, n) / 3)
+        self.mix = torch.nn.Parameter(torch.randn(heads, k, n) / 3)  # (heads, out, in), W_h @ y
+        self.out = torch.nn.Parameter(torch.randn(heads, k, 5) / 3)
+
+    def forward(self, x):  # x: (heads, tokens, k)
+        g = torch.sigmoid(torch.baddbmm(self.gate_bias[:, None, :], x, self.gate, beta=0.5, alpha=2.0))
+        h = torch.bmm(self.mix, g.transpose(1, 2)).transpose(1, 2)  # (heads, tokens, k)
+        return torch.tanh(h) @ self.out
+
+
+@pytest.mark.parametrize("path,dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_stacked_weights_read_whole_by_batched_gemms_fuse(path, dtype, monkeypatch):
+    """A 3-D weight read whole by bmm / baddbmm / matmul is a grouped site (one group per batch entry) and each
+    such GEMM one roast_grouped_mm (baddbmm's bias, beta and alpha applied after it); compiled equals eager in
+    outputs and gradients, 13 tokens per head (not a multiple of any block)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(3, 13, 10, dtype=dtype)
+    model = roastfx.compress(PerHead().to(dtype), "2x", example_inputs=(x,), init="random",
+                             memory_dtype=str(dtype)[6:])
+    sites = {s.name: s for s in roastfx.roast_state(model).plan.sites}
+    assert {n: (sites[n].op, sites[n].transposed) for n in ("gate", "mix", "out")} == {
+        "gate": ("grouped", False), "mix": ("grouped", True), "out": ("grouped", False)}
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    eager = model(x)
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.square().mean().backward()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=tol, rtol=tol)
+    assert sorted(u.why.split(" from ")[1] for u in uses) == [
+        f"{op} over the whole stack (entry s times group s), one roast_grouped_mm" for op in ("baddbmm", "bmm",
+                                                                                          "matmul")]
+
+
 def test_weights_picked_per_row_and_read_again_keep_their_materialize(monkeypatch):
     """A picked weight with a second reader is not rewritten (the fused op would not replace it): it keeps the
     materialize, and says why."""
