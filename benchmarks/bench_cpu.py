@@ -117,7 +117,7 @@ def methods(kind: str, rows: int, d_in: int, d_out: int):
             "dense": lambda: dense(ids),
         }
     elif kind in ("cell-loop", "experts-loop"):
-        from roastfx.module import RoastState
+        from roastfx.state import RoastState
 
         cls = _loop_models(kind, d_in, d_out)
         if kind == "cell-loop":

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import roastfx
-from roastfx import module as roast_module
+from roastfx import state as roast_state_module
 from roastfx.codegen import ops
 
 
@@ -63,7 +63,7 @@ def test_repeated_reads_are_shared_within_a_forward_with_equal_outputs_and_gradi
     shared_grad = model.roast_memory.grad.clone()
 
     # the same forward with every use reading the memory again
-    monkeypatch.setattr(roast_module.RoastState, "keep_read", lambda self, site, weight: None)
+    monkeypatch.setattr(roast_state_module.RoastState, "keep_read", lambda self, site, weight: None)
     model.roast_memory.grad = None
     count_reads.clear()
     again = model(x)

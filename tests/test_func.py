@@ -142,7 +142,7 @@ def test_grad_of_every_site_kind():
 def test_outside_transforms_reads_take_the_runs_path(monkeypatch):
     """The differentiable gather (an index per element) is for transforms only: an ordinary eager forward
     reads each weight by runs (codegen/runs.gather_view)."""
-    from roastfx import module
+    from roastfx import state as module
     from roastfx.codegen import ops
 
     model = compressed_mlp()
