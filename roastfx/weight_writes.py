@@ -17,10 +17,14 @@ tensor is a snapshot, as any tensor computed from parameters is.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 import weakref
 
 import torch
+
+import roastfx
 
 log = logging.getLogger("roastfx")
 
@@ -32,6 +36,17 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
                               "__irshift__", "__imatmul__"})
 _DATA_SET = torch.Tensor.data.__set__
 _DATA_GET = torch.Tensor.data.__get__
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, roastfx))
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside torch and roastfx (the user's line that wrote), for warnings."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _Writer:
@@ -79,10 +94,11 @@ class _Writer:
                 state.warned_write = True
                 warnings.warn(
                     f"roastfx: an in-place write to the compressed weight {self.site!r} was projected onto the "
-                    f"shared memory: the model now holds it with relative error {error:.3g} (norm of the difference over the larger norm) (each slot is the "
-                    "mean over every weight element sharing it). The tensor written keeps the written values; "
+                    f"shared memory: the model now holds it with relative error {error:.3g} (the difference's norm "
+                    "over the larger of the two weights' norms; each slot is the mean over every weight element "
+                    "sharing it). The tensor written keeps the written values; "
                     "read the attribute again for the model's. Other writes are logged at INFO level "
-                    "(logger 'roastfx')", stacklevel=4)
+                    "(logger 'roastfx')", stacklevel=_caller_stacklevel())
 
 
 class RoastWeight(torch.Tensor):
@@ -262,4 +278,4 @@ def load_dense_weights(module, state_dict, prefix, local_metadata, strict, missi
         f"roastfx: load_state_dict projected the dense weights of {len(dense)} compressed site(s) "
         f"({', '.join(sorted(dense)[:4])}{', ...' if len(dense) > 4 else ''}) onto the shared memory, as "
         f"well as it holds them: relative error up to {max(errors):.3g} (norm of the difference over the larger "
-        "norm; each slot is the mean over every weight element sharing it)", stacklevel=3)
+        "norm; each slot is the mean over every weight element sharing it)", stacklevel=_caller_stacklevel())

@@ -220,8 +220,10 @@ def test_first_write_warns_once_with_the_error_and_reads_do_not_write():
     (w * 2).sum()
     assert type(clone) is torch.Tensor
     assert torch.equal(model.roast_memory.detach(), before)
-    with pytest.warns(UserWarning, match=r"'fc1.weight' was projected onto the shared memory: .* relative error"):
+    projected = r"'fc1.weight' was projected onto the shared memory: .* relative error"
+    with pytest.warns(UserWarning, match=projected) as seen:
         nn.init.zeros_(model.fc1.weight)
+    assert [w.filename for w in seen if "roastfx" in str(w.message)] == [__file__]  # the user's line, not torch's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nn.init.zeros_(model.out.weight)
@@ -250,8 +252,9 @@ def test_load_state_dict_of_a_dense_model_projects_its_weights():
     torch.manual_seed(5)
     dense = MLP(20, 24, 5).double()
     before = model.roast_memory.detach().clone()
-    with pytest.warns(UserWarning, match=r"projected the dense weights of 3 compressed site\(s\)"):
+    with pytest.warns(UserWarning, match=r"projected the dense weights of 3 compressed site\(s\)") as seen:
         result = model.load_state_dict(dense.state_dict())
+    assert [w.filename for w in seen if "roastfx" in str(w.message)] == [__file__]
     assert not result.missing_keys and not result.unexpected_keys
     targets = {n: p.detach() for n, p in dense.named_parameters() if n.endswith("weight")}
     torch.testing.assert_close(model.roast_memory.detach(), _least_squares_from_docs(model, targets, before),
@@ -287,7 +290,8 @@ def test_load_state_dict_refuses_bad_dense_weights_and_changes_nothing():
     other_plan = roastfx.compress(MLP(20, 24, 5).double(), "4x", seed=9).state_dict()
     cases = [
         ({**good, "fc2.weight": torch.zeros(24, 23, dtype=torch.float64)},
-         r"'fc2.weight' is a torch.float64 tensor of shape \(24, 23\); .* takes a floating-point tensor of shape \(24, 24\)"),
+         r"'fc2.weight' is a torch.float64 tensor of shape \(24, 23\); .* takes a floating-point tensor of "
+         r"shape \(24, 24\)"),
         ({**good, "fc2.weight": torch.zeros(24, 24, dtype=torch.int64)}, r"'fc2.weight' is a torch.int64 tensor"),
         ({**other_plan, "fc1.weight": good["fc1.weight"]}, "a roastfx plan other than this model's"),
     ]
