@@ -241,11 +241,3 @@ def project_write(baseline: torch.Tensor, load: torch.Tensor, views: list[torch.
     old = baseline.detach().to(torch.float64)
     others = load.to(baseline.device, torch.float64) - mine
     return torch.where(mine > 0, (old * others + total) / (others + mine).clamp_min(1), old)
-
-
-def slot_load(mappings: list[TileHash], size: int) -> torch.Tensor:
-    """`reference.slot_load` (elements per slot over every mapping, int64), by runs."""
-    load = torch.zeros(size, dtype=torch.float64)
-    for mapping in mappings:
-        load += _run_counts(mapping, _whole_view(mapping, "cpu")[1], size)
-    return load.to(torch.int64)

@@ -20,12 +20,10 @@ from roastfx.codegen import ops
 from roastfx.codegen.grad_norm import site_grad_rms  # noqa: F401 (public here too)
 from roastfx.plan import Plan
 from roastfx.state import DTYPES as _DTYPES
-from roastfx.state import MEMORY_ATTR, RoastState, scale_site_grad  # noqa: F401 (public here too)
+from roastfx.state import EXTRA_STATE_KEY, MEMORY_ATTR, RoastState, scale_site_grad  # noqa: F401 (public here too)
 from roastfx.state import NAMES as _NAMES
 
 log = logging.getLogger("roastfx")
-
-EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the plan
 
 def _root_get_extra_state(self):
     return {"plan": self.__dict__["_roast_state"].current_plan().to_json()}

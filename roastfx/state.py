@@ -15,10 +15,12 @@ from torch import nn
 from roastfx.codegen import ops
 from roastfx.codegen.grad_norm import SiteGradNorm, site_grad_norm
 from roastfx.codegen.reference import view_to_weight, weight_to_view
-from roastfx.codegen.runs import gather_view_differentiable, project_write, slot_load
+from roastfx.codegen.runs import gather_view_differentiable, project_write
+from roastfx.passes.cost_model import slot_load_by_tiles
 from roastfx.plan import Plan, check_grad_scaling
 
 MEMORY_ATTR = "roast_memory"  # the root's parameter that holds the memory
+EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the plan
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -93,7 +95,7 @@ class RoastState:
     def kept_read(self, site_name: str) -> torch.Tensor | None:
         """The weight this forward already read for a site read repeatedly, or None (and the read counted)."""
         reads = self._reads
-        if not getattr(reads, "depth", 0) or torch.compiler.is_compiling():
+        if not getattr(reads, "depth", 0):
             return None
         reads.counts[site_name] += 1
         kept = reads.kept.get(site_name)
@@ -101,7 +103,7 @@ class RoastState:
 
     def keep_read(self, site_name: str, weight: torch.Tensor) -> None:
         reads = self._reads
-        if getattr(reads, "depth", 0) and site_name in self.repeated and not torch.compiler.is_compiling():
+        if getattr(reads, "depth", 0) and site_name in self.repeated:
             reads.kept[site_name] = (self._read_key(), weight)
 
     @property
@@ -131,7 +133,7 @@ class RoastState:
                 raise ValueError(f"cannot write a weight of shape {tuple(weight.shape)} into site {name!r}, "
                                  f"whose shape is {self._sites[name].shape}")
         if self._slot_load is None:
-            self._slot_load = slot_load([s.mapping for s in self.plan.sites], self.plan.memory_size)
+            self._slot_load = slot_load_by_tiles([s.mapping for s in self.plan.sites], self.plan.memory_size)
         sites = [self._sites[name] for name in weights]
         views = [weight_to_view(w.detach(), s.transposed, s.op) for s, w in zip(sites, weights.values())]
         return project_write(baseline, self._slot_load, views, [s.mapping for s in sites], [s.scale for s in sites])

@@ -24,7 +24,10 @@ import weakref
 
 import torch
 
-import roastfx
+from roastfx.codegen.reference import view_to_weight
+from roastfx.codegen.runs import gather_view
+from roastfx.plan import Plan
+from roastfx.state import EXTRA_STATE_KEY, MEMORY_ATTR
 
 log = logging.getLogger("roastfx")
 
@@ -38,7 +41,7 @@ _DATA_SET = torch.Tensor.data.__set__
 _DATA_GET = torch.Tensor.data.__get__
 
 
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, roastfx))
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (torch.__file__, __file__))
 
 
 def _caller_stacklevel() -> int:
@@ -230,10 +233,6 @@ def load_dense_weights(module, state_dict, prefix, local_metadata, strict, missi
     state dict (a dense checkpoint of the same architecture, or one weight set in a roastfx state dict) are
     projected into ``roast_memory`` as in-place writes are, all at once, instead of being unexpected keys.
     Runs before anything is loaded, so a bad weight raises with the model as it was."""
-    from roastfx.codegen.reference import materialize, view_to_weight
-    from roastfx.module import EXTRA_STATE_KEY, MEMORY_ATTR
-    from roastfx.plan import Plan
-
     state = module.__dict__["_roast_state"]
     dense = {}
     for site in state.plan.sites:
@@ -268,9 +267,10 @@ def load_dense_weights(module, state_dict, prefix, local_metadata, strict, missi
     state_dict[memory_key] = new.to(memory.dtype)
     state_dict.setdefault(extra_key, {"plan": state.current_plan().to_json()})
     errors = []
+    sites = {s.name: s for s in state.plan.sites}
     for name, weight in dense.items():
-        site = next(s for s in state.plan.sites if s.name == name)
-        held = view_to_weight(materialize(new, site.mapping, site.scale), site.shape, site.transposed, site.op)
+        site = sites[name]
+        held = view_to_weight(gather_view(new, site.mapping, site.scale), site.shape, site.transposed, site.op)
         w = weight.detach().to(held.device, torch.float64)
         errors.append(float((held - w).norm() / torch.maximum(w.norm(), held.norm()).clamp_min(1e-300)))
     log.info("load_state_dict: projected %d dense weights into roast_memory", len(dense))

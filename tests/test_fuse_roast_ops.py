@@ -863,6 +863,24 @@ def test_grouped_gemm_over_stacked_experts_fuses(grouped_mm, dtype, path, monkey
     assert all(u.fused for u in uses), [u.why for u in uses]
 
 
+def _compiled_matches_eager(model, x, path: str, dtype, monkeypatch) -> list:
+    """Compiled (roast backend, aot_eager inside) equals eager on the ``path`` kernels, outputs and every
+    parameter's gradient of the mean square; the backend's SiteUses."""
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    eager = model(x)
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    out.square().mean().backward()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=tol, rtol=tol)
+    return uses
+
+
 class PickedExperts(torch.nn.Module):
     """Top-2 mixture of experts that picks each row's stacked weight by index and multiplies in one bmm, as
     transformers' ``batched_mm`` experts do: ``up`` stored (experts, out, in) and multiplied from the left
@@ -899,18 +917,7 @@ def test_weights_picked_per_row_fuse_into_a_grouped_gemm(path, dtype, rows, monk
     sites = {s.name: s for s in roastfx.roast_state(model).plan.sites}
     assert [(sites[n].op, sites[n].transposed, sites[n].mapping.rows) for n in ("up", "down")] == [
         ("grouped", True, 16), ("grouped", False, 24)]
-    monkeypatch.setenv("ROASTFX_KERNELS", path)
-    eager = model(x)
-    eager.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-    out.square().mean().backward()
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
-    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=tol, rtol=tol)
+    uses = _compiled_matches_eager(model, x, path, dtype, monkeypatch)
     assert sorted(u.why for u in uses if "picked" in u.why) == [
         "roast_picked_mm (3 groups) from bmm of weights picked per row: the rows sorted by group, one "
         "roast_grouped_mm"] * 2
@@ -947,18 +954,7 @@ def test_stacked_weights_read_whole_by_batched_gemms_fuse(path, dtype, monkeypat
     sites = {s.name: s for s in roastfx.roast_state(model).plan.sites}
     assert {n: (sites[n].op, sites[n].transposed) for n in ("gate", "mix", "out")} == {
         "gate": ("grouped", False), "mix": ("grouped", True), "out": ("grouped", False)}
-    monkeypatch.setenv("ROASTFX_KERNELS", path)
-    eager = model(x)
-    eager.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    out = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
-    out.square().mean().backward()
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
-    torch.testing.assert_close(out, eager, atol=tol, rtol=tol)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=tol, rtol=tol)
+    uses = _compiled_matches_eager(model, x, path, dtype, monkeypatch)
     assert sorted(u.why.split(" from ")[1] for u in uses) == [
         f"{op} over the whole stack (entry s times group s), one roast_grouped_mm" for op in ("baddbmm", "bmm",
                                                                                           "matmul")]

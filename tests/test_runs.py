@@ -156,9 +156,9 @@ def test_every_way_of_reading_a_view_gives_the_oracle_bits(dtype, extra):
             torch.testing.assert_close(x.grad, leaf.grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_projections_and_slot_loads_by_runs_equal_the_oracle(view_cache):
-    """compress's projection, a write's projection and the slot loads, computed by runs, against the
-    per-element oracle, over every layout at once (overlapping windows, odd tiles, alignments)."""
+def test_projections_by_runs_equal_the_oracle(view_cache):
+    """compress's projection and a write's projection, computed by runs, against the per-element oracle, over
+    every layout at once (overlapping windows, odd tiles, alignments)."""
     mappings = [mapping_for(layout, seed=11 + i) for i, layout in enumerate(LAYOUTS)]
     size = max(m.window_start + m.window_size for m in mappings) + 3  # a few slots no site lands on
     gen = torch.Generator().manual_seed(4)
@@ -167,7 +167,6 @@ def test_projections_and_slot_loads_by_runs_equal_the_oracle(view_cache):
     torch.testing.assert_close(runs.project(views, mappings, scales, size),
                                reference.project(views, mappings, scales, size), rtol=1e-12, atol=1e-14)
     load = reference.slot_load(mappings, size)
-    assert torch.equal(runs.slot_load(mappings, size), load)
     baseline = torch.randn(size, dtype=torch.float64, generator=gen)
     written = [1, 4]
     args = ([views[i] for i in written], [mappings[i] for i in written], [scales[i] for i in written])

@@ -16,6 +16,9 @@ import roastfx
 from roastfx.codegen.reference import weight_to_view
 from helpers import MLP, Mixed, dense_weight_from_docs, index_sign_from_docs, mixed_inputs
 
+# the first write warns that it was projected (tested once below); the other tests need not see it
+pytestmark = pytest.mark.filterwarnings("ignore:roastfx:UserWarning")
+
 
 def _weights_from_docs(model):
     state = roastfx.roast_state(model)
@@ -98,9 +101,7 @@ def test_a_write_to_a_compressed_weight_is_its_least_squares_in_the_memory(name)
     WRITES[name](expected_weight)  # the same write on a plain tensor holding the same values
     w = model.fc2.weight
     torch.manual_seed(7)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        WRITES[name](w)
+    WRITES[name](w)
     torch.testing.assert_close(w.detach(), expected_weight, rtol=0, atol=0)
     expected = _least_squares_from_docs(model, {**old, "fc2.weight": expected_weight}, before)
     torch.testing.assert_close(model.roast_memory.detach(), expected, rtol=1e-12, atol=1e-12)
@@ -125,18 +126,16 @@ def test_writes_to_every_site_kind_transposed_and_tied():
     ]
     names = {s.name for s in roastfx.roast_state(model).plan.sites}
     assert {n for n, _, _ in writes} <= names
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for site, write, on_plain in writes:
-            before = model.roast_memory.detach().clone()
-            old = _weights_from_docs(model)
-            target = old[site].clone()
-            torch.manual_seed(3)
-            on_plain(target)
-            torch.manual_seed(3)
-            write(model)
-            expected = _least_squares_from_docs(model, {**old, site: target}, before)
-            torch.testing.assert_close(model.roast_memory.detach(), expected, rtol=1e-12, atol=1e-12, msg=site)
+    for site, write, on_plain in writes:
+        before = model.roast_memory.detach().clone()
+        old = _weights_from_docs(model)
+        target = old[site].clone()
+        torch.manual_seed(3)
+        on_plain(target)
+        torch.manual_seed(3)
+        write(model)
+        expected = _least_squares_from_docs(model, {**old, site: target}, before)
+        torch.testing.assert_close(model.roast_memory.detach(), expected, rtol=1e-12, atol=1e-12, msg=site)
 
 
 def test_a_grouped_experts_weight_takes_writes():
@@ -157,9 +156,7 @@ def test_a_grouped_experts_weight_takes_writes():
     old = _weights_from_docs(model)
     target = old["w"].clone()
     target[2] = 0.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.w[2].detach().fill_(0.5)
+    model.w[2].detach().fill_(0.5)
     expected = _least_squares_from_docs(model, {"w": target}, before)
     torch.testing.assert_close(model.roast_memory.detach(), expected, rtol=1e-12, atol=1e-12)
 
@@ -174,10 +171,8 @@ def test_a_weight_read_before_the_memory_changed_is_read_again_before_a_relative
     opt.step()
     before = model.roast_memory.detach().clone()
     old = _weights_from_docs(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            w.mul_(2.0)
+    with torch.no_grad():
+        w.mul_(2.0)
     torch.testing.assert_close(w.detach(), 2.0 * old["fc1.weight"])
     expected = _least_squares_from_docs(model, {**old, "fc1.weight": 2.0 * old["fc1.weight"]}, before)
     torch.testing.assert_close(model.roast_memory.detach(), expected, rtol=1e-12, atol=1e-12)
@@ -185,12 +180,10 @@ def test_a_weight_read_before_the_memory_changed_is_read_again_before_a_relative
     a, b = model.fc1.weight, model.out.weight
     before = model.roast_memory.detach().clone()
     old = _weights_from_docs(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nn.init.constant_(a, 0.01)
-        mid = _weights_from_docs(model)
-        with torch.no_grad():
-            b.add_(1.0)  # b was read before a's write changed the slots they share: read again first
+    nn.init.constant_(a, 0.01)
+    mid = _weights_from_docs(model)
+    with torch.no_grad():
+        b.add_(1.0)  # b was read before a's write changed the slots they share: read again first
     step1 = _least_squares_from_docs(model, {**old, "fc1.weight": torch.full_like(old["fc1.weight"], 0.01)}, before)
     step2 = _least_squares_from_docs(model, {**mid, "out.weight": mid["out.weight"] + 1.0}, step1)
     torch.testing.assert_close(model.roast_memory.detach(), step2, rtol=1e-12, atol=1e-12)
@@ -340,10 +333,8 @@ def test_inference_mode_forwards_and_writes():
     w = model.out.weight
     before = model.roast_memory.detach().clone()
     old = _weights_from_docs(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.inference_mode():
-            w.fill_(0.5)
+    with torch.inference_mode():
+        w.fill_(0.5)
     target = _least_squares_from_docs(model, {**old, "out.weight": torch.full_like(old["out.weight"], 0.5)}, before)
     torch.testing.assert_close(model.roast_memory.detach(), target, rtol=1e-12, atol=1e-12)
 
