@@ -121,11 +121,13 @@ def _scaled_gather(memory: torch.Tensor, mapping: TileHash, starts: torch.Tensor
     """``scale * sign * memory[runs]``, a new contiguous tensor (not a view: ops return it, and a caller may
     write to it in place). The scale multiplies the memory first where it is the smaller tensor: the same
     numbers, since a sign flip commutes with rounding."""
+    # `_gather`'s result is a fresh tensor (index_select copies), so it is signed and scaled in place: no
+    # second tensor of the view's size
     if memory.numel() < starts.numel() * mapping.tile_cols:
-        return torch.mul(_gather(memory * float(scale), mapping, starts), sign).contiguous()
+        return _gather(memory * float(scale), mapping, starts).mul_(sign).contiguous()
     # the sign flip is exact, then the Python scale multiplies in the memory's dtype and rounds once, as
     # reference.materialize does
-    return torch.mul(_gather(memory, mapping, starts), sign).mul_(float(scale)).contiguous()
+    return _gather(memory, mapping, starts).mul_(sign).mul_(float(scale)).contiguous()
 
 
 def gather_view(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:
@@ -186,7 +188,12 @@ def _signed_scatter(values: torch.Tensor, mapping: TileHash, starts: torch.Tenso
                     scale: float, size: int) -> torch.Tensor:
     """`_scatter` of ``scale * sign * values``, each element scaled and signed before the sums, as autograd of
     reference.materialize does it (the sums' order may differ)."""
-    return _scatter((values * float(scale)).mul_(sign), mapping, starts, size)
+    if values.is_contiguous():
+        signed = values * float(scale)
+    else:  # e.g. a transposed weight's gradient: one copy into the view's layout, then the arithmetic on it
+        # (elementwise ops over the strided tensor took 2-3x as long as the copy on a CPU)
+        signed = values.contiguous().mul_(float(scale))
+    return _scatter(signed.mul_(sign), mapping, starts, size)
 
 
 def scatter_rows_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileHash, scale: float,

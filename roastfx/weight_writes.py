@@ -39,6 +39,7 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
                               "__irshift__", "__imatmul__"})
 _DATA_SET = torch.Tensor.data.__set__
 _DATA_GET = torch.Tensor.data.__get__
+_REQUIRES_GRAD_SET = torch.Tensor.requires_grad.__set__
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (torch.__file__, __file__))
@@ -117,6 +118,7 @@ class RoastWeight(torch.Tensor):
         if not all(issubclass(cls, t) or issubclass(t, cls) for t in types):
             return NotImplemented
         with torch._C.DisableTorchFunctionSubclass():
+            _check_requires_grad(func, args, kwargs)
             ours = _ours(args, kwargs)
             target = _write_target(func, args, kwargs)
             if target is not None:
@@ -150,6 +152,29 @@ class RoastWeight(torch.Tensor):
         # pickled as a plain tensor: a writer would pickle the whole model with it
         with torch._C.DisableTorchFunctionSubclass():
             return self.as_subclass(torch.Tensor).detach().__reduce_ex__(protocol)
+
+
+def _check_requires_grad(func, args, kwargs) -> None:
+    """Refuse to change a handed-out weight's ``requires_grad``: the flag would be set on a tensor computed
+    from the memory, not on anything the model trains (torch's own error says only "leaf variables")."""
+    if func == _REQUIRES_GRAD_SET:  # a method-wrapper: a new object at each access
+        wanted = args[1]
+    elif func is torch.Tensor.requires_grad_:
+        wanted = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    else:
+        return
+    weight = args[0]
+    # only the attribute's tensor itself: an alias such as w.detach() is the user's own leaf to flag
+    if not getattr(weight, "_roast_attribute", False) or bool(wanted) == weight.requires_grad:
+        return
+    site = weight._roast_writer.site
+    raise ValueError(
+        f"requires_grad={bool(wanted)} on the compressed weight {site!r}: it has no requires_grad of its own. "
+        "It is computed from the model's shared roast_memory at each access, together with every other "
+        "compressed weight, so the flag would be set on that temporary tensor, not on anything the model trains "
+        "(and module.parameters() does not list it). To freeze it, keep it dense "
+        f"(roastfx.compress(..., exclude=[{site!r}])); to freeze every compressed weight, "
+        "model.roast_memory.requires_grad_(False)")
 
 
 def _ours(args, kwargs) -> list[RoastWeight]:
@@ -224,6 +249,7 @@ def hand_out(state, site: str, weight: torch.Tensor) -> torch.Tensor:
         writer = _Writer(state, site, weight.detach())  # no reference back to the tensor: no cycle
     weight.__class__ = RoastWeight  # the same tensor, no autograd node added
     weight._roast_writer = writer
+    weight._roast_attribute = True
     return weight
 
 

@@ -251,6 +251,28 @@ def test_freezing_part_of_a_compressed_model_is_an_error():
     assert not dense.weight.requires_grad
 
 
+def test_flagging_a_compressed_weight_is_an_error():
+    """requires_grad_ / requires_grad = on a compressed weight itself would flag a tensor computed from the
+    memory (torch says only "leaf variables"): a clear error, nothing changed. Setting the flag it already has,
+    and flagging a detached copy, behave as in torch."""
+    model = roastfx.compress(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), "2x")
+    x = torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"requires_grad=False on the compressed weight '0.weight': it has no "
+                                         r"requires_grad of its own.*exclude=\['0.weight'\]"):
+        model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"requires_grad=False on the compressed weight '2.weight'"):
+        model[2].weight.requires_grad = False
+    model[0].weight.requires_grad_(True)  # already so
+    model(x).sum().backward()
+    assert model.roast_memory.grad is not None and model.roast_memory.grad.abs().sum() > 0
+    leaf = model[0].weight.detach().requires_grad_()
+    assert leaf.requires_grad and leaf.is_leaf
+    model.roast_memory.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"requires_grad=True on the compressed weight '0.weight'"):
+        model[0].weight.requires_grad_()
+    assert not model[0].weight.requires_grad
+
+
 def _tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
