@@ -121,13 +121,18 @@ def _scaled_gather(memory: torch.Tensor, mapping: TileHash, starts: torch.Tensor
     """``scale * sign * memory[runs]``, a new contiguous tensor (not a view: ops return it, and a caller may
     write to it in place). The scale multiplies the memory first where it is the smaller tensor: the same
     numbers, since a sign flip commutes with rounding."""
-    # `_gather`'s result is a fresh tensor (index_select copies), so it is signed and scaled in place: no
-    # second tensor of the view's size
-    if memory.numel() < starts.numel() * mapping.tile_cols:
-        return _gather(memory * float(scale), mapping, starts).mul_(sign).contiguous()
+    small = memory.numel() < starts.numel() * mapping.tile_cols
+    runs = _gather(memory * float(scale) if small else memory, mapping, starts)
+    if runs.is_contiguous():
+        # a view of index_select's result: the product is a tensor of its own, so that a custom op or
+        # autograd.Function returning it returns no view (which a caller's in-place op, e.g. BLIP's
+        # `embeddings += position_embeddings`, could not modify)
+        signed = torch.mul(runs, sign)
+    else:  # narrowed to the view's width: signed in place, then copied once into a tensor of its own
+        signed = runs.mul_(sign).contiguous()
     # the sign flip is exact, then the Python scale multiplies in the memory's dtype and rounds once, as
     # reference.materialize does
-    return _gather(memory, mapping, starts).mul_(sign).mul_(float(scale)).contiguous()
+    return signed if small else signed.mul_(float(scale))
 
 
 def gather_view(memory: torch.Tensor, mapping: TileHash, scale: float) -> torch.Tensor:

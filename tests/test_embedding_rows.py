@@ -163,3 +163,22 @@ def test_as_many_ids_as_rows_read_the_whole_weight(monkeypatch):
     assert len(reads) == 1
     memory, weight = whole_weight_reference(model)
     torch.testing.assert_close(out, nn.functional.embedding(ids, weight), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cols", [32, 40])  # the view's width a whole number of hash tile columns, and not
+def test_looked_up_rows_can_be_changed_in_place(cols):
+    """The rows an eager lookup returns are a tensor of their own, not a view made inside the op: a caller may
+    add to them in place (BLIP's text embeddings do `embeddings += position_embeddings`), with the same
+    values and memory gradient as the out-of-place sum."""
+    model = roastfx.compress(nn.Embedding(200, cols), "4x", init="random", seed=3)
+    ids = torch.randint(0, 200, (3, 5), generator=torch.Generator().manual_seed(0))
+    shift = torch.randn(5, cols, generator=torch.Generator().manual_seed(1))
+    expected = model(ids) + shift
+    expected.square().sum().backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    rows = model(ids)
+    rows += shift
+    rows.square().sum().backward()
+    torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.roast_memory.grad, grad, rtol=0, atol=0)
