@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from fractions import Fraction
 
 import torch
@@ -186,7 +187,7 @@ def compress(
     for n in notes:
         log.info(n)
     params = dict(model.named_parameters(remove_duplicate=False))
-    _check_trainable(specs, params)
+    specs = _leave_frozen_dense(specs, params, notes)
     weight_dtypes = {s.name: params[s.name].dtype for s in specs}
     mem_dtype = memory_dtype(options.get("memory_dtype") or default_memory_dtype(weight_dtypes.values()))
     mem_dtype_name = dtype_name(mem_dtype)
@@ -240,15 +241,22 @@ def _patterns(name: str, value) -> tuple[str, ...]:
     return patterns
 
 
-def _check_trainable(specs, params: dict) -> None:
-    """All compressed weights trainable or all frozen: they share one memory, which is trainable or not."""
+def _leave_frozen_dense(specs, params: dict, notes: list) -> list:
+    """The sites to compress: all of them, or where some weights are frozen (requires_grad=False) and others
+    train, the trainable ones. They share one memory, trainable or frozen as a whole, which would train the
+    frozen ones too; so those stay dense, exactly as they are (a fixed sinusoidal position table: Whisper's,
+    Marian's), with a warning naming them."""
     frozen = [s.name for s in specs if not params[s.name].requires_grad]
-    if frozen and len(frozen) < len(specs):
-        raise ValueError(
-            f"{len(frozen)} of the {len(specs)} weights to compress are frozen (requires_grad=False: "
-            f"{frozen[:4]}{' ...' if len(frozen) > 4 else ''}) and the others are not; they would share one "
-            "memory, which can only be trainable or frozen as a whole. Exclude the frozen ones "
-            "(exclude=[...]), or set the same requires_grad on all of them before compressing")
+    if not frozen or len(frozen) == len(specs):
+        return specs
+    warnings.warn(
+        f"{len(frozen)} of the {len(specs)} weights to compress are frozen (requires_grad=False: "
+        f"{frozen[:4]}{' ...' if len(frozen) > 4 else ''}) while the others train: they are left dense, as they "
+        "are, since the one memory the others share trains as a whole and would train them too. To compress "
+        "them, set requires_grad=True on them before compressing; to keep them dense without this warning, "
+        "exclude them (exclude=[...])", stacklevel=3)
+    notes.extend(f"left dense, frozen (requires_grad=False) beside trainable weights: {name}" for name in frozen)
+    return [s for s in specs if params[s.name].requires_grad]
 
 
 def _plan_with_own_window(specs, own, memory_size: int, make_plan, align: int) -> Plan:

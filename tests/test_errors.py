@@ -1,4 +1,6 @@
 """Bad input: a clear error naming the value and what is accepted; the model left as it was."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -80,17 +82,33 @@ def test_compressing_a_model_that_holds_or_sits_in_a_compressed_one_is_an_error(
     assert_unchanged(model, snap)
 
 
-def test_partly_frozen_weights_are_an_error():
-    """The sites share one memory, trainable or not as a whole: a mix of frozen and trainable weights is
-    refused (naming the frozen ones) rather than silently trained."""
+def test_partly_frozen_weights_stay_dense_with_a_warning():
+    """The sites share one memory, trainable or not as a whole: beside trainable weights, a frozen one (a fixed
+    sinusoidal table) is left dense, exactly as it was and still frozen, with a warning naming it and a note in
+    the plan; training moves the memory and never it. Excluding it says the same without the warning."""
+    torch.manual_seed(0)
     model = MLP()
     model.fc1.weight.requires_grad_(False)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"1 of the 3 weights to compress are frozen \(requires_grad=False: "
-                                         r"\['fc1.weight'\]\).*exclude=\[...\]"):
+    frozen = model.fc1.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"1 of the 3 weights to compress are frozen \(requires_grad=False: "
+                                         r"\['fc1.weight'\]\) while the others train: they are left dense"):
         roastfx.compress(model, "10x")
-    assert_unchanged(model, snap)
-    assert not model.fc1.weight.requires_grad
+    plan = roastfx.roast_state(model).plan
+    assert [s.name for s in plan.sites] == ["fc2.weight", "out.weight"]
+    assert any("frozen" in n and "fc1.weight" in n for n in plan.notes)
+    assert isinstance(model.fc1.weight, nn.Parameter) and not model.fc1.weight.requires_grad
+    torch.testing.assert_close(model.fc1.weight, frozen, rtol=0, atol=0)
+    memory = model.roast_memory.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 64)).square().sum().backward()
+    opt.step()
+    torch.testing.assert_close(model.fc1.weight, frozen, rtol=0, atol=0)
+    assert not torch.equal(model.roast_memory, memory)
+    other = MLP()
+    other.fc1.weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roastfx.compress(other, "10x", exclude=["fc1.*"])
 
 
 def test_weights_without_values_are_an_error():
