@@ -136,7 +136,7 @@ def _launches_for(dname: str, quick: bool, arch: int):
     import torch
 
     from roastfx.codegen import (configs, triton_conv, triton_embedding, triton_epilogue, triton_grouped,
-                                 triton_materialize, triton_matmul)
+                                 triton_materialize, triton_matmul, triton_norms)
     from roastfx.codegen.epilogue import Epilogue
 
     site, head = mapping(K, N), mapping(N, K)  # head: a (N, K) view read transposed (x @ V^T)
@@ -267,6 +267,10 @@ def _launches_for(dname: str, quick: bool, arch: int):
                                                            0.5, ids, deterministic=False)))
     out.append(("materialize", "fallback", dname, None, None,
                 lambda: triton_materialize.materialize(memory, site, 0.5, dtype=dtype)))
+    out.append(("slice_sumsq", "weight norm's squared norms", dname, None, None,
+                lambda: triton_norms.slice_sumsq(memory, site, 0.5, True)))
+    out.append(("slice_sumsq_grad", "their dMemory", dname, None, None,
+                lambda: triton_norms.slice_sumsq_grad(torch.zeros(N), memory, site, 0.5, True, deterministic=False)))
     return out
 
 

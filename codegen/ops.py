@@ -16,9 +16,10 @@ import torch
 
 from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
 from .hashing import PRIME, TileHash
+from . import runs
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
-__all__ = ["materialize", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv",
+__all__ = ["materialize", "slice_sumsq", "weight_norm_scale", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv",
            "embedding_bag_of_rows", "mapping_args", "use_triton"]
 
 
@@ -94,6 +95,59 @@ def _(grad_view, mapping, scale, size):
 
 
 materialize.register_autograd(_materialize_backward, setup_context=_materialize_setup)
+
+
+@torch.library.custom_op("roastfx::slice_sumsq", mutates_args=())
+def slice_sumsq(memory: torch.Tensor, mapping: list[int], scale: float, per_column: bool) -> torch.Tensor:
+    """Sum of squares of each column (``per_column``) or row of a site's view, read from the memory (float32,
+    float64 for a float64 memory): weight norm's per-slice norms, squared, without the dense view on a GPU
+    (codegen/triton_norms.py)."""
+    if use_triton(memory) and memory.dtype != torch.float64:
+        from . import triton_norms
+
+        return triton_norms.slice_sumsq(memory, _mapping(mapping), scale, per_column)
+    return runs.slice_sumsq(memory, _mapping(mapping), scale, per_column)
+
+
+@slice_sumsq.register_fake
+def _(memory, mapping, scale, per_column):
+    m = _mapping(mapping)
+    return memory.new_empty(m.cols if per_column else m.rows, dtype=torch.promote_types(memory.dtype, torch.float32))
+
+
+@torch.library.custom_op("roastfx::slice_sumsq_grad", mutates_args=())
+def _slice_sumsq_grad(grad: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                      per_column: bool) -> torch.Tensor:
+    if use_triton(memory) and memory.dtype != torch.float64:
+        from . import triton_norms
+
+        return triton_norms.slice_sumsq_grad(grad, memory, _mapping(mapping), scale, per_column).to(memory.dtype)
+    return runs.slice_sumsq_grad(grad, memory, _mapping(mapping), scale, per_column).to(memory.dtype)
+
+
+@_slice_sumsq_grad.register_fake
+def _(grad, memory, mapping, scale, per_column):
+    return torch.empty_like(memory)
+
+
+def _slice_sumsq_setup(ctx, inputs, output):
+    memory, ctx.mapping, ctx.scale, ctx.per_column = inputs
+    ctx.save_for_backward(memory)
+
+
+def _slice_sumsq_backward(ctx, grad):
+    (memory,) = ctx.saved_tensors
+    return _slice_sumsq_grad(grad, memory, ctx.mapping, ctx.scale, ctx.per_column), None, None, None
+
+
+slice_sumsq.register_autograd(_slice_sumsq_backward, setup_context=_slice_sumsq_setup)
+
+
+def weight_norm_scale(g: torch.Tensor, sumsq: torch.Tensor, whole: bool) -> torch.Tensor:
+    """``g / norm`` of ``torch._weight_norm(v, g, dim)`` given the squared norms of v's slices (``whole``:
+    dim=-1, one norm over all of v, from the sums of its slices): per slice, flat, in g's dtype."""
+    norm = sumsq.sum().sqrt() if whole else sumsq.sqrt()
+    return (g.reshape(-1).to(norm.dtype) / norm).to(g.dtype)
 
 
 class EagerMaterialize(torch.autograd.Function):

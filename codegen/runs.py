@@ -208,6 +208,25 @@ def scatter_rows_grad(grad_rows: torch.Tensor, ids: torch.Tensor, mapping: TileH
     return _signed_scatter(grad_rows, mapping, starts, sign, scale, size)
 
 
+def slice_sumsq(memory: torch.Tensor, mapping: TileHash, scale: float, per_column: bool) -> torch.Tensor:
+    """Sum of squares of each column (``per_column``) or row of the view, through the whole view (weight
+    norm's per-slice norms, squared); float32, or float64 for a float64 memory. The Triton kernel
+    (triton_norms.py) reads the memory block by block instead."""
+    view = gather_view(memory, mapping, scale)
+    return view.to(torch.promote_types(view.dtype, torch.float32)).square().sum(0 if per_column else 1)
+
+
+def slice_sumsq_grad(grad: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float,
+                     per_column: bool) -> torch.Tensor:
+    """d(loss)/d(memory) of `slice_sumsq` given d(loss)/d(sums): d/d(view) is 2 * view * the grad of its
+    slice, taken back to the memory as any view gradient is."""
+    view = gather_view(memory, mapping, scale)
+    wide = torch.promote_types(view.dtype, grad.dtype)
+    grad = grad.to(wide)
+    grad_view = 2 * view.to(wide) * (grad[None, :] if per_column else grad[:, None])
+    return scatter_view_grad(grad_view, mapping, scale, memory.numel())
+
+
 def slot_sums(views: list[torch.Tensor], mappings: list[TileHash], scales: list[float], size: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of ``sign * w / scale``, number of elements) per memory slot over the given B views, in float64

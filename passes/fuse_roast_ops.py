@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .split_weight_norm import split_weight_norm
 from .weight_reads import (einsum_as_matmul, einsum_blocks, example_shape, final_users, gathered_read, grouped_read,
                            is_chain_step, is_materialize, op_name, reads_memory, weight_read)
 
@@ -750,7 +751,8 @@ _NO_ROAST_OP = {
               "loop over a data-dependent list of experts: transformers' experts_implementation='eager'; its "
               "'grouped_mm' (default) and 'batched_mm' fuse)",
     "_weight_norm": "weight norm rescales each slice of the weight by its norm before the op (the direction "
-                    "parametrizations.weight.original1 is the site); no roast op applies it",
+                    "parametrizations.weight.original1 is the site), and passes/split_weight_norm.py could not "
+                    "move the scale out of the op",
     "autograd_function_apply": "the weight goes through a torch.autograd.Function, which no roast op applies",
 }
 
@@ -766,7 +768,7 @@ def _drop_unused_reads(graph) -> None:
 def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     """The pass: rewrite each fusable read, leave the rest; one SiteUse per read."""
     uses: list[SiteUse] = []
-    reasons: dict[torch.fx.Node, str] = {}
+    reasons: dict[torch.fx.Node, str] = split_weight_norm(gm)  # the weight norms it leaves, and why
     graph = gm.graph
     for node in list(graph.nodes):
         for fuser in _FUSERS:

@@ -1185,3 +1185,68 @@ def test_a_weight_returned_by_the_graph_stays_materialized_and_says_why(monkeypa
     assert sorted(u.fused for u in uses) == [False, True]
     (kept,) = [u for u in uses if not u.fused]
     assert "itself an output of the graph" in kept.why and "experts_implementation" in kept.why
+
+
+class _WeightNormed(torch.nn.Module):
+    """Weight norm (torch's parametrization) over every kind of op it can scale from outside: dim 0 (per output
+    channel or feature; a conv transpose's dim 0 is its input channel) and dim=None (one norm)."""
+
+    def __init__(self, conv_dim=0):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        nn = torch.nn
+        self.conv = weight_norm(nn.Conv1d(4, 6, 3, groups=2, padding=1), dim=conv_dim)
+        self.up = weight_norm(nn.ConvTranspose1d(6, 5, 3, stride=2))
+        self.lin = weight_norm(nn.Linear(11, 9), dim=None)
+        self.head = weight_norm(nn.Linear(9, 7))
+        self.conv2 = weight_norm(nn.Conv2d(2, 3, 3, bias=False), dim=None)
+
+    def forward(self, x, y):
+        h = self.head(torch.tanh(self.lin(self.up(torch.relu(self.conv(x))))))
+        return h.square().mean() + self.conv2(y).square().mean()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_weight_norm_over_a_site_fuses(inner, monkeypatch):
+    """passes/split_weight_norm.py moves weight norm's scale out of the op (the squared norms from
+    roastfx::slice_sumsq), so every read fuses; compiled equals eager in the loss and in the gradients of the
+    memory, of weight norm's magnitudes g and of the biases."""
+    torch.manual_seed(0)
+    model = roastfx.compress(_WeightNormed(), "2x", init="random")
+    x, y = torch.randn(2, 4, 5), torch.randn(2, 2, 6, 6)
+    eager = model(x, y)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast", options={"inner": inner})(x, y)
+    compiled.backward()
+    assert [u.fused for u in uses] == [True] * 5, uses
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert set(grads) >= {"conv.parametrizations.weight.original0", "head.bias", "roast_memory"}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", ["per tap", "site grad scaling"])
+def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(case, monkeypatch):
+    """A norm per kernel tap (dim=2, Wav2Vec2's) scales inside the conv's reduction, and site gradient scaling
+    would be bypassed by the norms: those reads keep _weight_norm on the view, compiled still equals eager."""
+    torch.manual_seed(0)
+    model = roastfx.compress(_WeightNormed(conv_dim=2 if case == "per tap" else 0), "2x", init="random",
+                             grad_scaling="site" if case == "site grad scaling" else "none")
+    x, y = torch.randn(2, 4, 5), torch.randn(2, 2, 6, 6)
+    eager = model(x, y)
+    eager.backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast")(x, y)
+    compiled.backward()
+    left = [u.why for u in uses if not u.fused]
+    expected = "weight norm over dim 2" if case == "per tap" else "grad_scaling='site'"
+    assert left and all(expected in why for why in left), left
+    assert len(left) == (1 if case == "per tap" else 5)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.roast_memory.grad, grad, rtol=1e-4, atol=1e-7)

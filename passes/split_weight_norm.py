@@ -1,0 +1,148 @@
+"""Weight norm over a compressed weight, split so that the op reads the memory itself.
+
+``torch._weight_norm(v, g, dim)`` (what ``parametrizations.weight_norm`` computes, ``v`` the site) scales
+each slice of v by ``g / norm(slice)``. For the slices a linear op can take the scale outside, the pass
+rewrites the op over ``v_read * s`` (s = g / norm per slice, broadcast as the weight's dim 0) into the op over
+``v_read`` with the scale moved past it:
+
+- ``linear(x, v * s, b)`` and ``conv(x, v * s, b)`` (dim 0: output features / channels):
+  ``op(x, v) * s + b``, s broadcast over the output's channel dim;
+- ``conv_transpose(x, v * s, b)`` (dim 0: input channels): ``conv_transpose(x * s, v, b)``;
+- ``dim=-1`` (one norm over all of v, torch's meaning of -1 here): s is one number, ``op(x, v) * s + b``.
+
+The squared norms come from ``roastfx::slice_sumsq`` (the memory read block by block on a GPU, no dense
+v), so ``fuse_roast_ops`` then fuses ``op(x, v)`` like any read and its epilogue fusion can take the scale
+and bias. Other dims (Wav2Vec2's per-kernel-tap norm, dim=2), a read whose gradient is normalized per site
+(``grad_scaling="site"``: the sums would bypass it), and weights used elsewhere too keep ``_weight_norm``
+on the materialized view, with the reason in ``reasons``.
+"""
+from __future__ import annotations
+
+import torch
+
+from roastfx.codegen.ops import weight_norm_scale
+
+from .weight_reads import weight_read
+
+_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+
+
+def _is_weight_norm(node) -> bool:
+    return node.op == "call_function" and node.target is torch._weight_norm
+
+
+def _args(node) -> tuple:
+    """(v, g, dim) of a ``_weight_norm`` node."""
+    names = ("v", "g", "dim")
+    values = list(node.args) + [node.kwargs.get(k) for k in names[len(node.args):]]
+    return values[0], values[1], 0 if values[2] is None else int(values[2])
+
+
+def _why_not(node, read, dim) -> str | None:
+    user = next(iter(node.users), None)
+    weight = None
+    if len(node.users) == 1 and user.op == "call_function" and user.target in (*_CONV, *_CONV_TRANSPOSE, *_LINEAR) \
+            and user.args and user.args[0] is not node:
+        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+    if weight is not node:
+        return "weight norm whose result is not only the weight of one linear or conv op"
+    if dim not in (0, -1):
+        return (f"weight norm over dim {dim} (one norm per slice of that dim, e.g. per kernel tap) scales the "
+                "weight inside the op's reduction; only dim 0 (per output feature or channel) and dim=-1 (one "
+                "norm) are split off it")
+    if read.grad_norm:
+        return "weight norm over a weight read with grad_scaling='site' (the norms would bypass the normalized gradient)"
+    if read.broadcast or read.cast is not None:
+        return "weight norm over a weight read broadcast or cast"
+    rows, cols = read.mapping[0], read.mapping[1]
+    if read.shape[0] != (cols if read.transposed else rows):
+        return f"weight norm's dim 0 ({read.shape[0]}) is not one axis of the site's view ({rows} x {cols})"
+    return None
+
+
+def _bias(user):
+    return user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+
+
+def _example(node):
+    """Give a new node the fake value dynamo gives every node (``meta["example_value"]``), computed from its
+    inputs' in their fake mode, so the passes after this one see its shape and dtype."""
+    def value(a):
+        return a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+    fakes = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    mode = getattr(fakes[0], "fake_mode", None) if fakes else None
+    if mode is None:
+        return node
+    with mode:
+        if node.op == "call_method":
+            node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            node.meta["example_value"] = node.target(*args, **kwargs)
+    return node
+
+
+def _call(graph, target, args, kwargs=None):
+    return _example(graph.call_function(target, args, kwargs or {}))
+
+
+def _per_channel(graph, flat, dims: int):
+    """A flat per-channel vector shaped to broadcast over dim 1 of an activation with ``dims`` spatial dims."""
+    return _example(graph.call_method("reshape", (flat, (1, -1) + (1,) * dims)))
+
+
+def _rewritten(graph, user, v, scale, whole: bool):
+    """The nodes computing ``user``'s output from ``v`` with the weight norm's ``scale`` moved out of it."""
+    args, kwargs = list(user.args), dict(user.kwargs)
+    args[1] = v
+    kwargs.pop("weight", None)
+    if user.target in _CONV_TRANSPOSE:  # dim 0 is the input channel: scale the input, keep the bias
+        factor = scale if whole else _per_channel(graph, scale, _CONV_TRANSPOSE[user.target])
+        args[0] = _call(graph, torch.mul, (args[0], factor))
+        return _call(graph, user.target, tuple(args), kwargs)
+    bias = _bias(user)
+    if len(args) > 2:
+        args[2] = None
+    else:
+        kwargs.pop("bias", None)
+    out = _call(graph, user.target, tuple(args), kwargs)
+    dims = _CONV.get(user.target)
+    if dims is None:  # linear: features are the output's last dim
+        out = _call(graph, torch.mul, (out, scale))
+        return out if bias is None else _call(graph, torch.add, (out, bias))
+    out = _call(graph, torch.mul, (out, scale if whole else _per_channel(graph, scale, dims)))
+    return out if bias is None else _call(graph, torch.add, (out, _per_channel(graph, bias, dims)))
+
+
+def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
+    """The rewrite, in place. Returns {materialize node: why} for the weight norms over a site left as they
+    were."""
+    graph = gm.graph
+    reasons = {}
+    for node in list(graph.nodes):
+        if not _is_weight_norm(node):
+            continue
+        v, g, dim = _args(node)
+        read = weight_read(v)
+        if read is None:
+            continue
+        why = _why_not(node, read, dim)
+        if why:
+            reasons[read.materialize] = why
+            continue
+        user = next(iter(node.users))
+        memory, mapping, view_scale = read.materialize.args
+        with graph.inserting_before(user):
+            sumsq = _call(graph, torch.ops.roastfx.slice_sumsq.default,
+                          (memory, list(mapping), view_scale, read.transposed))
+            scale = _call(graph, weight_norm_scale, (g, sumsq, dim == -1))
+            out = _rewritten(graph, user, v, scale, dim == -1)
+        user.replace_all_uses_with(out)
+        graph.erase_node(user)
+        graph.erase_node(node)
+    gm.recompile()
+    return reasons
