@@ -66,28 +66,32 @@ def _bias(user):
     return user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
 
 
-def _example(node):
+def _example(node, like=None):
     """Give a new node the fake value dynamo gives every node (``meta["example_value"]``), computed from its
-    inputs' in their fake mode, so the passes after this one see its shape and dtype."""
+    inputs' in their fake mode, so the passes after this one see its shape and dtype. Where the inputs have
+    none that fake mode takes (compress_graph's reads hold meta tensors), ``like``'s (a node of the same
+    shape and dtype), if given."""
     def value(a):
         return a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
 
     args = torch.fx.node.map_aggregate(node.args, value)
     kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
-    fakes = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-    mode = getattr(fakes[0], "fake_mode", None) if fakes else None
-    if mode is None:
-        return node
-    with mode:
-        if node.op == "call_method":
-            node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            node.meta["example_value"] = node.target(*args, **kwargs)
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    mode = getattr(tensors[0], "fake_mode", None) if tensors else None
+    if mode is not None and all(getattr(t, "fake_mode", None) is mode for t in tensors) and \
+            all(value(a) is not None for a in node.all_input_nodes):
+        with mode:
+            if node.op == "call_method":
+                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                node.meta["example_value"] = node.target(*args, **kwargs)
+    elif like is not None and "example_value" in like.meta:
+        node.meta["example_value"] = like.meta["example_value"]
     return node
 
 
-def _call(graph, target, args, kwargs=None):
-    return _example(graph.call_function(target, args, kwargs or {}))
+def _call(graph, target, args, kwargs=None, like=None):
+    return _example(graph.call_function(target, args, kwargs or {}), like)
 
 
 def _per_channel(graph, flat, dims: int):
@@ -102,20 +106,20 @@ def _rewritten(graph, user, v, scale, whole: bool):
     kwargs.pop("weight", None)
     if user.target in _CONV_TRANSPOSE:  # dim 0 is the input channel: scale the input, keep the bias
         factor = scale if whole else _per_channel(graph, scale, _CONV_TRANSPOSE[user.target])
-        args[0] = _call(graph, torch.mul, (args[0], factor))
-        return _call(graph, user.target, tuple(args), kwargs)
+        args[0] = _call(graph, torch.mul, (args[0], factor), like=args[0])
+        return _call(graph, user.target, tuple(args), kwargs, like=user)
     bias = _bias(user)
     if len(args) > 2:
         args[2] = None
     else:
         kwargs.pop("bias", None)
-    out = _call(graph, user.target, tuple(args), kwargs)
+    out = _call(graph, user.target, tuple(args), kwargs, like=user)
     dims = _CONV.get(user.target)
     if dims is None:  # linear: features are the output's last dim
-        out = _call(graph, torch.mul, (out, scale))
-        return out if bias is None else _call(graph, torch.add, (out, bias))
-    out = _call(graph, torch.mul, (out, scale if whole else _per_channel(graph, scale, dims)))
-    return out if bias is None else _call(graph, torch.add, (out, _per_channel(graph, bias, dims)))
+        out = _call(graph, torch.mul, (out, scale), like=user)
+        return out if bias is None else _call(graph, torch.add, (out, bias), like=user)
+    out = _call(graph, torch.mul, (out, scale if whole else _per_channel(graph, scale, dims)), like=user)
+    return out if bias is None else _call(graph, torch.add, (out, _per_channel(graph, bias, dims)), like=user)
 
 
 def split_weight_norm(gm: torch.fx.GraphModule) -> dict:

@@ -62,6 +62,31 @@ def test_in_compiler_compression_equals_compress_and_leaves_weights(inner, tmp_p
         assert torch.equal(p, before[n]), n
 
 
+def test_in_compiler_compression_follows_weight_norm(monkeypatch):
+    """A dense model whose weights are under weight norm (torch's parametrization: the op reads
+    _weight_norm(original1, original0)) is compressed inside the compiler too, its directions the sites as
+    roastfx.compress plans them, every read fused; the result equals compress of a copy."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from test_fuse_roast_ops import record_uses
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    nn = torch.nn
+    dense = nn.Sequential(weight_norm(nn.Conv1d(4, 6, 3)), nn.ReLU(), weight_norm(nn.Linear(7, 5), dim=None)).eval()
+    reference = roastfx.compress(copy.deepcopy(dense), "2x", seed=1)
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(dense, backend="roast", options={"compression": "2x", "seed": 1, "inner": "eager"})
+    x = torch.randn(3, 4, 9)
+    with torch.no_grad():
+        out = compiled(x)
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(out, dense(x), atol=1e-3)  # it really runs the compressed weights
+    assert [u.fused for u in uses] == [True, True], uses
+    assert [s.name for s in roastfx.roast_state(reference).plan.sites] == [
+        "0.parametrizations.weight.original1", "2.parametrizations.weight.original1"]
+
+
 def test_in_compiler_compression_keeps_the_models_dtype(tmp_path):
     """A bfloat16 model compressed inside the compiler gets a bfloat16 memory, as roastfx.compress gives it:
     the same plan (memory dtype included) and outputs."""
