@@ -61,6 +61,8 @@ def parse_args(argv=None):
                    "rest share the remaining slots globally; equal memory. A planner experiment, not a roastfx option")
     p.add_argument("--hidden", type=int, default=None, help="the tweets BERT's hidden size (default 64)")
     p.add_argument("--layers", type=int, default=None, help="the tweets BERT's layers (default 2)")
+    p.add_argument("--dropout", default="task", help="comma list of dropout probabilities set on every nn.Dropout of "
+                   "the model (default: the task's, 0.1 in the tweets BERT)")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--n-val", type=int, default=0, help="validation examples (default: the test split's size)")
     args = p.parse_args(argv)
@@ -75,6 +77,7 @@ def parse_args(argv=None):
     args.lr = [None if x == "task" else float(x) for x in args.lr.split(",")]
     args.slot_scaler = args.slot_scaler.split(",")
     args.init_scale = [float(x) for x in args.init_scale.split(",")]
+    args.dropout = [None if x == "task" else float(x) for x in args.dropout.split(",")]
     args.tile = tuple(int(x) for x in args.tile.lower().split("x")) if args.tile else None
     return args
 
@@ -138,9 +141,9 @@ def main(argv=None):
     print(f"# {task.title}; {task.epochs} epochs; {args.compression}; scored on the {args.split} split ({len(task.data[1][-1])} examples)")
     rows = []
     base_lr = task.lr
-    for scheme, variant, gs, lr, mult, scaler, init_scale, seed in itertools.product(
+    for scheme, variant, gs, lr, mult, scaler, init_scale, dropout, seed in itertools.product(
             args.schemes, args.variants, args.grad_scaling, args.lr, args.memory_lr_mult, args.slot_scaler,
-            args.init_scale, args.seeds):
+            args.init_scale, args.dropout, args.seeds):
         if scheme == "dense" and (gs, mult, variant, scaler, init_scale) != (
                 args.grad_scaling[0], args.memory_lr_mult[0], args.variants[0], args.slot_scaler[0], args.init_scale[0]):
             continue  # dense has no memory: one run per learning rate and seed
@@ -165,6 +168,10 @@ def main(argv=None):
             if scaler != "none":
                 divisor = slot_divisor(state.plan, scaler)
                 state.memory.register_hook(lambda g, d=divisor: g / d)
+        if dropout is not None:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = dropout
         start = time.perf_counter()
         result = Q.train(task, model, seed=seed, memory_lr_mult=mult)
         extra = (f", tile {args.tile[0]}x{args.tile[1]}" if args.tile and scheme != "hashednet" else "") + (
@@ -172,7 +179,8 @@ def main(argv=None):
             f", {args.isolate} isolated ({variant_note})" if args.isolate and scheme == "roast" else "") + (
             f", own_window {args.own_window}" if args.own_window and scheme == "roast" else "") + (
             f", slot scaler {scaler}" if scaler != "none" else "") + (
-            f", init x{init_scale:g}" if init_scale != 1 else "")
+            f", init x{init_scale:g}" if init_scale != 1 else "") + (
+            f", dropout {dropout:g}" if dropout is not None else "")
         row = (scheme, variant + extra, gs, f"{task.lr:g}, {task.memory_lr_mult if mult is None else mult:g}", seed, slots,
                sum(p.numel() for p in model.parameters()), 100 * result["accuracy"], result["losses"][-1])
         rows.append(row)
