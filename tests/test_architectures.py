@@ -167,8 +167,8 @@ def albert():
 
 
 def wav2vec2():
-    """A strided conv1d feature extractor, and a grouped positional conv under weight norm (a parametrized
-    weight: left dense, its parts are no matmul operand)."""
+    """A strided conv1d feature extractor, and a grouped positional conv under weight norm per kernel tap
+    (dim=2): its direction is a site, read through _weight_norm on the materialized view."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     return Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -183,6 +183,16 @@ def mamba():
 
     return MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=1, expand=2,
                                         conv_kernel=4))
+
+
+def encodec():
+    """A neural audio codec: convs and transposed convs under weight norm (dim 0, every one of them), an LSTM,
+    a residual vector quantizer."""
+    from transformers import EncodecConfig, EncodecModel
+
+    return EncodecModel(EncodecConfig(target_bandwidths=[8.0], sampling_rate=8000, audio_channels=1, hidden_size=16,
+                                      num_filters=4, num_residual_layers=1, upsampling_ratios=[4, 2], codebook_size=16,
+                                      codebook_dim=16, num_lstm_layers=1))
 
 
 def convnext():
@@ -222,6 +232,7 @@ CASES = {
     "wav2vec2": (wav2vec2, lambda: ((), {"input_values": torch.randn(2, 400, generator=_gen())})),
     "mamba": (mamba, lambda: ((), {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen())})),
     "convnext": (convnext, lambda: ((torch.randn(2, 3, 32, 32, generator=_gen()),), {})),
+    "encodec": (encodec, lambda: ((), {"input_values": torch.randn(2, 1, 64, generator=_gen()), "bandwidth": 8.0})),
 }
 # Whisper's sinusoidal position table is frozen (requires_grad=False): it cannot share the trainable memory
 EXCLUDE = {"whisper": ["*embed_positions*"]}
@@ -257,11 +268,17 @@ FUSED = {
     # Mamba's slow path squeezes its depthwise conv1d weight and unsqueezes it again for F.conv1d: reshapes of
     # the read, so a roast_conv. (Its dt_proj weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
     "mamba": (7, 7),
+    # weight norm's scale moved out of each conv and transposed conv (passes/split_weight_norm.py); the LSTM
+    # step by step
+    "encodec": (28, 28),
 }
 
 
 def _output(out):
-    return out.logits if hasattr(out, "logits") else out
+    for name in ("logits", "audio_values"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    return out
 
 
 @pytest.mark.parametrize("name", list(CASES))
