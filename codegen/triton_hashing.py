@@ -116,6 +116,21 @@ def roast_index_and_sign(
 
 
 @triton.jit
+def element_block(
+    K, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, b, c_row, c_col, d,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (program_id(0), program_id(1))'s (BLOCK_K, BLOCK_N) block of a (K, N) view, every element
+    hashed on its own: (row offsets, column offsets, row mask, column mask, memory slots (int64), signs)."""
+    offs_k = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    index, sign = roast_index_and_sign(
+        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
+        offset_range, a_row, a_col, b, c_row, c_col, d, offset_magic(offset_range))
+    return offs_k, offs_n, offs_k < K, offs_n < N, index, sign
+
+
+@triton.jit
 def signed(w, neg):
     """fp32 ``w`` with its sign flipped where ``neg`` (a `_sign_mask`) is set: one xor per element."""
     return (w.to(tl.int32, bitcast=True) ^ neg).to(tl.float32, bitcast=True)

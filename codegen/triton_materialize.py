@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .hashing import TileHash
-from .triton_hashing import hash_args, maybe_dump, offset_magic, roast_index_and_sign
+from .triton_hashing import element_block, hash_args, maybe_dump
 
 BLOCK = 32
 
@@ -23,12 +23,10 @@ def _materialize_kernel(
     a_row, a_col, hb, c_row, c_col, hd,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_k = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-    index, sign = roast_index_and_sign(
-        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd, offset_magic(offset_range))
+    offs_k, offs_n, mask_k, mask_n, index, sign = element_block(
+        K, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+        BLOCK_K, BLOCK_N)
+    mask = mask_k[:, None] & mask_n[None, :]
     w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
     w = tl.where(sign > 0, w, -w) * scale
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

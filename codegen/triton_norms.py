@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .hashing import TileHash
 from . import runs
-from .triton_hashing import hash_args, maybe_dump, offset_magic, roast_index_and_sign
+from .triton_hashing import element_block, hash_args, maybe_dump
 
 BLOCK = 32
 
@@ -29,21 +29,14 @@ def _slice_sumsq_kernel(
     a_row, a_col, hb, c_row, c_col, hd,
     PER_COLUMN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_k = offs_k < K
-    mask_n = offs_n < N
-    mask = mask_k[:, None] & mask_n[None, :]
-    index, sign = roast_index_and_sign(
-        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd, offset_magic(offset_range))
-    w = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32) * scale  # the sign squares away
-    if PER_COLUMN:  # partial sums of block row pid_k: out is (row blocks, N)
-        tl.store(out_ptr + pid_k * N + offs_n, tl.sum(w * w, axis=0), mask=mask_n)
+    offs_k, offs_n, mask_k, mask_n, index, sign = element_block(
+        K, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+        BLOCK_K, BLOCK_N)
+    w = tl.load(mem_ptr + index, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32) * scale
+    if PER_COLUMN:  # the sign squares away; partial sums of block row program_id(0): out is (row blocks, N)
+        tl.store(out_ptr + tl.program_id(0) * N + offs_n, tl.sum(w * w, axis=0), mask=mask_n)
     else:  # out is (column blocks, K)
-        tl.store(out_ptr + pid_n * K + offs_k, tl.sum(w * w, axis=1), mask=mask_k)
+        tl.store(out_ptr + tl.program_id(1) * K + offs_k, tl.sum(w * w, axis=1), mask=mask_k)
 
 
 @triton.jit
@@ -54,14 +47,10 @@ def _slice_sumsq_grad_kernel(
     a_row, a_col, hb, c_row, c_col, hd,
     PER_COLUMN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_k = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_k = offs_k < K
-    mask_n = offs_n < N
+    offs_k, offs_n, mask_k, mask_n, index, sign = element_block(
+        K, N, tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
+        BLOCK_K, BLOCK_N)
     mask = mask_k[:, None] & mask_n[None, :]
-    index, sign = roast_index_and_sign(
-        offs_k[:, None], offs_n[None, :], tile_rows, tile_cols, alignment, window_start,
-        offset_range, a_row, a_col, hb, c_row, c_col, hd, offset_magic(offset_range))
     m = tl.load(mem_ptr + index, mask=mask, other=0.0).to(tl.float32)
     if PER_COLUMN:
         g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
