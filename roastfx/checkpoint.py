@@ -16,6 +16,7 @@ from roastfx.plan import Plan
 
 from .compress import apply_plan, binding_problems
 from .module import EXTRA_STATE_KEY, MEMORY_ATTR, roast_state
+from .state import plan_extra_state
 
 PLAN_KEY = "roastfx.plan"
 EXTRA_KEY = "roastfx.extra_state"  # the submodules' get_extra_state() values that are not tensors, as JSON
@@ -30,9 +31,11 @@ def save(model: nn.Module, path) -> None:
         raise ValueError("save expects a ROAST-compressed model (call roastfx.compress first)")
     tensors, extra = {}, {}
     for key, value in model.state_dict().items():
+        if key == EXTRA_STATE_KEY:  # the root's is the plan, stored in the file's metadata
+            continue
         if isinstance(value, torch.Tensor):
             tensors[key] = value.detach().to("cpu").contiguous().clone()
-        elif key != EXTRA_STATE_KEY:  # the root's is the plan, stored on its own
+        else:
             try:
                 extra[key] = json.loads(json.dumps(value))
             except (TypeError, ValueError) as e:
@@ -77,11 +80,11 @@ def load(model_or_factory, path) -> nn.Module:
     if roast_state(model) is None:
         _check_dense_fits(model, plan, tensors)
         apply_plan(model, plan)
-    tensors[EXTRA_STATE_KEY] = {"plan": plan.to_json()}
+    tensors[EXTRA_STATE_KEY] = plan_extra_state(plan)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    bad_shapes = [k for k in expected if k in tensors and isinstance(expected[k], torch.Tensor)
+    bad_shapes = [k for k in expected if k in tensors and k != EXTRA_STATE_KEY and isinstance(expected[k], torch.Tensor)
                   and tuple(expected[k].shape) != tuple(getattr(tensors[k], "shape", (None,)))]
     if missing or unexpected or bad_shapes:
         raise ValueError(

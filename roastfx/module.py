@@ -1,7 +1,7 @@
 """The compressed model's runtime: one memory module and ROAST-backed attributes.
 
 The root model gets the memory as its parameter ``roast_memory`` and keeps the
-plan in its ``state_dict`` as extra state (``_extra_state``). Each
+plan in its ``state_dict`` as extra state (``_extra_state``: the plan's JSON as a uint8 tensor). Each
 module that held a compressed weight gets a subclass whose attribute (e.g.
 ``weight``) is a property computing the weight from the memory through the
 reference path (``state.RoastState``); the dense tensor is deleted.
@@ -21,12 +21,13 @@ from roastfx.codegen.grad_norm import site_grad_rms  # noqa: F401 (public here t
 from roastfx.plan import Plan
 from roastfx.state import DTYPES as _DTYPES
 from roastfx.state import EXTRA_STATE_KEY, MEMORY_ATTR, RoastState, scale_site_grad  # noqa: F401 (public here too)
+from roastfx.state import plan_extra_state, plan_from_extra_state
 from roastfx.state import NAMES as _NAMES
 
 log = logging.getLogger("roastfx")
 
 def _root_get_extra_state(self):
-    return {"plan": self.__dict__["_roast_state"].current_plan().to_json()}
+    return plan_extra_state(self.__dict__["_roast_state"].current_plan())
 
 
 def _root_apply(self, fn, *args, **kwargs):
@@ -101,7 +102,7 @@ def _reduce_ex(self, protocol):
 
 
 def _root_set_extra_state(self, state):
-    self.__dict__["_roast_state"].replace_plan(Plan.from_json(state["plan"]))
+    self.__dict__["_roast_state"].replace_plan(plan_from_extra_state(state))
 
 
 _SUBCLASSES: dict[tuple, type] = {}

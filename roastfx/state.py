@@ -21,6 +21,24 @@ from roastfx.plan import Plan, check_grad_scaling
 
 MEMORY_ATTR = "roast_memory"  # the root's parameter that holds the memory
 EXTRA_STATE_KEY = "_extra_state"  # the root's state_dict key that holds the plan
+
+
+def plan_extra_state(plan: Plan) -> torch.Tensor:
+    """The plan as the root's extra state: its JSON text, UTF-8, as a uint8 tensor, so that every value of
+    a compressed model's state_dict is a tensor (safetensors.torch.save_file, and tools that detach or move
+    each value, take it)."""
+    return torch.tensor(list(plan.to_json().encode("utf-8")), dtype=torch.uint8)
+
+
+def plan_from_extra_state(value) -> Plan:
+    """The plan in a state dict's ``_extra_state``: a uint8 tensor of its JSON (`plan_extra_state`, on any
+    device), or the ``{"plan": json}`` dict of checkpoints saved before 2026-12-07."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        return Plan.from_json(bytes(value.cpu().tolist()).decode("utf-8"))
+    if isinstance(value, dict) and isinstance(value.get("plan"), str):
+        return Plan.from_json(value["plan"])
+    raise ValueError(f"{EXTRA_STATE_KEY} holds {type(value).__name__}, not a roastfx plan (a uint8 tensor of its "
+                     "JSON, or a dict {'plan': json} from older checkpoints)")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 

@@ -26,8 +26,7 @@ import torch
 
 from roastfx.codegen.reference import view_to_weight
 from roastfx.codegen.runs import gather_view
-from roastfx.plan import Plan
-from roastfx.state import EXTRA_STATE_KEY, MEMORY_ATTR
+from roastfx.state import EXTRA_STATE_KEY, MEMORY_ATTR, plan_extra_state, plan_from_extra_state
 
 log = logging.getLogger("roastfx")
 
@@ -279,7 +278,7 @@ def load_dense_weights(module, state_dict, prefix, local_metadata, strict, missi
         return
     extra_key, memory_key = prefix + EXTRA_STATE_KEY, prefix + MEMORY_ATTR
     if extra_key in state_dict:
-        theirs = Plan.from_json(state_dict[extra_key]["plan"])
+        theirs = plan_from_extra_state(state_dict[extra_key])
         if [(s.name, s.mapping) for s in theirs.sites] != [(s.name, s.mapping) for s in state.plan.sites]:
             raise ValueError("load_state_dict: the state dict holds dense weights for compressed sites "
                              f"({sorted(dense)}) and a roastfx plan other than this model's; load one or the "
@@ -291,7 +290,7 @@ def load_dense_weights(module, state_dict, prefix, local_metadata, strict, missi
     baseline = state_dict.get(memory_key, memory).detach().to(memory.device)
     new = state.projected({name: w.to(memory.device) for name, w in dense.items()}, baseline)
     state_dict[memory_key] = new.to(memory.dtype)
-    state_dict.setdefault(extra_key, {"plan": state.current_plan().to_json()})
+    state_dict.setdefault(extra_key, plan_extra_state(state.current_plan()))
     errors = []
     sites = {s.name: s for s in state.plan.sites}
     for name, weight in dense.items():

@@ -31,6 +31,30 @@ def test_state_dict_round_trip_is_bit_exact():
     assert torch.equal(model(*inputs), other(*inputs))
 
 
+def test_state_dict_is_all_tensors_and_saves_with_safetensors_alone(tmp_path):
+    """Every value of a compressed model's state_dict is a tensor (the plan: its JSON as uint8), so
+    safetensors.torch.save_file takes it as it is (as transformers' Trainer saves a plain nn.Module); loaded
+    into a model compressed with another seed, it brings its plan along. A dict {'plan': json} (how state dicts
+    saved before 2026-12-07 hold it) loads the same."""
+    from safetensors.torch import load_file, save_file
+
+    model = trained_mixed()
+    sd = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert sd["_extra_state"].dtype == torch.uint8
+    assert roastfx.Plan.from_json(bytes(sd["_extra_state"].tolist()).decode()) == roastfx.roast_state(model).plan
+    save_file(sd, tmp_path / "sd.safetensors")
+    inputs = mixed_inputs(4, 6)
+    for state in (load_file(tmp_path / "sd.safetensors"),
+                  {**sd, "_extra_state": {"plan": roastfx.roast_state(model).plan.to_json()}}):
+        other = Mixed()
+        roastfx.compress(other, "6x", example_inputs=mixed_inputs(), seed=8, init="random")
+        assert roastfx.roast_state(other).plan != roastfx.roast_state(model).plan
+        other.load_state_dict(state)
+        assert roastfx.roast_state(other).plan == roastfx.roast_state(model).plan
+        assert torch.equal(model(*inputs), other(*inputs))
+
+
 def test_safetensors_round_trip_into_fresh_dense_model(tmp_path):
     model = trained_mixed()
     path = tmp_path / "model.safetensors"
