@@ -132,6 +132,7 @@ _CONSUMERS = {
     # transformers' MoE layers use under torch.export and torch.compile)
     "_grouped_mm": ("linear", False), "grouped_mm": ("linear", False), "grouped_mm_fallback": ("linear", False),
 }
+_LOOKUPS = ("embedding", "embedding_bag")
 _STACKED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}  # read whole, laid out as stored
 
 
@@ -353,9 +354,13 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
         for attr, op, transposed in module_weight_attrs(module):
             p = weight_source(module, attr)
             if isinstance(p, nn.Parameter) and p.dim() >= 2:
-                kinds.setdefault(id(p), (op, transposed))
                 if not any(m is module for m, _ in readers.setdefault(id(p), [])):
                     readers[id(p)].append((module, op))
+                # a weight tied between a lookup and a GEMM (a tied lm_head) is laid out for the lookup,
+                # whichever module comes first: the lookup reads whole rows of the view (ROBE chunks), and the
+                # GEMM reads the view transposed (x @ V^T), fused either way
+                if id(p) not in kinds or (op in _LOOKUPS and kinds[id(p)][0] not in _LOOKUPS):
+                    kinds[id(p)] = (op, transposed)
 
     if example_inputs is not None:
         name_to_id = {n: pid for pid, names in by_param.items() for n in names}
@@ -394,7 +399,10 @@ def find_sites(model: nn.Module, example_inputs=None, exclude=()) -> tuple[list[
             not_real.append(f"{names[0]} ({str(p.dtype).removeprefix('torch.')})")
             continue
         op, transposed = kinds[pid]
-        others = tuple(o for _, o in readers.get(pid, [])[1:])  # a tied lm_head: the embedding's GEMM too
+        others = [o for _, o in readers.get(pid, [])]  # a tied lm_head: the embedding's GEMM too
+        if op in others:
+            others.remove(op)
+        others = tuple(others)
         specs.append(SiteSpec(names[0], tuple(names), tuple(p.shape), op, transposed, dtype_name(p), others))
 
     if not_real:

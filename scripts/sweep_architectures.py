@@ -10,7 +10,8 @@ Each model is compressed 4x with init="random" and ``example_inputs`` (so functi
 found), run eagerly (forward + backward of the mean square of its output), then compiled
 (``options={"inner": "aot_eager"}``) and run again. Columns: sites in the plan, fused / all weight reads in
 the compiled graphs, the largest output difference, the memory gradient's relative difference. A model whose
-dense version already fails the same two steps (eager, then ``backend="aot_eager"``) is reported as such.
+dense version already fails the same two steps (eager, then ``backend="aot_eager"``), or whose compiled output
+differs from its eager output, is reported as such.
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def cases() -> dict:
                        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                           num_attention_heads=2, intermediate_size=64))
     both = lambda: {**_ids()(), **_pixels(16)()}  # noqa: E731
+    s2s = dict(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+               pad_token_id=0, decoder_start_token_id=0)
+    dec = lambda: {**_ids()(), "decoder_input_ids": _ids(5)()["input_ids"]}  # noqa: E731
     return {
         # decoder-only language models
         "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(**lm, ffn_dim=64, word_embed_proj_dim=32)), _ids()),
@@ -239,6 +244,72 @@ def cases() -> dict:
                              intermediate_size=64, max_position_embeddings=32, encoder_hidden_size=32),
             vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64))), both),
+        # added 2026-12-07 (second batch)
+        "switch-transformers": (lambda: T.SwitchTransformersForConditionalGeneration(T.SwitchTransformersConfig(
+            vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+            num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=8)), dec),
+        "nllb-moe": (lambda: T.NllbMoeForConditionalGeneration(T.NllbMoeConfig(**s2s, num_experts=4,
+            expert_capacity=8, encoder_sparse_step=1, decoder_sparse_step=1)), dec),
+        "m2m100": (lambda: T.M2M100ForConditionalGeneration(T.M2M100Config(**s2s)), dec),
+        "pegasus": (lambda: T.PegasusForConditionalGeneration(T.PegasusConfig(**s2s)), dec),
+        "led": (lambda: T.LEDForConditionalGeneration(T.LEDConfig(**{**s2s, "max_position_embeddings": 64},
+            max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, attention_window=[4])),
+            lambda: {**_ids(8)(), "decoder_input_ids": _ids(5)()["input_ids"]}),
+        "prophetnet": (lambda: T.ProphetNetForConditionalGeneration(T.ProphetNetConfig(vocab_size=64, hidden_size=32,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+            num_encoder_attention_heads=2, num_decoder_attention_heads=2, max_position_embeddings=32, ngram=2)), dec),
+        "mt5": (lambda: T.MT5ForConditionalGeneration(T.MT5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64,
+            num_layers=1, num_heads=2)), dec),
+        "squeezebert": (lambda: T.SqueezeBertForMaskedLM(T.SqueezeBertConfig(**lm, embedding_size=32)), _ids()),
+        "mobilebert": (lambda: T.MobileBertForMaskedLM(T.MobileBertConfig(**lm, embedding_size=16,
+            intra_bottleneck_size=16, true_hidden_size=16, num_feedforward_networks=2)), _ids()),
+        "xlm-roberta": (lambda: T.XLMRobertaForMaskedLM(T.XLMRobertaConfig(**lm)), _ids()),
+        "esm": (lambda: T.EsmForMaskedLM(T.EsmConfig(**lm, pad_token_id=1, mask_token_id=2,
+            position_embedding_type="rotary")), _ids()),
+        "wav2vec2-conformer": (lambda: T.Wav2Vec2ConformerForCTC(T.Wav2Vec2ConformerConfig(**audio,
+            position_embeddings_type="relative", conv_depthwise_kernel_size=3)), _wave),
+        "data2vec-audio": (lambda: T.Data2VecAudioForCTC(T.Data2VecAudioConfig(**audio, conv_pos_kernel_size=3)),
+                           _wave),
+        "unispeech-sat": (lambda: T.UniSpeechSatForCTC(T.UniSpeechSatConfig(**audio)), _wave),
+        "detr": (lambda: T.DetrForObjectDetection(T.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+            backbone_config=T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"]),
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5)), _pixels()),
+        "upernet": (lambda: T.UperNetForSemanticSegmentation(T.UperNetConfig(
+            backbone_config=T.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                             out_features=["stage1", "stage2", "stage3", "stage4"]),
+            hidden_size=16, auxiliary_channels=8, num_labels=3)), _pixels()),
+        "videomae": (lambda: T.VideoMAEForVideoClassification(T.VideoMAEConfig(image_size=16, patch_size=8,
+            num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, num_labels=3)),
+            lambda: {"pixel_values": torch.randn(2, 4, 3, 16, 16, generator=_gen())}),
+        "sam": (lambda: T.SamModel(T.SamConfig(
+            vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8, mlp_dim=64, window_size=2, global_attn_indexes=[0],
+                               num_pos_feats=8),
+            prompt_encoder_config=dict(hidden_size=16, image_size=32, patch_size=8, mask_input_channels=4),
+            mask_decoder_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                                     iou_head_hidden_dim=16))),
+            lambda: {"pixel_values": torch.randn(1, 3, 32, 32, generator=_gen()),
+                     "input_points": torch.rand(1, 1, 1, 2, generator=_gen()) * 32}),
+        "clap": (lambda: T.ClapModel(T.ClapConfig(
+            text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=32, projection_dim=16),
+            audio_config=dict(spec_size=32, patch_size=4, num_mel_bins=32, window_size=2, depths=[1, 1],
+                              num_attention_heads=[1, 2], patch_embeds_hidden_size=16, hidden_size=32,
+                              projection_dim=16, enable_fusion=False, num_classes=3), projection_dim=16)),
+            lambda: {**_ids()(), "input_features": torch.randn(2, 1, 32, 32, generator=_gen())}),
+        "paligemma": (lambda: T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, projection_dim=32),
+            text_config=dict(model_type="gemma", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, head_dim=16),
+            image_token_index=63, projection_dim=32)),
+            lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
+                     "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(1))}),
+        "timesformer": (lambda: T.TimesformerForVideoClassification(T.TimesformerConfig(image_size=16, patch_size=8,
+            num_frames=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            num_labels=3)), lambda: {"pixel_values": torch.randn(2, 2, 3, 16, 16, generator=_gen())}),
         "clip": (lambda: T.CLIPModel(T.CLIPConfig(**text_vision)), both),
         "siglip": (lambda: T.SiglipModel(T.SiglipConfig(**text_vision)), both),
         "llava": (lambda: T.LlavaForConditionalGeneration(T.LlavaConfig(
@@ -268,13 +339,19 @@ def run_one(build, inputs) -> dict:
     torch.manual_seed(0)
     kwargs = inputs()
     dense = build().eval()  # the same steps as the compressed model's below, dense
+    outputs = []
     for how, run in (("eager", lambda m: m), ("under torch.compile (backend='aot_eager')",
                                               lambda m: torch.compile(m, backend="aot_eager"))):
         try:
-            _main_output(run(dense)(**kwargs)).float().square().mean().backward()
+            outputs.append(_main_output(run(dense)(**kwargs)).float())
+            outputs[-1].square().mean().backward()
         except Exception as err:  # noqa: BLE001 (the dense model itself: reported, not ours)
             return {"dense_fails": f"{how}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"}
     torch._dynamo.reset()
+    gap = (outputs[1] - outputs[0]).abs().max().item() if outputs[0].shape == outputs[1].shape else float("inf")
+    if gap > 1e-4 * max(1.0, outputs[0].abs().max().item()):
+        return {"dense_fails": f"under torch.compile: its output differs from eager by {gap:.3g}, so the compressed "
+                               "model's would too"}
     model = roastfx.compress(build().eval(), "4x", init="random", example_inputs=kwargs)
     eager = _main_output(model(**kwargs))
     eager.float().square().mean().backward()

@@ -213,6 +213,55 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.body(self.emb(ids))))
 
 
+class HeadFirstTiedLM(nn.Module):
+    """A tied LM whose head comes before its embedding in named_modules (XLM-RoBERTa's order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 40, bias=False)
+        self.body = nn.Linear(16, 16)
+        self.emb = nn.Embedding(40, 16)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+def test_tied_weight_is_laid_out_for_its_lookup_whichever_module_comes_first(monkeypatch):
+    """A weight tied between an embedding and a linear head is laid out as the table (the lookup reads whole
+    rows; the head reads the view transposed), also when the head comes first, so that both reads fuse and an
+    eager lookup reads only its rows; compiled equals eager."""
+    from test_fuse_roast_ops import record_uses
+
+    for cls in (TiedLM, HeadFirstTiedLM):
+        torch.manual_seed(0)
+        model = roastfx.compress(cls(), "2x", init="random")
+        tied = [s for s in roastfx.roast_state(model).plan.sites if "emb.weight" in s.bindings]
+        assert [(s.op, s.transposed, s.other_ops) for s in tied] == [("embedding", False, ("linear",))], cls
+        ids = torch.tensor([[1, 5, 39], [0, 7, 7]])
+        state = roastfx.roast_state(model)
+        rows = state.rows
+        looked_up = []
+        def recording(self, *args, **kwargs):
+            looked_up.append(rows(*args, **kwargs))
+            return looked_up[-1]
+
+        monkeypatch.setattr(type(state), "rows", recording)
+        eager = model(ids)
+        assert looked_up and all(r is not None for r in looked_up), "the eager lookup read the whole table"
+        monkeypatch.undo()
+        eager.square().mean().backward()
+        grad = model.roast_memory.grad.clone()
+        model.zero_grad()
+        torch._dynamo.reset()
+        uses = record_uses(monkeypatch)
+        compiled = torch.compile(model, backend="roast")(ids)
+        compiled.square().mean().backward()
+        assert [u.fused for u in uses] == [True, True, True], uses
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(model.roast_memory.grad, grad)
+
+
 def test_tying_again_is_a_no_op_and_other_assignments_are_errors():
     """head.weight = emb.weight on a compressed tied model (what transformers' tie_weights does) changes
     nothing; assigning another site's weight or a fresh tensor is an error; get_parameter names a compressed
