@@ -99,8 +99,17 @@ def _per_channel(graph, flat, dims: int):
     return _example(graph.call_method("reshape", (flat, (1, -1) + (1,) * dims)))
 
 
+def _in_dtype(graph, node, dtype):
+    """``node`` cast to ``dtype`` (None: as it is). Under autocast the op's output is in a lower precision than
+    g and the bias, and multiplying by them would promote it: eager's op gives its own dtype."""
+    if dtype is None or getattr(node.meta.get("example_value"), "dtype", None) == dtype:
+        return node
+    return _example(graph.call_method("to", (node, dtype)))
+
+
 def _rewritten(graph, user, v, scale, whole: bool):
     """The nodes computing ``user``'s output from ``v`` with the weight norm's ``scale`` moved out of it."""
+    dtype = getattr(user.meta.get("example_value"), "dtype", None)
     args, kwargs = list(user.args), dict(user.kwargs)
     args[1] = v
     kwargs.pop("weight", None)
@@ -114,6 +123,8 @@ def _rewritten(graph, user, v, scale, whole: bool):
     else:
         kwargs.pop("bias", None)
     out = _call(graph, user.target, tuple(args), kwargs, like=user)
+    scale = _in_dtype(graph, scale, dtype)
+    bias = None if bias is None else _in_dtype(graph, bias, dtype)
     dims = _CONV.get(user.target)
     if dims is None:  # linear: features are the output's last dim
         out = _call(graph, torch.mul, (out, scale), like=user)

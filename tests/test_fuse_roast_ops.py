@@ -1229,6 +1229,25 @@ def test_weight_norm_over_a_site_fuses(inner, monkeypatch):
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_weight_norm_split_keeps_the_ops_dtype_under_autocast():
+    """Under autocast the op computes in bfloat16 while g and the bias stay float32: the split multiplies in
+    the op's dtype, so the compiled model's outputs have eager's dtypes (not promoted to float32)."""
+    torch.manual_seed(0)
+    model = roastfx.compress(_WeightNormed(), "2x", init="random")
+    x, y = torch.randn(2, 4, 5), torch.randn(2, 2, 6, 6)
+    compiled = torch.compile(model, backend="roast")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = (model.head(torch.tanh(model.lin(model.up(torch.relu(model.conv(x)))))), model.conv2(y))
+        parts = torch.compile(lambda x, y: (model.head(torch.tanh(model.lin(model.up(torch.relu(model.conv(x)))))),
+                                            model.conv2(y)), backend="roast")(x, y)
+        total = compiled(x, y)
+    assert [p.dtype for p in parts] == [e.dtype for e in eager] == [torch.bfloat16] * 2
+    for p, e in zip(parts, eager):
+        torch.testing.assert_close(p.float(), e.float(), rtol=0.05, atol=0.02)
+    total.backward()
+    assert model.roast_memory.grad is not None and model.roast_memory.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("case", ["per tap", "site grad scaling"])
 def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(case, monkeypatch):
     """A norm per kernel tap (dim=2, Wav2Vec2's) scales inside the conv's reduction, and site gradient scaling
