@@ -64,6 +64,8 @@ def cases() -> dict:
                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
                pad_token_id=0, decoder_start_token_id=0)
     dec = lambda: {**_ids()(), "decoder_input_ids": _ids(5)()["input_ids"]}  # noqa: E731
+    vis = dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64)
     return {
         # decoder-only language models
         "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(**lm, ffn_dim=64, word_embed_proj_dim=32)), _ids()),
@@ -310,6 +312,44 @@ def cases() -> dict:
         "timesformer": (lambda: T.TimesformerForVideoClassification(T.TimesformerConfig(image_size=16, patch_size=8,
             num_frames=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
             num_labels=3)), lambda: {"pixel_values": torch.randn(2, 2, 3, 16, 16, generator=_gen())}),
+        # added 2026-12-07 (third batch)
+        "git": (lambda: T.GitForCausalLM(T.GitConfig(vision_config=vis, **lm, num_image_with_embedding=None)),
+                lambda: {**_ids()(), "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen())}),
+        "blip-2": (lambda: T.Blip2ForConditionalGeneration(T.Blip2Config(
+            vision_config=vis, qformer_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32),
+            text_config=dict(model_type="opt", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64),
+            num_query_tokens=4, image_token_index=63)),
+            lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
+                     "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(1))}),
+        "kosmos2": (lambda: T.Kosmos2ForConditionalGeneration(T.Kosmos2Config(
+            text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=64,
+                             max_position_embeddings=64),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64), latent_query_num=4)),
+            lambda: {**_ids(8)(), "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen()),
+                     "image_embeds_position_mask": torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]] * 2).bool()}),
+        "idefics3": (lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64),
+            text_config=dict(model_type="llama", **lm, pad_token_id=0), image_token_id=63, scale_factor=1)),
+            lambda: {"input_ids": torch.cat([torch.full((1, 4), 63), _ids(5)()["input_ids"][:1] % 60], 1),
+                     "pixel_values": torch.randn(1, 1, 3, 16, 16, generator=_gen(1))}),
+        "gemma3-mm": (lambda: T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64),
+            text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, head_dim=16, sliding_window=8),
+            mm_tokens_per_image=4, image_token_index=63, boi_token_index=61, eoi_token_index=62)),
+            lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
+                     "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(1))}),
+        "fastspeech2": (lambda: T.FastSpeech2ConformerModel(T.FastSpeech2ConformerConfig(vocab_size=64,
+            hidden_size=32, encoder_layers=1, decoder_layers=1, encoder_num_attention_heads=2,
+            decoder_num_attention_heads=2, num_mel_bins=8, speech_decoder_postnet_units=16,
+            speech_decoder_postnet_layers=2, duration_predictor_channels=16, pitch_predictor_channels=16,
+            energy_predictor_channels=16, encoder_linear_units=64, decoder_linear_units=64,
+            positionwise_conv_kernel_size=3)), lambda: {"input_ids": torch.randint(1, 64, (1, 7), generator=_gen())}),
         "clip": (lambda: T.CLIPModel(T.CLIPConfig(**text_vision)), both),
         "siglip": (lambda: T.SiglipModel(T.SiglipConfig(**text_vision)), both),
         "llava": (lambda: T.LlavaForConditionalGeneration(T.LlavaConfig(
