@@ -41,18 +41,19 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .split_weight_norm import split_weight_norm
-from .weight_reads import (einsum_as_matmul, einsum_blocks, example_shape, final_users, gathered_read, grouped_read,
-                           is_chain_step, is_materialize, op_name, reads_memory, weight_read)
+from .weight_reads import (CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, einsum_as_matmul, einsum_blocks, example_shape,
+                           final_users, gathered_read, grouped_read, is_chain_step, is_materialize, op_name,
+                           reads_memory, weight_read)
 
 log = logging.getLogger("roastfx")
 
-_LINEAR = {torch._C._nn.linear, F.linear}
+_LINEAR = LINEAR_OPS
 _MATMUL = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
 _MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
 _ADDMM = {torch.addmm}
 _EINSUM = {torch.einsum}
-_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # F.conv1d/2d/3d are these same functions
-_CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}  # F.* too
+_CONV = CONV_OPS
+_CONV_TRANSPOSE = CONV_TRANSPOSE_OPS
 _EMBEDDING = {F.embedding}
 _EMBEDDING_BAG = {F.embedding_bag}
 

@@ -22,11 +22,10 @@ import torch
 
 from roastfx.codegen.ops import weight_norm_scale
 
+from .weight_reads import CONV_OPS as _CONV
+from .weight_reads import CONV_TRANSPOSE_OPS as _CONV_TRANSPOSE
+from .weight_reads import LINEAR_OPS as _LINEAR
 from .weight_reads import weight_read
-
-_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-_CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
 
 
 def _is_weight_norm(node) -> bool:

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+# the consumers in dynamo's graph that read a weight as a GEMM operand (F.conv1d/2d/3d and F.conv_transpose*
+# are these same functions), with their spatial dims
+LINEAR_OPS = {torch._C._nn.linear, torch.nn.functional.linear}
+CONV_OPS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+CONV_TRANSPOSE_OPS = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
+
 _RESHAPE = {"reshape", "view", "squeeze"}  # squeezing size-1 dims is a reshape
 _TRANSPOSE = {"t", "transpose", "permute", "T", "mT"}
 _BROADCAST = {"expand", "unsqueeze"}

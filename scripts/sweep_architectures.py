@@ -37,6 +37,13 @@ def _wave():
     return {"input_values": torch.randn(2, 400, generator=torch.Generator().manual_seed(0))}
 
 
+def _with_image_tokens(batch=2, tokens=4, image_token=63):
+    """Inputs of a vision-language model: ``tokens`` image placeholder ids before 5 text ids, and the images."""
+    return lambda: {"input_ids": torch.cat([torch.full((batch, tokens), image_token),
+                                            _ids(5)()["input_ids"][:batch] % 60], 1),
+                    "pixel_values": torch.randn(batch, 3, 16, 16, generator=_gen(1))}
+
+
 def _patches():
     """Pix2Struct's flattened patches: (row, column) of each patch (from 1), then its 48 pixel values."""
     patches = torch.randn(2, 6, 50, generator=_gen())
@@ -307,8 +314,7 @@ def cases() -> dict:
             text_config=dict(model_type="gemma", vocab_size=64, hidden_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, head_dim=16),
             image_token_index=63, projection_dim=32)),
-            lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
-                     "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(1))}),
+            _with_image_tokens()),
         "timesformer": (lambda: T.TimesformerForVideoClassification(T.TimesformerConfig(image_size=16, patch_size=8,
             num_frames=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
             num_labels=3)), lambda: {"pixel_values": torch.randn(2, 2, 3, 16, 16, generator=_gen())}),
@@ -321,8 +327,7 @@ def cases() -> dict:
             text_config=dict(model_type="opt", vocab_size=64, hidden_size=32, num_hidden_layers=1,
                 num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64),
             num_query_tokens=4, image_token_index=63)),
-            lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
-                     "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(1))}),
+            _with_image_tokens()),
         "kosmos2": (lambda: T.Kosmos2ForConditionalGeneration(T.Kosmos2Config(
             text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=64,
                              max_position_embeddings=64),
@@ -342,8 +347,7 @@ def cases() -> dict:
             text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              num_key_value_heads=1, intermediate_size=64, head_dim=16, sliding_window=8),
             mm_tokens_per_image=4, image_token_index=63, boi_token_index=61, eoi_token_index=62)),
-            lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
-                     "pixel_values": torch.randn(2, 3, 16, 16, generator=_gen(1))}),
+            _with_image_tokens()),
         "fastspeech2": (lambda: T.FastSpeech2ConformerModel(T.FastSpeech2ConformerConfig(vocab_size=64,
             hidden_size=32, encoder_layers=1, decoder_layers=1, encoder_num_attention_heads=2,
             decoder_num_attention_heads=2, num_mel_bins=8, speech_decoder_postnet_units=16,
@@ -356,8 +360,7 @@ def cases() -> dict:
             vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=8, hidden_size=32,
                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
             text_config=dict(model_type="llama", **lm), image_token_index=63, vision_feature_layer=-1)),
-                  lambda: {"input_ids": torch.cat([torch.full((2, 4), 63), _ids(5)()["input_ids"] % 60], 1),
-                           "pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}),
+                  _with_image_tokens()),
     }
 
 
