@@ -242,18 +242,42 @@ def _(x, memory, mapping, scale, output_size, kernel, stride, padding, dilation,
 @torch.library.custom_op("roastfx::conv_grad_input", mutates_args=())
 def _conv_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
                        input_size: list[int], kernel: list[int], stride: list[int], padding: list[int],
-                       dilation: list[int], groups: int, transposed: bool = False) -> torch.Tensor:
+                       dilation: list[int], groups: int, transposed: bool = False,
+                       row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """C's input gradient (``input_size``, grad's dtype) for its output gradient ``grad`` (with
-    ``transposed``, the transposed conv's forward) (triton_conv.roast_conv_grad_input)."""
+    ``transposed``, the transposed conv's forward; with the fp32 ``row_scale``, C's view rows scaled as in
+    roast_conv_row_scaled) (triton_conv.roast_conv_grad_input)."""
     from .triton_conv import roast_conv_grad_input
 
     return roast_conv_grad_input(grad, memory.reshape(-1), _mapping(mapping), scale, grad.new_empty(input_size),
-                                   kernel, stride, padding, dilation, groups=groups, transposed=transposed)
+                                   kernel, stride, padding, dilation, groups=groups, transposed=transposed,
+                                   row_scale=row_scale)
 
 
 @_conv_grad_input.register_fake
-def _(grad, memory, mapping, scale, input_size, kernel, stride, padding, dilation, groups, transposed=False):
+def _(grad, memory, mapping, scale, input_size, kernel, stride, padding, dilation, groups, transposed=False,
+      row_scale=None):
     return grad.new_empty(input_size)
+
+
+@torch.library.custom_op("roastfx::conv_row_scaled_grad_memory", mutates_args=())
+def _conv_row_scaled_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory: torch.Tensor, mapping: list[int],
+                                 scale: float, row_scale: torch.Tensor, kernel: list[int], stride: list[int],
+                                 padding: list[int], dilation: list[int],
+                                 groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dMemory in memory's dtype, d(row_scale) in fp32) of roast_conv_row_scaled on the Triton path
+    (triton_conv.roast_conv_row_scaled_grad_memory)."""
+    from .triton_conv import roast_conv_row_scaled_grad_memory
+
+    grad_memory, grad_rows = roast_conv_row_scaled_grad_memory(x, grad, memory.reshape(-1), _mapping(mapping), scale,
+                                                               row_scale, kernel, stride, padding, dilation,
+                                                               groups=groups)
+    return grad_memory.to(memory.dtype).reshape(memory.shape), grad_rows
+
+
+@_conv_row_scaled_grad_memory.register_fake
+def _(x, grad, memory, mapping, scale, row_scale, kernel, stride, padding, dilation, groups):
+    return torch.empty_like(memory), torch.empty_like(row_scale)
 
 
 @torch.library.custom_op("roastfx::conv_grad_memory", mutates_args=())
@@ -313,6 +337,121 @@ def _dense_conv_backward(xb, gb, memory, mapping, scale, conv, need_x, need_memo
 
 
 roast_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# -- a conv whose weight's slices are scaled: weight norm over a dim inside the reduction -----------------
+def _check_row_scale(row_scale: torch.Tensor, mapping: list[int]) -> None:
+    if row_scale.dim() != 1 or row_scale.shape[0] != mapping[0] or not row_scale.is_floating_point():
+        raise ValueError(f"row_scale must be a floating (in/groups * kernel size,) = ({mapping[0]},) tensor, one "
+                         f"value per row of the weight's view, got {row_scale.dtype} {tuple(row_scale.shape)}")
+
+
+def row_scaled_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+                    dilation=1, groups: int = 1, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.conv1d/2d/3d`` (by the weight's dims, same arguments) of the weight with each (input channel,
+    kernel tap) slice ``weight[:, c, *tap]`` multiplied by ``row_scale[c * taps + tap]``: what
+    passes/split_weight_norm.py writes for weight norm over a dim inside the conv's reduction, in torch ops
+    (the dense meaning). passes/fuse_roast_ops.py turns it into ``roastfx::roast_conv_row_scaled`` when the
+    weight is a site's read."""
+    scaled = weight * row_scale.reshape(1, *weight.shape[1:]).to(weight.dtype)
+    return _CONV[weight.dim() - 2](input, scaled, bias, stride, padding, dilation, groups)
+
+
+def weight_norm_row_scale(g: torch.Tensor, row_sumsq: torch.Tensor, weight_shape: list[int], dim: int) -> torch.Tensor:
+    """``g / norm`` of ``torch._weight_norm(v, g, dim)`` for a conv weight v of ``weight_shape`` (out,
+    in/groups, *kernel) and 1 <= dim < len(weight_shape), given the squared norms of the rows of v's B view
+    (one per (input channel, kernel tap), summed over the output channels): one factor per view row, flat,
+    in g's dtype."""
+    inner = list(weight_shape[1:])
+    sums = row_sumsq.reshape(inner).sum([i for i in range(len(inner)) if i != dim - 1])
+    factor = g.reshape(-1).to(sums.dtype) / sums.sqrt()
+    shape = [1] * len(inner)
+    shape[dim - 1] = -1
+    return factor.reshape(shape).expand(inner).reshape(-1).to(g.dtype)
+
+
+@torch.library.custom_op("roastfx::roast_conv_row_scaled", mutates_args=())
+def roast_conv_row_scaled(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale: float,
+                          row_scale: torch.Tensor, bias: torch.Tensor | None, kernel: list[int], stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """``roast_conv`` whose weight is (V * row_scale[:, None])^T reshaped: row r = (input channel, kernel tap)
+    of the B view scaled by ``row_scale[r]``. Weight norm over a dim other than the output channels
+    (Wav2Vec2's positional conv normalizes per kernel tap) scales the weight along the conv's reduction, so
+    the scale cannot move out of the op; here the Triton kernels multiply each B row by its scale as they
+    read it (forward, dX), and the memory gradient's kernel also returns the scale's gradient
+    (triton_conv.py). Always the implicit kernels on the Triton path (ROASTFX_CONV=im2col included); the
+    reference path materializes the scaled weight."""
+    _check_dims("roast_conv_row_scaled", kernel, stride, padding, dilation)
+    _check_row_scale(row_scale, mapping)
+    if not use_triton(x):
+        view = gather_view(memory, _mapping(mapping), scale) * row_scale[:, None]
+        weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
+        return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups).contiguous()
+    _kernels()
+    from .triton_conv import roast_conv_forward
+
+    xb = _batched(x, kernel)
+    x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
+    spatial = [_conv_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, d2)]
+    y = torch.empty((x2.shape[0], mapping[1], *spatial), device=x.device, dtype=x.dtype)
+    roast_conv_forward(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias,
+                       row_scale=row_scale.float().contiguous())
+    y = y.squeeze(2) if len(kernel) == 1 else y
+    return y if xb is x else y.squeeze(0)
+
+
+@roast_conv_row_scaled.register_fake
+def _(x, memory, mapping, scale, row_scale, bias, kernel, stride, padding, dilation, groups):
+    spatial = [_conv_out_size(*a) for a in zip(x.shape[-len(kernel):], kernel, stride, padding, dilation)]
+    return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1], *spatial))
+
+
+def _row_scaled_setup(ctx, inputs, output):
+    x, memory, mapping, scale, row_scale, bias, kernel, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, memory, row_scale)
+    ctx.site = (mapping, scale)
+    ctx.conv = (kernel, stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _row_scaled_backward(ctx, grad):
+    x, memory, row_scale = ctx.saved_tensors
+    mapping, scale = ctx.site
+    kernel, stride, padding, dilation, groups = ctx.conv
+    need_x, need_memory, need_rows = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+    xb, gb = _batched(x, kernel), _batched(grad, kernel)
+    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
+    grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
+    grad_x = grad_memory = grad_rows = None
+    if use_triton(x):
+        _kernels()
+        x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
+        g2 = (gb.unsqueeze(2) if len(kernel) == 1 else gb).to(xb.dtype)
+        rows = row_scale.float().contiguous()
+        if need_x:
+            grad_x = torch.ops.roastfx.conv_grad_input(g2, memory, mapping, scale, list(x2.shape), k2, s2, p2, d2,
+                                                       groups, False, rows)
+        if need_memory or need_rows:
+            grad_memory, grad_rows = torch.ops.roastfx.conv_row_scaled_grad_memory(x2, g2, memory, mapping, scale,
+                                                                                   rows, k2, s2, p2, d2, groups)
+    else:
+        view = materialize(memory, mapping, scale)
+        weight = _conv_weight(view * row_scale[:, None], xb.shape[1] // groups, kernel, xb.dtype)
+        grad_x, grad_w = torch.ops.roastfx.conv_dense_grads(xb, gb, weight, list(stride), list(padding),
+                                                            list(dilation), groups, need_x, need_memory or need_rows)
+        grad_x = grad_x if need_x else None
+        if need_memory or need_rows:
+            grad_view = grad_w.reshape(grad_w.shape[0], -1).t().to(view.dtype)
+            grad_rows = (grad_view * view).sum(1)
+            grad_memory = _memory_grad_op(grad_view * row_scale[:, None].to(view.dtype), mapping, scale,
+                                          memory.numel())
+    grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
+    grad_memory = grad_memory.to(memory.dtype).reshape(memory.shape) if need_memory else None
+    grad_rows = grad_rows.to(row_scale.dtype) if need_rows else None
+    return grad_x, grad_memory, None, None, grad_rows, grad_bias, None, None, None, None, None
+
+
+roast_conv_row_scaled.register_autograd(_row_scaled_backward, setup_context=_row_scaled_setup)
 
 
 # -- a conv followed by a generated epilogue -------------------------------------------------------------

@@ -19,7 +19,7 @@ from .hashing import PRIME, TileHash
 from . import runs
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
-__all__ = ["materialize", "slice_sumsq", "weight_norm_scale", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv",
+__all__ = ["materialize", "slice_sumsq", "weight_norm_scale", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv", "roast_conv_row_scaled",
            "embedding_bag_of_rows", "mapping_args", "use_triton"]
 
 
@@ -518,4 +518,4 @@ def embedding_bag_of_rows(rows: torch.Tensor, ids: torch.Tensor, offsets: torch.
                                              include_last_offset=include_last_offset)
 
 
-from .conv import roast_conv, roast_conv_transpose  # noqa: E402,F401 (registers the conv ops, built on the above)
+from .conv import roast_conv, roast_conv_row_scaled, roast_conv_transpose  # noqa: E402,F401 (registers the conv ops, built on the above)

@@ -62,7 +62,7 @@ def output_pixels(offs_m, OD, OH, OW):
 
 @triton.jit
 def roast_conv_block(
-    x_ptr, mem_ptr, M, N, R,
+    x_ptr, mem_ptr, rs_ptr, M, N, R,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
     tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
@@ -70,12 +70,14 @@ def roast_conv_block(
     VIEW_IS_B: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr, EVEN_R: tl.constexpr = False, EVEN_N: tl.constexpr = False,
+    ROW_SCALED: tl.constexpr = False,
 ):
     """This program's fp32 (BLOCK_M pixels, BLOCK_N channels) block of group program_id(1)'s conv (N output
     and R / (KD * KH * KW) input channels per group), and the block's coordinates: image, od, oh, ow per
     row, the output channel (across groups) per column. The conv kernels generated per epilogue run this
     main loop. EVEN_R / EVEN_N: R and N are multiples of BLOCK_R and BLOCK_N (`triton_matmul.even_flags`), so
-    the loads need no mask along them (the input's padding masks stay)."""
+    the loads need no mask along them (the input's padding masks stay). ROW_SCALED: row r of the view is
+    multiplied by the fp32 ``rs_ptr[r]`` as it is read (weight norm per kernel tap or input channel)."""
     # rows (output pixels) and their coordinates in int32 (the host checks that they fit); only the
     # addresses are int64
     pid_m, pid_n = grouped_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -115,6 +117,8 @@ def roast_conv_block(
         w = roast_b_tile(mem_ptr, r0, offs_t, o0 + offs_n, mask_r, mask_n, hterm, intile, sterm, ct,
                          tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col,
                          hd, VIEW_IS_B, BLOCK_R, BLOCK_SPLIT, sbase, hbase if BLOCK_SPLIT > 0 else None, omagic)
+        if ROW_SCALED:
+            w = w * tl.load(rs_ptr + offs_r, mask=mask_r, other=0.0)[:, None]
         acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
         sbase, hbase = advance_bases(sbase, hbase, sstep, hstep)
     channel = (o0 + offs_n).to(tl.int64)
@@ -158,6 +162,18 @@ def conv_geometry(x: torch.Tensor, mapping: TileHash, out: torch.Tensor, kernel,
     return out.shape[0] * out.shape[2] * out.shape[3] * out.shape[4], cols // groups, R
 
 
+def check_row_scale(row_scale: torch.Tensor | None, mapping: TileHash, view_is_b: bool, x: torch.Tensor) -> None:
+    """A per-row scale of a conv's B view must be fp32, contiguous, one value per view row, on x's device."""
+    if row_scale is None:
+        return
+    if not view_is_b:
+        raise ValueError("a row scale applies to a conv's B view only, not to a transposed conv's view")
+    if row_scale.dtype != torch.float32 or row_scale.shape != (mapping.rows,) or not row_scale.is_contiguous() \
+            or row_scale.device != x.device:
+        raise ValueError(f"row_scale must be a contiguous float32 ({mapping.rows},) tensor on {x.device} (one value "
+                         f"per view row), got {row_scale.dtype} {tuple(row_scale.shape)} on {row_scale.device}")
+
+
 def conv_args(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation) -> tuple:
     """The geometry arguments ``roast_conv_block`` takes after R (through the input's strides), 5-D."""
     return (*x.shape[2:], *out.shape[2:], *kernel, *stride, *padding, *dilation, *x.stride())
@@ -165,11 +181,13 @@ def conv_args(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilat
 
 def roast_conv_forward(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float, out: torch.Tensor,
                        kernel, stride, padding, dilation, groups: int = 1, bias: torch.Tensor | None = None,
-                       config=None, view_is_b: bool = True) -> torch.Tensor:
+                       config=None, view_is_b: bool = True,
+                       row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Write into ``out`` the conv2d (4-D tensors) or conv3d (5-D) of ``x`` with ``groups`` groups and the
     weight V^T reshaped, V = the (in/groups * kernel size, out) view ``mapping`` reads from the memory, plus
     ``bias`` (out,) if given. ``view_is_b=False``: W = V reshaped, V being a transposed conv's (out,
-    in/groups * kernel size) view (the conv in the transposed conv's backward). Returns ``out``.
+    in/groups * kernel size) view (the conv in the transposed conv's backward). ``row_scale``: V's row r
+    multiplied by ``row_scale[r]`` (`check_row_scale`). Returns ``out``.
 
     The kernel is the generated conv kernel (triton_epilogue.py) whose epilogue adds the bias as a
     per-channel vector, or has no step without one."""
@@ -181,13 +199,13 @@ def roast_conv_forward(x: torch.Tensor, memory: torch.Tensor, mapping: TileHash,
     epilogue = Epilogue.parse("add:x0" if bias is not None else "")
     extras = [bias.reshape(-1, *[1] * (out.dim() - 2))] if bias is not None else []
     return roast_conv_epilogue(x, memory, mapping, scale, out, kernel, stride, padding, dilation, epilogue, extras,
-                               groups=groups, config=config, view_is_b=view_is_b)
+                               groups=groups, config=config, view_is_b=view_is_b, row_scale=row_scale)
 
 
 # -- backward ----------------------------------------------------------------------------------------------
 @triton.jit
 def _roast_conv_grad_memory_kernel(
-    x_ptr, g_ptr, grad_ptr, contrib_ptr, sumsq_ptr,
+    x_ptr, g_ptr, grad_ptr, contrib_ptr, sumsq_ptr, mem_ptr, rs_ptr, rs_grad_ptr,
     M, k_start, k_end, N, N_TOTAL, R,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw, stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
@@ -196,12 +214,15 @@ def _roast_conv_grad_memory_kernel(
     a_row, a_col, hb, c_row, c_col, hd,
     DETERMINISTIC: tl.constexpr, SUMSQ: tl.constexpr, VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROW_SCALED: tl.constexpr = False,
 ):
     """dV = im2col(x)^T @ dY, the im2col tiles read from x in place: a program owns a (BLOCK_K reduction
     indices in [k_start, k_end), BLOCK_N output channels) block of one group's columns of dV (N per group,
     N_TOTAL in all) and reduces over all M output pixels; with VIEW_TRANSPOSED dV is stored into the view
-    transposed (a transposed conv's view)."""
+    transposed (a transposed conv's view). ROW_SCALED (a conv whose view row r is multiplied by ``rs_ptr[r]``,
+    `roast_conv_block`): the block is dV_scaled = G * rs[r] with G = im2col(x)^T @ dY, and the program also
+    writes its part of d(rs)[r] = sum over its columns of G * V (V read from ``mem_ptr`` at the block's
+    slots, times ``scale``) to row program_id(1) of the (column programs, R) ``rs_grad_ptr``."""
     n_blocks = tl.cdiv(N, BLOCK_N)
     group = tl.program_id(1) // n_blocks
     c0 = group * (R // (KD * KH * KW))
@@ -227,6 +248,13 @@ def _roast_conv_grad_memory_kernel(
             a_t = a_t.to(tl.float32)
             c = c.to(tl.float32)
         acc = tl.dot(a_t, c, acc, input_precision=PRECISION)
+    if ROW_SCALED:
+        view = roast_view_values(mem_ptr, offs_k[:, None], (o0 + offs_n)[None, :], mask_k[:, None] & mask_n[None, :],
+                                 tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb,
+                                 c_row, c_col, hd)
+        tl.store(rs_grad_ptr + tl.program_id(1).to(tl.int64) * R + offs_k, tl.sum(view * acc, axis=1) * scale,
+                 mask=mask_k)
+        acc = acc * tl.load(rs_ptr + offs_k, mask=mask_k, other=0.0)[:, None]
     grad_memory_store(acc, offs_k.to(tl.int64), (o0 + offs_n).to(tl.int64), mask_k, mask_n, k_start, N_TOTAL,
                       grad_ptr, contrib_ptr, sumsq_ptr, scale, tile_rows, tile_cols, alignment, window_start,
                       offset_range, a_row, a_col, hb, c_row, c_col, hd, DETERMINISTIC, SUMSQ, VIEW_TRANSPOSED, BLOCK_K,
@@ -235,14 +263,14 @@ def _roast_conv_grad_memory_kernel(
 
 @triton.jit
 def roast_transposed_conv_block(
-    g_ptr, mem_ptr, M, N, OC,
+    g_ptr, mem_ptr, rs_ptr, M, N, OC,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_gn, stride_gc, stride_gd, stride_gh, stride_gw,
     tile_rows: tl.constexpr, tile_cols: tl.constexpr, alignment: tl.constexpr, window_start, offset_range,
     a_row, a_col, hb, c_row, c_col, hd,
     VIEW_TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROW_SCALED: tl.constexpr = False,
 ):
     """A conv's dX, which is the transposed conv of its output gradient: this program's fp32 block for group
     program_id(1) (N input and OC output channels of the conv per group), an implicit GEMM over the conv's
@@ -256,6 +284,8 @@ def roast_transposed_conv_block(
     phases, then tiles): pixel (id, ih, iw) = (qd * SD + pd, qh * SH + ph, qw * SW + pw), M = images * QD *
     QH * QW rows per phase. A tap reaches the pixels of one phase from whole output pixels or from none, so a
     program skips every tap that does not match its phase: a stride-2 2-D conv runs a quarter of the taps.
+    ROW_SCALED (a conv's B view, not VIEW_TRANSPOSED): view row c * taps + tap is multiplied by the fp32
+    ``rs_ptr[c * taps + tap]`` as it is read, as `roast_conv_block` does.
     Returns the block and its coordinates as ``roast_conv_block`` does: channel (across groups) per column,
     image, id, ih, iw per row (int64)."""
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -296,6 +326,8 @@ def roast_transposed_conv_block(
             # this tap's view rows (or columns) are B's free axis: their mapping terms, once per tap
             hterm, intile, sterm = view_free_terms(view_row, VIEW_TRANSPOSED, tile_rows, tile_cols, a_row, a_col,
                                                    hb, c_row, c_col, hd)
+            if ROW_SCALED:
+                row_scale = tl.load(rs_ptr + view_row, mask=mask_n, other=0.0)
             for oc0 in range(0, OC, BLOCK_R):
                 oc = oc0 + offs_t
                 mask_oc = oc < OC
@@ -314,6 +346,8 @@ def roast_transposed_conv_block(
                     w = roast_view_values(mem_ptr, view_row[None, :], (o0 + oc)[:, None], mask_w, tile_rows,
                                           tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row,
                                           c_col, hd, omagic)
+                if ROW_SCALED:
+                    w = w * row_scale[None, :]
                 acc = accumulate_dot(acc, a, w, PRECISION, DOT_IN_FP32)
     channel = (c0 + offs_n).to(tl.int64)
     return (acc, channel, mask_m, mask_n, image.to(tl.int64), i_d.to(tl.int64), ih.to(tl.int64),
@@ -328,12 +362,13 @@ def _check_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
 
 def roast_conv_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: TileHash, scale: float,
                           dx: torch.Tensor, kernel, stride, padding, dilation, groups: int = 1, config=None,
-                          transposed: bool = False) -> torch.Tensor:
+                          transposed: bool = False, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Write into ``dx`` the input gradient of the conv2d/conv3d that ``roast_conv_forward`` computes, for its
     output gradient ``grad``: one implicit GEMM over dx's pixels, all groups in one launch; neither the
     columns of dY nor the weight is built. ``transposed``: the conv's weight view is the mapping's view
     transposed; this is then the forward of the transposed conv whose (in, out/groups * kernel size) view the
-    mapping reads, ``grad`` its input and ``dx`` its output. Returns ``dx``.
+    mapping reads, ``grad`` its input and ``dx`` its output. ``row_scale``: the conv's, as in
+    `roast_conv_forward`. Returns ``dx``.
 
     The kernel is the generated transposed-conv kernel (triton_epilogue.py) with no epilogue step."""
     from .epilogue import Epilogue
@@ -342,7 +377,7 @@ def roast_conv_grad_input(grad: torch.Tensor, memory: torch.Tensor, mapping: Til
     _check_grad(dx, grad)
     return roast_transposed_conv_epilogue(grad, memory, mapping, scale, dx, kernel, stride, padding, dilation,
                                           Epilogue.parse(""), (), groups=groups, config=config,
-                                          view_transposed=transposed)
+                                          view_transposed=transposed, row_scale=row_scale)
 
 
 def roast_conv_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int, mapping: TileHash, scale: float,
@@ -355,28 +390,62 @@ def roast_conv_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory_size: int
     reduction); ``transposed``: into the mapping's view transposed (a transposed conv's memory gradient,
     ``x`` being its output gradient and ``grad`` its input). Returns (gradient, the float64 sum of dV's
     squares when ``sumsq``, else None)."""
+    grad_memory, squares, _ = _grad_memory(x, grad, memory_size, mapping, scale, (kernel, stride, padding, dilation),
+                                           groups, deterministic, sumsq, config, transposed)
+    return grad_memory, squares
+
+
+def roast_conv_row_scaled_grad_memory(x: torch.Tensor, grad: torch.Tensor, memory: torch.Tensor, mapping: TileHash,
+                                      scale: float, row_scale: torch.Tensor, kernel, stride, padding, dilation,
+                                      groups: int = 1, deterministic: bool | None = None,
+                                      config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``roast_conv_forward(x, .., row_scale=row_scale)`` for its output gradient ``grad``:
+    (the fp32 memory gradient, sent as `roast_conv_grad_memory` sends it, of dV_scaled = G * row_scale[r]
+    with G = im2col(x)^T @ dY; the fp32 gradient of ``row_scale``, d[r] = sum over the view's row r of
+    G * V). The kernel writes d's part per column program; torch adds them (the same order on every run)."""
+    check_row_scale(row_scale, mapping, True, x)
+    grad_memory, _, parts = _grad_memory(x, grad, memory.numel(), mapping, scale, (kernel, stride, padding, dilation),
+                                         groups, deterministic, False, config, False, memory.reshape(-1), row_scale)
+    return grad_memory, sum(part.sum(0) for part in parts)
+
+
+def _grad_memory(x, grad, memory_size, mapping, scale, geometry, groups, deterministic, sumsq, config, transposed,
+                 memory=None, row_scale=None):
     from .triton_matmul import dot_in_fp32, dot_precision, run_grad_memory
 
     _check_grad(x, grad)
-    x5, grad5, kernel, stride, padding, dilation = as_3d(x, grad, kernel, stride, padding, dilation)
+    x5, grad5, kernel, stride, padding, dilation = as_3d(x, grad, *geometry)
     M, N, R = conv_geometry(x5, mapping, grad5, kernel, groups, transposed)
+    parts = []  # with a row scale, per launch of the last run: (column programs, R) parts of its gradient
 
     def columns(cfg):  # program axis 1: the column blocks of every group
         return triton.cdiv(N, cfg.block_n) * groups
 
     def launch(cfg, k_start, k_end, grad_memory, contrib, partial, deterministic):
         programs = (triton.cdiv(k_end - k_start, cfg.block_m), columns(cfg))
+        rs_grad = grad_memory
+        if row_scale is not None:
+            if k_start == 0:  # a run (the timed first chunk, or all chunks) starts again
+                parts.clear()
+            rs_grad = torch.zeros((programs[1], R), device=x.device, dtype=torch.float32)
+            parts.append(rs_grad)
         return _roast_conv_grad_memory_kernel[programs](
             x5, grad5, grad_memory, contrib, partial if partial is not None else grad_memory,
+            memory if memory is not None else grad_memory, row_scale if row_scale is not None else grad_memory,
+            rs_grad,
             M, k_start, k_end, N, N * groups, R, *conv_args(x5, grad5, kernel, stride, padding, dilation),
             *grad5.stride(), float(scale), *hash_args(mapping),
             DETERMINISTIC=deterministic, SUMSQ=partial is not None, VIEW_TRANSPOSED=transposed,
             PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_k,
-            BLOCK_SPLIT=block_split(mapping, not transposed, cfg.block_m, k_start),
+            BLOCK_SPLIT=block_split(mapping, not transposed, cfg.block_m, k_start), ROW_SCALED=row_scale is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    return run_grad_memory("roast_conv_grad_memory", _roast_conv_grad_memory_kernel, launch, x, M, memory_size,
-                           mapping, deterministic, config, sumsq, conv=True, transposed=transposed,
-                           column_programs=columns)
+    name = "roast_conv_grad_memory" + ("[row_scaled]" if row_scale is not None else "")
+    grad_memory, squares = run_grad_memory(name, _roast_conv_grad_memory_kernel, launch, x, M, memory_size,
+                                           mapping, deterministic, config, sumsq, conv=True, transposed=transposed,
+                                           column_programs=columns)
+    if row_scale is not None and not parts:  # M == 0: nothing launched
+        parts.append(torch.zeros((1, R), device=x.device, dtype=torch.float32))
+    return grad_memory, squares, parts

@@ -93,7 +93,7 @@ from roastfx.codegen.triton_conv import @BLOCK@
 
 @triton.jit
 def {name}(
-    x_ptr, mem_ptr, out_ptr,
+    x_ptr, mem_ptr, rs_ptr, out_ptr,
     M, N, @REDUCTION@,
     D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
     stride_xn, stride_xc, stride_xd, stride_xh, stride_xw, stride_on, stride_oc, stride_od, stride_oh, stride_ow,
@@ -102,15 +102,16 @@ def {name}(
     a_row, a_col, hb, c_row, c_col, hd,
 {operand_args}    @VIEW@: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,@EVEN_PARAMS@
+    BLOCK_SPLIT: tl.constexpr, ROW_SCALED: tl.constexpr,@EVEN_PARAMS@
 ):
     # this program's fp32 block of output pixels x channels of its group (program axis 1), the weight never
     # materialized
     acc, channel, mask_m, mask_n, image, od, oh, ow = @BLOCK@(
-        x_ptr, mem_ptr, M, N, @REDUCTION@, D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        x_ptr, mem_ptr, rs_ptr, M, N, @REDUCTION@, D, H, W, OD, OH, OW, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
         stride_xn, stride_xc, stride_xd, stride_xh, stride_xw,
         tile_rows, tile_cols, alignment, window_start, offset_range, a_row, a_col, hb, c_row, c_col, hd,
-        @VIEW@, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT@EVEN_ARGS@)
+        @VIEW@, PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_R, GROUP_M, BLOCK_SPLIT@EVEN_ARGS@,
+        ROW_SCALED=ROW_SCALED)
     mask = mask_m[:, None] & mask_n[None, :]
     z = acc * scale  # the site's ROAST scale: part of the product, not of the epilogue
 
@@ -137,7 +138,7 @@ _CONV_TEMPLATE = _volume_template(
     "A fused ROAST conv: out = epilogue(conv(x, W) * scale) as an implicit GEMM (3-D; a 2-D conv has\n"
     "depth 1), W read from the memory by the site's hash inside roast_conv_block\n"
     "(codegen/triton_conv.py); VIEW_IS_B: the site's view is the conv's B (W = V^T reshaped), else its\n"
-    "transpose (a transposed conv's view).",
+    "transpose (a transposed conv's view); ROW_SCALED: view row r times rs_ptr[r] (weight norm per tap).",
     "roast_conv_block", "R", "VIEW_IS_B", even=True)
 
 _TRANSPOSED_CONV_TEMPLATE = _volume_template(
@@ -145,7 +146,7 @@ _TRANSPOSED_CONV_TEMPLATE = _volume_template(
     "an implicit GEMM over the output's pixels (3-D; a 2-D one has depth 1), W read from the memory by the\n"
     "site's hash inside roast_transposed_conv_block (codegen/triton_conv.py); VIEW_TRANSPOSED: the site's view\n"
     "is the transposed conv's own (in, out/groups * kernel size) view, else the B view of the conv whose input\n"
-    "gradient this is.",
+    "gradient this is; ROW_SCALED: that B view's row r times rs_ptr[r].",
     "roast_transposed_conv_block", "OC", "VIEW_TRANSPOSED")
 
 _EMBEDDING_TEMPLATE = '''\
@@ -391,17 +392,20 @@ def roast_conv_epilogue(
     groups: int = 1,
     config: configs.BlockConfig | None = None,
     view_is_b: bool = True,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``epilogue(conv * scale, extras)`` into ``out``: the conv2d (4-D tensors) or conv3d (5-D) of ``x``
     with ``groups`` groups and the weight V^T reshaped (as triton_conv.roast_conv_forward), all groups in one
     launch. Each extra broadcasts to the whole (N, C, [OD,] OH, OW) ``out`` (a (C, 1, 1) per-channel vector,
     a residual of out's shape, a 0-dim scalar). ``view_is_b=False``: the weight is V reshaped instead, V being a transposed
-    conv's (out, in * kh * kw) view (the conv in its backward). Returns ``out``."""
-    from .triton_conv import as_3d, conv_args, conv_geometry
+    conv's (out, in * kh * kw) view (the conv in its backward). ``row_scale``: the view's row r is multiplied
+    by ``row_scale[r]`` (fp32, one per view row; B views only). Returns ``out``."""
+    from .triton_conv import as_3d, check_row_scale, conv_args, conv_geometry
 
     _check_kernel_dtype("memory", memory)
     x5, out5, kernel, stride, padding, dilation = as_3d(x, out, kernel, stride, padding, dilation)
     M, N, R = conv_geometry(x5, mapping, out5, kernel, groups, transposed=not view_is_b)
+    check_row_scale(row_scale, mapping, view_is_b, x)
     extras = list(extras)
     epilogue.check_extras(tuple(out.shape), extras)
     if M == 0 or N == 0:
@@ -413,10 +417,10 @@ def roast_conv_epilogue(
     def launch(cfg, out5=out5):
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), groups)
         return kern[grid](
-            x5, memory.reshape(-1), out5,
+            x5, memory.reshape(-1), row_scale if row_scale is not None else memory, out5,
             M, N, R, *conv_args(x5, out5, kernel, stride, padding, dilation), *out5.stride(),
             float(scale), *hash_args(mapping), *operands,
-            VIEW_IS_B=view_is_b, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
+            VIEW_IS_B=view_is_b, ROW_SCALED=row_scale is not None, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,
             BLOCK_SPLIT=block_split(mapping, view_is_b, cfg.block_k), **even_flags(N, R, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -442,17 +446,20 @@ def roast_transposed_conv_epilogue(
     groups: int = 1,
     config: configs.BlockConfig | None = None,
     view_transposed: bool = True,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``epilogue(conv_transpose(x) * scale, extras)`` into ``out`` (4-D tensors: 2-D, 5-D: 3-D), all
     groups in one launch: the transposed conv whose (in, out/groups * kernel size) view ``mapping`` reads
     (``out``'s size gives the output padding); ``view_transposed=False``: the mapping is the B view of the
     conv whose input gradient this is (``x`` its output gradient, ``out`` its input's shape). Extras broadcast
-    to ``out`` as in `roast_conv_epilogue`. Returns ``out``."""
-    from .triton_conv import as_3d, conv_geometry
+    to ``out`` as in `roast_conv_epilogue`. ``row_scale`` (with ``view_transposed=False``): the conv's B view
+    row r is multiplied by ``row_scale[r]``. Returns ``out``."""
+    from .triton_conv import as_3d, check_row_scale, conv_geometry
 
     _check_kernel_dtype("memory", memory)
     out5, x5, kernel, stride, padding, dilation = as_3d(out, x, kernel, stride, padding, dilation)
     _, OC, R = conv_geometry(out5, mapping, x5, kernel, groups, view_transposed)
+    check_row_scale(row_scale, mapping, not view_transposed, x)
     taps = kernel[0] * kernel[1] * kernel[2]
     # rows per stride phase (roast_transposed_conv_block): the output's pixels split by their phase
     phases = stride[0] * stride[1] * stride[2]
@@ -469,9 +476,10 @@ def roast_transposed_conv_epilogue(
     def launch(cfg, out5=out5):
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * phases, groups)
         return kern[grid](
-            x5, memory.reshape(-1), out5, M, N, OC, *out5.shape[2:], *x5.shape[2:], *kernel, *stride, *padding,
-            *dilation, *x5.stride(), *out5.stride(), float(scale), *hash_args(mapping), *operands,
-            VIEW_TRANSPOSED=view_transposed, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
+            x5, memory.reshape(-1), row_scale if row_scale is not None else memory, out5, M, N, OC, *out5.shape[2:],
+            *x5.shape[2:], *kernel, *stride, *padding, *dilation, *x5.stride(), *out5.stride(), float(scale),
+            *hash_args(mapping), *operands,
+            VIEW_TRANSPOSED=view_transposed, ROW_SCALED=row_scale is not None, PRECISION=dot_precision(x.dtype), DOT_IN_FP32=dot_in_fp32(x.dtype),
             # group g's reduction (its output channels) starts at view row or column g * OC
             BLOCK_SPLIT=block_split(mapping, view_transposed, cfg.block_k, OC if groups > 1 else 0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=8,

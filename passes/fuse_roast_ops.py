@@ -13,6 +13,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     bilinear(x1, x2, W, b)                    -> roast_linear over x1 and x2's flattened outer product
     lstm_cell / gru_cell / rnn_*_cell         -> two roast_linear (input and hidden projections) and the gates
     conv1d/2d/3d(x, W, b, ...)                -> roastfx::roast_conv
+    row_scaled_conv(x, W, ..., row_scale)     -> roastfx::roast_conv_row_scaled (weight norm inside a conv)
     conv_transpose1d/2d/3d(x, W, b, ...)      -> roastfx::roast_conv_transpose
     multi_head_attention_forward              -> roast_attention (projections as roast_linear)
     _transformer_encoder_layer_fwd            -> roast_encoder_layer (attention + feed-forward over roast_linear)
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from roastfx.codegen.conv import row_scaled_conv
 
 from .split_weight_norm import split_weight_norm
 from .weight_reads import (CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, einsum_as_matmul, einsum_blocks, example_shape,
@@ -518,12 +521,13 @@ def _per_dim(value, dims) -> list:
 
 
 def _fuse_conv(graph, node) -> SiteUse | None:
-    if node.op != "call_function" or node.target not in _CONV:
+    row_scaled = node.op == "call_function" and node.target is row_scaled_conv
+    if node.op != "call_function" or not (node.target in _CONV or row_scaled):
         return None
-    dims = _CONV[node.target]
     read = weight_read(_arg(node, 1, "weight"))
     if read is None:
         return None
+    dims = len(read.shape) - 2 if row_scaled else _CONV[node.target]
     cols = read.mapping[1]  # out channels
     if not read.transposed or read.broadcast or len(read.shape) != dims + 2 or read.shape[0] != cols:
         return SiteUse(node.name, False, f"conv{dims}d weight {read.shape} is not the site's V^T reshaped")
@@ -540,14 +544,23 @@ def _fuse_conv(graph, node) -> SiteUse | None:
     if why:
         return SiteUse(node.name, False, why)
     memory, mapping, scale = read.materialize.args
+    if row_scaled and read.grad_norm:
+        return SiteUse(node.name, False, "a conv whose weight's rows are scaled (weight norm) over a weight read "
+                                         "with grad_scaling='site'")
     with graph.inserting_before(node):
-        fused = graph.call_function(torch.ops.roastfx.roast_conv.default,
-                                    (x, memory, list(mapping), scale, bias, kernel,
-                                     stride, padding, dilation, groups), _norm_kwargs(read))
+        if row_scaled:  # weight norm inside the reduction (split_weight_norm.py): the kernels scale each B row
+            fused = graph.call_function(torch.ops.roastfx.roast_conv_row_scaled.default,
+                                        (x, memory, list(mapping), scale, _arg(node, 7, "row_scale"), bias, kernel,
+                                         stride, padding, dilation, groups))
+        else:
+            fused = graph.call_function(torch.ops.roastfx.roast_conv.default,
+                                        (x, memory, list(mapping), scale, bias, kernel,
+                                         stride, padding, dilation, groups), _norm_kwargs(read))
     fused.meta.update(node.meta)
     node.replace_all_uses_with(fused)
     graph.erase_node(node)
-    return SiteUse(fused.name, True, f"roast_conv ({dims}-d{_groups_note(list(mapping), groups)})" + _norm_note(read))
+    what = "roast_conv_row_scaled" if row_scaled else "roast_conv"
+    return SiteUse(fused.name, True, f"{what} ({dims}-d{_groups_note(list(mapping), groups)})" + _norm_note(read))
 
 
 def _fuse_conv_transpose(graph, node) -> SiteUse | None:

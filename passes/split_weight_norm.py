@@ -18,8 +18,11 @@ on the materialized view, with the reason in ``reasons``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from roastfx.codegen.conv import row_scaled_conv, weight_norm_row_scale
 from roastfx.codegen.ops import weight_norm_scale
 
 from .weight_reads import CONV_OPS as _CONV
@@ -47,10 +50,10 @@ def _why_not(node, read, dim) -> str | None:
         weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
     if weight is not node:
         return "weight norm whose result is not only the weight of one linear or conv op"
-    if dim not in (0, -1):
-        return (f"weight norm over dim {dim} (one norm per slice of that dim, e.g. per kernel tap) scales the "
-                "weight inside the op's reduction; only dim 0 (per output feature or channel) and dim=-1 (one "
-                "norm) are split off it")
+    if dim not in (0, -1) and not (user.target in _CONV and 0 < dim < len(read.shape)):
+        return (f"weight norm over dim {dim} of a {len(read.shape)}-d weight of {_name(user)} (one norm per slice "
+                "of that dim) scales the weight inside the op's reduction; only dim 0 (per output feature or "
+                "channel) and dim=-1 (one norm) are split off a linear or transposed conv, and any dim of a conv")
     if read.grad_norm:
         return "weight norm over a weight read with grad_scaling='site' (the norms would bypass the normalized gradient)"
     if read.broadcast or read.cast is not None:
@@ -58,7 +61,13 @@ def _why_not(node, read, dim) -> str | None:
     rows, cols = read.mapping[0], read.mapping[1]
     if read.shape[0] != (cols if read.transposed else rows):
         return f"weight norm's dim 0 ({read.shape[0]}) is not one axis of the site's view ({rows} x {cols})"
+    if dim > 0 and not (read.transposed and math.prod(read.shape[1:]) == rows):
+        return f"the conv weight {tuple(read.shape)} is not the site's ({rows} x {cols}) view transposed"
     return None
+
+
+def _name(node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def _bias(user):
@@ -150,6 +159,18 @@ def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
             continue
         user = next(iter(node.users))
         memory, mapping, view_scale = read.materialize.args
+        if dim > 0:  # a conv's reduction dim: the op scales its weight's view rows (codegen/conv.py)
+            with graph.inserting_before(user):
+                sumsq = _call(graph, torch.ops.roastfx.slice_sumsq.default,
+                              (memory, list(mapping), view_scale, False))
+                scale = _call(graph, weight_norm_row_scale, (g, sumsq, list(read.shape), dim))
+                out = _call(graph, row_scaled_conv, (user.args[0], v, *user.args[2:]),
+                            {**{k: a for k, a in user.kwargs.items() if k != "weight"}, "row_scale": scale},
+                            like=user)
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+            graph.erase_node(node)
+            continue
         with graph.inserting_before(user):
             sumsq = _call(graph, torch.ops.roastfx.slice_sumsq.default,
                           (memory, list(mapping), view_scale, read.transposed))

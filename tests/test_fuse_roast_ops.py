@@ -1248,13 +1248,55 @@ def test_weight_norm_split_keeps_the_ops_dtype_under_autocast():
     assert model.roast_memory.grad is not None and model.roast_memory.grad.isfinite().all()
 
 
-@pytest.mark.parametrize("case", ["per tap", "site grad scaling"])
-def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(case, monkeypatch):
-    """A norm per kernel tap (dim=2, Wav2Vec2's) scales inside the conv's reduction, and site gradient scaling
-    would be bypassed by the norms: those reads keep _weight_norm on the view, compiled still equals eager."""
+class _TapNormed(torch.nn.Module):
+    """Weight norm inside a conv's reduction: Wav2Vec2's positional conv (grouped conv1d, padding, norm per
+    kernel tap: dim=2), a conv2d normed per input channel (dim=1) and a conv3d per kernel column (dim=4)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        nn = torch.nn
+        self.pos = weight_norm(nn.Conv1d(6, 9, 5, padding=2, groups=3), dim=2)
+        self.conv2 = weight_norm(nn.Conv2d(3, 5, (3, 2), stride=(1, 2)), dim=1)
+        self.conv3 = weight_norm(nn.Conv3d(2, 4, (2, 3, 2), bias=False), dim=4)
+
+    def forward(self, x, y, z):
+        return (torch.nn.functional.gelu(self.pos(x)).square().mean() + self.conv2(y).square().mean()
+                + self.conv3(z).square().mean())
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_weight_norm_inside_a_convs_reduction_fuses(kernels, monkeypatch):
+    """A norm per kernel tap or input channel scales the weight along the conv's reduction: split_weight_norm
+    writes the conv over the site's view with one scale per view row (the rows' squared norms from
+    slice_sumsq), which fuses into roastfx::roast_conv_row_scaled, the Triton kernels scaling each B row as
+    they read it (interpreted on CPU). Compiled equals eager in the loss and in the gradients of the memory,
+    of g (the row scale's gradient) and of the biases."""
+    monkeypatch.setenv("ROASTFX_KERNELS", kernels)
     torch.manual_seed(0)
-    model = roastfx.compress(_WeightNormed(conv_dim=2 if case == "per tap" else 0), "2x", init="random",
-                             grad_scaling="site" if case == "site grad scaling" else "none")
+    model = roastfx.compress(_TapNormed(), "2x", init="random")
+    x, y, z = torch.randn(2, 6, 11), torch.randn(2, 3, 6, 7), torch.randn(1, 2, 4, 5, 4)
+    eager = model(x, y, z)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y, z)
+    compiled.backward()
+    assert [u.fused for u in uses] == [True] * 3, uses
+    assert all("roast_conv_row_scaled" in u.why for u in uses), uses
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert {"pos.parametrizations.weight.original0", "conv2.bias", "roast_memory"} <= set(grads)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(monkeypatch):
+    """Site gradient scaling would be bypassed by the norms: those reads keep _weight_norm on the view,
+    compiled still equals eager."""
+    torch.manual_seed(0)
+    model = roastfx.compress(_WeightNormed(conv_dim=2), "2x", init="random", grad_scaling="site")
     x, y = torch.randn(2, 4, 5), torch.randn(2, 2, 6, 6)
     eager = model(x, y)
     eager.backward()
@@ -1264,8 +1306,7 @@ def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(cas
     compiled = torch.compile(model, backend="roast")(x, y)
     compiled.backward()
     left = [u.why for u in uses if not u.fused]
-    expected = "weight norm over dim 2" if case == "per tap" else "grad_scaling='site'"
-    assert left and all(expected in why for why in left), left
-    assert len(left) == (1 if case == "per tap" else 5)
+    assert left and all("grad_scaling='site'" in why for why in left), left
+    assert len(left) == 5
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.roast_memory.grad, grad, rtol=1e-4, atol=1e-7)
