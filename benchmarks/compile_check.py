@@ -9,7 +9,8 @@ epilogue, dX, a split-K forward, dMemory with atomics / deterministic / with the
 epilogues including a graph-shaped one and a 0-dim float64 operand, the implicit-GEMM
 conv alone, with a batch norm + residual + relu epilogue, and its dX and dMemory, each with
 every conv config (configs.CONV_CANDIDATES, FMA_CONV_CANDIDATES), a transposed conv with a
-batch-norm epilogue, a grouped conv3d's three kernels, a mixture of experts' grouped GEMM (forward, dX,
+batch-norm epilogue, a grouped conv3d's three kernels, a grouped conv1d's three with its view rows scaled
+(weight norm per kernel tap), a mixture of experts' grouped GEMM (forward, dX,
 dMemory), embedding gather and scatter
 and BERT's summed embeddings as a gather epilogue, materialize; and, as the reference for the forward's
 main loop, a plain dense Triton GEMM at each 16-bit block config) is compiled by Triton and ptxas for the
@@ -240,6 +241,24 @@ def _launches_for(dname: str, quick: bool, arch: int):
         ("roast_conv_grad_memory", "conv3d dMemory", dname, conv_configs[0], size,
          lambda: triton_conv.roast_conv_grad_memory(volume, grad_volume, memory.numel(), site3d, 0.5, *geometry3d,
                                                     groups=2, deterministic=False, config=conv_configs[0])),
+    ]
+    # Wav2Vec2's positional conv: a grouped conv1d (as height 1) under weight norm per kernel tap, each B row
+    # scaled by its tap's factor as it is read (roast_conv_row_scaled): forward, dX, dMemory + the scale's grad
+    wave, grad_wave = torch.zeros(2, 64, 1, 50, dtype=dtype), torch.zeros(2, 64, 1, 51, dtype=dtype)
+    site_pos, geometry_pos = mapping(16 * 16, 64), ((1, 16), (1, 1), (0, 8), (1, 1))
+    taps = torch.ones(16 * 16, dtype=torch.float32)
+    out += [
+        ("roast_conv", "conv1d k16 groups=4, rows scaled", dname, conv_configs[0], 4,
+         lambda: triton_conv.roast_conv_forward(wave, memory, site_pos, 0.5, torch.empty_like(grad_wave),
+                                                *geometry_pos, groups=4, bias=torch.zeros(64, dtype=dtype),
+                                                config=conv_configs[0], row_scale=taps)),
+        ("roast_conv_grad_input", "conv1d dX, rows scaled", dname, conv_configs[0], 4,
+         lambda: triton_conv.roast_conv_grad_input(grad_wave, memory, site_pos, 0.5, torch.empty_like(wave),
+                                                   *geometry_pos, groups=4, config=conv_configs[0], row_scale=taps)),
+        ("roast_conv_grad_memory", "conv1d dMemory + row scale grad", dname, conv_configs[0], size,
+         lambda: triton_conv.roast_conv_row_scaled_grad_memory(wave, grad_wave, memory, site_pos, 0.5, taps,
+                                                               *geometry_pos, groups=4, deterministic=False,
+                                                               config=conv_configs[0])),
     ]
     # a mixture of experts' grouped GEMM over a grouped site: 4 experts of 128 columns, one launch for all
     grouped, offs = mapping(K, 4 * 128), torch.tensor([50, 100, 150, M], dtype=torch.int32)

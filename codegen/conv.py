@@ -441,10 +441,10 @@ def _row_scaled_backward(ctx, grad):
                                                             list(dilation), groups, need_x, need_memory or need_rows)
         grad_x = grad_x if need_x else None
         if need_memory or need_rows:
-            grad_view = grad_w.reshape(grad_w.shape[0], -1).t().to(view.dtype)
-            grad_rows = (grad_view * view).sum(1)
-            grad_memory = _memory_grad_op(grad_view * row_scale[:, None].to(view.dtype), mapping, scale,
-                                          memory.numel())
+            wide = torch.promote_types(view.dtype, torch.float32)  # 16-bit views: the sums in fp32
+            grad_view = grad_w.reshape(grad_w.shape[0], -1).t().to(wide)
+            grad_rows = (grad_view * view.to(wide)).sum(1)
+            grad_memory = _memory_grad_op(grad_view * row_scale[:, None].to(wide), mapping, scale, memory.numel())
     grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
     grad_memory = grad_memory.to(memory.dtype).reshape(memory.shape) if need_memory else None
     grad_rows = grad_rows.to(row_scale.dtype) if need_rows else None

@@ -10,11 +10,17 @@ rewrites the op over ``v_read * s`` (s = g / norm per slice, broadcast as the we
 - ``conv_transpose(x, v * s, b)`` (dim 0: input channels): ``conv_transpose(x * s, v, b)``;
 - ``dim=-1`` (one norm over all of v, torch's meaning of -1 here): s is one number, ``op(x, v) * s + b``.
 
+A conv's norm over any other dim (per input channel, dim 1; per kernel tap, dim >= 2: Wav2Vec2's positional
+conv) scales the weight along the conv's reduction, where no factor can leave the op: the pass writes
+``row_scaled_conv(x, v, b, ..., row_scale=s)`` (codegen/conv.py), s one factor per row of the site's B view
+(input channel x kernel tap, `weight_norm_row_scale`), which ``fuse_roast_ops`` turns into
+``roastfx::roast_conv_row_scaled``: the conv kernels scale each row as they read it.
+
 The squared norms come from ``roastfx::slice_sumsq`` (the memory read block by block on a GPU, no dense
 v), so ``fuse_roast_ops`` then fuses ``op(x, v)`` like any read and its epilogue fusion can take the scale
-and bias. Other dims (Wav2Vec2's per-kernel-tap norm, dim=2), a read whose gradient is normalized per site
-(``grad_scaling="site"``: the sums would bypass it), and weights used elsewhere too keep ``_weight_norm``
-on the materialized view, with the reason in ``reasons``.
+and bias. A linear's or transposed conv's norm over another dim, a read whose gradient is normalized per
+site (``grad_scaling="site"``: the sums would bypass it), and weights used elsewhere too keep
+``_weight_norm`` on the materialized view, with the reason in ``reasons``.
 """
 from __future__ import annotations
 

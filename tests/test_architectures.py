@@ -168,7 +168,7 @@ def albert():
 
 def wav2vec2():
     """A strided conv1d feature extractor, and a grouped positional conv under weight norm per kernel tap
-    (dim=2): its direction is a site, read through _weight_norm on the materialized view."""
+    (dim=2): its direction is a site, read by roast_conv_row_scaled (the kernels scale each tap's rows)."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     return Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -256,7 +256,7 @@ FUSED = {
     "vit": (8, 8), "resnet": (9, 9), "t5": (21, 21), "llama": (16, 16), "whisper": (20, 20),
     # the experts' stacked weights are grouped sites: transformers' grouped GEMM over them is a roast_grouped_mm,
     # and so is its batched_mm's bmm over each token's picked experts (the tokens sorted by expert)
-    "mixtral": (9, 9), "mixtral-batched-mm": (9, 9), "qwen3-moe": (9, 9), "albert": (18, 18), "wav2vec2": (10, 11),
+    "mixtral": (9, 9), "mixtral-batched-mm": (9, 9), "qwen3-moe": (9, 9), "albert": (18, 18), "wav2vec2": (11, 11),
     "convnext": (9, 9),
     # Falcon reads each weight as .T (a transposing step of the read, like .t()); DeepSeek-V3's router casts
     # its weight with .type(torch.float32), as it casts its input: the roast op computes in float32 itself
@@ -264,7 +264,7 @@ FUSED = {
     # XLNet's 3-D projection weights: each einsum over one is a GEMM over the weight as a matrix
     "xlnet": (9, 9),
     # WavLM's attention takes separate q/k/v weights: 4 reads in one roast_attention per layer
-    "wavlm": (12, 13),
+    "wavlm": (13, 13),
     # Mamba's slow path squeezes its depthwise conv1d weight and unsqueezes it again for F.conv1d: reshapes of
     # the read, so a roast_conv. (Its dt_proj weight multiplies from the left, W @ x: fused as (x^T @ W^T)^T)
     "mamba": (7, 7),

@@ -73,7 +73,9 @@ def test_in_compiler_compression_follows_weight_norm(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     nn = torch.nn
-    dense = nn.Sequential(weight_norm(nn.Conv1d(4, 6, 3)), nn.ReLU(), weight_norm(nn.Linear(7, 5), dim=None)).eval()
+    dense = nn.Sequential(weight_norm(nn.Conv1d(4, 6, 3)), nn.ReLU(),
+                          weight_norm(nn.Conv1d(6, 6, 3, padding=1, groups=2), dim=2),  # per kernel tap
+                          weight_norm(nn.Linear(7, 5), dim=None)).eval()
     reference = roastfx.compress(copy.deepcopy(dense), "2x", seed=1)
     uses = record_uses(monkeypatch)
     compiled = torch.compile(dense, backend="roast", options={"compression": "2x", "seed": 1, "inner": "eager"})
@@ -82,9 +84,10 @@ def test_in_compiler_compression_follows_weight_norm(monkeypatch):
         out = compiled(x)
         torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(out, dense(x), atol=1e-3)  # it really runs the compressed weights
-    assert [u.fused for u in uses] == [True, True], uses
+    assert [u.fused for u in uses] == [True, True, True], uses
     assert [s.name for s in roastfx.roast_state(reference).plan.sites] == [
-        "0.parametrizations.weight.original1", "2.parametrizations.weight.original1"]
+        "0.parametrizations.weight.original1", "2.parametrizations.weight.original1",
+        "3.parametrizations.weight.original1"]
 
 
 def test_in_compiler_compression_keeps_the_models_dtype(tmp_path):

@@ -1292,6 +1292,24 @@ def test_weight_norm_inside_a_convs_reduction_fuses(kernels, monkeypatch):
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_weight_norm_inside_a_convs_reduction_under_autocast():
+    """Under CPU autocast the row-scaled convs compute in bfloat16 as eager's convs do (the row scale stays
+    float32): eager's dtypes, and its values up to bfloat16 rounding."""
+    torch.manual_seed(0)
+    model = roastfx.compress(_TapNormed(), "2x", init="random")
+    x, y, z = torch.randn(2, 6, 11), torch.randn(2, 3, 6, 7), torch.randn(1, 2, 4, 5, 4)
+
+    def parts(x, y, z):
+        return model.pos(x), model.conv2(y), model.conv3(z)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = parts(x, y, z)
+        compiled = torch.compile(parts, backend="roast")(x, y, z)
+    assert [c.dtype for c in compiled] == [e.dtype for e in eager] == [torch.bfloat16] * 3
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.02)
+
+
 def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(monkeypatch):
     """Site gradient scaling would be bypassed by the norms: those reads keep _weight_norm on the view,
     compiled still equals eager."""
