@@ -133,6 +133,12 @@ def _(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups
     return x.new_empty((*x.shape[:-len(kernel) - 1], mapping[1], *spatial))
 
 
+def _bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    """A conv bias's gradient from the batched output gradient (N, C, *spatial), summed in fp32 for 16-bit."""
+    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
+    return grad.sum((0, *range(2, grad.dim())), dtype=accumulate).to(grad.dtype)
+
+
 def _conv_setup(ctx, inputs, output):
     x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups, grad_norm = inputs
     ctx.save_for_backward(x, memory)
@@ -147,8 +153,7 @@ def _conv_backward(ctx, grad):
     kernel, stride, padding, dilation, groups = ctx.conv
     need_x, need_memory = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gb = _batched(grad, kernel)
-    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
-    grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
+    grad_bias = _bias_grad(gb) if ctx.has_bias else None
     grad_x, grad_memory = _conv_grads(x, memory, grad, mapping, scale, ctx.conv, need_x, need_memory, grad_norm)
     return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None
 
@@ -420,8 +425,7 @@ def _row_scaled_backward(ctx, grad):
     kernel, stride, padding, dilation, groups = ctx.conv
     need_x, need_memory, need_rows = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
     xb, gb = _batched(x, kernel), _batched(grad, kernel)
-    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
-    grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if ctx.has_bias else None
+    grad_bias = _bias_grad(gb) if ctx.has_bias else None
     grad_x = grad_memory = grad_rows = None
     if use_triton(x):
         _kernels()
@@ -629,8 +633,7 @@ def _conv_transpose_backward(ctx, grad):
     mapping, scale, grad_norm, has_bias = ctx.site
     kernel = ctx.conv[0]
     gb = _batched(grad, kernel)
-    accumulate = torch.float32 if grad.element_size() < 4 else grad.dtype
-    grad_bias = gb.sum((0, *range(2, gb.dim())), dtype=accumulate).to(grad.dtype) if has_bias else None
+    grad_bias = _bias_grad(gb) if has_bias else None
     grad_x, grad_memory = _conv_transpose_grads(x, memory, grad, mapping, scale, ctx.conv, ctx.needs_input_grad[0],
                                                 ctx.needs_input_grad[1], grad_norm)
     return grad_x, grad_memory, None, None, grad_bias, None, None, None, None, None, None, None

@@ -80,3 +80,24 @@ def test_bad_row_scale_names_what_is_accepted(device):
     for bad in (torch.ones(11, device=device), torch.ones(12, device=device, dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"row_scale must be a contiguous float32 \(12,\) tensor"):
             roast_conv_forward(x, memory, mapping, 1.0, out, (2, 2), (1, 1), (0, 0), (1, 1), row_scale=bad)
+
+
+def test_op_reference_backward_passes_gradcheck(monkeypatch):
+    """roastfx::roast_conv_row_scaled on the reference path (ROASTFX_KERNELS=reference), float64: its
+    backward (dense conv gradients, then the row sums and the scatter) against finite differences, for x,
+    the memory, the row scale and the bias; an unbatched conv1d input included."""
+    from roastfx.codegen.ops import mapping_args
+
+    monkeypatch.setenv("ROASTFX_KERNELS", "reference")
+    mapping = random_mapping(2 * 3, 4, 2, 3, seed=9)
+    memory = random_memory(mapping, seed=9).requires_grad_()
+    packed = mapping_args(mapping)
+    rows = (randn(mapping.rows, seed=10, dtype=torch.float64).abs() + 0.5).requires_grad_()
+    bias = randn(4, seed=11, dtype=torch.float64).requires_grad_()
+    for x in (randn(2, 4, 7, seed=12, dtype=torch.float64), randn(4, 7, seed=13, dtype=torch.float64)):
+        x.requires_grad_()
+
+        def conv(x, memory, rows, bias):
+            return torch.ops.roastfx.roast_conv_row_scaled(x, memory, packed, 0.7, rows, bias, [3], [2], [1], [1], 2)
+
+        assert torch.autograd.gradcheck(conv, (x, memory, rows, bias))
