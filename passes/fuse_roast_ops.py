@@ -8,6 +8,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     linear(x, W, b), x @ W, matmul/mm/bmm (W broadcast), addmm(b, x, W), inner(x, W),
     tensordot(x, W, 1), einsum equal to x @ W or x @ W.T -> roastfx::roast_linear (x @ V or x @ V^T)
     einsum of an n-D W equal to one GEMM      -> roast_linear over x's contracted dims flattened ("ibh,hnd->ibnd")
+    addmm / baddbmm(M, x, W, beta, alpha)     -> beta * M + alpha * (the mm / bmm above) (_split_added_products)
     grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
     bmm(W[ids], x), bmm(x, W[ids])            -> roast_picked_mm: the rows sorted by ids, one roast_grouped_mm
     bilinear(x1, x2, W, b)                    -> roast_linear over x1 and x2's flattened outer product
@@ -44,8 +45,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from roastfx.codegen.conv import row_scaled_conv
 
 from .split_weight_norm import split_weight_norm
-from .weight_reads import (CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, einsum_as_matmul, einsum_blocks, example_shape,
-                           final_users, gathered_read, grouped_read, is_chain_step, is_materialize, op_name,
+from .weight_reads import (CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, call_with_example, einsum_as_matmul, einsum_blocks,
+                           example_shape, final_users, gathered_read, grouped_read, is_chain_step, is_materialize, op_name,
                            reads_memory, weight_read)
 
 log = logging.getLogger("roastfx")
@@ -771,6 +772,43 @@ _NO_ROAST_OP = {
 }
 
 
+_ADD_PRODUCT = {torch.addmm: torch.mm, torch.baddbmm: torch.bmm}  # input + mat1 @ mat2, batched or not
+_ADD_PRODUCT_METHODS = {"addmm": torch.mm, "baddbmm": torch.bmm}
+
+
+def _split_added_products(graph) -> None:
+    """``addmm`` / ``baddbmm(input, mat1, mat2, beta=, alpha=)`` over a weight read, other than addmm's
+    bias-vector form (which roast_linear takes whole), rewritten as ``beta * input + alpha * (mat1 @ mat2)``
+    (torch's meaning: with beta=0 input is not read), so the product fuses as an ``mm`` / ``bmm``
+    (``bmm(x, W.expand(b, k, n))`` is x @ W)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ADD_PRODUCT:
+            product, args = _ADD_PRODUCT[node.target], list(node.args)
+        elif node.op == "call_method" and node.target in _ADD_PRODUCT_METHODS:
+            product, args = _ADD_PRODUCT_METHODS[node.target], list(node.args)
+        else:
+            continue
+        names = ("input", "mat1", "mat2") if product is torch.mm else ("input", "batch1", "batch2")
+        args += [node.kwargs[n] for n in names[len(args):] if n in node.kwargs]
+        if len(args) != 3 or not any(weight_read(a) is not None for a in args[1:]):
+            continue
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        bias = example_shape(args[0])
+        if product is torch.mm and beta == 1 and alpha == 1 and bias is not None and len(bias) == 1:
+            continue  # x @ W + b: _fuse_matmul's addmm
+        with graph.inserting_before(node):
+            out = call_with_example(graph, product, tuple(args[1:]), like=node)
+            if alpha != 1:
+                out = call_with_example(graph, operator.mul, (out, alpha), like=node)
+            if beta != 0:
+                added = args[0] if beta == 1 else call_with_example(graph, operator.mul, (args[0], beta))
+                out = call_with_example(graph, operator.add, (added, out), like=node)
+        out.meta = {**node.meta, **({"example_value": out.meta["example_value"]} if "example_value" in out.meta
+                                    else {})}
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
 def _drop_unused_reads(graph) -> None:
     """Erase the materialize chains the rewrite left without users. Not graph.eliminate_dead_code: on
     dynamo's graph (before functionalization) it also erases unused in-place ops (``a.add_(1)``)."""
@@ -784,6 +822,7 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     uses: list[SiteUse] = []
     reasons: dict[torch.fx.Node, str] = split_weight_norm(gm)  # the weight norms it leaves, and why
     graph = gm.graph
+    _split_added_products(graph)
     for node in list(graph.nodes):
         for fuser in _FUSERS:
             found = fuser(graph, node)

@@ -34,7 +34,7 @@ from roastfx.codegen.ops import weight_norm_scale
 from .weight_reads import CONV_OPS as _CONV
 from .weight_reads import CONV_TRANSPOSE_OPS as _CONV_TRANSPOSE
 from .weight_reads import LINEAR_OPS as _LINEAR
-from .weight_reads import weight_read
+from .weight_reads import call_with_example, weight_read, with_example
 
 
 def _is_weight_norm(node) -> bool:
@@ -80,37 +80,9 @@ def _bias(user):
     return user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
 
 
-def _example(node, like=None):
-    """Give a new node the fake value dynamo gives every node (``meta["example_value"]``), computed from its
-    inputs' in their fake mode, so the passes after this one see its shape and dtype. Where the inputs have
-    none that fake mode takes (compress_graph's reads hold meta tensors), ``like``'s (a node of the same
-    shape and dtype), if given."""
-    def value(a):
-        return a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
-
-    args = torch.fx.node.map_aggregate(node.args, value)
-    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
-    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-    mode = getattr(tensors[0], "fake_mode", None) if tensors else None
-    if mode is not None and all(getattr(t, "fake_mode", None) is mode for t in tensors) and \
-            all(value(a) is not None for a in node.all_input_nodes):
-        with mode:
-            if node.op == "call_method":
-                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                node.meta["example_value"] = node.target(*args, **kwargs)
-    elif like is not None and "example_value" in like.meta:
-        node.meta["example_value"] = like.meta["example_value"]
-    return node
-
-
-def _call(graph, target, args, kwargs=None, like=None):
-    return _example(graph.call_function(target, args, kwargs or {}), like)
-
-
 def _per_channel(graph, flat, dims: int):
     """A flat per-channel vector shaped to broadcast over dim 1 of an activation with ``dims`` spatial dims."""
-    return _example(graph.call_method("reshape", (flat, (1, -1) + (1,) * dims)))
+    return with_example(graph.call_method("reshape", (flat, (1, -1) + (1,) * dims)))
 
 
 def _in_dtype(graph, node, dtype):
@@ -118,7 +90,7 @@ def _in_dtype(graph, node, dtype):
     g and the bias, and multiplying by them would promote it: eager's op gives its own dtype."""
     if dtype is None or getattr(node.meta.get("example_value"), "dtype", None) == dtype:
         return node
-    return _example(graph.call_method("to", (node, dtype)))
+    return with_example(graph.call_method("to", (node, dtype)))
 
 
 def _rewritten(graph, user, v, scale, whole: bool):
@@ -129,22 +101,22 @@ def _rewritten(graph, user, v, scale, whole: bool):
     kwargs.pop("weight", None)
     if user.target in _CONV_TRANSPOSE:  # dim 0 is the input channel: scale the input, keep the bias
         factor = scale if whole else _per_channel(graph, scale, _CONV_TRANSPOSE[user.target])
-        args[0] = _call(graph, torch.mul, (args[0], factor), like=args[0])
-        return _call(graph, user.target, tuple(args), kwargs, like=user)
+        args[0] = call_with_example(graph, torch.mul, (args[0], factor), like=args[0])
+        return call_with_example(graph, user.target, tuple(args), kwargs, like=user)
     bias = _bias(user)
     if len(args) > 2:
         args[2] = None
     else:
         kwargs.pop("bias", None)
-    out = _call(graph, user.target, tuple(args), kwargs, like=user)
+    out = call_with_example(graph, user.target, tuple(args), kwargs, like=user)
     scale = _in_dtype(graph, scale, dtype)
     bias = None if bias is None else _in_dtype(graph, bias, dtype)
     dims = _CONV.get(user.target)
     if dims is None:  # linear: features are the output's last dim
-        out = _call(graph, torch.mul, (out, scale), like=user)
-        return out if bias is None else _call(graph, torch.add, (out, bias), like=user)
-    out = _call(graph, torch.mul, (out, scale if whole else _per_channel(graph, scale, dims)), like=user)
-    return out if bias is None else _call(graph, torch.add, (out, _per_channel(graph, bias, dims)), like=user)
+        out = call_with_example(graph, torch.mul, (out, scale), like=user)
+        return out if bias is None else call_with_example(graph, torch.add, (out, bias), like=user)
+    out = call_with_example(graph, torch.mul, (out, scale if whole else _per_channel(graph, scale, dims)), like=user)
+    return out if bias is None else call_with_example(graph, torch.add, (out, _per_channel(graph, bias, dims)), like=user)
 
 
 def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
@@ -167,10 +139,10 @@ def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
         memory, mapping, view_scale = read.materialize.args
         if dim > 0:  # a conv's reduction dim: the op scales its weight's view rows (codegen/conv.py)
             with graph.inserting_before(user):
-                sumsq = _call(graph, torch.ops.roastfx.slice_sumsq.default,
+                sumsq = call_with_example(graph, torch.ops.roastfx.slice_sumsq.default,
                               (memory, list(mapping), view_scale, False))
-                scale = _call(graph, weight_norm_row_scale, (g, sumsq, list(read.shape), dim))
-                out = _call(graph, row_scaled_conv, (user.args[0], v, *user.args[2:]),
+                scale = call_with_example(graph, weight_norm_row_scale, (g, sumsq, list(read.shape), dim))
+                out = call_with_example(graph, row_scaled_conv, (user.args[0], v, *user.args[2:]),
                             {**{k: a for k, a in user.kwargs.items() if k != "weight"}, "row_scale": scale},
                             like=user)
             user.replace_all_uses_with(out)
@@ -178,9 +150,9 @@ def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
             graph.erase_node(node)
             continue
         with graph.inserting_before(user):
-            sumsq = _call(graph, torch.ops.roastfx.slice_sumsq.default,
+            sumsq = call_with_example(graph, torch.ops.roastfx.slice_sumsq.default,
                           (memory, list(mapping), view_scale, read.transposed))
-            scale = _call(graph, weight_norm_scale, (g, sumsq, dim == -1))
+            scale = call_with_example(graph, weight_norm_scale, (g, sumsq, dim == -1))
             out = _rewritten(graph, user, v, scale, dim == -1)
         user.replace_all_uses_with(out)
         graph.erase_node(user)

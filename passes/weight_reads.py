@@ -321,3 +321,31 @@ def final_users(node) -> list:
         else:
             out.append(user)
     return out
+
+
+def with_example(node, like=None):
+    """Give a new node the fake value dynamo gives every node (``meta["example_value"]``), computed from its
+    inputs' in their fake mode, so the passes after this one see its shape and dtype. Where the inputs have
+    none that fake mode takes (compress_graph's reads hold meta tensors), ``like``'s (a node of the same
+    shape and dtype), if given."""
+    def value(a):
+        return a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    mode = getattr(tensors[0], "fake_mode", None) if tensors else None
+    if mode is not None and all(getattr(t, "fake_mode", None) is mode for t in tensors) and \
+            all(value(a) is not None for a in node.all_input_nodes):
+        with mode:
+            if node.op == "call_method":
+                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                node.meta["example_value"] = node.target(*args, **kwargs)
+    elif like is not None and "example_value" in like.meta:
+        node.meta["example_value"] = like.meta["example_value"]
+    return node
+
+
+def call_with_example(graph, target, args, kwargs=None, like=None):
+    return with_example(graph.call_function(target, args, kwargs or {}), like)

@@ -1328,3 +1328,43 @@ def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(mon
     assert len(left) == 5
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.roast_memory.grad, grad, rtol=1e-4, atol=1e-7)
+
+
+class _AddedProducts(torch.nn.Module):
+    """addmm / baddbmm over weights, in the forms roast_linear does not take whole: a batched product over a
+    weight expanded over the batch with beta and alpha, addmm with a matrix added and alpha, and the method
+    form with the weight on the left and beta=0 (torch then ignores the input, NaNs included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 6))
+        self.b = torch.nn.Parameter(torch.randn(6))
+        self.v = torch.nn.Parameter(torch.randn(8, 6))
+        self.u = torch.nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x):
+        flat = x.reshape(-1, 8)
+        return (torch.baddbmm(self.b.expand(x.shape[0], x.shape[1], 6), x, self.w.expand(x.shape[0], 8, 6),
+                              beta=0.5, alpha=2.0),
+                torch.addmm(torch.ones(flat.shape[0], 6), flat, self.v, alpha=3.0),
+                torch.full((6, flat.shape[0]), float("nan")).addmm(self.u, flat.t(), beta=0))
+
+
+def test_added_products_over_a_weight_fuse(monkeypatch):
+    """fuse_roast_ops rewrites addmm / baddbmm as beta * input + alpha * (the product), and the product fuses
+    as any mm / bmm: compiled equals eager, outputs and memory gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    model = roastfx.compress(_AddedProducts(), "2x", example_inputs=(x,))
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    eager = model(x)
+    assert [u.fused for u in uses] == [True] * 3, uses
+    assert all(c.isfinite().all() for c in compiled)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    sum(c.sum() for c in compiled).backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    sum(e.sum() for e in eager).backward()
+    torch.testing.assert_close(grad, model.roast_memory.grad, rtol=1e-5, atol=1e-5)
