@@ -96,10 +96,11 @@ def test_compile_check_compiles_every_kernel_kind_for_h100_without_a_gpu(tmp_pat
                  "materialize_kernel", "roast_grouped_matmul_kernel", "roast_grouped_grad_memory_kernel"):
         assert name in kernels, kernels
     assert sum(k.startswith("roast_linear_epilogue_") for k in kernels) == 3
-    # the plain conv (bias as a per-channel epilogue) and ResNet's conv + batch norm + residual + relu; the
-    # conv's dX (the transposed-conv kernel with no epilogue step) and a transposed conv + bias + batch norm +
-    # relu; the conv's dMemory
-    assert sum(k.startswith("roast_conv_epilogue_") for k in kernels) == 2
+    # the plain conv (bias as a per-channel epilogue), ResNet's conv + batch norm + residual + relu and the
+    # row-scaled conv1d's (its bias broadcast over a height of 1: another extra kind); the conv's dX (the
+    # transposed-conv kernel with no epilogue step) and a transposed conv + bias + batch norm + relu; the
+    # conv's dMemory
+    assert sum(k.startswith("roast_conv_epilogue_") for k in kernels) == 3
     assert sum(k.startswith("roast_transposed_conv_epilogue_") for k in kernels) == 2
     assert "roast_conv_grad_memory_kernel" in kernels
     assert sum(k.startswith("roast_embedding_epilogue_") for k in kernels) == 1
