@@ -101,3 +101,27 @@ def test_op_reference_backward_passes_gradcheck(monkeypatch):
             return torch.ops.roastfx.roast_conv_row_scaled(x, memory, packed, 0.7, rows, bias, [3], [2], [1], [1], 2)
 
         assert torch.autograd.gradcheck(conv, (x, memory, rows, bias))
+
+
+def test_row_scaled_ops_pass_opcheck(device, monkeypatch):
+    """roastfx::roast_conv_row_scaled (with autograd; on the reference path, whose schema, fake and autograd
+    registration the Triton path shares) and its Triton backward ops conv_grad_input(row_scale=) /
+    conv_row_scaled_grad_memory: opcheck checks their schemas and fake implementations; their values are the
+    float64 tests' above."""
+    from roastfx.codegen.ops import mapping_args
+
+    monkeypatch.setenv("ROASTFX_KERNELS", "reference")
+    mapping = random_mapping(3 * 4, 10, 4, 3, seed=12)
+    args = (random_memory(mapping, seed=12).float().to(device).requires_grad_(), mapping_args(mapping), 0.6)
+    rows = (randn(mapping.rows, seed=13, device=device).abs() + 0.5).requires_grad_()
+    x = randn(2, 6, 7, 6, seed=14, device=device).requires_grad_()
+    bias = randn(10, seed=15, device=device).requires_grad_()
+    geometry = ([2, 2], [2, 1], [1, 0], [1, 1], 2)
+    torch.library.opcheck(torch.ops.roastfx.roast_conv_row_scaled.default, (x, *args, rows, bias, *geometry))
+    monkeypatch.setenv("ROASTFX_KERNELS", "triton")
+    grad = randn(2, 10, 4, 5, seed=16, device=device)
+    plain = (x.detach(), args[0].detach(), *args[1:])
+    torch.library.opcheck(torch.ops.roastfx.conv_grad_input.default,
+                          (grad, *plain[1:], list(x.shape), *geometry, False, rows.detach()))
+    torch.library.opcheck(torch.ops.roastfx.conv_row_scaled_grad_memory.default,
+                          (plain[0], grad, *plain[1:], rows.detach(), *geometry))
