@@ -196,6 +196,9 @@ def trace_uses(node: torch.fx.Node, transposes: int = 0, depth: int = 0, indexed
         elif name in _VIEW_OPS or name in _INDEX_OPS:
             uses.extend(trace_uses(user, transposes + (name in _TRANSPOSE_OPS), depth + 1,
                                    indexed or name in _INDEX_OPS, ndim))
+        elif name in ("cat", "concat", "concatenate") and ndim == 2:
+            # a part of a 2-D concatenation a matmul takes (MobileBERT's head): fuse_roast_ops splits the product
+            uses.extend(trace_uses(user, transposes, depth + 1, indexed, ndim))
         elif name == "_weight_norm" and user.args and user.args[0] is node:
             # weight norm's direction (parametrizations.weight.original1): the weight the op gets has its shape
             uses.extend(trace_uses(user, transposes, depth + 1, indexed, ndim))

@@ -9,6 +9,7 @@ consumer, the consumer and the chain become one op that reads the memory itself:
     tensordot(x, W, 1), einsum equal to x @ W or x @ W.T -> roastfx::roast_linear (x @ V or x @ V^T)
     einsum of an n-D W equal to one GEMM      -> roast_linear over x's contracted dims flattened ("ibh,hnd->ibnd")
     addmm / baddbmm(M, x, W, beta, alpha)     -> beta * M + alpha * (the mm / bmm above) (_split_added_products)
+    x @ cat([W1, W2, ...], dim)               -> one x @ Wi per part, summed or concatenated (_split_concatenated_weights)
     grouped_mm(x, W, offs) of a grouped site  -> roastfx::roast_grouped_mm (stacked experts, all in one launch)
     bmm(W[ids], x), bmm(x, W[ids])            -> roast_picked_mm: the rows sorted by ids, one roast_grouped_mm
     bilinear(x1, x2, W, b)                    -> roast_linear over x1 and x2's flattened outer product
@@ -772,6 +773,14 @@ _NO_ROAST_OP = {
 }
 
 
+def _replace(graph, node, out) -> None:
+    """``out`` (the last node of a rewrite) takes ``node``'s place and metadata, keeping its own example value."""
+    value = out.meta.get("example_value")
+    out.meta = {**node.meta, **({"example_value": value} if value is not None else {})}
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 _ADD_PRODUCT = {torch.addmm: torch.mm, torch.baddbmm: torch.bmm}  # input + mat1 @ mat2, batched or not
 _ADD_PRODUCT_METHODS = {"addmm": torch.mm, "baddbmm": torch.bmm}
 
@@ -803,10 +812,55 @@ def _split_added_products(graph) -> None:
             if beta != 0:
                 added = args[0] if beta == 1 else call_with_example(graph, operator.mul, (args[0], beta))
                 out = call_with_example(graph, operator.add, (added, out), like=node)
-        out.meta = {**node.meta, **({"example_value": out.meta["example_value"]} if "example_value" in out.meta
-                                    else {})}
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        _replace(graph, node, out)
+
+
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _matmul_by_concatenation(node):
+    """(x, the cat node) of ``x @ cat(parts, dim)`` (matmul / mm / ``@``, the concatenation on the right, 2-D),
+    or None."""
+    is_method = node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__")
+    if not (is_method or node.op == "call_function" and node.target in (operator.matmul, torch.matmul, torch.mm)):
+        return None
+    if len(node.args) != 2 or not isinstance(node.args[1], torch.fx.Node):
+        return None
+    cat = node.args[1]
+    if cat.op != "call_function" or cat.target not in _CAT or len(cat.users) != 1:
+        return None
+    return node.args[0], cat
+
+
+def _split_concatenated_weights(graph) -> None:
+    """``x @ cat([P1, P2, ...], dim)`` where some part is a weight read (MobileBERT's head: ``cat([decoder.weight.t(),
+    dense.weight], 0)``) -> one product per part, which then fuse as any ``x @ W``: along dim 0 (the
+    contraction) ``x[..., :k1] @ P1 + x[..., k1:k1+k2] @ P2 + ...``, along dim 1 ``cat([x @ P1, x @ P2, ...], -1)``."""
+    for node in list(graph.nodes):
+        found = _matmul_by_concatenation(node)
+        if found is None:
+            continue
+        x, cat = found
+        parts = _arg(cat, 0, "tensors")
+        dim = _arg(cat, 1, "dim", 0)
+        shapes = [example_shape(p) if isinstance(p, torch.fx.Node) else None for p in parts or ()]
+        if not parts or not isinstance(dim, int) or any(s is None or len(s) != 2 for s in shapes) \
+                or not any(weight_read(p) is not None for p in parts) or example_shape(x) is None:
+            continue
+        dim %= 2
+        with graph.inserting_before(node):
+            if dim == 1:
+                products = [call_with_example(graph, torch.matmul, (x, p)) for p in parts]
+                out = call_with_example(graph, torch.cat, (products, -1), like=node)
+            else:
+                out, start = None, 0
+                for part, shape in zip(parts, shapes):
+                    piece = call_with_example(graph, torch.narrow, (x, -1, start, shape[0]))
+                    product = call_with_example(graph, torch.matmul, (piece, part))
+                    out = product if out is None else call_with_example(graph, operator.add, (out, product), like=node)
+                    start += shape[0]
+        _replace(graph, node, out)
+        graph.erase_node(cat)
 
 
 def _drop_unused_reads(graph) -> None:
@@ -823,6 +877,7 @@ def fuse_roast_ops(gm: torch.fx.GraphModule) -> list[SiteUse]:
     reasons: dict[torch.fx.Node, str] = split_weight_norm(gm)  # the weight norms it leaves, and why
     graph = gm.graph
     _split_added_products(graph)
+    _split_concatenated_weights(graph)
     for node in list(graph.nodes):
         for fuser in _FUSERS:
             found = fuser(graph, node)

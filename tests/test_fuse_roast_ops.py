@@ -1368,3 +1368,44 @@ def test_added_products_over_a_weight_fuse(monkeypatch):
     model.zero_grad()
     sum(e.sum() for e in eager).backward()
     torch.testing.assert_close(grad, model.roast_memory.grad, rtol=1e-5, atol=1e-5)
+
+
+class _ConcatenatedWeights(torch.nn.Module):
+    """Weights concatenated before a matmul: MobileBERT's head (``x @ cat([embedding.weight.t(),
+    dense.weight], 0)``, the tied table read transposed) and two functional weights side by side (dim 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 5)
+        self.dense = torch.nn.Linear(12, 3, bias=False)
+        self.a = torch.nn.Parameter(torch.randn(8, 4))
+        self.b = torch.nn.Parameter(torch.randn(8, 6))
+
+    def forward(self, ids, x):
+        h = self.emb(ids)
+        h = torch.cat([h, torch.tanh(h[..., :3])], -1)
+        return h.matmul(torch.cat([self.emb.weight.t(), self.dense.weight], dim=0)), x @ torch.cat([self.a, self.b], 1)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_concatenated_weights_fuse_part_by_part(path, monkeypatch):
+    """A weight concatenated with others before a matmul is a site (capture_sites follows the cat) and the
+    product splits per part (along the contraction: x's slices times each part, summed; along the output: the
+    products concatenated), each part one roast_linear; compiled equals eager, outputs and memory gradient."""
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ids, x = torch.randint(0, 12, (2, 3)), torch.randn(2, 3, 8)
+    model = roastfx.compress(_ConcatenatedWeights(), "2x", example_inputs=(ids, x), init="random")
+    assert {s.name for s in roastfx.roast_state(model).plan.sites} == {"emb.weight", "dense.weight", "a", "b"}
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(ids, x)
+    eager = model(ids, x)
+    assert [u.fused for u in uses] == [True] * 5, uses
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    sum(c.square().sum() for c in compiled).backward()
+    grad = model.roast_memory.grad.clone()
+    model.zero_grad()
+    sum(e.square().sum() for e in eager).backward()
+    torch.testing.assert_close(grad, model.roast_memory.grad, rtol=1e-5, atol=1e-5)

@@ -27,8 +27,8 @@ class _Model(nn.Module):
         from torch.nn.utils.parametrizations import weight_norm
 
         self.embed = nn.Embedding(500, 32)
-        self.up = nn.Linear(128, 256)
-        self.down = nn.Linear(256, 128)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
         self.conv = nn.Conv2d(16, 32, 3, padding=1)
         self.pos = weight_norm(nn.Conv1d(32, 32, 5, padding=2, groups=2), dim=2)
 
@@ -52,7 +52,7 @@ def _largest_allocation(step) -> tuple[int, str]:
 @pytest.fixture
 def inputs():
     gen = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 128, generator=gen), torch.randint(0, 500, (2, 4), generator=gen),
+    return (torch.randn(2, 64, generator=gen), torch.randint(0, 500, (2, 4), generator=gen),
             torch.randn(1, 16, 4, 4, generator=gen), torch.randn(1, 32, 8, generator=gen))
 
 
