@@ -7,7 +7,8 @@ Each case draws a random view shape, hash tile (powers of two, which the GEMM bl
 as 1, 2 or 4 whole tiles or from inside one, and odd sizes that straddle blocks), alignment,
 window, hash constants, block config and memory dtype, and checks against float64 autograd
 through reference.materialize: the forward GEMM (view read as B or transposed), dX, dMemory
-(atomics and the deterministic path, in row chunks), a grouped conv's forward, dX and dMemory
+(atomics and the deterministic path, in row chunks), a grouped conv's forward, dX and dMemory (half of
+them with the view's rows scaled, as weight norm per kernel tap has them, and that scale's gradient)
 (group sizes on and off tile boundaries), an embedding lookup and its gradient, and a mixture of experts'
 grouped GEMM (forward, dX, dMemory and its sum of squares; empty groups, rows past the last). Prints one
 line per failure and a summary; exits 1 if any case failed. Not a timed benchmark: a check
@@ -16,6 +17,7 @@ for changes to the mapping's kernel arithmetic, too slow (minutes) for the test 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import sys
@@ -30,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from roastfx.codegen import configs, reference  # noqa: E402
 from roastfx.codegen.hashing import PRIME, TileHash  # noqa: E402
-from roastfx.codegen.triton_conv import roast_conv_forward, roast_conv_grad_input, roast_conv_grad_memory  # noqa: E402
+from roastfx.codegen.triton_conv import (roast_conv_forward, roast_conv_grad_input, roast_conv_grad_memory,  # noqa: E402
+                                         roast_conv_row_scaled_grad_memory)
 from roastfx.codegen.triton_embedding import gather_rows, scatter_rows_grad  # noqa: E402
 from roastfx.codegen.triton_grouped import roast_grouped_grad_memory, roast_grouped_matmul  # noqa: E402
 from roastfx.codegen.triton_matmul import roast_grad_memory, roast_matmul  # noqa: E402
@@ -99,24 +102,38 @@ def case_conv(rng, gen):
         return []  # no output pixel
     mapping = draw_mapping(rng, cin // groups * kernel[0] * kernel[1], cout)
     cfg = draw_config(rng)
+    scaled = rng.random() < 0.5  # view rows scaled (weight norm inside the reduction)
     memory = randn(gen, mapping.window_start + mapping.window_size)
     x = randn(gen, 2, cin, *hw).requires_grad_()
     md = memory.clone().requires_grad_()
-    weight = reference.materialize(md, mapping, 0.5).t().reshape(cout, cin // groups, *kernel)
+    rows = (randn(gen, mapping.rows).abs() + 0.25).requires_grad_()
+    view = reference.materialize(md, mapping, 0.5) * (rows[:, None] if scaled else 1)
+    weight = view.t().reshape(cout, cin // groups, *kernel)
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     dy = randn(gen, *y.shape)
     y.backward(dy)
+    kind, extra = ("row-scaled conv" if scaled else "conv"), groups
+    row_scale = rows.detach().float().to(DEVICE) if scaled else None
     out = torch.empty(y.shape, device=DEVICE)
     roast_conv_forward(x.detach().float().to(DEVICE), memory.float().to(DEVICE), mapping, 0.5, out, kernel, stride,
-                       padding, dilation, groups=groups, config=cfg)
-    results = [("conv forward", *close(out, y.detach(), 1e-4), mapping, cfg, groups)]
+                       padding, dilation, groups=groups, config=cfg, row_scale=row_scale)
+    results = [(f"{kind} forward", *close(out, y.detach(), 1e-4), mapping, cfg, extra)]
     dx = torch.full(x.shape, float("nan"), device=DEVICE)
     roast_conv_grad_input(dy.float().to(DEVICE), memory.float().to(DEVICE), mapping, 0.5, dx, kernel, stride, padding,
-                          dilation, groups=groups, config=cfg)
-    results.append(("conv dX", *close(dx, x.grad, 1e-4), mapping, cfg, groups))
-    dm, _ = roast_conv_grad_memory(x.detach().float().to(DEVICE), dy.float().to(DEVICE), memory.numel(), mapping, 0.5,
-                                   kernel, stride, padding, dilation, groups=groups, deterministic=False, config=cfg)
-    results.append(("conv dMemory", *close(dm, md.grad, 1e-4), mapping, cfg, groups))
+                          dilation, groups=groups, config=cfg, row_scale=row_scale)
+    results.append((f"{kind} dX", *close(dx, x.grad, 1e-4), mapping, cfg, extra))
+    if scaled:
+        deterministic = rng.random() < 0.5
+        dm, drows = roast_conv_row_scaled_grad_memory(x.detach().float().to(DEVICE), dy.float().to(DEVICE),
+                                                      memory.float().to(DEVICE), mapping, 0.5, row_scale, kernel,
+                                                      stride, padding, dilation, groups=groups,
+                                                      deterministic=deterministic, config=cfg)
+        results.append((f"{kind} row scale grad", *close(drows, rows.grad, 1e-4), mapping, cfg, extra))
+    else:
+        dm, _ = roast_conv_grad_memory(x.detach().float().to(DEVICE), dy.float().to(DEVICE), memory.numel(), mapping,
+                                       0.5, kernel, stride, padding, dilation, groups=groups, deterministic=False,
+                                       config=cfg)
+    results.append((f"{kind} dMemory", *close(dm, md.grad, 1e-4), mapping, cfg, extra))
     return results
 
 
@@ -184,15 +201,18 @@ def main(argv=None) -> int:
     rng, gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     kinds = {"gemm": case_gemm, "conv": case_conv, "embedding": case_embedding, "grouped": case_grouped}
     checks = failures = 0
+    kinds_run = collections.Counter()
     start = time.time()
     for i in range(args.cases):
         kind = rng.choice(["gemm", "gemm", "conv", "embedding", "grouped"])
         for name, ok, err, mapping, cfg, extra in kinds[kind](rng, gen):
             checks += 1
+            kinds_run["row-scaled conv" if name.startswith("row-scaled") else kind] += 1
             if not ok:
                 failures += 1
                 print(f"FAIL case {i} {name}: max error {err:.3g}; {mapping}; {cfg}; {extra}", flush=True)
-    print(f"{checks} checks in {args.cases} cases on {DEVICE} ({time.time() - start:.0f} s): {failures} failed")
+    print(f"{checks} checks in {args.cases} cases on {DEVICE} ({time.time() - start:.0f} s): {failures} failed; "
+          f"checks by kind: {dict(sorted(kinds_run.items()))}")
     return 1 if failures else 0
 
 
