@@ -97,9 +97,16 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
     W = V^T reshaped to (out, in/groups, *kernel) and V is the site's B view read from the memory.
     grad_norm: the memory gets the view's gradient divided by its RMS (grad_norm.py)."""
     _check_dims("roast_conv", kernel, stride, padding, dilation)
-    path = _triton_path(x, mapping, groups, len(kernel))
+    return _conv_forward(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups,
+                         _triton_path(x, mapping, groups, len(kernel)))
+
+
+def _conv_forward(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups, path, row_scale=None):
+    """roast_conv's conv (with ``row_scale``, roast_conv_row_scaled's: the view's rows scaled) on ``path``
+    (`_triton_path`'s; None: the reference path)."""
     if path is None:
         view = gather_view(memory, _mapping(mapping), scale)
+        view = view if row_scale is None else view * row_scale[:, None]
         weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
         # contiguous as the fake says (a channels_last x gives a channels_last output)
         return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups).contiguous()
@@ -113,7 +120,8 @@ def roast_conv(x: torch.Tensor, memory: torch.Tensor, mapping: list[int], scale:
         from .triton_conv import roast_conv_forward
 
         y = torch.empty((n, mapping[1], *spatial), device=x.device, dtype=x.dtype)
-        roast_conv_forward(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias)
+        roast_conv_forward(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias,
+                           row_scale=None if row_scale is None else row_scale.float().contiguous())
     else:
         width = mapping[1] // groups
         outs = []
@@ -388,21 +396,8 @@ def roast_conv_row_scaled(x: torch.Tensor, memory: torch.Tensor, mapping: list[i
     reference path materializes the scaled weight."""
     _check_dims("roast_conv_row_scaled", kernel, stride, padding, dilation)
     _check_row_scale(row_scale, mapping)
-    if not use_triton(x):
-        view = gather_view(memory, _mapping(mapping), scale) * row_scale[:, None]
-        weight = _conv_weight(view, x.shape[-len(kernel) - 1] // groups, kernel, x.dtype)
-        return _CONV[len(kernel)](x, weight, bias, stride, padding, dilation, groups).contiguous()
-    _kernels()
-    from .triton_conv import roast_conv_forward
-
-    xb = _batched(x, kernel)
-    x2, k2, s2, p2, d2 = _lifted(xb, kernel, stride, padding, dilation)
-    spatial = [_conv_out_size(*a) for a in zip(x2.shape[2:], k2, s2, p2, d2)]
-    y = torch.empty((x2.shape[0], mapping[1], *spatial), device=x.device, dtype=x.dtype)
-    roast_conv_forward(x2, memory, _mapping(mapping), scale, y, k2, s2, p2, d2, groups=groups, bias=bias,
-                       row_scale=row_scale.float().contiguous())
-    y = y.squeeze(2) if len(kernel) == 1 else y
-    return y if xb is x else y.squeeze(0)
+    return _conv_forward(x, memory, mapping, scale, bias, kernel, stride, padding, dilation, groups,
+                         ("implicit", None) if use_triton(x) else None, row_scale)
 
 
 @roast_conv_row_scaled.register_fake

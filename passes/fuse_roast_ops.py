@@ -821,8 +821,8 @@ _CAT = {torch.cat, torch.concat, torch.concatenate}
 def _matmul_by_concatenation(node):
     """(x, the cat node) of ``x @ cat(parts, dim)`` (matmul / mm / ``@``, the concatenation on the right, 2-D),
     or None."""
-    is_method = node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__")
-    if not (is_method or node.op == "call_function" and node.target in (operator.matmul, torch.matmul, torch.mm)):
+    is_method = node.op == "call_method" and node.target in _MATMUL_METHODS - {"bmm"}
+    if not (is_method or node.op == "call_function" and node.target in _MATMUL - {torch.bmm}):
         return None
     if len(node.args) != 2 or not isinstance(node.args[1], torch.fx.Node):
         return None

@@ -120,8 +120,8 @@ def test_row_scaled_ops_pass_opcheck(device, monkeypatch):
     torch.library.opcheck(torch.ops.roastfx.roast_conv_row_scaled.default, (x, *args, rows, bias, *geometry))
     monkeypatch.setenv("ROASTFX_KERNELS", "triton")
     grad = randn(2, 10, 4, 5, seed=16, device=device)
-    plain = (x.detach(), args[0].detach(), *args[1:])
+    site = (args[0].detach(), *args[1:])
     torch.library.opcheck(torch.ops.roastfx.conv_grad_input.default,
-                          (grad, *plain[1:], list(x.shape), *geometry, False, rows.detach()))
+                          (grad, *site, list(x.shape), *geometry, False, rows.detach()))
     torch.library.opcheck(torch.ops.roastfx.conv_row_scaled_grad_memory.default,
-                          (plain[0], grad, *plain[1:], rows.detach(), *geometry))
+                          (x.detach(), grad, *site, rows.detach(), *geometry))
