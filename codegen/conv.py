@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .grad_norm import normalize, rms_from_sumsq, site_grad_rms
-from .ops import _kernels, _mapping, _memory_grad_op, column_windows, materialize, row_windows, use_triton
+from .ops import (_kernels, _mapping, _memory_grad_op, column_windows, materialize, row_windows, use_triton,
+                  weight_norm_inner_scale)
 from .runs import gather_view
 
 
@@ -376,11 +377,10 @@ def weight_norm_row_scale(g: torch.Tensor, row_sumsq: torch.Tensor, weight_shape
     (one per (input channel, kernel tap), summed over the output channels): one factor per view row, flat,
     in g's dtype."""
     inner = list(weight_shape[1:])
-    sums = row_sumsq.reshape(inner).sum([i for i in range(len(inner)) if i != dim - 1])
-    factor = g.reshape(-1).to(sums.dtype) / sums.sqrt()
+    factor = weight_norm_inner_scale(g, row_sumsq, weight_shape, dim)
     shape = [1] * len(inner)
     shape[dim - 1] = -1
-    return factor.reshape(shape).expand(inner).reshape(-1).to(g.dtype)
+    return factor.reshape(shape).expand(inner).reshape(-1)
 
 
 @torch.library.custom_op("roastfx::roast_conv_row_scaled", mutates_args=())

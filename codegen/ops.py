@@ -19,7 +19,7 @@ from .hashing import PRIME, TileHash
 from . import runs
 from .runs import gather_rows, gather_view, scatter_rows_grad, scatter_view_grad
 
-__all__ = ["materialize", "slice_sumsq", "weight_norm_scale", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv", "roast_conv_row_scaled",
+__all__ = ["materialize", "slice_sumsq", "weight_norm_scale", "weight_norm_inner_scale", "roast_linear", "roast_grouped_mm", "roast_picked_mm", "roast_embedding", "roast_conv", "roast_conv_row_scaled",
            "embedding_bag_of_rows", "mapping_args", "use_triton"]
 
 
@@ -148,6 +148,20 @@ def weight_norm_scale(g: torch.Tensor, sumsq: torch.Tensor, whole: bool) -> torc
     dim=-1, one norm over all of v, from the sums of its slices): per slice, flat, in g's dtype."""
     norm = sumsq.sum().sqrt() if whole else sumsq.sqrt()
     return (g.reshape(-1).to(norm.dtype) / norm).to(g.dtype)
+
+
+def weight_norm_inner_scale(g: torch.Tensor, inner_sumsq: torch.Tensor, weight_shape: list[int],
+                            dim: int) -> torch.Tensor:
+    """``g / norm`` of ``torch._weight_norm(v, g, dim)`` for a weight v of ``weight_shape`` and
+    1 <= dim < len(weight_shape), given the squared norms of v's slices ``v[:, j1, j2, ...]`` (one per index of
+    v's dims after the first, in order, each summed over dim 0: the sums over the lines of the site's view
+    that do not run along dim 0): one factor per index of ``dim``, flat, in g's dtype."""
+    inner = list(weight_shape[1:])
+    others = [i for i in range(len(inner)) if i != dim - 1]
+    sums = inner_sumsq.reshape(inner)
+    if others:  # (sum over an empty list of dims would sum over all of them)
+        sums = sums.sum(others)
+    return (g.reshape(-1).to(sums.dtype) / sums.sqrt()).to(g.dtype)
 
 
 class EagerMaterialize(torch.autograd.Function):

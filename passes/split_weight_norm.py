@@ -8,7 +8,11 @@ rewrites the op over ``v_read * s`` (s = g / norm per slice, broadcast as the we
 - ``linear(x, v * s, b)`` and ``conv(x, v * s, b)`` (dim 0: output features / channels):
   ``op(x, v) * s + b``, s broadcast over the output's channel dim;
 - ``conv_transpose(x, v * s, b)`` (dim 0: input channels): ``conv_transpose(x * s, v, b)``;
-- ``dim=-1`` (one norm over all of v, torch's meaning of -1 here): s is one number, ``op(x, v) * s + b``.
+- ``dim=-1`` (one norm over all of v, torch's meaning of -1 here): s is one number, ``op(x, v) * s + b``;
+- a linear's dim 1 (input features): ``linear(x * s, v, b)``, the squared norms per column of the weight
+  (``weight_norm_inner_scale``);
+- a transposed conv's dim 1 (output channel within a group): ``conv_transpose(x, v) * s + b``, s repeated
+  per group.
 
 A conv's norm over any other dim (per input channel, dim 1; per kernel tap, dim >= 2: Wav2Vec2's positional
 conv) scales the weight along the conv's reduction, where no factor can leave the op: the pass writes
@@ -18,7 +22,7 @@ conv) scales the weight along the conv's reduction, where no factor can leave th
 
 The squared norms come from ``roastfx::slice_sumsq`` (the memory read block by block on a GPU, no dense
 v), so ``fuse_roast_ops`` then fuses ``op(x, v)`` like any read and its epilogue fusion can take the scale
-and bias. A linear's or transposed conv's norm over another dim, a read whose gradient is normalized per
+and bias. A transposed conv's norm per kernel tap (dim >= 2), a read whose gradient is normalized per
 site (``grad_scaling="site"``: the sums would bypass it), and weights used elsewhere too keep
 ``_weight_norm`` on the materialized view, with the reason in ``reasons``.
 """
@@ -29,7 +33,7 @@ import math
 import torch
 
 from roastfx.codegen.conv import row_scaled_conv, weight_norm_row_scale
-from roastfx.codegen.ops import weight_norm_scale
+from roastfx.codegen.ops import weight_norm_inner_scale, weight_norm_scale
 
 from .weight_reads import CONV_OPS as _CONV
 from .weight_reads import CONV_TRANSPOSE_OPS as _CONV_TRANSPOSE
@@ -56,10 +60,10 @@ def _why_not(node, read, dim) -> str | None:
         weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
     if weight is not node:
         return "weight norm whose result is not only the weight of one linear or conv op"
-    if dim not in (0, -1) and not (user.target in _CONV and 0 < dim < len(read.shape)):
-        return (f"weight norm over dim {dim} of a {len(read.shape)}-d weight of {_name(user)} (one norm per slice "
-                "of that dim) scales the weight inside the op's reduction; only dim 0 (per output feature or "
-                "channel) and dim=-1 (one norm) are split off a linear or transposed conv, and any dim of a conv")
+    if dim not in (0, -1) and not (user.target in _CONV and 0 < dim < len(read.shape)) and dim != 1:
+        return (f"weight norm over dim {dim} of a {len(read.shape)}-d weight of {_name(user)} (one norm per kernel "
+                "tap) scales the transposed conv's weight inside its reduction; only dims 0 and 1 (input and output "
+                "channels) and dim=-1 (one norm) are split off a transposed conv, and any dim of a linear or conv")
     if read.grad_norm:
         return "weight norm over a weight read with grad_scaling='site' (the norms would bypass the normalized gradient)"
     if read.broadcast or read.cast is not None:
@@ -67,7 +71,7 @@ def _why_not(node, read, dim) -> str | None:
     rows, cols = read.mapping[0], read.mapping[1]
     if read.shape[0] != (cols if read.transposed else rows):
         return f"weight norm's dim 0 ({read.shape[0]}) is not one axis of the site's view ({rows} x {cols})"
-    if dim > 0 and not (read.transposed and math.prod(read.shape[1:]) == rows):
+    if dim > 0 and user.target in _CONV and not (read.transposed and math.prod(read.shape[1:]) == rows):
         return f"the conv weight {tuple(read.shape)} is not the site's ({rows} x {cols}) view transposed"
     return None
 
@@ -93,13 +97,14 @@ def _in_dtype(graph, node, dtype):
     return with_example(graph.call_method("to", (node, dtype)))
 
 
-def _rewritten(graph, user, v, scale, whole: bool):
-    """The nodes computing ``user``'s output from ``v`` with the weight norm's ``scale`` moved out of it."""
+def _rewritten(graph, user, v, scale, whole: bool, on_output: bool = False):
+    """The nodes computing ``user``'s output from ``v`` with the weight norm's ``scale`` moved out of it (a
+    transposed conv's onto its input, unless ``on_output``: then per output channel, as for the others)."""
     dtype = getattr(user.meta.get("example_value"), "dtype", None)
     args, kwargs = list(user.args), dict(user.kwargs)
     args[1] = v
     kwargs.pop("weight", None)
-    if user.target in _CONV_TRANSPOSE:  # dim 0 is the input channel: scale the input, keep the bias
+    if user.target in _CONV_TRANSPOSE and not on_output:  # dim 0 is the input channel: scale the input
         factor = scale if whole else _per_channel(graph, scale, _CONV_TRANSPOSE[user.target])
         args[0] = call_with_example(graph, torch.mul, (args[0], factor), like=args[0])
         return call_with_example(graph, user.target, tuple(args), kwargs, like=user)
@@ -111,12 +116,31 @@ def _rewritten(graph, user, v, scale, whole: bool):
     out = call_with_example(graph, user.target, tuple(args), kwargs, like=user)
     scale = _in_dtype(graph, scale, dtype)
     bias = None if bias is None else _in_dtype(graph, bias, dtype)
-    dims = _CONV.get(user.target)
+    dims = _CONV.get(user.target, _CONV_TRANSPOSE.get(user.target))
     if dims is None:  # linear: features are the output's last dim
         out = call_with_example(graph, torch.mul, (out, scale), like=user)
         return out if bias is None else call_with_example(graph, torch.add, (out, bias), like=user)
     out = call_with_example(graph, torch.mul, (out, scale if whole else _per_channel(graph, scale, dims)), like=user)
     return out if bias is None else call_with_example(graph, torch.add, (out, _per_channel(graph, bias, dims)), like=user)
+
+
+def _inner_rewritten(graph, user, v, factor):
+    """``user`` (a linear, or a transposed conv) over ``v`` whose slices along the weight's dim 1 are scaled by
+    ``factor``: a linear's dim 1 is its input features, so x is scaled (``linear(x * s, v, b)``); a transposed
+    conv's dim 1 is the output channel within a group, so the output is (``conv_transpose(x, v) * s + b``, s
+    repeated per group)."""
+    args, kwargs = list(user.args), dict(user.kwargs)
+    args[1] = v
+    kwargs.pop("weight", None)
+    x = args[0]
+    if user.target in _LINEAR:
+        dtype = getattr(x.meta.get("example_value"), "dtype", None)
+        args[0] = call_with_example(graph, torch.mul, (x, _in_dtype(graph, factor, dtype)), like=x)
+        return call_with_example(graph, user.target, tuple(args), kwargs, like=user)
+    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+    if groups != 1:
+        factor = with_example(graph.call_method("repeat", (factor, groups)))
+    return _rewritten(graph, user, v, factor, False, on_output=True)
 
 
 def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
@@ -137,6 +161,16 @@ def split_weight_norm(gm: torch.fx.GraphModule) -> dict:
             continue
         user = next(iter(node.users))
         memory, mapping, view_scale = read.materialize.args
+        if dim > 0 and user.target not in _CONV:  # a linear's input features, a transposed conv's output channels
+            with graph.inserting_before(user):
+                sumsq = call_with_example(graph, torch.ops.roastfx.slice_sumsq.default,
+                                          (memory, list(mapping), view_scale, not read.transposed))
+                factor = call_with_example(graph, weight_norm_inner_scale, (g, sumsq, list(read.shape), dim))
+                out = _inner_rewritten(graph, user, v, factor)
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+            graph.erase_node(node)
+            continue
         if dim > 0:  # a conv's reduction dim: the op scales its weight's view rows (codegen/conv.py)
             with graph.inserting_before(user):
                 sumsq = call_with_example(graph, torch.ops.roastfx.slice_sumsq.default,

@@ -1310,6 +1310,69 @@ def test_weight_norm_inside_a_convs_reduction_under_autocast():
         torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.02)
 
 
+class _InputNormed(torch.nn.Module):
+    """Weight norm over dim 1 of a linear (per input feature: the scale moves onto x) and of transposed convs
+    (per output channel within a group: onto the output, repeated per group), and one per kernel tap of a
+    transposed conv (dim 2, inside its reduction: stays materialized)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        nn = torch.nn
+        self.lin = weight_norm(nn.Linear(7, 9), dim=1)
+        self.up = weight_norm(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), dim=1)
+        self.up2 = weight_norm(nn.ConvTranspose2d(3, 5, (2, 3), bias=False), dim=1)
+        self.taps = weight_norm(nn.ConvTranspose1d(4, 3, 3), dim=2)
+
+    def forward(self, x, y, z):
+        return (torch.tanh(self.lin(x)).square().mean() + self.up(y).square().mean()
+                + self.up2(z).square().mean() + self.taps(y).square().mean())
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_weight_norm_over_input_features_and_output_channels_fuses(kernels, monkeypatch):
+    """A linear's norm per input feature (``linear(x * s, v, b)``, the squared norms per column of the weight)
+    and a transposed conv's per output channel (``conv_transpose(x, v) * s + b``) fuse; per kernel tap of a
+    transposed conv stays materialized with its reason. Compiled equals eager in the loss and the gradients
+    of the memory, of every g and of the biases."""
+    monkeypatch.setenv("ROASTFX_KERNELS", kernels)
+    torch.manual_seed(0)
+    model = roastfx.compress(_InputNormed(), "2x", init="random")
+    x, y, z = torch.randn(3, 5, 7), torch.randn(2, 4, 6), torch.randn(2, 3, 4, 5)
+    eager = model(x, y, z)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y, z)
+    compiled.backward()
+    assert [u.fused for u in uses] == [True, True, True, False], uses
+    assert "per kernel tap" in uses[3].why and "transposed conv" in uses[3].why, uses[3].why
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert {"lin.parametrizations.weight.original0", "up.parametrizations.weight.original0", "up.bias",
+            "roast_memory"} <= set(grads)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weight_norm_over_input_features_under_autocast():
+    """Under CPU autocast the split linear and transposed convs compute in bfloat16 as eager's ops do."""
+    torch.manual_seed(0)
+    model = roastfx.compress(_InputNormed(), "2x", init="random")
+    x, y, z = torch.randn(3, 5, 7), torch.randn(2, 4, 6), torch.randn(2, 3, 4, 5)
+
+    def parts(x, y, z):
+        return model.lin(x), model.up(y), model.up2(z)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = parts(x, y, z)
+        compiled = torch.compile(parts, backend="roast")(x, y, z)
+    assert [c.dtype for c in compiled] == [e.dtype for e in eager] == [torch.bfloat16] * 3
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.03)
+
+
 def test_weight_norm_that_cannot_be_split_stays_materialized_with_its_reason(monkeypatch):
     """Site gradient scaling would be bypassed by the norms: those reads keep _weight_norm on the view,
     compiled still equals eager."""
