@@ -810,7 +810,13 @@ def _split_added_products(graph) -> None:
             if alpha != 1:
                 out = call_with_example(graph, operator.mul, (out, alpha), like=node)
             if beta != 0:
-                added = args[0] if beta == 1 else call_with_example(graph, operator.mul, (args[0], beta))
+                added = args[0]
+                if _dtype(node) is not None and _dtype(added) not in (None, _dtype(node)):
+                    # under autocast torch casts the added input to the dtype the product runs in (a float32
+                    # bias to bfloat16): adding it uncast would promote the result back to float32
+                    added = call_with_example(graph, torch.Tensor.to, (added, _dtype(node)))
+                if beta != 1:
+                    added = call_with_example(graph, operator.mul, (added, beta))
                 out = call_with_example(graph, operator.add, (added, out), like=node)
         _replace(graph, node, out)
 

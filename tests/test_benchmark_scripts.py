@@ -145,3 +145,43 @@ def test_cpu_benchmark_quick_run():
     for word in ("embedding-tiny", "linear-tiny", "rows", "whole table", "eager", "custom op", "dense", "x"):
         assert word in done.stdout, (word, done.stdout)
     assert "wrote" not in done.stdout
+
+
+def test_model_fuzz_runs_random_models_compiled_against_eager():
+    """benchmarks/fuzz_models.py: random models (sequence and image) compressed, trained one step eagerly and
+    compiled on both kernel paths, at two batch sizes; every case passes and the fused reads are counted."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fuzz_models.py"), "--cases", "3",
+                           "--seed", "11", "--verbose"], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "3 cases (seed 11, cpu): 0 failed" in done.stdout, done.stdout[-2000:]
+    assert done.stdout.count("ok   case") == 3 and " fused" in done.stdout, done.stdout[-2000:]
+
+
+def test_model_fuzz_catches_a_wrong_fused_op(monkeypatch):
+    """The fuzz's check can fail: with the backend's last fused op (the head) scaled by 1.01 (a wrong kernel), the same
+    kind of case reports its output and gradients as different from eager's."""
+    import fuzz_models
+    import torch
+
+    import roastfx.passes.fuse_roast_ops as fuse_pass
+
+    original = fuse_pass.fuse_roast_ops
+
+    def wrong(gm):
+        uses = original(gm)
+        node = next(n for n in gm.graph.nodes if n.name == next(u.node for u in reversed(uses) if u.fused))
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_function(torch.mul, (node, 1.01))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        gm.recompile()
+        return uses
+
+    monkeypatch.setattr(fuse_pass, "fuse_roast_ops", wrong)
+    monkeypatch.setenv("ROASTFX_KERNELS", "reference")  # run_case sets it per case; restored after the test
+    monkeypatch.setitem(fuzz_models.FORCE, "kernels", "reference")
+    monkeypatch.setitem(fuzz_models.FORCE, "inner", "aot_eager")
+    monkeypatch.setitem(fuzz_models.FORCE, "grad_scaling", "none")
+    result, note = fuzz_models.run_case(random.Random(5), 0, [])
+    assert note is None and len(result) == 1 and isinstance(result[0], str), (result, note)
+    assert "batch 1: output relative difference" in result[0] and "gradient of" in result[0], result[0]

@@ -1433,6 +1433,27 @@ def test_added_products_over_a_weight_fuse(monkeypatch):
     torch.testing.assert_close(grad, model.roast_memory.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_added_products_keep_eagers_dtypes_under_autocast():
+    """Under autocast torch casts addmm's / baddbmm's added input (a float32 bias) to bfloat16 with the
+    product: the split casts it too, so compiled outputs have eager's dtypes (found by
+    benchmarks/fuzz_models.py: the float32 sum had made the next linear return float32 as well)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    model = roastfx.compress(_AddedProducts(), "2x", example_inputs=(x,))
+    head = torch.nn.Linear(6, 4)
+
+    def run(x):
+        a, b, c = model(x)
+        return a, b, c, head(b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = run(x)
+        compiled = torch.compile(run, backend="roast", options={"inner": "aot_eager"})(x)
+    assert [c.dtype for c in compiled] == [e.dtype for e in eager] == [torch.bfloat16] * 4
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.1)
+
+
 class _ConcatenatedWeights(torch.nn.Module):
     """Weights concatenated before a matmul: MobileBERT's head (``x @ cat([embedding.weight.t(),
     dense.weight], 0)``, the tied table read transposed) and two functional weights side by side (dim 1)."""
