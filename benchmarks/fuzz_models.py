@@ -7,12 +7,13 @@
 Each case draws a small model from a grammar of the layers and weight uses the backend rewrites -- linears
 with activations, residuals and scalings after them (epilogue fusion), weights used functionally (``x @ W``,
 ``x @ W.T``, ``F.linear``, ``einsum``, ``torch.matmul``, ``addmm``, the weight on the left), weight norm over
-every dim, embeddings and bags, multi-head attention, GRUs, bilinears, conv1d/2d and transposed convs at random
-kernels, strides, paddings, dilations and groups, batch and group norms -- compresses it (random ratio, seed,
+every dim, embeddings and bags, a head tied to the embedding, multi-head attention, transformer encoder layers, a
+linear used twice, GRUs, bilinears, conv1d/2d and transposed convs at random kernels, strides, paddings,
+dilations and groups (also ``F.conv1d`` over a plain parameter), batch and group norms -- compresses it (random ratio, seed,
 hash tile and grad_scaling), and runs one training step eagerly and compiled (inner compiler aot_eager or
 inductor; roast ops on the reference path or the Triton kernels, interpreted on a CPU), then both again at
-another batch size. It checks the outputs and the gradient of every parameter (the memory, and what stayed
-dense) against eager's, and counts the weight reads that fused and why the others did not. Under autocast (a
+another batch size, then in eval under no_grad. It checks the outputs and the gradient of every parameter (the
+memory, and what stayed dense) against eager's, and counts the weight reads that fused and why the others did not. Under autocast (a
 quarter of the cases) outputs are compared at bfloat16's precision.
 
 Prints one line per failure, the reasons reads stayed materialized, and a summary; exits 1 if any case failed.
@@ -187,6 +188,49 @@ class SeqConv(nn.Module):
         return F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
 
 
+class Encoder(nn.Module):
+    """nn.TransformerEncoderLayer (no dropout); in eval under no_grad torch takes its fused fast path."""
+
+    def __init__(self, rng, d, t):
+        super().__init__()
+        heads = rng.choice([h for h in (1, 2, 4) if d % h == 0])
+        self.out, self.t = d, t
+        first, act = rng.random() < 0.5, rng.choice(["relu", "gelu"])
+        self.layer = nn.TransformerEncoderLayer(d, heads, rng.randrange(4, 33), dropout=0.0, activation=act,
+                                                batch_first=True, norm_first=first)
+        self.desc = f"encoder_layer(d={d}, heads={heads}, norm_first={first}, {act})"
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class Shared(nn.Module):
+    """One nn.Linear applied twice (a weight read once per use, or shared)."""
+
+    def __init__(self, rng, d, t):
+        super().__init__()
+        self.out, self.t = d, t
+        self.lin = nn.Linear(d, d)
+        self.desc = f"shared linear({d}->{d}) twice"
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class FunctionalConv(nn.Module):
+    """A plain nn.Parameter used by F.conv1d over the tokens."""
+
+    def __init__(self, rng, d, t):
+        super().__init__()
+        k = rng.choice([k for k in (1, 2, 3) if k <= t])
+        self.out, self.t = rng.randrange(2, 12), t - k + 1
+        self.w = nn.Parameter(torch.randn(self.out, d, k) / (d * k) ** 0.5)
+        self.desc = f"F.conv1d W{tuple(self.w.shape)}"
+
+    def forward(self, x):
+        return F.conv1d(x.transpose(1, 2), self.w).transpose(1, 2)
+
+
 class Norm(nn.Module):
     def __init__(self, rng, d, t):
         super().__init__()
@@ -198,7 +242,8 @@ class Norm(nn.Module):
         return self.ln(x)
 
 
-SEQ_LAYERS = (Dense, Dense, Functional, Normed, Attention, Recurrent, Bilinear, SeqConv, SeqConv, Norm)
+SEQ_LAYERS = (Dense, Dense, Functional, Normed, Attention, Recurrent, Bilinear, SeqConv, SeqConv, Norm, Encoder,
+              Shared, FunctionalConv)
 
 
 class SeqModel(nn.Module):
@@ -220,6 +265,10 @@ class SeqModel(nn.Module):
             d, t = layer.out, layer.t
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(d, rng.randrange(2, 9), bias=rng.random() < 0.5)
+        if d == self.embed.weight.shape[1] and not self.bag and rng.random() < 0.5:  # tied, as in a language model
+            self.head = nn.Linear(d, self.vocab, bias=False)
+            self.head.weight = self.embed.weight
+            parts.append("head tied to the embedding")
         self.desc = f"{self.tokens} tokens: " + " | ".join(parts)
 
     def inputs(self, gen, batch):
@@ -242,19 +291,35 @@ class SeqModel(nn.Module):
 # ---- image layers: (batch, channels, height, width) ----
 
 class ImageConv(nn.Module):
-    def __init__(self, rng, c):
+    """A conv2d or transposed conv2d (maybe under weight norm), a batch or group norm or none, an activation.
+    Sets .out (channels), .hw (output height and width) and .desc."""
+
+    def __init__(self, rng, c, hw):
         super().__init__()
         groups = rng.choice([g for g in (1, 1, 2, c) if c % g == 0])
         self.out = groups * rng.randrange(1, 5) if groups != c else c * rng.choice([1, 2])
-        k = rng.choice([1, 2, 3, (1, 3), (3, 2)])
-        stride, dilation = rng.choice([1, 1, 2]), rng.choice([1, 1, 2])
-        if rng.random() < 0.25:
-            conv = nn.ConvTranspose2d(c, self.out, k, stride=stride, groups=groups,
-                                      output_padding=rng.randrange(0, stride), dilation=max(dilation, stride))
+        for _ in range(20):  # draw until the output has at least one pixel
+            k = rng.choice([1, 2, 3, (1, 3), (3, 2)])
+            k2 = k if isinstance(k, tuple) else (k, k)
+            stride, dilation, padding = rng.choice([1, 1, 2]), rng.choice([1, 1, 2]), rng.choice([0, 1])
+            transposed = rng.random() < 0.25
+            if transposed:
+                dilation = max(dilation, stride)
+                output_padding = rng.randrange(0, stride)
+                self.hw = tuple((s - 1) * stride + dilation * (kk - 1) + output_padding + 1 for s, kk in zip(hw, k2))
+            else:
+                self.hw = tuple((s + 2 * padding - dilation * (kk - 1) - 1) // stride + 1 for s, kk in zip(hw, k2))
+            if min(self.hw) >= 1:
+                break
+        else:
+            k, stride, dilation, padding, transposed, self.hw = 1, 1, 1, 0, False, hw
+        if transposed:
+            conv = nn.ConvTranspose2d(c, self.out, k, stride=stride, groups=groups, output_padding=output_padding,
+                                      dilation=dilation)
             kind = "conv_transpose2d"
         else:
-            conv = nn.Conv2d(c, self.out, k, stride=stride, padding=rng.choice([0, 1]), dilation=dilation,
-                             groups=groups, bias=rng.random() < 0.6)
+            conv = nn.Conv2d(c, self.out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                             bias=rng.random() < 0.6)
             kind = "conv2d"
         if rng.random() < 0.25:
             dim = rng.choice([0, 1, None] + ([2, 3] if kind == "conv2d" else []))
@@ -265,7 +330,8 @@ class ImageConv(nn.Module):
         self.bn = nn.BatchNorm2d(self.out) if self.norm == "batch" else \
             nn.GroupNorm(1, self.out) if self.norm == "group" else None
         self.act = rng.choice(list(ACTIVATIONS))
-        self.desc = f"{kind}({c}->{self.out}, k={k}, stride={stride}, groups={groups}) {self.norm} {self.act}"
+        self.desc = (f"{kind}({c}->{self.out}, k={k}, stride={stride}, dilation={dilation}, groups={groups}) "
+                     f"{self.norm} {self.act} -> {self.hw}")
 
     def forward(self, x):
         y = self.conv(x)
@@ -279,12 +345,12 @@ class ImageModel(nn.Module):
         super().__init__()
         self.channels = c = rng.choice([1, 2, 3, 4])
         self.size = rng.randrange(7, 13)
-        layers, parts = [], []
+        layers, parts, hw = [], [], (self.size, self.size)
         for _ in range(rng.randrange(1, 4)):
-            layer = ImageConv(rng, c)
+            layer = ImageConv(rng, c, hw)
             layers.append(layer)
             parts.append(layer.desc)
-            c = layer.out
+            c, hw = layer.out, layer.hw
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(4 * c, rng.randrange(2, 9))
         self.desc = " | ".join(parts)
@@ -338,7 +404,9 @@ def run_case(rng, index, uses):
     grad_scaling = rng.choice(["none", "none", "site"])
     kernels = rng.choice(["reference", "triton"])
     inner = rng.choice(["aot_eager", "aot_eager", "inductor"])
-    autocast = rng.random() < 0.25
+    # nn.Bilinear has no autocast rule: under autocast it gets a bfloat16 input and float32 weights and fails, dense
+    # or not
+    autocast = rng.random() < 0.25 and not any(isinstance(m, Bilinear) for m in model.modules())
     kernels, inner, grad_scaling = (FORCE.get("kernels") or kernels, FORCE.get("inner") or inner,
                                     FORCE.get("grad_scaling") or grad_scaling)
     desc = (f"case {index}: {type(model).__name__} [{model.desc}] {ratio} tile={tile} grad_scaling={grad_scaling} "
@@ -366,10 +434,15 @@ def run_case(rng, index, uses):
         compiled_model = torch.compile(model, backend="roast", options={"inner": inner})
         compiled = _step(compiled_model, model, inputs, autocast)
         compiled_other = _step(compiled_model, model, other, autocast)
+        model.eval()  # inference: batch norms on running statistics, the encoder layer's fast path
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            eager_eval, compiled_eval = model(*other), compiled_model(*other)
     except Exception:
         return [f"{desc}\n  compiled failed:\n{traceback.format_exc(limit=6)}"], None
     failures = []
-    out_tol, grad_tol = (0.05, 0.08) if autocast else (1e-4, 1e-3)
+    # under autocast eager and compiled both round to bfloat16, in different orders and places (inductor keeps
+    # float32 inside its fused kernels): only gross differences (a wrong scale, dtype or transposition) count
+    out_tol, grad_tol = (0.1, 0.25) if autocast else (1e-4, 1e-3)
     for label, (e_out, e_grads), (c_out, c_grads) in (("batch 1", eager, compiled), ("batch 2", eager_other,
                                                                                       compiled_other)):
         if c_out.dtype != e_out.dtype or c_out.shape != e_out.shape:
@@ -386,6 +459,11 @@ def run_case(rng, index, uses):
         for name in sorted(set(c_grads) & set(e_grads)):
             if (r := _rel(c_grads[name], e_grads[name], floor)) > grad_tol:
                 failures.append(f"{label}: gradient of {name} relative difference {r:.2e} > {grad_tol}")
+    if compiled_eval.dtype != eager_eval.dtype or compiled_eval.shape != eager_eval.shape:
+        failures.append(f"eval: output {compiled_eval.dtype} {tuple(compiled_eval.shape)} vs eager "
+                        f"{eager_eval.dtype} {tuple(eager_eval.shape)}")
+    elif (r := _rel(compiled_eval, eager_eval)) > out_tol:
+        failures.append(f"eval: output relative difference {r:.2e} > {out_tol}")
     if failures:
         return [desc + "\n  " + "\n  ".join(failures)], None
     return uses[start:], None

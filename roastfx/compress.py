@@ -132,7 +132,9 @@ def compress(
     site's weight gradient is divided by its root mean square before it is added into
     the memory, so sites whose gradients differ by orders of magnitude (a classifier
     head, embeddings behind a LayerNorm, deep encoder weights) all steer the slots
-    they share. Recommended for training globally shared models with Adam; it is
+    they share. Each read of a weight is normalized on its own: a module called twice in
+    a forward, or two modules tied to one weight, read it twice (eager and compiled alike).
+    Recommended for training globally shared models with Adam; it is
     stored in the plan, so checkpoints keep it. See docs/results.md.
     own_window: name patterns (fnmatch, as ``exclude``) of sites that scheme="roast" keeps
     out of the shared memory: they get their own window at its end, sized by their share

@@ -121,6 +121,9 @@ class RoastState:
 
     def keep_read(self, site_name: str, weight: torch.Tensor) -> None:
         reads = self._reads
+        if self.plan.grad_scaling == "site" and weight.requires_grad:
+            return  # each read's gradient is normalized on its own (as compiled graphs do): sharing one read
+            # would normalize the sum of its uses' gradients instead, from the second forward on
         if getattr(reads, "depth", 0) and site_name in self.repeated:
             reads.kept[site_name] = (self._read_key(), weight)
 

@@ -326,6 +326,44 @@ def test_tied_weights_fuse_only_where_each_read_is_normalized_alone(monkeypatch)
                                      "roast_linear (x @ V^T) from linear, gradient normalized"]
 
 
+class CalledTwice(nn.Module):
+    """One linear called twice in a forward: two reads of its weight, each normalized on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+def test_a_weight_read_twice_is_normalized_per_read_in_every_forward(monkeypatch):
+    """Eager shares a weight that the previous forward read more than once (RoastState.kept_read), but not a
+    site-scaled one in training: sharing would normalize the sum of both reads' gradients from the second
+    forward on, while the first forward and compiled graphs normalize each read (found by
+    benchmarks/fuzz_models.py). First and second eager forwards, and compiled, give one memory gradient."""
+    torch.manual_seed(0)
+    model = roastfx.compress(CalledTwice(), "2x", init="random", grad_scaling="site")
+    x = torch.randn(4, 10)
+    grads = []
+    for _ in range(2):
+        model(x).square().mean().backward()
+        grads.append(model.roast_memory.grad.clone())
+        model.zero_grad()
+    assert roastfx.roast_state(model).repeated == {"lin.weight"}  # the second forward knew it was read twice
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    uses = compiled_against_eager(model, (x,), monkeypatch)
+    assert [u.fused for u in uses] == [True, True], uses
+    with torch.no_grad():  # no gradient, nothing to normalize: the read is shared again
+        model(x)
+        state = roastfx.roast_state(model)
+        state.begin_forward()
+        try:
+            assert model.lin.weight is model.lin.weight
+        finally:
+            state.end_forward()
+
+
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_multihead_attention_fuses_self_attention_and_falls_back_for_cross(cross, monkeypatch):
     class Block(nn.Module):
