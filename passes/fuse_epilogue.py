@@ -161,6 +161,13 @@ def _batch_norm_steps(node):
         steps.append(("mul", [_PREV, _Channel(args["weight"])]))
     if args.get("bias") is not None:
         steps.append(("add", [_PREV, _Channel(args["bias"])]))
+    # batch norm returns its input's dtype (a bfloat16 conv output under autocast, with float32 statistics):
+    # the steps would promote to the statistics' dtype, so they end with a cast back
+    out, stats = _meta_value(node), _meta_value(mean)
+    if out is None or stats is None or out.dtype not in _DTYPE_NAMES:
+        return None
+    if out.dtype != stats.dtype:
+        steps.append(("cast:" + _DTYPE_NAMES[out.dtype], [_PREV]))
     return "ops", steps
 
 

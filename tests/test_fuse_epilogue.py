@@ -445,6 +445,37 @@ def test_conv_bn_relu_residual_fold_into_conv_epilogues_in_eval(dims, path, monk
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_folded_batch_norm_keeps_its_inputs_dtype_under_autocast(path, monkeypatch, caplog):
+    """Batch norm returns its input's dtype: a bfloat16 conv output under autocast, normalized with float32
+    statistics, stays bfloat16. The folded epilogue ends with a cast back (without it, the float32 result made
+    the next fused linear return float32 too; found by benchmarks/fuzz_models.py)."""
+    import roastfx
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = ResidualBlock(), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.block(x), self.head(self.block(x).mean((2, 3)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 5, generator=torch.Generator().manual_seed(1))
+    model = _trained_stats(roastfx.compress(Block(), "3x", init="random"), x).eval()
+    monkeypatch.setenv("ROASTFX_KERNELS", path)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.INFO, logger="roastfx"):
+        want = model(x)
+        got = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    folded = [r.getMessage() for r in caplog.records if "-> epilogue" in r.getMessage()]
+    assert folded and all("|cast:bfloat16" in f for f in folded), folded
+    # the block ends with the float32 input added (eager's float32), the head under autocast in bfloat16
+    assert [g.dtype for g in got] == [w.dtype for w in want] == [torch.float32, torch.bfloat16]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=0.05, atol=0.05)
+
+
 def test_conv_epilogue_gradients_in_eval_mode_match_eager():
     """Fine-tuning with frozen batch norm statistics (eval mode) trains through the folded epilogue."""
     import roastfx
