@@ -14,7 +14,8 @@ hash tile and grad_scaling), and runs one training step eagerly and compiled (in
 inductor; roast ops on the reference path or the Triton kernels, interpreted on a CPU), then both again at
 another batch size, then in eval under no_grad. It checks the outputs and the gradient of every parameter (the
 memory, and what stayed dense) against eager's, and counts the weight reads that fused and why the others did not. Under autocast (a
-quarter of the cases) outputs are compared at bfloat16's precision.
+quarter of the cases) the differences allowed include three times how far bfloat16 moves eager from eager in
+float32.
 
 Prints one line per failure, the reasons reads stayed materialized, and a summary; exits 1 if any case failed.
 A model the generator built that eager itself cannot run is a generator bug and fails too. Not a timed benchmark:
@@ -326,7 +327,10 @@ class ImageConv(nn.Module):
             conv = weight_norm(conv, dim=dim)
             kind = f"weight_norm({kind}, dim={dim})"
         self.conv = conv
-        self.norm = rng.choice(["batch", "group", "none"])
+        # a norm right after a conv whose output channel is one weight times one input (a 1x1 conv of one
+        # channel per group) makes that weight's gradient zero: only rounding noise, which no comparison checks
+        taps = (c // groups) * k2[0] * k2[1]
+        self.norm = rng.choice(["batch", "group", "none"]) if taps > 1 and self.out > 1 else "none"
         self.bn = nn.BatchNorm2d(self.out) if self.norm == "batch" else \
             nn.GroupNorm(1, self.out) if self.norm == "group" else None
         self.act = rng.choice(list(ACTIVATIONS))
@@ -380,11 +384,16 @@ def _step(call, model, inputs, autocast):
     return out.detach(), grads
 
 
-def _rel(a, b, floor: float = 0.0) -> float:
-    """|a - b| / max(|b|, floor): relative, except for a b whose norm is below ``floor`` (a gradient that is zero
-    up to rounding, such as a conv bias's in front of a batch norm, is compared at the model's gradient scale)."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / max(b.norm().item(), floor, 1e-30)).item()
+def _excess(got, want, tol: float, floor: float = 0.0, exact=None) -> float:
+    """|got - want| over what may differ: ``tol`` times |want| (or ``floor``, for a want whose norm is below it:
+    a gradient that is zero up to rounding, such as a conv bias's in front of a batch norm, is compared at the
+    model's gradient scale), plus, under autocast, three times how far autocast's own rounding moved eager
+    from ``exact`` (eager in float32). Above 1 is a failure."""
+    got, want = got.double(), want.double()
+    allowed = tol * max(want.norm().item(), floor)
+    if exact is not None:
+        allowed += 3 * (want - exact.double()).norm().item()
+    return (got - want).norm().item() / max(allowed, 1e-30)
 
 
 FORCE = {}  # --kernels / --inner / --grad-scaling: the draws overridden (the rest of the case is the same)
@@ -428,6 +437,10 @@ def run_case(rng, index, uses):
     except Exception:
         return [f"{desc}\n  eager failed (a generator bug):\n{traceback.format_exc(limit=4)}"], None
     eager_other = _step(model, model, other, autocast)
+    # under autocast eager and compiled both round to bfloat16, in different orders and places (inductor keeps
+    # float32 inside its fused kernels); eager in float32 says how much that rounding moves a result here
+    exact = {"batch 1": _step(model, model, inputs, False), "batch 2": _step(model, model, other, False)} \
+        if autocast else {}
     torch._dynamo.reset()
     start = len(uses)
     try:
@@ -442,28 +455,33 @@ def run_case(rng, index, uses):
     failures = []
     # under autocast eager and compiled both round to bfloat16, in different orders and places (inductor keeps
     # float32 inside its fused kernels): only gross differences (a wrong scale, dtype or transposition) count
-    out_tol, grad_tol = (0.1, 0.25) if autocast else (1e-4, 1e-3)
+    out_tol, grad_tol = (0.02, 0.05) if autocast else (1e-4, 1e-3)
     for label, (e_out, e_grads), (c_out, c_grads) in (("batch 1", eager, compiled), ("batch 2", eager_other,
                                                                                       compiled_other)):
+        x_out, x_grads = exact.get(label, (None, {}))
         if c_out.dtype != e_out.dtype or c_out.shape != e_out.shape:
             failures.append(f"{label}: output {c_out.dtype} {tuple(c_out.shape)} vs eager {e_out.dtype} "
                             f"{tuple(e_out.shape)}")
             continue
-        if (r := _rel(c_out, e_out)) > out_tol:
-            failures.append(f"{label}: output relative difference {r:.2e} > {out_tol}")
+        if (r := _excess(c_out, e_out, out_tol, exact=x_out)) > 1:
+            failures.append(f"{label}: output differs {r:.1f}x more than allowed")
         if set(c_grads) != set(e_grads):
             failures.append(f"{label}: gradients of {sorted(set(c_grads) ^ set(e_grads))} only on one side")
-        # gradients that vanish up to rounding (a bias or weight norm's g in front of a batch norm, which cancels
-        # them) are compared at a hundredth of the whole gradient's norm
         floor = 1e-2 * sum(g.double().norm() ** 2 for g in e_grads.values()).sqrt().item()
         for name in sorted(set(c_grads) & set(e_grads)):
-            if (r := _rel(c_grads[name], e_grads[name], floor)) > grad_tol:
-                failures.append(f"{label}: gradient of {name} relative difference {r:.2e} > {grad_tol}")
+            if name in x_grads and x_grads[name].double().norm() < floor:
+                # zero up to rounding in float32 (a bias in front of a batch norm): under autocast a sum of
+                # bfloat16 terms that cancel, its value noise of their size; only that it is finite is checked
+                if not c_grads[name].isfinite().all():
+                    failures.append(f"{label}: gradient of {name} is not finite")
+                continue
+            if (r := _excess(c_grads[name], e_grads[name], grad_tol, floor, x_grads.get(name))) > 1:
+                failures.append(f"{label}: gradient of {name} differs {r:.1f}x more than allowed")
     if compiled_eval.dtype != eager_eval.dtype or compiled_eval.shape != eager_eval.shape:
         failures.append(f"eval: output {compiled_eval.dtype} {tuple(compiled_eval.shape)} vs eager "
                         f"{eager_eval.dtype} {tuple(eager_eval.shape)}")
-    elif (r := _rel(compiled_eval, eager_eval)) > out_tol:
-        failures.append(f"eval: output relative difference {r:.2e} > {out_tol}")
+    elif (r := _excess(compiled_eval, eager_eval, 0.1 if autocast else out_tol)) > 1:
+        failures.append(f"eval: output differs {r:.1f}x more than allowed")
     if failures:
         return [desc + "\n  " + "\n  ".join(failures)], None
     return uses[start:], None
