@@ -396,7 +396,8 @@ def _excess(got, want, tol: float, floor: float = 0.0, exact=None) -> float:
     return (got - want).norm().item() / max(allowed, 1e-30)
 
 
-FORCE = {}  # --kernels / --inner / --grad-scaling: the draws overridden (the rest of the case is the same)
+FORCE = {}  # --kernels / --inner / --grad-scaling / --no-autocast: the draws overridden (the rest of the case is
+# the same)
 
 
 def run_case(rng, index, uses):
@@ -416,6 +417,7 @@ def run_case(rng, index, uses):
     # nn.Bilinear has no autocast rule: under autocast it gets a bfloat16 input and float32 weights and fails, dense
     # or not
     autocast = rng.random() < 0.25 and not any(isinstance(m, Bilinear) for m in model.modules())
+    autocast = autocast if FORCE.get("autocast") is None else FORCE["autocast"]
     kernels, inner, grad_scaling = (FORCE.get("kernels") or kernels, FORCE.get("inner") or inner,
                                     FORCE.get("grad_scaling") or grad_scaling)
     desc = (f"case {index}: {type(model).__name__} [{model.desc}] {ratio} tile={tile} grad_scaling={grad_scaling} "
@@ -496,8 +498,10 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", choices=["reference", "triton"], help="every case on this kernel path")
     parser.add_argument("--inner", choices=["aot_eager", "inductor"], help="every case with this inner compiler")
     parser.add_argument("--grad-scaling", choices=["none", "site"], help="every case with this grad_scaling")
+    parser.add_argument("--no-autocast", action="store_true", help="no case under autocast")
     args = parser.parse_args(argv)
-    FORCE.update(kernels=args.kernels, inner=args.inner, grad_scaling=args.grad_scaling)
+    FORCE.update(kernels=args.kernels, inner=args.inner, grad_scaling=args.grad_scaling,
+                 autocast=False if args.no_autocast else None)
     if args.cases < 1:
         parser.error(f"--cases must be >= 1, got {args.cases}")
 

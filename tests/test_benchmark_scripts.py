@@ -182,6 +182,7 @@ def test_model_fuzz_catches_a_wrong_fused_op(monkeypatch):
     monkeypatch.setitem(fuzz_models.FORCE, "kernels", "reference")
     monkeypatch.setitem(fuzz_models.FORCE, "inner", "aot_eager")
     monkeypatch.setitem(fuzz_models.FORCE, "grad_scaling", "none")
+    monkeypatch.setitem(fuzz_models.FORCE, "autocast", False)  # float32: a 1% error is far outside its tolerance
     result, note = fuzz_models.run_case(random.Random(5), 0, [])
     assert note is None and len(result) == 1 and isinstance(result[0], str), (result, note)
-    assert "batch 1: output relative difference" in result[0] and "gradient of" in result[0], result[0]
+    assert "batch 1: output differs" in result[0] and "gradient of roast_memory differs" in result[0], result[0]
