@@ -11,7 +11,7 @@ every dim, embeddings and bags, a head tied to the embedding, multi-head attenti
 linear used twice, GRUs, bilinears, conv1d/2d and transposed convs at random kernels, strides, paddings,
 dilations and groups (also ``F.conv1d`` over a plain parameter), batch and group norms -- compresses it (random ratio, seed,
 hash tile and grad_scaling), and runs one training step eagerly and compiled (inner compiler aot_eager or
-inductor; roast ops on the reference path or the Triton kernels, interpreted on a CPU), then both again at
+inductor; static or dynamic=True; roast ops on the reference path or the Triton kernels, interpreted on a CPU), then both again at
 another batch size, then in eval under no_grad. It checks the outputs and the gradient of every parameter (the
 memory, and what stayed dense) against eager's, and counts the weight reads that fused and why the others did not. Under autocast (a
 quarter of the cases) the differences allowed include three times how far bfloat16 moves eager from eager in
@@ -418,10 +418,11 @@ def run_case(rng, index, uses):
     # or not
     autocast = rng.random() < 0.25 and not any(isinstance(m, Bilinear) for m in model.modules())
     autocast = autocast if FORCE.get("autocast") is None else FORCE["autocast"]
+    dynamic = rng.choice([None, None, True])  # None: torch's default (static, then dynamic on a new batch size)
     kernels, inner, grad_scaling = (FORCE.get("kernels") or kernels, FORCE.get("inner") or inner,
                                     FORCE.get("grad_scaling") or grad_scaling)
     desc = (f"case {index}: {type(model).__name__} [{model.desc}] {ratio} tile={tile} grad_scaling={grad_scaling} "
-            f"kernels={kernels} inner={inner} autocast={autocast}")
+            f"kernels={kernels} inner={inner} autocast={autocast} dynamic={dynamic}")
     os.environ["ROASTFX_KERNELS"] = kernels
     dense = model
     for options in ({"tile": tile} if tile else {}, {}):
@@ -446,7 +447,7 @@ def run_case(rng, index, uses):
     torch._dynamo.reset()
     start = len(uses)
     try:
-        compiled_model = torch.compile(model, backend="roast", options={"inner": inner})
+        compiled_model = torch.compile(model, backend="roast", options={"inner": inner}, dynamic=dynamic)
         compiled = _step(compiled_model, model, inputs, autocast)
         compiled_other = _step(compiled_model, model, other, autocast)
         model.eval()  # inference: batch norms on running statistics, the encoder layer's fast path
