@@ -8,7 +8,8 @@ Each case draws a small model from a grammar of the layers and weight uses the b
 with activations, residuals and scalings after them (epilogue fusion), weights used functionally (``x @ W``,
 ``x @ W.T``, ``F.linear``, ``einsum``, ``torch.matmul``, ``addmm``, the weight on the left), weight norm over
 every dim, embeddings and bags, a head tied to the embedding, multi-head attention, transformer encoder layers, a
-linear used twice, GRUs, bilinears, conv1d/2d and transposed convs at random kernels, strides, paddings,
+linear used twice, GRUs, LSTMs (with projections) and RNNs (stacked, bidirectional), transformers' Conv1D,
+bilinears, conv1d/2d and transposed convs at random kernels, strides, paddings,
 dilations and groups (also ``F.conv1d`` over a plain parameter), batch and group norms -- compresses it (random ratio, seed,
 hash tile and grad_scaling), and runs one training step eagerly and compiled (inner compiler aot_eager or
 inductor; static or dynamic=True; roast ops on the reference path or the Triton kernels, interpreted on a CPU), then both again at
@@ -135,14 +136,35 @@ class Attention(nn.Module):
 
 
 class Recurrent(nn.Module):
+    """nn.GRU, nn.LSTM (maybe with projections) or nn.RNN: one or two layers, maybe bidirectional."""
+
     def __init__(self, rng, d, t):
         super().__init__()
-        self.out, self.t = rng.randrange(3, 24), t
-        self.gru = nn.GRU(d, self.out, batch_first=True)
-        self.desc = f"gru({d}->{self.out})"
+        kind, hidden = rng.choice(["gru", "lstm", "rnn"]), rng.randrange(3, 16)
+        layers, both = rng.choice([1, 1, 2]), rng.random() < 0.3
+        extra = {"proj_size": rng.randrange(2, hidden)} if kind == "lstm" and rng.random() < 0.3 else {}
+        self.rnn = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[kind](d, hidden, layers, batch_first=True,
+                                                                          bidirectional=both, **extra)
+        self.out, self.t = extra.get("proj_size", hidden) * (2 if both else 1), t
+        self.desc = f"{kind}({d}->{hidden}, layers={layers}, bidirectional={both}{', proj' if extra else ''})"
 
     def forward(self, x):
-        return self.gru(x)[0]
+        return self.rnn(x)[0]
+
+
+class GPT2Conv1D(nn.Module):
+    """transformers' Conv1D (GPT-2's projections: x @ W + b with W stored (in, out))."""
+
+    def __init__(self, rng, d, t):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.out, self.t = rng.randrange(3, 30), t
+        self.proj = Conv1D(self.out, d)
+        self.desc = f"gpt2 Conv1D({d}->{self.out})"
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
 
 
 class Bilinear(nn.Module):
@@ -244,7 +266,7 @@ class Norm(nn.Module):
 
 
 SEQ_LAYERS = (Dense, Dense, Functional, Normed, Attention, Recurrent, Bilinear, SeqConv, SeqConv, Norm, Encoder,
-              Shared, FunctionalConv)
+              Shared, FunctionalConv, GPT2Conv1D)
 
 
 class SeqModel(nn.Module):
