@@ -476,7 +476,8 @@ def run_case(rng, index, uses):
         with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             eager_eval, compiled_eval = model(*other), compiled_model(*other)
     except Exception:
-        return [f"{desc}\n  compiled failed:\n{traceback.format_exc(limit=6)}"], None
+        tail = "\n".join(traceback.format_exc().splitlines()[-24:])  # where it failed, not where it began
+        return [f"{desc}\n  compiled failed:\n{tail}"], None
     failures = []
     # under autocast eager and compiled both round to bfloat16, in different orders and places (inductor keeps
     # float32 inside its fused kernels): only gross differences (a wrong scale, dtype or transposition) count

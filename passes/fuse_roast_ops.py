@@ -657,6 +657,23 @@ def _fuse_embedding(graph, node) -> SiteUse | None:
                    + _norm_note(read))
 
 
+def _autocast_attention_inputs(graph, node, a) -> tuple:
+    """(query, key, value, in_proj_bias, out_proj_bias) of a multi_head_attention_forward node, cast to the dtype
+    autocast ran its projections in when that is not theirs (a bfloat16 query with float32 biases: F.linear
+    casts them, the roast ops would not). The same node for inputs that were the same node (self-attention)."""
+    value = node.meta.get("example_value")
+    out = value[0] if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor) else None
+    names = ("query", "key", "value", "in_proj_bias", "out_proj_bias")
+    if out is None or not out.dtype.is_floating_point:
+        return tuple(a[n] for n in names)
+    cast = {}
+    for n in names:
+        t = a[n]
+        if isinstance(t, torch.fx.Node) and t not in cast:
+            cast[t] = t if _dtype(t) in (None, out.dtype) else graph.call_method("to", (t, out.dtype))
+    return tuple(cast.get(a[n], a[n]) if isinstance(a[n], torch.fx.Node) else a[n] for n in names)
+
+
 def _fuse_attention(graph, node) -> list[SiteUse] | None:
     """F.multi_head_attention_forward (nn.MultiheadAttention) over roast_linear projections."""
     if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
@@ -701,9 +718,10 @@ def _fuse_attention(graph, node) -> list[SiteUse] | None:
         own, in_read = None, reads["in_proj_weight"]
         in_args, in_norm = (list(in_read.materialize.args[1]), in_read.materialize.args[2]), in_read.grad_norm
     with graph.inserting_before(node):
+        query, key, value, in_bias, out_bias = _autocast_attention_inputs(graph, node, a)
         fused = graph.call_function(roast_attention, (
-            a["query"], a["key"], a["value"], a["num_heads"], memory, *in_args, a["in_proj_bias"],
-            list(out_mapping), out_scale, a["out_proj_bias"], a["dropout_p"], a["training"], a["key_padding_mask"],
+            query, key, value, a["num_heads"], memory, *in_args, in_bias,
+            list(out_mapping), out_scale, out_bias, a["dropout_p"], a["training"], a["key_padding_mask"],
             a["need_weights"], a["attn_mask"], a["average_attn_weights"], in_norm,
             reads["out_proj_weight"].grad_norm, own))
     fused.meta.update(node.meta)

@@ -629,6 +629,42 @@ def test_multihead_attention_fuses_through_the_backend(batch_first, monkeypatch)
     assert len(uses) == 4 and all(u.fused and u.why.startswith("roast_attention") for u in uses)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16], ids=["fp32-query", "bf16-query"])
+def test_multihead_attention_under_autocast_keeps_eagers_dtypes(query_dtype, need_weights, monkeypatch):
+    """Under autocast nn.MultiheadAttention's F.linear casts the query and the float32 biases to bfloat16;
+    roast_attention gets them cast the same way (a bfloat16 query from the layer before, with float32 biases,
+    had failed in the compiled backward; found by benchmarks/fuzz_models.py). Compiled equals eager in dtype
+    and value, and trains."""
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = torch.nn.MultiheadAttention(8, 2, batch_first=True), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = x.to(query_dtype)
+            out, weights = self.attn(x, x, x, need_weights=need_weights)
+            return self.head(x + out), weights
+
+    model = roastfx.compress(Block(), "2x", init="random")
+    x = torch.randn(2, 5, 8)
+    uses = record_uses(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(x)
+        compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x)
+    assert [u.fused for u in uses] == [True] * 3, uses  # in- and out-projection, head
+    for c, e in zip(compiled, eager):
+        if e is None:
+            assert c is None
+            continue
+        assert c.dtype == e.dtype, (c.dtype, e.dtype)
+        torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.05)
+    compiled[0].float().square().mean().backward()
+    assert model.roast_memory.grad is not None and model.roast_memory.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("grad_scaling", ["none", "site"])
 def test_multihead_attention_with_separate_qkv_weights_fuses(grad_scaling, monkeypatch):
     """kdim/vdim give nn.MultiheadAttention q, k and v projection weights of their own (WavLM passes its
