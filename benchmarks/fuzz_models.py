@@ -353,6 +353,8 @@ class ImageConv(nn.Module):
         # channel per group) makes that weight's gradient zero: only rounding noise, which no comparison checks
         taps = (c // groups) * k2[0] * k2[1]
         self.norm = rng.choice(["batch", "group", "none"]) if taps > 1 and self.out > 1 else "none"
+        if self.norm == "batch" and self.hw[0] * self.hw[1] == 1:  # a batch of one: one value per channel
+            self.norm = "group"
         self.bn = nn.BatchNorm2d(self.out) if self.norm == "batch" else \
             nn.GroupNorm(1, self.out) if self.norm == "group" else None
         self.act = rng.choice(list(ACTIVATIONS))
