@@ -1302,6 +1302,22 @@ class _TapNormed(torch.nn.Module):
                 + self.conv3(z).square().mean())
 
 
+def _loss_and_gradients_match_eager(model, inputs, monkeypatch) -> list:
+    """The SiteUses of compiling ``model`` (a scalar loss of ``inputs``), after checking that compiled equals
+    eager in the loss and in every parameter's gradient."""
+    eager = model(*inputs)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    uses = record_uses(monkeypatch)
+    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(*inputs)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    return uses
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_weight_norm_inside_a_convs_reduction_fuses(kernels, monkeypatch):
     """A norm per kernel tap or input channel scales the weight along the conv's reduction: split_weight_norm
@@ -1312,38 +1328,11 @@ def test_weight_norm_inside_a_convs_reduction_fuses(kernels, monkeypatch):
     monkeypatch.setenv("ROASTFX_KERNELS", kernels)
     torch.manual_seed(0)
     model = roastfx.compress(_TapNormed(), "2x", init="random")
-    x, y, z = torch.randn(2, 6, 11), torch.randn(2, 3, 6, 7), torch.randn(1, 2, 4, 5, 4)
-    eager = model(x, y, z)
-    eager.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y, z)
-    compiled.backward()
+    inputs = torch.randn(2, 6, 11), torch.randn(2, 3, 6, 7), torch.randn(1, 2, 4, 5, 4)
+    assert {"pos.parametrizations.weight.original0", "conv2.bias", "roast_memory"} <= dict(model.named_parameters()).keys()
+    uses = _loss_and_gradients_match_eager(model, inputs, monkeypatch)
     assert [u.fused for u in uses] == [True] * 3, uses
     assert all("roast_conv_row_scaled" in u.why for u in uses), uses
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    assert {"pos.parametrizations.weight.original0", "conv2.bias", "roast_memory"} <= set(grads)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_weight_norm_inside_a_convs_reduction_under_autocast():
-    """Under CPU autocast the row-scaled convs compute in bfloat16 as eager's convs do (the row scale stays
-    float32): eager's dtypes, and its values up to bfloat16 rounding."""
-    torch.manual_seed(0)
-    model = roastfx.compress(_TapNormed(), "2x", init="random")
-    x, y, z = torch.randn(2, 6, 11), torch.randn(2, 3, 6, 7), torch.randn(1, 2, 4, 5, 4)
-
-    def parts(x, y, z):
-        return model.pos(x), model.conv2(y), model.conv3(z)
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = parts(x, y, z)
-        compiled = torch.compile(parts, backend="roast")(x, y, z)
-    assert [c.dtype for c in compiled] == [e.dtype for e in eager] == [torch.bfloat16] * 3
-    for c, e in zip(compiled, eager):
-        torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.02)
 
 
 class _InputNormed(torch.nn.Module):
@@ -1375,35 +1364,32 @@ def test_weight_norm_over_input_features_and_output_channels_fuses(kernels, monk
     monkeypatch.setenv("ROASTFX_KERNELS", kernels)
     torch.manual_seed(0)
     model = roastfx.compress(_InputNormed(), "2x", init="random")
-    x, y, z = torch.randn(3, 5, 7), torch.randn(2, 4, 6), torch.randn(2, 3, 4, 5)
-    eager = model(x, y, z)
-    eager.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    uses = record_uses(monkeypatch)
-    compiled = torch.compile(model, backend="roast", options={"inner": "aot_eager"})(x, y, z)
-    compiled.backward()
+    inputs = torch.randn(3, 5, 7), torch.randn(2, 4, 6), torch.randn(2, 3, 4, 5)
+    assert {"lin.parametrizations.weight.original0", "up.parametrizations.weight.original0", "up.bias",
+            "roast_memory"} <= dict(model.named_parameters()).keys()
+    uses = _loss_and_gradients_match_eager(model, inputs, monkeypatch)
     assert [u.fused for u in uses] == [True, True, True, False], uses
     assert "per kernel tap" in uses[3].why and "transposed conv" in uses[3].why, uses[3].why
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    assert {"lin.parametrizations.weight.original0", "up.parametrizations.weight.original0", "up.bias",
-            "roast_memory"} <= set(grads)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_weight_norm_over_input_features_under_autocast():
-    """Under CPU autocast the split linear and transposed convs compute in bfloat16 as eager's ops do."""
+@pytest.mark.parametrize("build,shapes,names", [
+    (_TapNormed, [(2, 6, 11), (2, 3, 6, 7), (1, 2, 4, 5, 4)], ("pos", "conv2", "conv3")),
+    (_InputNormed, [(3, 5, 7), (2, 4, 6), (2, 3, 4, 5)], ("lin", "up", "up2")),
+], ids=["inside-a-convs-reduction", "input-features-and-output-channels"])
+def test_split_weight_norm_keeps_eagers_dtypes_under_autocast(build, shapes, names):
+    """Under CPU autocast the row-scaled convs, and the linear and transposed convs with the scale moved onto
+    their input or output, compute in bfloat16 as eager's ops do (the scales stay float32): eager's dtypes,
+    and its values up to bfloat16 rounding."""
     torch.manual_seed(0)
-    model = roastfx.compress(_InputNormed(), "2x", init="random")
-    x, y, z = torch.randn(3, 5, 7), torch.randn(2, 4, 6), torch.randn(2, 3, 4, 5)
+    model = roastfx.compress(build(), "2x", init="random")
+    inputs = [torch.randn(*shape) for shape in shapes]
 
-    def parts(x, y, z):
-        return model.lin(x), model.up(y), model.up2(z)
+    def parts(*inputs):
+        return tuple(getattr(model, name)(x) for name, x in zip(names, inputs))
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = parts(x, y, z)
-        compiled = torch.compile(parts, backend="roast")(x, y, z)
+        eager = parts(*inputs)
+        compiled = torch.compile(parts, backend="roast")(*inputs)
     assert [c.dtype for c in compiled] == [e.dtype for e in eager] == [torch.bfloat16] * 3
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.03)
