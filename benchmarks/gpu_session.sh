@@ -3,11 +3,12 @@
 # device time (a machine's start, 1-2 minutes, included), in two calls:
 #   bash benchmarks/gpu_session.sh core     # first call, at most ~8 minutes: the kernel tests on CUDA, the kernel
 #                                           # benchmark (issue 4's table) and the cost-model validation (issue 5)
-#   bash benchmarks/gpu_session.sh extra    # second call on the still-warm machine, at most ~6 minutes: the conv
+#   bash benchmarks/gpu_session.sh extra    # second call on the still-warm machine, at most ~7 minutes: the conv
 #                                           # benchmark, BERT-base dense vs ROAST, a mixture of experts' grouped
-#                                           # GEMM (bench_moe.py), and the forward GEMM at every
+#                                           # GEMM (bench_moe.py), the forward GEMM at every
 #                                           # block config with its blocks per SM (which config the heuristic
-#                                           # should pick, and whether two resident blocks overlap the MMA)
+#                                           # should pick, and whether two resident blocks overlap the MMA), and
+#                                           # random models compiled against eager (fuzz_models.py)
 # Every step is bounded by a timeout (SIGINT first, so pytest prints its summary and Python its traceback) and
 # appends to one log; the JSON results go straight to $OUT when set (the device returns at most 8 files: a stage
 # writes gpu.txt, session-<stage>.log and its JSON files), else benchmarks/results/. The benchmarks save their
@@ -74,6 +75,8 @@ else
   step "moe grouped GEMM" 60 "$PY" benchmarks/bench_moe.py --out "$OUTDIR"
   # one compile per block config (about 11 on sm_90), two shapes at 100x: last, so a cut keeps the rest
   step "block config sweep" 75 "$PY" benchmarks/sweep_configs.py --out "$OUTDIR"
+  # random models compiled against eager with the kernels compiled for the GPU (each case prints its line)
+  step "model fuzz on CUDA" 45 env ROASTFX_TEST_CUDA=1 "$PY" benchmarks/fuzz_models.py --cases 20 --seed 1 --verbose
 fi
 rm -rf "$LINK"
 exit $FAILED

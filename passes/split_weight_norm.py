@@ -61,9 +61,9 @@ def _why_not(node, read, dim) -> str | None:
     if weight is not node:
         return "weight norm whose result is not only the weight of one linear or conv op"
     if dim not in (0, -1) and not (user.target in _CONV and 0 < dim < len(read.shape)) and dim != 1:
-        return (f"weight norm over dim {dim} of a {len(read.shape)}-d weight of {_name(user)} (one norm per kernel "
-                "tap) scales the transposed conv's weight inside its reduction; only dims 0 and 1 (input and output "
-                "channels) and dim=-1 (one norm) are split off a transposed conv, and any dim of a linear or conv")
+        return (f"weight norm over dim {dim} of a {len(read.shape)}-d weight of {_name(user)} is not split: only dims "
+                "0 and 1 and dim=-1 (one norm) are split off a linear or transposed conv (a transposed conv's norm "
+                "per kernel tap scales its weight inside its reduction), and dims 0 and up of a conv")
     if read.grad_norm:
         return "weight norm over a weight read with grad_scaling='site' (the norms would bypass the normalized gradient)"
     if read.broadcast or read.cast is not None:
