@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 
 # the consumers in dynamo's graph that read a weight as a GEMM operand (F.conv1d/2d/3d and F.conv_transpose*
 # are these same functions), with their spatial dims
@@ -337,7 +338,9 @@ def with_example(node, like=None):
     mode = getattr(tensors[0], "fake_mode", None) if tensors else None
     if mode is not None and all(getattr(t, "fake_mode", None) is mode for t in tensors) and \
             all(value(a) is not None for a in node.all_input_nodes):
-        with mode:
+        # as dynamo runs ops on fake values: with the Python dispatcher, whose decompositions take symbolic sizes
+        # (under torch 2.11 linear's C++ one asks a dynamic-shape tensor for its numel and fails)
+        with mode, enable_python_dispatcher():
             if node.op == "call_method":
                 node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:
