@@ -46,9 +46,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from roastfx.codegen.conv import row_scaled_conv
 
 from .split_weight_norm import split_weight_norm
-from .weight_reads import (CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, call_with_example, einsum_as_matmul, einsum_blocks,
-                           example_shape, final_users, gathered_read, grouped_read, is_chain_step, is_materialize, op_name,
-                           reads_memory, weight_read)
+from .weight_reads import (CONV_OPS, CONV_TRANSPOSE_OPS, LINEAR_OPS, call_with_example, cast_to, einsum_as_matmul,
+                           einsum_blocks, example_shape, final_users, gathered_read, grouped_read, is_chain_step,
+                           is_materialize, op_name, reads_memory, weight_read)
 
 log = logging.getLogger("roastfx")
 
@@ -666,11 +666,8 @@ def _autocast_attention_inputs(graph, node, a) -> tuple:
     names = ("query", "key", "value", "in_proj_bias", "out_proj_bias")
     if out is None or not out.dtype.is_floating_point:
         return tuple(a[n] for n in names)
-    cast = {}
-    for n in names:
-        t = a[n]
-        if isinstance(t, torch.fx.Node) and t not in cast:
-            cast[t] = t if _dtype(t) in (None, out.dtype) else graph.call_method("to", (t, out.dtype))
+    cast = {t: cast_to(graph, t, out.dtype) for t in dict.fromkeys(a[n] for n in names)
+            if isinstance(t, torch.fx.Node)}  # one cast per node: self-attention's query is its key and value
     return tuple(cast.get(a[n], a[n]) if isinstance(a[n], torch.fx.Node) else a[n] for n in names)
 
 
@@ -828,11 +825,9 @@ def _split_added_products(graph) -> None:
             if alpha != 1:
                 out = call_with_example(graph, operator.mul, (out, alpha), like=node)
             if beta != 0:
-                added = args[0]
-                if _dtype(node) is not None and _dtype(added) not in (None, _dtype(node)):
-                    # under autocast torch casts the added input to the dtype the product runs in (a float32
-                    # bias to bfloat16): adding it uncast would promote the result back to float32
-                    added = call_with_example(graph, torch.Tensor.to, (added, _dtype(node)))
+                # under autocast torch casts the added input to the dtype the product runs in (a float32 bias to
+                # bfloat16): adding it uncast would promote the result back to float32
+                added = cast_to(graph, args[0], _dtype(node)) if isinstance(args[0], torch.fx.Node) else args[0]
                 if beta != 1:
                     added = call_with_example(graph, operator.mul, (added, beta))
                 out = call_with_example(graph, operator.add, (added, out), like=node)

@@ -38,7 +38,7 @@ from roastfx.codegen.ops import weight_norm_inner_scale, weight_norm_scale
 from .weight_reads import CONV_OPS as _CONV
 from .weight_reads import CONV_TRANSPOSE_OPS as _CONV_TRANSPOSE
 from .weight_reads import LINEAR_OPS as _LINEAR
-from .weight_reads import call_with_example, weight_read, with_example
+from .weight_reads import call_with_example, cast_to, weight_read, with_example
 
 
 def _is_weight_norm(node) -> bool:
@@ -89,14 +89,6 @@ def _per_channel(graph, flat, dims: int):
     return with_example(graph.call_method("reshape", (flat, (1, -1) + (1,) * dims)))
 
 
-def _in_dtype(graph, node, dtype):
-    """``node`` cast to ``dtype`` (None: as it is). Under autocast the op's output is in a lower precision than
-    g and the bias, and multiplying by them would promote it: eager's op gives its own dtype."""
-    if dtype is None or getattr(node.meta.get("example_value"), "dtype", None) == dtype:
-        return node
-    return with_example(graph.call_method("to", (node, dtype)))
-
-
 def _rewritten(graph, user, v, scale, whole: bool, on_output: bool = False):
     """The nodes computing ``user``'s output from ``v`` with the weight norm's ``scale`` moved out of it (a
     transposed conv's onto its input, unless ``on_output``: then per output channel, as for the others)."""
@@ -114,8 +106,8 @@ def _rewritten(graph, user, v, scale, whole: bool, on_output: bool = False):
     else:
         kwargs.pop("bias", None)
     out = call_with_example(graph, user.target, tuple(args), kwargs, like=user)
-    scale = _in_dtype(graph, scale, dtype)
-    bias = None if bias is None else _in_dtype(graph, bias, dtype)
+    scale = cast_to(graph, scale, dtype)
+    bias = None if bias is None else cast_to(graph, bias, dtype)
     dims = _CONV.get(user.target, _CONV_TRANSPOSE.get(user.target))
     if dims is None:  # linear: features are the output's last dim
         out = call_with_example(graph, torch.mul, (out, scale), like=user)
@@ -135,7 +127,7 @@ def _inner_rewritten(graph, user, v, factor):
     x = args[0]
     if user.target in _LINEAR:
         dtype = getattr(x.meta.get("example_value"), "dtype", None)
-        args[0] = call_with_example(graph, torch.mul, (x, _in_dtype(graph, factor, dtype)), like=x)
+        args[0] = call_with_example(graph, torch.mul, (x, cast_to(graph, factor, dtype)), like=x)
         return call_with_example(graph, user.target, tuple(args), kwargs, like=user)
     groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
     if groups != 1:

@@ -350,5 +350,14 @@ def with_example(node, like=None):
     return node
 
 
+def cast_to(graph, node, dtype):
+    """``node`` cast to ``dtype`` by a new node with its example value (None, or node already in it: ``node``).
+    Under autocast an op computes in a lower precision than the float32 tensors next to it (a bias, weight
+    norm's g), and combining them uncast would promote the result where eager's op gives its own dtype."""
+    if dtype is None or getattr(node.meta.get("example_value"), "dtype", None) == dtype:
+        return node
+    return with_example(graph.call_method("to", (node, dtype)))
+
+
 def call_with_example(graph, target, args, kwargs=None, like=None):
     return with_example(graph.call_function(target, args, kwargs or {}), like)
